@@ -1,0 +1,184 @@
+"""Rank plans (spec §6): per module ranks given directly, as a global rank ratio, or chosen
+under a parameter budget by greedy allocation on predicted ΔL.
+
+A module of rank k costs min(k(m+n), mn) parameters: once k ≥ mn/(m+n) the factorization saves
+nothing, so the compressed weight is stored dense (still of rank k).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .analysis import Analysis
+from .config import METHODS
+from .errors import FascError
+from .modules import ModuleInfo, select
+
+PLAN_FORMAT = 1
+
+
+def module_params(info: ModuleInfo, k: int) -> int:
+    """Parameters of the compressed weight at rank k (bias excluded)."""
+    return min(k * (info.out_features + info.in_features), info.params)
+
+
+def is_factored(info: ModuleInfo, k: int) -> bool:
+    """True when two factors are smaller than the dense weight (spec §6)."""
+    return k * (info.out_features + info.in_features) < info.params
+
+
+@dataclass
+class Plan:
+    """Ranks and base method per module. One way to give ranks: `{fqn: k}`."""
+
+    ranks: dict[str, int]
+    methods: dict[str, str]
+    model_fingerprint: str = ""
+    note: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"format": PLAN_FORMAT, "ranks": self.ranks, "methods": self.methods,
+                "model_fingerprint": self.model_fingerprint, "note": self.note}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def from_dict(cls, d: dict, name: str = "plan") -> "Plan":
+        if not isinstance(d, dict) or not isinstance(d.get("ranks"), dict):
+            raise FascError(f"{name} is not a rank plan (needs a \"ranks\": {{module: rank}} object); save one "
+                            f"from the Ranks page or `fasc compress --save-plan`.")
+        ranks, bad = {}, []
+        for k, v in d["ranks"].items():
+            if isinstance(v, bool) or not isinstance(v, int):
+                bad.append(k)
+            else:
+                ranks[k] = v
+        if bad:
+            raise FascError(f"{name}: ranks must be integers, not for {bad[:3]}; write e.g. {{\"{bad[0]}\": 64}}.")
+        methods = d.get("methods") or {}
+        method = d.get("method")
+        if method is not None:
+            methods = {f: methods.get(f, method) for f in ranks}
+        return cls(ranks=ranks, methods=methods, model_fingerprint=d.get("model_fingerprint", ""),
+                   note=d.get("note", {}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        p = Path(path)
+        if not p.is_file():
+            raise FascError(f"Plan file {str(path)!r} does not exist; check the path.")
+        try:
+            d = json.loads(p.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            raise FascError(f"{p.name} is not valid JSON; a plan looks like {{\"ranks\": {{\"model.layers.0."
+                            f"mlp.down_proj\": 64}}, \"method\": \"fasc\"}}.") from None
+        return cls.from_dict(d, p.name)
+
+    def params(self, an: Analysis) -> tuple[int, int]:
+        """(parameters kept, original parameters) over the planned modules."""
+        kept = sum(module_params(an.info(f), k) for f, k in self.ranks.items())
+        return kept, sum(an.info(f).params for f in self.ranks)
+
+    def predicted(self, an: Analysis) -> float:
+        """Σ predicted ΔL over the planned modules, nats per token."""
+        return float(sum(an.predicted(f, self.methods[f], k) for f, k in self.ranks.items()))
+
+
+def validate_plan(plan: Plan, an: Analysis, model_fp: str | None = None) -> None:
+    """Check the whole plan against the statistics before anything is touched."""
+    known = {i.fqn for i in an.modules}
+    unknown = sorted(set(plan.ranks) - known)
+    if unknown:
+        raise FascError(f"Plan names {len(unknown)} modules not in the model, e.g. {unknown[:3]}; re-run "
+                        f"allocate on this model.")
+    if model_fp and plan.model_fingerprint and plan.model_fingerprint != model_fp:
+        raise FascError("This plan was made for another model (fingerprint differs); allocate a new plan for "
+                        "this model.")
+    for f, k in plan.ranks.items():
+        info = an.info(f)
+        if not 1 <= k <= info.max_rank:
+            raise FascError(f"Rank {k} for {f} is out of range; it must be in [1, {info.max_rank}].")
+        m = plan.methods.get(f)
+        if m not in METHODS:
+            raise FascError(f"Plan gives {f} the unknown method {m!r}; use one of {', '.join(METHODS)}.")
+
+
+def allocate(an: Analysis, method: str = "fasc", *, rank_ratio: float | None = None,
+             param_ratio: float | None = None, ranks: dict[str, int] | None = None,
+             modules: str | list[str] | None = "all", model_fp: str = "") -> Plan:
+    """Make a plan: exactly one of `rank_ratio`, `param_ratio`, `ranks`.
+
+    Args:
+        an: the analysis (statistics + weights).
+        method: a method name; `hybrid` is resolved per module with ρ and τ.
+        rank_ratio: k = round(r·min(m,n)) on every selected module.
+        param_ratio: keep this fraction of the selected modules' parameters, ranks chosen greedily to
+            minimise Σ predicted ΔL of `method` (spec §6).
+        ranks: explicit {fqn: k}.
+        modules: which modules to compress ('all', 'mlp', 'attention', kinds or FQNs).
+    """
+    if sum(x is not None for x in (rank_ratio, param_ratio, ranks)) != 1:
+        raise FascError("Give exactly one of a rank ratio, a parameter ratio or explicit ranks "
+                        "(--rank-ratio 0.5, --param-ratio 0.5 or --ranks plan.json).")
+    if method not in METHODS:
+        raise FascError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+    infos = select(an.modules, modules)
+    if ranks is not None:
+        chosen = dict(ranks)
+        infos = [an.info(f) for f in chosen if f in {i.fqn for i in an.modules}]
+    elif rank_ratio is not None:
+        if not 0 < rank_ratio <= 1:
+            raise FascError(f"Rank ratio must be in (0, 1], got {rank_ratio}; e.g. 0.5 keeps half the rank.")
+        chosen = {i.fqn: max(1, min(i.max_rank, round(rank_ratio * i.max_rank))) for i in infos}
+    else:
+        if not 0 < param_ratio <= 1:
+            raise FascError(f"Parameter ratio must be in (0, 1], got {param_ratio}; e.g. 0.5 keeps half.")
+        chosen = greedy_ranks(infos, [an.curve(i.fqn, method) for i in infos], param_ratio)
+    methods = {f: an.resolve(f, method) for f in chosen if f in {i.fqn for i in an.modules}}
+    plan = Plan(ranks=chosen, methods=methods, model_fingerprint=model_fp,
+                note={"method": method, "rank_ratio": rank_ratio, "param_ratio": param_ratio})
+    validate_plan(plan, an)
+    return plan
+
+
+def greedy_ranks(infos: list[ModuleInfo], curves: list[np.ndarray], param_ratio: float) -> dict[str, int]:
+    """Minimise Σ ΔL_j(k_j) subject to Σ params_j(k_j) ≤ ratio·Σ m_j n_j (spec §6).
+
+    Each module's options are ranks 1..K (factored, K = largest factored rank) and "full" (dense,
+    ΔL = 0). Steps are merged into the upper concave hull of (cost, gain) per module (so that the
+    greedy order within a module is preserved), then taken globally by gain per parameter.
+    """
+    total = sum(i.params for i in infos)
+    budget = param_ratio * total
+    base = sum(module_params(i, 1) for i in infos)
+    if base > budget + 1e-9:
+        raise FascError(f"A parameter ratio of {param_ratio} is below the minimum {base / total:.4f} (rank 1 "
+                        f"everywhere); raise --param-ratio.")
+    items = []  # (ratio, cost, module index, rank reached)
+    for j, (info, c) in enumerate(zip(infos, curves)):
+        K = max(1, min(info.max_rank, (info.params - 1) // (info.out_features + info.in_features)))
+        pts = [(module_params(info, k), float(c[k]), k) for k in range(1, K + 1)]
+        pts.append((info.params, 0.0, info.max_rank))      # full: original weight, no loss
+        hull: list[tuple[float, float, int]] = []           # steps (cost, gain, rank reached)
+        for (c0, l0, _), (c1, l1, k1) in zip(pts[:-1], pts[1:]):
+            step = [float(c1 - c0), max(l0 - l1, 0.0), k1]
+            while hull and step[0] > 0 and hull[-1][1] * step[0] <= step[1] * hull[-1][0]:
+                prev = hull.pop()                            # merge: keep ratios decreasing
+                step = [prev[0] + step[0], prev[1] + step[1], step[2]]
+            hull.append(tuple(step))
+        for cost, gain, k in hull:
+            items.append((gain / cost if cost > 0 else np.inf, cost, j, k))
+    items.sort(key=lambda t: -t[0])
+    ranks = [1] * len(infos)
+    spent = base
+    for ratio, cost, j, k in items:
+        if spent + cost > budget + 1e-9:
+            break
+        spent += cost
+        ranks[j] = k
+    return {info.fqn: r for info, r in zip(infos, ranks)}

@@ -1,0 +1,104 @@
+"""Configuration dataclasses (frozen, self-validating; their `help` metadata doubles as CLI help).
+
+Two configs: `CalibConfig` (what statistics to collect, spec §1) and `CompressConfig` (how to turn
+statistics into a low-rank weight, spec §3/§5). Ranks live in `fasc.allocate.Plan`, not in a config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from .errors import FascError
+
+METHODS = ("svd", "asvd", "pca", "fwsvd", "fasc", "hybrid")
+BASE_METHODS = ("svd", "asvd", "pca", "fwsvd", "fasc")  # hybrid resolves to one of these per module
+FISHER_TYPES = ("empirical", "sampled")
+TARGETS = ("all", "answers")
+STATS_DTYPES = ("auto", "float64", "float32")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise FascError(msg)
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """What to collect during calibration (spec §1). Hashes into the cache key (except `device`)."""
+
+    n_tokens: int = field(default=16384, metadata={"help": "number of real calibration tokens (N)"})
+    seq_len: int = field(default=256, metadata={"help": "tokens per sequence"})
+    batch_size: int = field(default=8, metadata={"help": "sequences per forward/backward pass"})
+    fisher: str = field(default="empirical", metadata={
+        "help": "'empirical' (true next-token targets) or 'sampled' (targets drawn from the model)"})
+    temperature: float = field(default=1.0, metadata={
+        "help": "softmax temperature T of the calibration loss CE(logits/T) (counters gradient saturation)"})
+    targets: str = field(default="all", metadata={
+        "help": "'all' tokens carry the loss, or only the 'answers' of prompt/answer lines"})
+    sketch_size: int = field(default=64, metadata={"help": "random directions s of the ρ sketch (spec §4)"})
+    seed: int = field(default=0, metadata={"help": "seed of the ρ sketch and of sampled targets"})
+    stats_dtype: str = field(default="auto", metadata={
+        "help": "accumulation dtype: 'auto' = float64 on CPU, float32 on GPU"})
+    layers: tuple[int, ...] | None = field(default=None, metadata={
+        "help": "calibrate only these layer indices (bounds memory; merge passes with CalibStats.merge)"})
+    device: str = field(default="auto", metadata={
+        "help": "where statistics accumulate: 'auto' (beside the module), 'cpu' or a torch device"})
+
+    def __post_init__(self):
+        _check(isinstance(self.n_tokens, int) and self.n_tokens > 0,
+               f"`n_tokens` must be a positive integer, got {self.n_tokens!r}; pass e.g. --tokens 16384.")
+        _check(isinstance(self.seq_len, int) and 2 <= self.seq_len <= 1_000_000,
+               f"`seq_len` must be an integer >= 2, got {self.seq_len!r}; pass e.g. --seq-len 256.")
+        _check(isinstance(self.batch_size, int) and self.batch_size >= 1,
+               f"`batch_size` must be a positive integer, got {self.batch_size!r}.")
+        _check(self.fisher in FISHER_TYPES, f"`fisher` must be one of {FISHER_TYPES}, got {self.fisher!r}.")
+        _check(self.targets in TARGETS, f"`targets` must be one of {TARGETS}, got {self.targets!r}.")
+        _check(isinstance(self.temperature, (int, float)) and 0 < self.temperature <= 1000,
+               f"`temperature` must be in (0, 1000], got {self.temperature!r}; 1 is the plain loss.")
+        _check(isinstance(self.sketch_size, int) and 1 <= self.sketch_size <= 4096,
+               f"`sketch_size` must be in [1, 4096], got {self.sketch_size!r}.")
+        _check(self.stats_dtype in STATS_DTYPES,
+               f"`stats_dtype` must be one of {STATS_DTYPES}, got {self.stats_dtype!r}.")
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(sorted({int(i) for i in self.layers})))
+            _check(len(self.layers) > 0 and min(self.layers) >= 0,
+                   f"`layers` must be non-negative layer indices, got {self.layers!r}.")
+
+    def key_dict(self) -> dict:
+        """The fields that change the statistics (the cache key); `device` and `batch_size` do not."""
+        d = asdict(self)
+        d.pop("device")
+        d.pop("batch_size")
+        d["layers"] = list(self.layers) if self.layers is not None else None
+        return d
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """How statistics become a rank-k weight (spec §3, §5)."""
+
+    method: str = field(default="fasc", metadata={"help": f"one of {', '.join(METHODS)}"})
+    damping: float = field(default=1e-4, metadata={"help": "δ in C + δ·tr(C)/n·I before inverses (spec §3)"})
+    gamma: float = field(default=1.0, metadata={
+        "help": "Fisher shrinkage γ: 0 = pure Fisher (FASC optimum), ∞ → asvd (spec §3)"})
+    tau: float = field(default=0.1, metadata={"help": "hybrid: use fasc where ρ ≥ τ, else the fallback"})
+    fallback: str = field(default="asvd", metadata={"help": "hybrid: variance method used where ρ < τ"})
+
+    def __post_init__(self):
+        _check(self.method in METHODS, f"Unknown method {self.method!r}; choose one of {', '.join(METHODS)}.")
+        _check(isinstance(self.damping, (int, float)) and 0 <= self.damping < 1,
+               f"`damping` must be in [0, 1), got {self.damping!r}; the default is 1e-4.")
+        _check(isinstance(self.gamma, (int, float)) and self.gamma >= 0 and self.gamma == self.gamma,
+               f"`gamma` must be >= 0, got {self.gamma!r}; 0 is pure Fisher, large values approach asvd.")
+        _check(isinstance(self.tau, (int, float)) and self.tau == self.tau,
+               f"`tau` must be a number, got {self.tau!r}.")
+        _check(self.fallback in ("svd", "asvd", "pca", "fwsvd"),
+               f"`fallback` must be one of svd, asvd, pca, fwsvd, got {self.fallback!r}.")
+
+
+def field_help(cls, name: str) -> str:
+    """The `help` metadata of a config field, for argparse."""
+    for f in fields(cls):
+        if f.name == name:
+            return f.metadata.get("help", "")
+    raise KeyError(name)

@@ -1,0 +1,230 @@
+"""Calibration / evaluation data: reading files safely and turning text into masked token batches.
+
+Two kinds of source: plain text (.txt, or .jsonl lines with a "text" field), chunked into windows of
+`seq_len` tokens with every position a target; and prompt/answer lines (.jsonl with "prompt" and
+"answer"), one sequence each, whose targets are all tokens or only the answer tokens (spec §1,
+target selection).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .config import CalibConfig
+from .errors import FascError
+
+MAX_TEXT_BYTES = int(os.environ.get("FASC_MAX_TEXT_BYTES", 200 * 1024 * 1024))
+
+
+@dataclass
+class Batch:
+    """One calibration batch. `target_mask[b, t]` is True when position t predicts token t+1 with loss."""
+
+    input_ids: Tensor       # (B, L) long
+    attention_mask: Tensor  # (B, L) long, 1 = real token
+    target_mask: Tensor     # (B, L) bool
+
+    @property
+    def stat_mask(self) -> Tensor:
+        """Positions whose statistics count: real tokens up to the last target of each row (spec §1)."""
+        L = self.target_mask.shape[1]
+        pos = torch.arange(L)
+        last = torch.where(self.target_mask.any(1), (self.target_mask * pos).amax(1), torch.full_like(pos[:1], -1))
+        return (pos[None, :] <= last[:, None]) & self.attention_mask.bool()
+
+    @property
+    def n_real(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+@dataclass(frozen=True)
+class Example:
+    """A prompt/answer pair (probe line)."""
+
+    prompt: str
+    answer: str
+    relation: str = ""
+
+
+def decode_text(raw: bytes, name: str, max_bytes: int = MAX_TEXT_BYTES) -> str:
+    """Validate and decode uploaded/read bytes as UTF-8 text (issue: empty, binary, too large)."""
+    if len(raw) > max_bytes:
+        raise FascError(f"{name} is {len(raw) / 2**20:.1f} MiB, over the {max_bytes / 2**20:.0f} MiB limit; "
+                        f"use a smaller file or raise FASC_MAX_TEXT_BYTES.")
+    if b"\x00" in raw[:65536]:
+        raise FascError(f"{name} looks binary (contains NUL bytes); give a UTF-8 text or JSONL file.")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise FascError(f"{name} is not valid UTF-8 (byte {e.start}); re-save it as UTF-8.") from None
+    if not text.strip():
+        raise FascError(f"{name} is empty; give a text with at least one sequence of tokens.")
+    return text
+
+
+def read_text(path: str | Path, max_bytes: int = MAX_TEXT_BYTES) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise FascError(f"Data file {str(path)!r} does not exist; check the path.")
+    if p.stat().st_size > max_bytes:
+        raise FascError(f"{p.name} is {p.stat().st_size / 2**20:.1f} MiB, over the {max_bytes / 2**20:.0f} MiB "
+                        f"limit; use a smaller file or raise FASC_MAX_TEXT_BYTES.")
+    return decode_text(p.read_bytes(), p.name, max_bytes)
+
+
+def parse_jsonl(text: str, name: str) -> list[dict]:
+    """Parse JSONL; malformed lines are reported with their line numbers."""
+    rows, bad = [], []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError
+        except ValueError:
+            bad.append(i)
+            continue
+        rows.append(row)
+    if bad:
+        raise FascError(f"{name}: malformed JSON on line(s) {', '.join(map(str, bad[:10]))}"
+                        f"{' …' if len(bad) > 10 else ''}; each line must be one JSON object.")
+    if not rows:
+        raise FascError(f"{name} has no JSON lines; give one object per line.")
+    return rows
+
+
+def rows_to_examples(rows: list[dict], name: str) -> list[Example]:
+    bad = [i for i, r in enumerate(rows, 1)
+           if not (isinstance(r.get("prompt"), str) and isinstance(r.get("answer"), str)
+                   and r["prompt"].strip() and r["answer"].strip())]
+    if bad:
+        raise FascError(f"{name}: line(s) {', '.join(map(str, bad[:10]))} lack a non-empty \"prompt\" and "
+                        f"\"answer\"; probe lines look like {{\"prompt\": \"The capital of France is\", "
+                        f"\"answer\": \"Paris\"}}.")
+    return [Example(r["prompt"], r["answer"].strip(), str(r.get("relation", ""))) for r in rows]
+
+
+def load_probe(path: str | Path) -> list[Example]:
+    """Read a probe file (JSONL of {"prompt", "answer"[, "relation"]})."""
+    p = Path(path)
+    return rows_to_examples(parse_jsonl(read_text(p), p.name), p.name)
+
+
+def load_source(path: str | Path) -> str | list[Example]:
+    """A data file as either plain text or a list of prompt/answer examples."""
+    p = Path(path)
+    text = read_text(p)
+    if p.suffix.lower() not in (".jsonl", ".json"):
+        return text
+    rows = parse_jsonl(text, p.name)
+    if all("text" in r for r in rows):
+        return "\n\n".join(str(r["text"]) for r in rows)
+    return rows_to_examples(rows, p.name)
+
+
+def _pad_id(tokenizer) -> int:
+    for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        v = getattr(tokenizer, attr, None)
+        if v is not None:
+            return int(v)
+    return 0
+
+
+def encode_example(tokenizer, ex: Example) -> tuple[list[int], int]:
+    """Token ids of prompt + " " + answer and the index of the first answer token."""
+    p = tokenizer(ex.prompt)["input_ids"]
+    a = tokenizer(" " + ex.answer, add_special_tokens=False)["input_ids"]
+    if not p or not a:
+        raise FascError(f"Probe line {ex.prompt!r} → {ex.answer!r} tokenizes to nothing; check the tokenizer.")
+    return list(p) + list(a), len(p)
+
+
+def _text_rows(tokenizer, text: str, seq_len: int) -> tuple[list[list[int]], int]:
+    ids = tokenizer(text, verbose=False)["input_ids"] if _accepts_verbose(tokenizer) else tokenizer(text)["input_ids"]
+    return [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)], len(ids)
+
+
+def _accepts_verbose(tokenizer) -> bool:
+    try:
+        tokenizer("a", verbose=False)
+        return True
+    except TypeError:
+        return False
+
+
+def make_batches(tokenizer, sources, cfg: CalibConfig, name: str = "calibration data") -> list[Batch]:
+    """Tokenize sources (text and/or prompt/answer lists) into batches of at most `cfg.n_tokens` tokens.
+
+    Text is cut into full windows of `seq_len`; prompt/answer examples are one right-padded row each.
+    Sources are interleaved row by row so that a budget takes a mix of every source.
+    """
+    if isinstance(sources, str) or (isinstance(sources, list) and sources and isinstance(sources[0], Example)):
+        sources = [sources]
+    per_source: list[list[tuple[list[int], int | None]]] = []  # rows: (ids, answer_start or None)
+    for src in sources:
+        if isinstance(src, str):
+            rows, total = _text_rows(tokenizer, src, cfg.seq_len)
+            if not rows:
+                raise FascError(f"{name} has {total} tokens, fewer than one sequence of {cfg.seq_len}; "
+                                f"give a longer text or a smaller --seq-len (e.g. {max(2, total // 2)}).")
+            if cfg.targets == "answers":
+                raise FascError(f"targets='answers' needs prompt/answer JSONL lines, but {name} is plain text; "
+                                f"use --targets all or a probe-style JSONL file.")
+            per_source.append([(r, None) for r in rows])
+        else:
+            rows = []
+            for ex in src:
+                ids, start = encode_example(tokenizer, ex)
+                rows.append((ids[: cfg.seq_len], start))
+            per_source.append(rows)
+    # interleave sources and take rows until the token budget is reached
+    merged, budget = [], cfg.n_tokens
+    iters = [iter(s) for s in per_source]
+    while iters and budget > 0:
+        alive = []
+        for it in iters:
+            row = next(it, None)
+            if row is None:
+                continue
+            alive.append(it)
+            if budget > 0:
+                merged.append(row)
+                budget -= len(row[0])
+        iters = alive
+    pad = _pad_id(tokenizer)
+    batches = []
+    for i in range(0, len(merged), cfg.batch_size):
+        chunk = merged[i:i + cfg.batch_size]
+        L = max(len(ids) for ids, _ in chunk)
+        input_ids = torch.full((len(chunk), L), pad, dtype=torch.long)
+        attn = torch.zeros((len(chunk), L), dtype=torch.long)
+        tmask = torch.zeros((len(chunk), L), dtype=torch.bool)
+        for b, (ids, start) in enumerate(chunk):
+            input_ids[b, : len(ids)] = torch.tensor(ids)
+            attn[b, : len(ids)] = 1
+            if start is not None and cfg.targets == "answers":
+                tmask[b, max(start - 1, 0): len(ids) - 1] = True
+            else:
+                tmask[b, : len(ids) - 1] = True
+        batches.append(Batch(input_ids, attn, tmask))
+    if not batches or not any(bool(b.target_mask.any()) for b in batches):
+        raise FascError(f"{name} yields no token with a next-token target; give a longer text.")
+    return batches
+
+
+def data_fingerprint(batches: list[Batch]) -> str:
+    """sha256 over the token ids and masks of the batches (the data part of the cache key)."""
+    h = hashlib.sha256()
+    for b in batches:
+        for t in (b.input_ids, b.attention_mask, b.target_mask):
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.to(torch.int64).numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,5 @@
+"""The one exception type the library raises for bad input; its message is one line: problem, then fix."""
+
+
+class FascError(Exception):
+    """A user-facing error: `str(e)` names the problem and the fix in one line."""

@@ -1,0 +1,108 @@
+"""Evaluation: held-out perplexity and fact recall on a probe."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import Example, encode_example
+from .errors import FascError
+
+
+@dataclass
+class RecallResult:
+    """Fact recall: `first_token` = share of facts whose answer's first token is the top-1 prediction
+    after the prompt; `exact` = share whose whole answer is the greedy continuation."""
+
+    first_token: float
+    exact: float
+    n: int
+    per_relation: dict[str, float] = field(default_factory=dict)
+    correct: list[bool] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"recall": self.first_token, "exact_match": self.exact, "n_facts": self.n,
+                "per_relation": self.per_relation}
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, tokenizer, text: str, seq_len: int = 256, batch_size: int = 8,
+               max_tokens: int | None = None, progress: Callable[[int, int], None] | None = None) -> float:
+    """exp(mean next-token NLL) over non-overlapping windows of `seq_len` tokens of `text`."""
+    ids = tokenizer(text)["input_ids"]
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    if len(ids) < 2:
+        raise FascError("The evaluation text has fewer than 2 tokens; give a longer held-out text.")
+    windows = [ids[i:i + seq_len] for i in range(0, len(ids) - 1, seq_len)]
+    windows = [w for w in windows if len(w) >= 2]
+    was_training = model.training
+    model.eval()
+    dev = _device(model)
+    nll, count = 0.0, 0
+    try:
+        for i in range(0, len(windows), batch_size):
+            chunk = windows[i:i + batch_size]
+            L = max(len(w) for w in chunk)
+            x = torch.zeros(len(chunk), L, dtype=torch.long)
+            mask = torch.zeros(len(chunk), L, dtype=torch.long)
+            for b, w in enumerate(chunk):
+                x[b, : len(w)] = torch.tensor(w)
+                mask[b, : len(w)] = 1
+            logits = model(input_ids=x.to(dev), attention_mask=mask.to(dev), use_cache=False).logits.float()
+            tgt = x[:, 1:].to(dev)
+            valid = mask[:, 1:].bool().to(dev)
+            lp = F.cross_entropy(logits[:, :-1][valid], tgt[valid], reduction="sum")
+            nll += float(lp)
+            count += int(valid.sum())
+            if progress is not None:
+                progress(min(i + batch_size, len(windows)), len(windows))
+    finally:
+        model.train(was_training)
+    return math.exp(nll / count)
+
+
+@torch.no_grad()
+def fact_recall(model: nn.Module, tokenizer, examples: list[Example], batch_size: int = 32,
+                progress: Callable[[int, int], None] | None = None) -> RecallResult:
+    """Top-1 first-token recall and greedy exact match (teacher-forced argmax = greedy decoding)."""
+    if not examples:
+        raise FascError("The probe has no facts; give a JSONL file with prompt/answer lines.")
+    encoded = [encode_example(tokenizer, ex) for ex in examples]
+    was_training = model.training
+    model.eval()
+    dev = _device(model)
+    first, exact = [], []
+    try:
+        for i in range(0, len(encoded), batch_size):
+            chunk = encoded[i:i + batch_size]
+            L = max(len(ids) for ids, _ in chunk)
+            x = torch.zeros(len(chunk), L, dtype=torch.long)
+            mask = torch.zeros(len(chunk), L, dtype=torch.long)
+            for b, (ids, _) in enumerate(chunk):
+                x[b, : len(ids)] = torch.tensor(ids)
+                mask[b, : len(ids)] = 1
+            pred = model(input_ids=x.to(dev), attention_mask=mask.to(dev), use_cache=False).logits.argmax(-1).cpu()
+            for b, (ids, start) in enumerate(chunk):
+                hits = pred[b, start - 1: len(ids) - 1] == torch.tensor(ids[start:])
+                first.append(bool(hits[0]))
+                exact.append(bool(hits.all()))
+            if progress is not None:
+                progress(min(i + batch_size, len(encoded)), len(encoded))
+    finally:
+        model.train(was_training)
+    by_rel: dict[str, list[bool]] = defaultdict(list)
+    for ex, ok in zip(examples, first):
+        by_rel[ex.relation or "all"].append(ok)
+    return RecallResult(first_token=sum(first) / len(first), exact=sum(exact) / len(exact), n=len(first),
+                        per_relation={r: sum(v) / len(v) for r, v in sorted(by_rel.items())}, correct=first)

@@ -1,0 +1,127 @@
+"""Export (spec §7): a compressed model as an ordinary Hugging Face folder plus `fasc_config.json`.
+
+Factored: `model.safetensors` holds each compressed module as `<fqn>.U` (out,k) and `<fqn>.V` (in,k);
+`fasc.load_compressed` rebuilds the architecture from `config.json`, swaps in `LowRankLinear` shells
+and loads strictly. Merged (`merge=True`): dense W' in the original layers, loadable by plain
+`AutoModelForCausalLM.from_pretrained`. Both are written to a temporary folder renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import FascError
+from .layers import LowRankLinear
+from .loading import FASC_CONFIG, _quiet_transformers, _read_fasc_config
+from .surgery import replace_module
+
+EXPORT_FORMAT = 1
+
+
+def _version() -> str:
+    from . import __version__
+    return __version__
+
+
+def prepare_destination(out: str | Path, overwrite: bool) -> Path:
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise FascError(f"{out} exists and is a file; choose a folder name for the export.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FascError(f"{out} exists and is not empty; choose another folder or pass --overwrite.")
+    if not out.parent.exists():
+        raise FascError(f"The parent folder {out.parent} does not exist; create it first.")
+    return out
+
+
+def atomic_folder(out: Path, write) -> Path:
+    """Run write(tmp) into a temporary sibling folder, then swap it in place of `out` atomically."""
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        write(tmp)
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise FascError(f"Export to {out} failed ({e.strerror or e}); nothing was changed there — free disk "
+                            f"space or choose another folder.") from None
+        raise
+    return out
+
+
+def save_compressed(model: nn.Module, tokenizer, out: str | Path, *, meta: dict | None = None,
+                    overwrite: bool = False) -> Path:
+    """Write a compressed model (factored if it holds `LowRankLinear` layers, else merged/dense).
+
+    Args:
+        meta: extra fields for `fasc_config.json` (method, ranks, ρ, calibration key, source ...).
+    """
+    out = prepare_destination(out, overwrite)
+    factored = {f: [m.in_features, m.out_features, m.rank, m.bias is not None]
+                for f, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    fc = {"format": EXPORT_FORMAT, "fasc_version": _version(), "merged": not factored, "factored": factored,
+          "dtype": dtype, **(meta or {})}
+
+    def write(tmp: Path) -> None:
+        with _quiet_transformers():
+            if factored:
+                from safetensors.torch import save_model
+                model.config.save_pretrained(tmp)
+                save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            else:
+                model.save_pretrained(tmp, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        (tmp / FASC_CONFIG).write_text(json.dumps(fc, indent=1))
+
+    return atomic_folder(out, write)
+
+
+def load_compressed(path: str | Path, device: str = "cpu"):
+    """Rebuild a folder written by `save_compressed` exactly: (model, tokenizer)."""
+    from safetensors.torch import load_model
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    fc = _read_fasc_config(path)
+    dtype = getattr(torch, fc.get("dtype", "float32"), torch.float32)
+    with _quiet_transformers():
+        tok = AutoTokenizer.from_pretrained(path)
+        if fc.get("merged"):
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        else:
+            config = AutoConfig.from_pretrained(path)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            for fqn, (n, m, k, bias) in fc["factored"].items():
+                replace_module(model, fqn, LowRankLinear(n, m, k, bias=bias, dtype=dtype))
+            wfile = path / "model.safetensors"
+            if not wfile.is_file():
+                raise FascError(f"{path} has no model.safetensors; re-export the model.")
+            try:
+                load_model(model, str(wfile), strict=True)
+            except RuntimeError as e:
+                raise FascError(f"{wfile} does not match {FASC_CONFIG} ({str(e).splitlines()[0][:120]}); "
+                                f"re-export the model.") from None
+    model.to(device).eval()
+    if tok.pad_token_id is None and tok.eos_token_id is not None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def folder_size(path: str | Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())

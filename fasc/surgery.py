@@ -1,0 +1,75 @@
+"""In-place surgery: replace planned modules by their rank-k versions (one function owns setattr)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .allocate import Plan, is_factored, validate_plan
+from .analysis import Analysis
+from .errors import FascError
+from .layers import LowRankLinear
+
+
+def compute_factors(an: Analysis, plan: Plan,
+                    progress: Callable[[int, int], None] | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+    """{fqn: (U, V)} for the whole plan (float64); validates the plan first."""
+    validate_plan(plan, an)
+    out, n = {}, len(plan.ranks)
+    for i, (f, k) in enumerate(plan.ranks.items()):
+        U, V = an.factors(f, plan.methods[f], k)
+        if not (torch.isfinite(U).all() and torch.isfinite(V).all()):
+            raise FascError(f"Non-finite factors for {f} ({plan.methods[f]}, rank {k}); recalibrate with more "
+                            f"tokens or raise --damping.")
+        out[f] = (U, V)
+        if progress is not None:
+            progress(i + 1, n)
+    return out
+
+
+def replace_module(model: nn.Module, fqn: str, new: nn.Module) -> None:
+    """The one place that swaps a submodule."""
+    parent, _, child = fqn.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def dense_module(old: nn.Module, W: Tensor) -> nn.Module:
+    """A copy of `old` (Linear or Conv1D) holding the dense weight W (out, in)."""
+    import copy
+
+    new = copy.copy(old)
+    new._parameters = dict(old._parameters)
+    transposed = type(old).__name__ == "Conv1D"
+    w = (W.T if transposed else W).to(old.weight.dtype).contiguous()
+    new.weight = nn.Parameter(w.to(old.weight.device), requires_grad=old.weight.requires_grad)
+    return new
+
+
+def compress_(model: nn.Module, an: Analysis, plan: Plan, merge: bool = False,
+              progress: Callable[[int, int], None] | None = None) -> None:
+    """Replace every planned module of `model` in place (returns None).
+
+    Modules whose rank would not save parameters (k ≥ mn/(m+n)), and every module when `merge` is
+    set, keep a dense layer of the original type holding W' = U Vᵀ; the others become
+    `LowRankLinear`. The whole plan is validated and all factors computed before anything changes.
+    `model` must have the architecture `an` was built on (compress a copy of the analysed model).
+    """
+    factors = compute_factors(an, plan, progress)
+    mods = dict(model.named_modules())
+    for f in plan.ranks:
+        if f not in mods or not hasattr(mods[f], "weight"):
+            raise FascError(f"Module {f} is not a dense layer in this model (already compressed?); compress a "
+                            f"fresh copy of the model.")
+    with torch.no_grad():
+        for f, k in plan.ranks.items():
+            old = mods[f]
+            U, V = factors[f]
+            if merge or not is_factored(an.info(f), k):
+                new = dense_module(old, U @ V.T)
+            else:
+                new = LowRankLinear.from_factors(U.to(old.weight.device), V.to(old.weight.device),
+                                                 None if old.bias is None else old.bias.detach(),
+                                                 dtype=old.weight.dtype)
+            replace_module(model, f, new)

@@ -1,0 +1,54 @@
+"""The content-addressed calibration cache: hits, corruption, atomicity."""
+
+import pytest
+import torch
+
+import fasc
+from fasc import cache
+
+from conftest import random_batches
+
+
+def test_second_run_hits_the_cache(llama, tmp_path):
+    batches = random_batches(2)
+    cfg = fasc.CalibConfig(n_tokens=1000, seq_len=24)
+    st1, hit1 = fasc.calibrate_cached(llama, batches, cfg, root=tmp_path)
+    st2, hit2 = fasc.calibrate_cached(llama, batches, cfg, root=tmp_path)
+    assert (hit1, hit2) == (False, True)
+    assert st1.key == st2.key and len(st1.key) == 32
+    for f in st1.ch:
+        assert torch.equal(st1.ch[f], st2.ch[f])
+    assert st2.group == st1.group and st2.config == cfg
+    # another config → another key
+    st3, hit3 = fasc.calibrate_cached(llama, batches, fasc.CalibConfig(n_tokens=1000, seq_len=24, temperature=2.0),
+                                      root=tmp_path)
+    assert not hit3 and st3.key != st1.key
+    # batch size and device do not change the key
+    assert cache.cache_key("m", "d", cfg) == cache.cache_key("m", "d", fasc.CalibConfig(n_tokens=1000, seq_len=24,
+                                                                                       batch_size=3))
+    assert not list(tmp_path.glob(".*.incomplete"))
+
+
+def test_corrupted_entry_is_detected_and_recomputed(llama, tmp_path):
+    batches = random_batches(1)
+    cfg = fasc.CalibConfig(n_tokens=1000, seq_len=24)
+    st, _ = fasc.calibrate_cached(llama, batches, cfg, root=tmp_path)
+    f = tmp_path / st.key / "stats.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])  # truncated
+    assert cache.load(st.key, tmp_path) is None
+    assert not (tmp_path / st.key).exists()
+    st2, hit = fasc.calibrate_cached(llama, batches, cfg, root=tmp_path)
+    assert not hit and (tmp_path / st.key / "stats.safetensors").stat().st_size == len(data)
+
+
+def test_interrupted_store_leaves_no_valid_entry(llama, tmp_path, monkeypatch):
+    batches = random_batches(1)
+    cfg = fasc.CalibConfig(n_tokens=1000, seq_len=24)
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(fasc.CalibStats, "save", boom)
+    with pytest.raises(KeyboardInterrupt):
+        fasc.calibrate_cached(llama, batches, cfg, root=tmp_path)
+    assert [p for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []

@@ -1,0 +1,82 @@
+"""The CLI end to end on a tiny saved model: calibrate → report → compress → eval, errors in one line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fasc.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture()
+def common(saved_llama, tmp_path):
+    return ["--model", str(saved_llama / "model"), "--data", str(saved_llama / "calib.txt"), "--tokens", "512",
+            "--seq-len", "32", "--cache-dir", str(tmp_path / "cache"), "--quiet"]
+
+
+def test_cli_end_to_end(capsys, common, saved_llama, tmp_path):
+    code, out, _ = run(capsys, "calibrate", *common, "--json")
+    assert code == 0
+    first = json.loads(out)
+    assert first["from_cache"] is False and first["n_tokens"] > 0
+    code, out, _ = run(capsys, "calibrate", *common)
+    assert code == 0 and out.strip() == first["cache_key"]
+
+    code, out, _ = run(capsys, "report", *common, "--json", "--rho-fisher", "--html", str(tmp_path / "rho.html"))
+    rep = json.loads(out)
+    assert rep["from_cache"] is True and len(rep["modules"]) == 14
+    row = rep["modules"][0]
+    assert {"rho", "rho_signed", "rho_fisher", "misalignment", "dl_pca", "dl_fasc"} <= set(row)
+    assert row["rho_fisher"] is not None and row["dl_pca"] >= row["dl_fasc"] - 1e-15
+    assert (tmp_path / "rho.html").stat().st_size > 1000
+
+    out_dir = tmp_path / "compressed"
+    code, out, err = run(capsys, "compress", *common, "--method", "fasc", "--param-ratio", "0.5", "--out",
+                         str(out_dir), "--save-plan", str(tmp_path / "plan.json"), "--json")
+    assert code == 0, err
+    comp = json.loads(out)
+    assert comp["param_ratio"] <= 0.5 and comp["model_params_after"] < comp["model_params_before"]
+    fc = json.loads((out_dir / "fasc_config.json").read_text())
+    assert fc["method"] == "fasc" and fc["calibration"] == first["cache_key"] and fc["factored"]
+
+    # the saved plan re-used with another method, merged export
+    code, out, err = run(capsys, "compress", *common, "--method", "asvd", "--ranks", str(tmp_path / "plan.json"),
+                         "--merge", "--out", str(tmp_path / "merged"), "--json")
+    assert code == 0, err
+    assert json.loads((tmp_path / "merged" / "fasc_config.json").read_text())["merged"] is True
+
+    code, out, err = run(capsys, "eval", "--model", str(out_dir), "--text", str(saved_llama / "heldout.txt"),
+                         "--probe", str(saved_llama / "probe.jsonl"), "--json", "--quiet")
+    assert code == 0, err
+    ev = json.loads(out)
+    assert ev["perplexity"] > 1 and 0 <= ev["recall"] <= 1 and ev["n_facts"] == 3
+
+
+def test_cli_errors_are_one_line(capsys, common, saved_llama, tmp_path):
+    code, out, err = run(capsys, "calibrate", "--model", str(tmp_path / "nope"), "--quiet")
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and "does not exist" in err
+    code, out, err = run(capsys, "compress", *common, "--method", "fasc", "--out", str(tmp_path / "x"))
+    assert code == 2 and "exactly one" in err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "f").write_text("x")
+    code, out, err = run(capsys, "compress", *common, "--rank-ratio", "0.5", "--out", str(tmp_path / "full"))
+    assert code == 2 and "--overwrite" in err and err.count("\n") == 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "answer": "b"}\nnot json\n')
+    code, out, err = run(capsys, "eval", "--model", str(saved_llama / "model"), "--probe", str(bad),
+                         "--text", str(saved_llama / "heldout.txt"), "--quiet")
+    assert code == 2 and "line(s) 2" in err
+
+
+def test_python_dash_m_and_help():
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    r = subprocess.run([sys.executable, "-m", "fasc", "compress", "--help"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and "--param-ratio" in r.stdout and "example" in r.stdout

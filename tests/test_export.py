@@ -1,0 +1,87 @@
+"""Export (spec §7): factored round trip bit for bit, merged loads with plain from_pretrained, atomicity."""
+
+import copy
+import os
+
+import pytest
+import torch
+
+import fasc
+from fasc.layers import LowRankLinear
+
+from conftest import VOCAB, random_batches, tiny_model
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def compressed(request, tokenizer):
+    model = tiny_model(request.param)
+    st = fasc.calibrate(model, random_batches(2), fasc.CalibConfig(n_tokens=10_000, seq_len=24))
+    an = fasc.Analysis(model, st)
+    plan = fasc.allocate(an, "fasc", rank_ratio=0.25)
+    m2 = copy.deepcopy(model)
+    fasc.compress_(m2, an, plan)
+    return model, an, plan, m2
+
+
+IDS = torch.randint(5, VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
+
+
+def logits(m):
+    with torch.no_grad():
+        return m(input_ids=IDS).logits
+
+
+def test_factored_round_trip_is_exact(compressed, tokenizer, tmp_path):
+    _, an, plan, m2 = compressed
+    out = fasc.save_compressed(m2, tokenizer, tmp_path / "out", meta={"method": "fasc", "ranks": plan.ranks})
+    assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "fasc_config.json",
+                                               "tokenizer.json"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
+    m3, tok3 = fasc.load_compressed(out)
+    assert any(isinstance(m, LowRankLinear) for m in m3.modules())
+    assert torch.equal(logits(m3), logits(m2))
+    m4, _ = fasc.load_model(str(out))  # load_model recognises an export folder
+    assert torch.equal(logits(m4), logits(m2))
+    assert tok3("the cat")["input_ids"] == tokenizer("the cat")["input_ids"]
+    # factored is smaller than the original
+    orig = sum(p.numel() for p in compressed[0].parameters())
+    assert sum(p.numel() for p in m3.parameters()) < orig
+
+
+def test_merged_export_loads_with_plain_transformers(compressed, tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+    model, an, plan, m2 = compressed
+    m_merged = copy.deepcopy(model)
+    fasc.compress_(m_merged, an, plan, merge=True)
+    assert not any(isinstance(m, LowRankLinear) for m in m_merged.modules())
+    out = fasc.save_compressed(m_merged, tokenizer, tmp_path / "merged")
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert torch.allclose(logits(plain), logits(m2), atol=1e-4)
+
+
+def test_export_refuses_non_empty_folder_and_overwrites_on_request(compressed, tokenizer, tmp_path):
+    _, _, _, m2 = compressed
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "keep.txt").write_text("precious")
+    with pytest.raises(fasc.FascError, match="--overwrite"):
+        fasc.save_compressed(m2, tokenizer, dest)
+    assert (dest / "keep.txt").read_text() == "precious"
+    fasc.save_compressed(m2, tokenizer, dest, overwrite=True)
+    assert not (dest / "keep.txt").exists() and (dest / "fasc_config.json").exists()
+
+
+def test_failed_export_leaves_destination_as_it_was(compressed, tokenizer, tmp_path, monkeypatch):
+    _, _, _, m2 = compressed
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "old.txt").write_text("old")
+    import safetensors.torch
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(safetensors.torch, "save_model", disk_full)
+    with pytest.raises(fasc.FascError, match="nothing was changed"):
+        fasc.save_compressed(m2, tokenizer, dest, overwrite=True)
+    assert [p.name for p in dest.iterdir()] == ["old.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dest"]

@@ -1,0 +1,133 @@
+"""Property tests of spec §2–§4 on synthetic statistics and on a tiny real model."""
+
+import numpy as np
+import pytest
+import torch
+
+import fasc
+from fasc.linalg import damp, tail_block_sums
+from fasc.spectra import (basis_asvd, basis_fasc, basis_pca, basis_svd, misalignment_curve, predicted_curve,
+                          rho_from_sketch, whitening)
+
+ATOL = 1e-9
+
+
+def random_stats(n=12, m=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(400, n, generator=g, dtype=torch.float64) * torch.logspace(0, -2, n, dtype=torch.float64)
+    W = torch.randn(m, n, generator=g, dtype=torch.float64)
+    G = torch.randn(400, m, generator=g, dtype=torch.float64)
+    H = G @ W
+    return W, X.T @ X / 400, H.T @ H / 400
+
+
+def brute_dl(C_h, Cx, M):
+    I = torch.eye(M.shape[0], dtype=M.dtype)
+    return float(0.5 * torch.trace(C_h @ (I - M) @ Cx @ (I - M).T))
+
+
+def test_tail_block_sums_matches_brute_force():
+    E = torch.randn(7, 7, dtype=torch.float64)
+    E = E + E.T
+    T = tail_block_sums(E)
+    for k in range(8):
+        assert abs(float(T[k]) - float(E[k:, k:].sum())) < ATOL
+    assert float(T[7]) == 0.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fasc_exact_tail_sum_identity(seed):
+    """½ tr(C_h (I−M*) C_x (I−M*)ᵀ) equals ½ Σ_{i>k} λ_i for the FASC map, every k (γ = 0)."""
+    W, Cx, Ch = random_stats(seed=seed)
+    Cxd, B, Bi = whitening(Cx, 1e-4)
+    b = basis_fasc(W, Cxd, Ch, B, Bi, gamma=0.0)
+    for k in range(0, 13):
+        M = B @ b.Q[:, :k] @ b.Q[:, :k].T @ Bi
+        assert brute_dl(Ch, Cxd, M) == pytest.approx(float(b.curve[k]), rel=1e-8, abs=1e-14)
+        assert float(b.curve[k]) == pytest.approx(0.5 * float(b.values[k:].sum()), rel=1e-8, abs=1e-14)
+
+
+@pytest.mark.parametrize("builder", ["svd", "pca", "asvd", "fasc_gamma"])
+def test_predicted_curve_equals_brute_force_for_every_method(builder):
+    W, Cx, Ch = random_stats(seed=3)
+    Cxd, B, Bi = whitening(Cx, 1e-4)
+    b = {"svd": lambda: basis_svd(W, Cxd, Ch), "pca": lambda: basis_pca(W, Cxd, Ch),
+         "asvd": lambda: basis_asvd(W, Cxd, Ch, B, Bi),
+         "fasc_gamma": lambda: basis_fasc(W, Cxd, Ch, B, Bi, gamma=0.7)}[builder]()
+    for k in (1, 4, 8):
+        U, V = b.factors(W, k)
+        P = b.Q[:, :k] @ b.Q[:, :k].T
+        M = P if b.B is None else b.B @ P @ b.B_inv
+        assert torch.allclose(W @ M, U @ V.T, atol=1e-10)
+        assert brute_dl(Ch, Cxd, M) == pytest.approx(float(b.curve[k]), rel=1e-8, abs=1e-14)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_variance_never_beats_fasc(seed):
+    """ΔL_var(k) ≥ ΔL_fasc(k) and ΔL_asvd(k) ≥ ΔL_fasc(k) for every k (FASC is optimal, spec §3)."""
+    W, Cx, Ch = random_stats(seed=seed)
+    Cxd, B, Bi = whitening(Cx, 1e-4)
+    f = basis_fasc(W, Cxd, Ch, B, Bi, 0.0).curve
+    for other in (basis_pca(W, Cxd, Ch).curve, basis_svd(W, Cxd, Ch).curve, basis_asvd(W, Cxd, Ch, B, Bi).curve):
+        assert torch.all(other >= f - 1e-12 * max(float(f[0]), 1e-30))
+
+
+def test_singular_fisher_gives_no_nan():
+    """GQA-like k/v projection (m < n) and dead units: C_h singular, nothing is NaN."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(4, 16, generator=g, dtype=torch.float64)
+    X = torch.randn(300, 16, generator=g, dtype=torch.float64)
+    X[:, 3] = 0  # a dead input unit
+    Hs = torch.randn(300, 4, generator=g, dtype=torch.float64) @ W
+    Cx, Ch = X.T @ X / 300, Hs.T @ Hs / 300
+    Cxd, B, Bi = whitening(Cx, 1e-4)
+    for gamma in (0.0, 1.0):
+        b = basis_fasc(W, Cxd, Ch, B, Bi, gamma)
+        U, V = b.factors(W, 2)
+        assert torch.isfinite(U).all() and torch.isfinite(V).all() and torch.isfinite(b.curve).all()
+    zero = basis_fasc(W, Cxd, torch.zeros(16, 16, dtype=torch.float64), B, Bi, 0.0)
+    assert torch.isfinite(zero.Q).all() and float(zero.curve.abs().max()) == 0.0
+
+
+def test_large_gamma_gives_asvd():
+    """γ → ∞: the shrunk FASC map equals whitened SVD (spec §3)."""
+    W, Cx, Ch = random_stats(seed=4)
+    Cxd, B, Bi = whitening(Cx, 1e-4)
+    a = basis_asvd(W, Cxd, Ch, B, Bi)
+    f = basis_fasc(W, Cxd, Ch, B, Bi, gamma=1e9)
+    for k in (1, 3, 6):
+        Ua, Va = a.factors(W, k)
+        Uf, Vf = f.factors(W, k)
+        assert torch.allclose(Ua @ Va.T, Uf @ Vf.T, atol=1e-6 * float(W.abs().max()))
+
+
+def test_misalignment_zero_for_same_subspace_and_one_for_orthogonal():
+    Q = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))[0]
+    same = fasc.spectra.Basis(Q, None, None, torch.zeros(7), torch.ones(6))
+    assert np.allclose(misalignment_curve(Q, same).numpy(), 0, atol=1e-12)
+    flipped = fasc.spectra.Basis(Q.flip(1), None, None, torch.zeros(7), torch.ones(6))
+    mis = misalignment_curve(Q, flipped).numpy()
+    assert mis[0] == pytest.approx(1.0) and mis[2] == pytest.approx(1.0) and mis[5] == pytest.approx(0.0, abs=1e-12)
+
+
+def _sketch(X, H, s=64):
+    from fasc.calibrate import sketch_directions
+    om = sketch_directions(X.shape[1], s, 0)
+    xp, hp = (X @ om).square(), (H @ om).square()
+    return torch.stack([xp.mean(0), hp.mean(0), (xp * hp).mean(0)])
+
+
+def test_rho_near_zero_for_independent_and_large_for_coupled():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(20000, 8, generator=g, dtype=torch.float64)
+    H = torch.randn(20000, 8, generator=g, dtype=torch.float64)
+    r_ind = rho_from_sketch(_sketch(X, H))
+    assert float(r_ind.abs().mean()) < 0.05
+    scale = torch.exp(torch.randn(20000, 1, generator=g, dtype=torch.float64))  # shared magnitude
+    r_cpl = rho_from_sketch(_sketch(X * scale, H * scale))
+    assert float(r_cpl.mean()) > 1.0
+
+
+def test_damp_handles_zero_matrix():
+    assert torch.isfinite(damp(torch.zeros(3, 3, dtype=torch.float64), 1e-4)).all()
+    assert float(torch.linalg.eigvalsh(damp(torch.zeros(3, 3, dtype=torch.float64), 1e-4)).min()) > 0
