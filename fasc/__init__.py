@@ -22,12 +22,12 @@ from .export import load_compressed, save_compressed
 from .layers import LowRankLinear
 from .loading import load_model, model_summary, resolve
 from .modules import ModuleInfo, find_linears, model_fingerprint
-from .pipeline import batches_from_files, calibrate_cached, default_data
+from .pipeline import analysis_cached, batches_from_files, calibrate_cached, default_data
 from .stats import CalibStats
 from .surgery import compress_
 
 __all__ = [
-    "Analysis", "Batch", "CalibConfig", "CalibStats", "Calibrator", "CompressConfig", "Example", "FascError",
+    "Analysis", "analysis_cached", "Batch", "CalibConfig", "CalibStats", "Calibrator", "CompressConfig", "Example", "FascError",
     "LowRankLinear", "METHODS", "ModuleInfo", "ModuleReport", "Plan", "RecallResult", "allocate",
     "batches_from_files", "calibrate", "calibrate_cached", "compress_", "default_data", "fact_recall",
     "find_linears", "load_compressed", "load_model", "load_probe", "load_source", "make_batches",

@@ -6,6 +6,7 @@ After the first decomposition of a module, any rank query (predicted ΔL, parame
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
@@ -15,9 +16,9 @@ from torch import Tensor, nn
 
 from .config import BASE_METHODS, CompressConfig
 from .errors import FascError
-from .linalg import LINALG_DTYPE, eigh_desc
+from .linalg import LINALG_DTYPE
 from .modules import ModuleInfo, weight_matrix
-from .spectra import (Basis, basis_asvd, basis_fasc, basis_fwsvd, basis_pca, basis_svd, misalignment_curve,
+from .spectra import (Basis, Whitening, basis_asvd, basis_fasc, basis_fwsvd, basis_pca, basis_svd, misalignment_curve,
                       rho_from_sketch, whitening)
 from .stats import CalibStats
 
@@ -43,17 +44,31 @@ class ModuleReport:
     variance_top_share: float  # share of Σμ in the top `rank` variance eigenvalues
 
 
+@dataclass
+class Summary:
+    """What stays in memory per (module, method) after its decomposition: O(n), not O(n²)."""
+
+    curve: Tensor    # (n+1,) predicted ΔL(k)
+    values: Tensor   # (n,) ordering values (λ, μ or σ²)
+
+
 class Analysis:
     """Per-module decompositions for one model and its statistics.
+
+    Only O(n) summaries (predicted ΔL curves, spectra, misalignment) are kept for every module; the
+    O(n²) bases and whitening matrices live in small LRU caches and are recomputed when a module is
+    compressed, so memory stays bounded on large models.
 
     Args:
         model: the (uncompressed) model whose weights the statistics describe; its weight tensors
             are referenced, never modified.
         stats: calibration statistics for (a subset of) its modules.
         cfg: damping, γ, hybrid τ and fallback.
+        max_cached_bases: how many n×n bases to keep (LRU).
     """
 
-    def __init__(self, model: nn.Module, stats: CalibStats, cfg: CompressConfig = CompressConfig()):
+    def __init__(self, model: nn.Module, stats: CalibStats, cfg: CompressConfig = CompressConfig(),
+                 max_cached_bases: int = 16):
         self.stats, self.cfg = stats, cfg
         mods = dict(model.named_modules())
         missing = [f for f in stats.fqns if f not in mods]
@@ -66,10 +81,12 @@ class Analysis:
             if tuple(W.shape) != (info.out_features, info.in_features):
                 raise FascError(f"Module {f} is {tuple(W.shape)} in the model but {info.out_features}×"
                                 f"{info.in_features} in the statistics; re-run calibration on this model.")
-        self._white: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
-        self._bases: dict[tuple[str, str], Basis] = {}
-        self._var: dict[str, tuple[Tensor, Tensor]] = {}
-        self._misalign: dict[str, Tensor] = {}
+        self._white: OrderedDict[str, Whitening] = OrderedDict()
+        self._bases: OrderedDict[tuple[str, str], Basis] = OrderedDict()
+        self._max_bases = max(2, max_cached_bases)
+        self.summaries: dict[tuple[str, str], Summary] = {}   # (fqn, method | 'fisher') -> Summary
+        self.variance: dict[str, Tensor] = {}                  # group -> μ of the undamped C_x
+        self.misalignments: dict[str, Tensor] = {}             # fqn -> (n,) at k = 1..n
 
     # ---------------------------------------------------------------- basic accessors
     @property
@@ -83,12 +100,20 @@ class Analysis:
         """W (m, n) float64."""
         return self._weights[fqn].to(LINALG_DTYPE)
 
-    def whitening(self, fqn: str) -> tuple[Tensor, Tensor, Tensor]:
-        """(C_x,δ, B, B⁻¹) of the module's input group, cached per group."""
+    def whitening(self, fqn: str) -> Whitening:
+        """C_x,δ, its eigenpairs, B and B⁻¹ of the module's input group (LRU-cached per group)."""
         g = self.stats.group[fqn]
-        if g not in self._white:
-            self._white[g] = whitening(self.stats.cx[g], self.cfg.damping)
-        return self._white[g]
+        if g in self._white:
+            self._white.move_to_end(g)
+            return self._white[g]
+        wh = whitening(self.stats.cx[g], self.cfg.damping)
+        if g not in self.variance:
+            shift = float(torch.trace(wh.Cx_d) - torch.trace(self.stats.cx[g].to(LINALG_DTYPE))) / wh.mu.numel()
+            self.variance[g] = (wh.mu - shift).clamp_min(0)
+        self._white[g] = wh
+        while len(self._white) > 4:
+            self._white.popitem(last=False)
+        return wh
 
     def resolve(self, fqn: str, method: str) -> str:
         """The base method used for `fqn` (hybrid → fasc where ρ ≥ τ, else the fallback)."""
@@ -99,50 +124,51 @@ class Analysis:
         return method
 
     def basis(self, fqn: str, method: str) -> Basis:
-        """The ordered basis of `method` for `fqn` (computed once)."""
+        """The ordered basis of `method` for `fqn` (LRU-cached; its summary is kept for good)."""
         method = self.resolve(fqn, method)
         key = (fqn, method)
-        if key not in self._bases:
-            W, C_h = self.weight(fqn), self.stats.ch[fqn].to(LINALG_DTYPE)
-            Cx_d, B, B_inv = self.whitening(fqn)
-            if method == "svd":
-                b = basis_svd(W, Cx_d, C_h)
-            elif method == "pca":
-                b = basis_pca(W, Cx_d, C_h)
-            elif method == "fwsvd":
-                b = basis_fwsvd(W, Cx_d, C_h, self.stats.fw[fqn], self.cfg.damping)
-            elif method == "asvd":
-                b = basis_asvd(W, Cx_d, C_h, B, B_inv)
-            elif self.cfg.gamma == 0:
-                b = self.fisher_basis(fqn)
-            else:
-                b = basis_fasc(W, Cx_d, C_h, B, B_inv, self.cfg.gamma)
-            self._bases[key] = b
-        return self._bases[key]
+        if key in self._bases:
+            self._bases.move_to_end(key)
+            return self._bases[key]
+        W, C_h = self.weight(fqn), self.stats.ch[fqn].to(LINALG_DTYPE)
+        wh = self.whitening(fqn)
+        if method == "svd":
+            b = basis_svd(W, wh.Cx_d, C_h)
+        elif method == "pca":
+            b = basis_pca(wh.mu, wh.V, C_h)
+        elif method == "fwsvd":
+            b = basis_fwsvd(W, wh.Cx_d, C_h, self.stats.fw[fqn], self.cfg.damping)
+        elif method == "asvd":
+            b = basis_asvd(W, C_h, wh.B, wh.B_inv)
+        else:
+            b = basis_fasc(W, C_h, wh.B, wh.B_inv, self.cfg.gamma)
+            self.summaries[(fqn, "fisher")] = Summary(b.curve if self.cfg.gamma == 0 else None, b.fisher_values)
+            self.misalignments[fqn] = misalignment_curve(wh.V, b)
+        self.summaries[key] = Summary(b.curve, b.values)
+        self._bases[key] = b
+        while len(self._bases) > self._max_bases:
+            self._bases.popitem(last=False)
+        return b
 
-    def fisher_basis(self, fqn: str) -> Basis:
-        """The unshrunk (γ = 0) Fisher basis: eigenvectors of C_x^{1/2} C_h C_x^{1/2}."""
-        key = (fqn, "fisher")
-        if key not in self._bases:
-            Cx_d, B, B_inv = self.whitening(fqn)
-            self._bases[key] = basis_fasc(self.weight(fqn), Cx_d, self.stats.ch[fqn].to(LINALG_DTYPE), B, B_inv, 0.0)
-        return self._bases[key]
+    def _summary(self, fqn: str, method: str) -> Summary:
+        key = (fqn, method if method == "fisher" else self.resolve(fqn, method))
+        if key not in self.summaries:
+            self.basis(fqn, "fasc" if method == "fisher" else method)
+        return self.summaries[key]
 
     def precompute(self, methods: tuple[str, ...] = ("pca", "fasc"),
                    progress: Callable[[int, int], None] | None = None) -> None:
         """Decompose every module for `methods` now (with progress), so later queries are instant."""
-        fqns = self.stats.fqns
-        total = len(fqns) * len(methods)
-        for i, fqn in enumerate(fqns):
-            for j, m in enumerate(methods):
-                self.basis(fqn, m)
-                if progress is not None:
-                    progress(i * len(methods) + j + 1, total)
+        fqns = sorted(self.stats.fqns, key=lambda f: self.stats.group[f])  # group order: whitening LRU hits
+        todo = [(f, m) for f in fqns for m in methods if (f, self.resolve(f, m)) not in self.summaries]
+        for i, (f, m) in enumerate(todo):
+            self._summary(f, m)
+            if progress is not None:
+                progress(i + 1, len(todo))
 
     def curve(self, fqn: str, method: str) -> np.ndarray:
         """Predicted ΔL(k), k = 0..min(m,n), nats per token."""
-        info = self.info(fqn)
-        return self.basis(fqn, method).curve[: info.max_rank + 1].numpy()
+        return self._summary(fqn, method).curve[: self.info(fqn).max_rank + 1].numpy()
 
     def predicted(self, fqn: str, method: str, k: int) -> float:
         return float(self.curve(fqn, method)[k])
@@ -157,24 +183,25 @@ class Analysis:
     # ---------------------------------------------------------------- diagnostics
     def variance_spectrum(self, fqn: str) -> Tensor:
         """μ: eigenvalues of C_x (undamped), descending."""
-        return self._variance(fqn)[0]
-
-    def _variance(self, fqn: str) -> tuple[Tensor, Tensor]:
         g = self.stats.group[fqn]
-        if g not in self._var:
-            mu, V = eigh_desc(self.stats.cx[g])
-            self._var[g] = (mu.clamp_min(0), V)
-        return self._var[g]
+        if g not in self.variance:
+            self.whitening(fqn)
+        return self.variance[g]
 
     def fisher_spectrum(self, fqn: str) -> Tensor:
         """λ: eigenvalues of C_x^{1/2} C_h C_x^{1/2} (γ = 0, damped C_x), descending."""
-        return self.fisher_basis(fqn).values
+        return self._summary(fqn, "fisher").values
+
+    def fisher_basis(self, fqn: str) -> Basis:
+        """The unshrunk (γ = 0) Fisher basis (for ρ along Fisher directions); not cached."""
+        wh = self.whitening(fqn)
+        return basis_fasc(self.weight(fqn), self.stats.ch[fqn], wh.B, wh.B_inv, 0.0)
 
     def misalignment(self, fqn: str) -> np.ndarray:
         """Subspace misalignment between pca and fasc at k = 1..n (entry k−1)."""
-        if fqn not in self._misalign:
-            self._misalign[fqn] = misalignment_curve(self._variance(fqn)[1], self.basis(fqn, "fasc"))
-        return self._misalign[fqn].numpy()
+        if fqn not in self.misalignments:
+            self.basis(fqn, "fasc")
+        return self.misalignments[fqn].numpy()
 
     def rho(self, fqn: str) -> tuple[float, float]:
         """(mean |ρ(u)|, signed mean ρ(u)) over the random sketch directions (spec §4)."""
@@ -202,6 +229,31 @@ class Analysis:
                 dl_pca=self.predicted(f, "pca", k), dl_fasc=self.predicted(f, "fasc", k),
                 fisher_top_share=_share(lam, k), variance_top_share=_share(mu, k)))
         return rows
+
+    # ---------------------------------------------------------------- persistence (small: O(n) per module)
+    def summary_tensors(self) -> dict[str, Tensor]:
+        out = {}
+        for (f, m), s in self.summaries.items():
+            if s.curve is not None:
+                out[f"curve/{m}/{f}"] = s.curve
+            out[f"values/{m}/{f}"] = s.values
+        out.update({f"variance/{g}": v for g, v in self.variance.items()})
+        out.update({f"misalignment/{f}": v for f, v in self.misalignments.items()})
+        return {k: v.clone().contiguous() for k, v in out.items()}  # shared tensors (pca μ) saved apart
+
+    def load_summary_tensors(self, tensors: dict[str, Tensor]) -> None:
+        curves = {}
+        for name, t in tensors.items():
+            kind, _, rest = name.partition("/")
+            if kind == "variance":
+                self.variance[rest] = t
+            elif kind == "misalignment":
+                self.misalignments[rest] = t
+            else:
+                m, _, f = rest.partition("/")
+                curves.setdefault((f, m), {})[kind] = t
+        for key, d in curves.items():
+            self.summaries[key] = Summary(d.get("curve"), d["values"])
 
 
 def _share(vals: Tensor, k: int) -> float:

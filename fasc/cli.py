@@ -48,8 +48,8 @@ class _Bar:
         self.bar.close()
 
 
-def _progress(desc: str, args):
-    return _Bar(desc, args.quiet)
+def _progress(desc: str, args, unit: str = "tok"):
+    return _Bar(desc, args.quiet, unit)
 
 
 def _calib_cfg(args) -> CalibConfig:
@@ -88,15 +88,15 @@ def _stats(args, model, tok):
 
 
 def _analysis(args, model, stats):
-    from .analysis import Analysis
+    from .pipeline import analysis_cached
 
-    an = Analysis(model, stats, _compress_cfg(args))
-    bar = _progress("eigen-decompositions", args)
+    bar = _progress("eigen-decompositions", args, unit="basis")
     method = getattr(args, "method", "fasc")
     extra = (args.fallback,) if method == "hybrid" else (method,)
     methods = tuple(dict.fromkeys(("pca", "fasc") + extra))
     try:
-        an.precompute(methods, progress=bar)
+        an, _ = analysis_cached(model, stats, _compress_cfg(args), methods, progress=bar,
+                                root=Path(args.cache_dir) if args.cache_dir else None)
     finally:
         bar.close()
     return an
@@ -199,7 +199,7 @@ def cmd_compress(args) -> None:
     n_before = parameter_count(model)
     work = copy.deepcopy(model)
     t0 = time.perf_counter()
-    bar = _progress("compressing", args)
+    bar = _progress("compressing", args, unit="module")
     try:
         compress_(work, an, plan, merge=args.merge, progress=bar)
     finally:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import cache
+from .analysis import Analysis
 from .calibrate import Progress, calibrate
-from .config import CalibConfig
+from .config import CalibConfig, CompressConfig
 from .data import Batch, data_fingerprint, load_source, make_batches
 from .errors import FascError
 from .loading import PACKAGE_DIR, resolve
@@ -59,3 +64,32 @@ def calibrate_cached(model: nn.Module, batches: list[Batch], cfg: CalibConfig,
     dfp = data_fingerprint(batches)
     key = cache.cache_key(mfp, dfp, cfg)
     return cache.get_or_compute(key, lambda: calibrate(model, batches, cfg, progress, model_fp=mfp), root)
+
+
+def analysis_cached(model: nn.Module, stats: CalibStats, cfg: CompressConfig = CompressConfig(),
+                    methods: tuple[str, ...] = ("pca", "fasc"), progress: Progress | None = None,
+                    root: Path | None = None) -> tuple[Analysis, bool]:
+    """(analysis, from_cache): the O(n) summaries (ΔL curves, spectra, misalignment) of every module
+    are stored beside the statistics' cache entry, so the eigen-decompositions run once per
+    (statistics, damping, γ). Bases themselves are recomputed only for modules being compressed."""
+    an = Analysis(model, stats, cfg)
+    folder = Path(root or cache.default_root()) / stats.key if stats.key else None
+    tag = hashlib.sha256(json.dumps([cfg.damping, cfg.gamma]).encode()).hexdigest()[:12]
+    path = folder / f"summary-{tag}.safetensors" if folder is not None else None
+    hit = False
+    if path is not None and path.is_file():
+        try:
+            an.load_summary_tensors(load_file(str(path)))
+            hit = True
+        except Exception:  # noqa: BLE001 - a damaged summary is simply recomputed
+            path.unlink(missing_ok=True)
+    before = len(an.summaries)
+    an.precompute(methods, progress=progress)
+    if path is not None and folder.is_dir() and (len(an.summaries) != before or not hit):
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.incomplete")
+        try:
+            save_file(an.summary_tensors(), str(tmp))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return an, hit and len(an.summaries) == before

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .linalg import LINALG_DTYPE, damp, eigh_desc, psd_sqrt_and_inv, right_singular_vectors, tail_block_sums
+from .linalg import LINALG_DTYPE, damp, eigh_desc, right_singular_vectors, suffix_sum, tail_block_sums
 
 
 @dataclass
@@ -42,6 +42,7 @@ class Basis:
     B_inv: Tensor | None
     curve: Tensor
     values: Tensor
+    fisher_values: Tensor | None = None  # fasc only: λ of C_x^{1/2} C_h C_x^{1/2} (γ = 0)
 
     def factors(self, W: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """(U, V) with W' = U Vᵀ: U = W B Q_k (m,k), V = B⁻¹ Q_k (n,k) (B symmetric)."""
@@ -57,16 +58,33 @@ class Basis:
         return D / D.norm(dim=0, keepdim=True).clamp_min(1e-300)
 
 
-def whitening(C_x: Tensor, damping: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(C_x,δ, B = C_x,δ^{1/2}, B⁻¹), all (n,n) float64."""
+@dataclass
+class Whitening:
+    """C_x,δ = C_x + δ tr(C_x)/n I, its eigenpairs (μ desc, V) and B = C_x,δ^{1/2}, B⁻¹ (all float64)."""
+
+    Cx_d: Tensor
+    mu: Tensor
+    V: Tensor
+    B: Tensor
+    B_inv: Tensor
+
+
+def whitening(C_x: Tensor, damping: float) -> Whitening:
+    """One eigen-decomposition of the damped C_x gives the variance basis and both square roots."""
     Cd = damp(C_x.to(LINALG_DTYPE), damping)
-    B, B_inv = psd_sqrt_and_inv(Cd)
-    return Cd, B, B_inv
+    mu, V = eigh_desc(Cd)
+    mu = mu.clamp_min(float(mu.max().clamp_min(1e-300)) * 1e-15)
+    s = mu.sqrt()
+    return Whitening(Cd, mu, V, (V * s) @ V.T, (V / s) @ V.T)
 
 
 def predicted_curve(Cx_d: Tensor, C_h: Tensor, Q: Tensor, B: Tensor | None = None,
                     B_inv: Tensor | None = None) -> Tensor:
-    """ΔL(k) for k = 0..n of the map B Q_k Q_kᵀ B⁻¹ (spec §2 decoupled), (n+1,). O(n³) once, O(1) per k."""
+    """ΔL(k) for k = 0..n of the map B Q_k Q_kᵀ B⁻¹ (spec §2 decoupled), (n+1,). O(n³) once, O(1) per k.
+
+    The general case needs the full tail-block sums; when B = C_x,δ^{1/2} the second factor is I and
+    only diag(Qᵀ B C_h B Q) matters (see `whitened_curve`).
+    """
     C_h = C_h.to(LINALG_DTYPE)
     if B is None:
         Hq, Xq = Q.T @ C_h @ Q, Q.T @ Cx_d @ Q
@@ -76,14 +94,25 @@ def predicted_curve(Cx_d: Tensor, C_h: Tensor, Q: Tensor, B: Tensor | None = Non
     return 0.5 * tail_block_sums(Hq * Xq).clamp_min(0)
 
 
+def diagonal_curve(weights: Tensor) -> Tensor:
+    """½ Σ_{i>k} w_i for k = 0..n: the curve when one factor of the general formula is diagonal."""
+    return 0.5 * suffix_sum(weights.clamp_min(0))
+
+
+def whitened_curve(S: Tensor, Q: Tensor) -> Tensor:
+    """Curve of B Q_k Q_kᵀ B⁻¹ with B = C_x,δ^{1/2} and S = B C_h B: ½ Σ_{i>k} q_iᵀ S q_i."""
+    return diagonal_curve(((S @ Q) * Q).sum(0))
+
+
 def basis_svd(W: Tensor, Cx_d: Tensor, C_h: Tensor) -> Basis:
     s, Q = right_singular_vectors(W)
     return Basis(Q, None, None, predicted_curve(Cx_d, C_h, Q), s.square())
 
 
-def basis_pca(W: Tensor, Cx_d: Tensor, C_h: Tensor) -> Basis:
-    mu, Q = eigh_desc(Cx_d)
-    return Basis(Q, None, None, predicted_curve(Cx_d, C_h, Q), mu)
+def basis_pca(mu: Tensor, V: Tensor, C_h: Tensor) -> Basis:
+    """Variance basis from the eigenpairs (μ, V) of C_x,δ: ΔL_var(k) = ½ Σ_{i>k} μ_i v_iᵀ C_h v_i."""
+    hv = ((C_h.to(LINALG_DTYPE) @ V) * V).sum(0)
+    return Basis(V, None, None, diagonal_curve(mu * hv), mu)
 
 
 def basis_fwsvd(W: Tensor, Cx_d: Tensor, C_h: Tensor, r: Tensor, damping: float) -> Basis:
@@ -93,9 +122,11 @@ def basis_fwsvd(W: Tensor, Cx_d: Tensor, C_h: Tensor, r: Tensor, damping: float)
     return Basis(Q, None, None, predicted_curve(Cx_d, C_h, Q), s.square())
 
 
-def basis_asvd(W: Tensor, Cx_d: Tensor, C_h: Tensor, B: Tensor, B_inv: Tensor) -> Basis:
+def basis_asvd(W: Tensor, C_h: Tensor, B: Tensor, B_inv: Tensor, S: Tensor | None = None) -> Basis:
+    """Whitened SVD: Q = right singular vectors of W B. `S` = B C_h B if already computed."""
     s, Q = right_singular_vectors(W.to(LINALG_DTYPE) @ B)
-    return Basis(Q, B, B_inv, predicted_curve(Cx_d, C_h, Q, B, B_inv), s.square())
+    S = B @ C_h.to(LINALG_DTYPE) @ B if S is None else S
+    return Basis(Q, B, B_inv, whitened_curve(S, Q), s.square())
 
 
 def shrunk_fisher(C_h: Tensor, W: Tensor, gamma: float) -> Tensor:
@@ -108,18 +139,25 @@ def shrunk_fisher(C_h: Tensor, W: Tensor, gamma: float) -> Tensor:
     return C_h + c * (W.T @ W)
 
 
-def basis_fasc(W: Tensor, Cx_d: Tensor, C_h: Tensor, B: Tensor, B_inv: Tensor, gamma: float) -> Basis:
-    """Fisher-aligned basis: eigenvectors of B C_h(γ) B; falls back to asvd when C_h = 0."""
+def basis_fasc(W: Tensor, C_h: Tensor, B: Tensor, B_inv: Tensor, gamma: float) -> Basis:
+    """Fisher-aligned basis: eigenvectors of B C_h(γ) B; falls back to asvd order when C_h = 0."""
+    C_h = C_h.to(LINALG_DTYPE)
+    S = B @ C_h @ B
     if float(torch.trace(C_h)) <= 0:  # no gradient reached the module: λ = 0, keep the whitened-SVD order
-        b = basis_asvd(W, Cx_d, C_h, B, B_inv)
+        b = basis_asvd(W, C_h, B, B_inv, S)
         b.values = torch.zeros_like(b.values)
+        b.fisher_values = b.values
         return b
-    lam, Q = eigh_desc(B @ shrunk_fisher(C_h, W, gamma) @ B)
     if gamma == 0:  # exact tail-sum identity (spec §3)
-        curve = 0.5 * torch.cat([lam.clamp_min(0).flip(0).cumsum(0).flip(0), lam.new_zeros(1)])
-    else:
-        curve = predicted_curve(Cx_d, C_h, Q, B, B_inv)
-    return Basis(Q, B, B_inv, curve, lam.clamp_min(0))
+        lam, Q = eigh_desc(S)
+        lam = lam.clamp_min(0)
+        return Basis(Q, B, B_inv, diagonal_curve(lam), lam, lam)
+    W = W.to(LINALG_DTYPE)
+    c = gamma * float(torch.trace(C_h)) / max(float(W.square().sum()), 1e-300)
+    WB = W @ B
+    lam, Q = eigh_desc(S + c * (WB.T @ WB))                # B C_h(γ) B
+    lam0 = torch.linalg.eigvalsh(S).flip(0).clamp_min(0)   # the Fisher spectrum itself (γ = 0)
+    return Basis(Q, B, B_inv, whitened_curve(S, Q), lam.clamp_min(0), lam0)
 
 
 def misalignment_curve(Q_var: Tensor, fasc: Basis) -> Tensor:

@@ -52,3 +52,21 @@ def test_interrupted_store_leaves_no_valid_entry(llama, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         fasc.calibrate_cached(llama, batches, cfg, root=tmp_path)
     assert [p for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_spectra_summaries_are_cached_beside_the_statistics(llama, tmp_path):
+    batches = random_batches(1)
+    st, _ = fasc.calibrate_cached(llama, batches, fasc.CalibConfig(n_tokens=1000, seq_len=24), root=tmp_path)
+    cfg = fasc.CompressConfig(gamma=0.5)
+    an1, hit1 = fasc.analysis_cached(llama, st, cfg, root=tmp_path)
+    an2, hit2 = fasc.analysis_cached(llama, st, cfg, root=tmp_path)
+    assert (hit1, hit2) == (False, True)
+    assert not an2._bases  # nothing was decomposed the second time
+    f = st.fqns[-1]
+    assert (an1.curve(f, "fasc") == an2.curve(f, "fasc")).all()
+    assert (an1.misalignment(f) == an2.misalignment(f)).all()
+    assert torch.equal(an1.fisher_spectrum(f), an2.fisher_spectrum(f))
+    assert [r.dl_fasc for r in an1.report()] == [r.dl_fasc for r in an2.report()]
+    assert not an2._bases
+    _, hit3 = fasc.analysis_cached(llama, st, fasc.CompressConfig(gamma=0.0), root=tmp_path)
+    assert not hit3  # another γ, another summary

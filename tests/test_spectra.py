@@ -39,8 +39,9 @@ def test_tail_block_sums_matches_brute_force():
 def test_fasc_exact_tail_sum_identity(seed):
     """½ tr(C_h (I−M*) C_x (I−M*)ᵀ) equals ½ Σ_{i>k} λ_i for the FASC map, every k (γ = 0)."""
     W, Cx, Ch = random_stats(seed=seed)
-    Cxd, B, Bi = whitening(Cx, 1e-4)
-    b = basis_fasc(W, Cxd, Ch, B, Bi, gamma=0.0)
+    wh = whitening(Cx, 1e-4)
+    Cxd, B, Bi = wh.Cx_d, wh.B, wh.B_inv
+    b = basis_fasc(W, Ch, B, Bi, gamma=0.0)
     for k in range(0, 13):
         M = B @ b.Q[:, :k] @ b.Q[:, :k].T @ Bi
         assert brute_dl(Ch, Cxd, M) == pytest.approx(float(b.curve[k]), rel=1e-8, abs=1e-14)
@@ -50,10 +51,11 @@ def test_fasc_exact_tail_sum_identity(seed):
 @pytest.mark.parametrize("builder", ["svd", "pca", "asvd", "fasc_gamma"])
 def test_predicted_curve_equals_brute_force_for_every_method(builder):
     W, Cx, Ch = random_stats(seed=3)
-    Cxd, B, Bi = whitening(Cx, 1e-4)
-    b = {"svd": lambda: basis_svd(W, Cxd, Ch), "pca": lambda: basis_pca(W, Cxd, Ch),
-         "asvd": lambda: basis_asvd(W, Cxd, Ch, B, Bi),
-         "fasc_gamma": lambda: basis_fasc(W, Cxd, Ch, B, Bi, gamma=0.7)}[builder]()
+    wh = whitening(Cx, 1e-4)
+    Cxd, B, Bi = wh.Cx_d, wh.B, wh.B_inv
+    b = {"svd": lambda: basis_svd(W, Cxd, Ch), "pca": lambda: basis_pca(wh.mu, wh.V, Ch),
+         "asvd": lambda: basis_asvd(W, Ch, B, Bi),
+         "fasc_gamma": lambda: basis_fasc(W, Ch, B, Bi, gamma=0.7)}[builder]()
     for k in (1, 4, 8):
         U, V = b.factors(W, k)
         P = b.Q[:, :k] @ b.Q[:, :k].T
@@ -66,9 +68,10 @@ def test_predicted_curve_equals_brute_force_for_every_method(builder):
 def test_variance_never_beats_fasc(seed):
     """ΔL_var(k) ≥ ΔL_fasc(k) and ΔL_asvd(k) ≥ ΔL_fasc(k) for every k (FASC is optimal, spec §3)."""
     W, Cx, Ch = random_stats(seed=seed)
-    Cxd, B, Bi = whitening(Cx, 1e-4)
-    f = basis_fasc(W, Cxd, Ch, B, Bi, 0.0).curve
-    for other in (basis_pca(W, Cxd, Ch).curve, basis_svd(W, Cxd, Ch).curve, basis_asvd(W, Cxd, Ch, B, Bi).curve):
+    wh = whitening(Cx, 1e-4)
+    Cxd, B, Bi = wh.Cx_d, wh.B, wh.B_inv
+    f = basis_fasc(W, Ch, B, Bi, 0.0).curve
+    for other in (basis_pca(wh.mu, wh.V, Ch).curve, basis_svd(W, Cxd, Ch).curve, basis_asvd(W, Ch, B, Bi).curve):
         assert torch.all(other >= f - 1e-12 * max(float(f[0]), 1e-30))
 
 
@@ -80,21 +83,23 @@ def test_singular_fisher_gives_no_nan():
     X[:, 3] = 0  # a dead input unit
     Hs = torch.randn(300, 4, generator=g, dtype=torch.float64) @ W
     Cx, Ch = X.T @ X / 300, Hs.T @ Hs / 300
-    Cxd, B, Bi = whitening(Cx, 1e-4)
+    wh = whitening(Cx, 1e-4)
+    Cxd, B, Bi = wh.Cx_d, wh.B, wh.B_inv
     for gamma in (0.0, 1.0):
-        b = basis_fasc(W, Cxd, Ch, B, Bi, gamma)
+        b = basis_fasc(W, Ch, B, Bi, gamma)
         U, V = b.factors(W, 2)
         assert torch.isfinite(U).all() and torch.isfinite(V).all() and torch.isfinite(b.curve).all()
-    zero = basis_fasc(W, Cxd, torch.zeros(16, 16, dtype=torch.float64), B, Bi, 0.0)
+    zero = basis_fasc(W, torch.zeros(16, 16, dtype=torch.float64), B, Bi, 0.0)
     assert torch.isfinite(zero.Q).all() and float(zero.curve.abs().max()) == 0.0
 
 
 def test_large_gamma_gives_asvd():
     """γ → ∞: the shrunk FASC map equals whitened SVD (spec §3)."""
     W, Cx, Ch = random_stats(seed=4)
-    Cxd, B, Bi = whitening(Cx, 1e-4)
-    a = basis_asvd(W, Cxd, Ch, B, Bi)
-    f = basis_fasc(W, Cxd, Ch, B, Bi, gamma=1e9)
+    wh = whitening(Cx, 1e-4)
+    Cxd, B, Bi = wh.Cx_d, wh.B, wh.B_inv
+    a = basis_asvd(W, Ch, B, Bi)
+    f = basis_fasc(W, Ch, B, Bi, gamma=1e9)
     for k in (1, 3, 6):
         Ua, Va = a.factors(W, k)
         Uf, Vf = f.factors(W, k)
