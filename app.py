@@ -1,7 +1,28 @@
-"""FASC dashboard (placeholder until the dashboard lands): `make run` starts it."""
+"""FASC dashboard: `make run` (= `streamlit run app.py`) opens it on the embedded demo model.
+
+The entry point holds the sidebar model picker (so it persists across pages) and the navigation;
+each page in `pages/` is a thin script over the library (`fasc.app_ui` for Streamlit glue,
+`fasc.app_state` for the logic, `fasc.plots` for the figures).
+
+Environment (optional): FASC_APP_MODEL (model preselected, e.g. a folder), FASC_APP_CHECKPOINTS
+(training checkpoints folder), FASC_APP_OUT (export parent folder), FASC_CACHE (statistics cache).
+"""
 
 import streamlit as st
 
-st.set_page_config(page_title="FASC", layout="wide")
-st.title("FASC — knowledge-aware low-rank compression")
-st.info("The dashboard is under construction; use the `fasc` command line meanwhile (`fasc --help`).")
+from fasc import app_ui as ui
+
+st.set_page_config(page_title="FASC — knowledge-aware compression", page_icon=":material/compress:", layout="wide")
+
+pages = [
+    st.Page(ui.PAGES["calibration"], title="Model & calibration", icon=":material/tune:", url_path="calibration",
+            default=True),
+    st.Page(ui.PAGES["rho"], title="ρ map", icon=":material/grid_on:", url_path="rho"),
+    st.Page(ui.PAGES["spectra"], title="Spectra", icon=":material/ssid_chart:", url_path="spectra"),
+    st.Page(ui.PAGES["ranks"], title="Ranks", icon=":material/stacked_bar_chart:", url_path="ranks"),
+    st.Page(ui.PAGES["export"], title="Export", icon=":material/download:", url_path="export"),
+    st.Page(ui.PAGES["training"], title="Knowledge over training", icon=":material/timeline:", url_path="training"),
+]
+nav = st.navigation(pages)
+ui.model_picker()
+nav.run()

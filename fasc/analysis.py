@@ -83,7 +83,7 @@ class Analysis:
                                 f"{info.in_features} in the statistics; re-run calibration on this model.")
         self._white: OrderedDict[str, Whitening] = OrderedDict()
         self._bases: OrderedDict[tuple[str, str], Basis] = OrderedDict()
-        self._max_bases = max(2, max_cached_bases)
+        self.max_cached_bases = max(2, max_cached_bases)
         self.summaries: dict[tuple[str, str], Summary] = {}   # (fqn, method | 'fisher') -> Summary
         self.variance: dict[str, Tensor] = {}                  # group -> μ of the undamped C_x
         self.misalignments: dict[str, Tensor] = {}             # fqn -> (n,) at k = 1..n
@@ -146,7 +146,7 @@ class Analysis:
             self.misalignments[fqn] = misalignment_curve(wh.V, b)
         self.summaries[key] = Summary(b.curve, b.values)
         self._bases[key] = b
-        while len(self._bases) > self._max_bases:
+        while len(self._bases) > self.max_cached_bases:
             self._bases.popitem(last=False)
         return b
 

@@ -163,8 +163,10 @@ def _accepts_verbose(tokenizer) -> bool:
 def make_batches(tokenizer, sources, cfg: CalibConfig, name: str = "calibration data") -> list[Batch]:
     """Tokenize sources (text and/or prompt/answer lists) into batches of at most `cfg.n_tokens` tokens.
 
-    Text is cut into full windows of `seq_len`; prompt/answer examples are one right-padded row each.
-    Sources are interleaved row by row so that a budget takes a mix of every source.
+    Text is cut into full windows of `seq_len` (loss on every token); prompt/answer examples are one
+    right-padded row each (loss on every token, or on the answer only when `targets='answers'`).
+    Sources are interleaved row by row so that a budget takes a mix of every source; rows are then
+    batched by length.
     """
     if isinstance(sources, str) or (isinstance(sources, list) and sources and isinstance(sources[0], Example)):
         sources = [sources]
@@ -175,9 +177,6 @@ def make_batches(tokenizer, sources, cfg: CalibConfig, name: str = "calibration 
             if not rows:
                 raise FascError(f"{name} has {total} tokens, fewer than one sequence of {cfg.seq_len}; "
                                 f"give a longer text or a smaller --seq-len (e.g. {max(2, total // 2)}).")
-            if cfg.targets == "answers":
-                raise FascError(f"targets='answers' needs prompt/answer JSONL lines, but {name} is plain text; "
-                                f"use --targets all or a probe-style JSONL file.")
             per_source.append([(r, None) for r in rows])
         else:
             rows = []
@@ -185,6 +184,9 @@ def make_batches(tokenizer, sources, cfg: CalibConfig, name: str = "calibration 
                 ids, start = encode_example(tokenizer, ex)
                 rows.append((ids[: cfg.seq_len], start))
             per_source.append(rows)
+    if cfg.targets == "answers" and not any(isinstance(src, list) for src in sources):
+        raise FascError(f"targets='answers' needs prompt/answer JSONL lines, but {name} is plain text; "
+                        f"use --targets all or add a probe-style JSONL file.")
     # interleave sources and take rows until the token budget is reached
     merged, budget = [], cfg.n_tokens
     iters = [iter(s) for s in per_source]
@@ -199,6 +201,7 @@ def make_batches(tokenizer, sources, cfg: CalibConfig, name: str = "calibration 
                 merged.append(row)
                 budget -= len(row[0])
         iters = alive
+    merged.sort(key=lambda row: len(row[0]))  # similar lengths share a batch: little padding
     pad = _pad_id(tokenizer)
     batches = []
     for i in range(0, len(merged), cfg.batch_size):

@@ -106,3 +106,24 @@ def fact_recall(model: nn.Module, tokenizer, examples: list[Example], batch_size
         by_rel[ex.relation or "all"].append(ok)
     return RecallResult(first_token=sum(first) / len(first), exact=sum(exact) / len(exact), n=len(first),
                         per_relation={r: sum(v) / len(v) for r, v in sorted(by_rel.items())}, correct=first)
+
+
+@torch.no_grad()
+def target_loss(model: nn.Module, batches, temperature: float = 1.0) -> float:
+    """Σ CE(logits/T) over the batches' target tokens divided by their statistics tokens N — the
+    quantity whose increase the predicted ΔL estimates (nats per token, spec §2)."""
+    was_training = model.training
+    model.eval()
+    dev = _device(model)
+    total, n = 0.0, 0
+    try:
+        for b in batches:
+            ids = b.input_ids.to(dev)
+            logits = model(input_ids=ids, attention_mask=b.attention_mask.to(dev), use_cache=False).logits
+            tm = b.target_mask.to(dev)
+            nxt = torch.cat([ids[:, 1:], ids[:, :1]], 1)
+            total += float(F.cross_entropy(logits[tm].float() / temperature, nxt[tm], reduction="sum"))
+            n += int(b.stat_mask.sum())
+    finally:
+        model.train(was_training)
+    return total / max(n, 1)

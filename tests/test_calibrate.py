@@ -147,7 +147,7 @@ def test_answer_targets_use_only_answer_tokens(tokenizer):
     (b,) = make_batches(tokenizer, exs, cfg)
     # one target per row: the position before the answer token
     assert b.target_mask.sum(1).tolist() == [1, 1]
-    assert b.stat_mask.sum(1).tolist() == [5, 3]  # real tokens up to the one predicting the answer
+    assert sorted(b.stat_mask.sum(1).tolist()) == [3, 5]  # real tokens up to the one predicting the answer
 
 
 def test_progress_and_cancel(llama):

@@ -1,0 +1,143 @@
+"""Model & calibration: what the model is, which text and loss the statistics come from (spec §1),
+and the Fisher ↔ variance shrinkage γ (spec §3). Results are cached on disk and in the session."""
+
+import streamlit as st
+
+from fasc import app_state as S
+from fasc import app_ui as ui
+from fasc.config import CalibConfig, field_help
+from fasc.errors import FascError
+from fasc.pipeline import default_data
+
+
+def gamma_label(g: float) -> str:
+    if g == 0:
+        return "0 · pure Fisher"
+    if g >= 1000:
+        return f"{g:g} · ≈ variance"
+    return f"{g:g}"
+
+
+def main() -> None:
+    st.title("Model & calibration")
+    lm = ui.require_model()
+    s = lm.summary
+    c = st.columns(5)
+    c[0].metric("Architecture", s["architecture"].replace("ForCausalLM", ""))
+    c[1].metric("Layers", s["layers"])
+    c[2].metric("Compressible modules", s["modules"], help="Linear layers FASC can factor: " + ", ".join(s["kinds"]))
+    c[3].metric("Parameters", f"{s['parameters'] / 1e6:.2f} M")
+    c[4].metric("In those modules", f"{s['compressible_parameters'] / s['parameters']:.0%}",
+                help=f"{s['compressible_parameters']:,} parameters; embeddings and lm_head are never touched")
+
+    d = CalibConfig()
+    left, right = st.columns([3, 2], gap="large")
+    with left:
+        st.subheader("Calibration")
+        builtin_name = default_data(lm.spec).calib.name
+        data = st.radio("Calibration text", ["builtin", "upload"], horizontal=True,
+                        format_func=lambda v: f"Built-in ({builtin_name})" if v == "builtin" else "Upload .txt / .jsonl",
+                        **ui.bind("data", "builtin"))
+        ui.commit("data", data)
+        if data == "upload":
+            f = st.file_uploader("Calibration file", type=["txt", "jsonl", "json"], key="w.upload",
+                                 help="Plain text, JSONL with a \"text\" field, or prompt/answer JSONL lines "
+                                      "(needed for targets = answers).")
+            if f is not None:
+                raw = f.getvalue()
+                sha = ui.sha256(raw)
+                up = st.session_state.get("calib_upload")
+                if not up or up["sha"] != sha:
+                    st.session_state.pop("calib_upload", None)
+                    try:  # empty / binary / malformed JSONL → one line here; the settings stay usable
+                        src = S.source_from_upload(f.name, raw)
+                        st.session_state["calib_upload"] = {"name": f.name, "sha": sha, "source": src}
+                    except FascError as e:
+                        st.error(str(e), icon=":material/error:")
+            up = st.session_state.get("calib_upload")
+            if up:
+                st.caption(f"Using {up['name']} ({'prompt/answer lines' if isinstance(up['source'], list) else 'text'}).")
+        a, b = st.columns(2)
+        tokens = a.number_input("Token budget N", min_value=16, max_value=10_000_000, step=1024,
+                                help=field_help(CalibConfig, "n_tokens"),
+                                **ui.bind(f"tokens@{lm.spec}", S.default_tokens(lm.spec)))
+        ui.commit(f"tokens@{lm.spec}", int(tokens))
+        seq = b.number_input("Sequence length", min_value=2, max_value=8192, step=32,
+                             help=field_help(CalibConfig, "seq_len"), **ui.bind("seq_len", d.seq_len))
+        ui.commit("seq_len", int(seq))
+        a, b = st.columns(2)
+        fisher = a.radio("Fisher", ["empirical", "sampled"], horizontal=True,
+                         help=field_help(CalibConfig, "fisher"), **ui.bind("fisher", d.fisher))
+        ui.commit("fisher", fisher)
+        targets = b.radio("Loss on", ["all", "answers"], horizontal=True,
+                          format_func=lambda v: "all tokens" if v == "all" else "answers only",
+                          help=field_help(CalibConfig, "targets"), **ui.bind("targets", d.targets))
+        ui.commit("targets", targets)
+        temp = st.slider("Temperature T of the calibration loss CE(logits / T)", 0.25, 8.0, step=0.25,
+                         help="Gradient saturation (spec §1): a fact known with p ≈ 1 has gradient ≈ 0; T > 1 "
+                              "softens the softmax so known facts still send gradient.",
+                         **ui.bind("temperature", float(d.temperature)))
+        ui.commit("temperature", float(temp))
+        with st.expander("Advanced"):
+            a, b = st.columns(2)
+            bs = a.number_input("Batch size", min_value=1, max_value=512, help=field_help(CalibConfig, "batch_size"),
+                                **ui.bind("batch_size", d.batch_size))
+            ui.commit("batch_size", int(bs))
+            seed = b.number_input("Seed", min_value=0, max_value=2**31 - 1, help=field_help(CalibConfig, "seed"),
+                                  **ui.bind("seed", d.seed))
+            ui.commit("seed", int(seed))
+    with right:
+        st.subheader("Subspace")
+        gamma = st.select_slider("Fisher shrinkage γ  (Fisher ↔ variance)", options=ui.GAMMA_STEPS,
+                                 format_func=gamma_label, **ui.bind("gamma", 1.0))
+        ui.commit("gamma", float(gamma))
+        st.caption("Gradient statistics from a few thousand tokens are noisy; γ shrinks the curvature toward "
+                   "isotropy, C_h(γ) = C_h + γ·tr(C_h)/‖W‖²·WᵀW. γ = 0 is the pure Fisher optimum, γ → ∞ gives the "
+                   "variance-only asvd basis (spec §3); γ ≈ 1 is usually best. Changing γ needs no new "
+                   "calibration.")
+
+    st.divider()
+    if data == "upload" and not st.session_state.get("calib_upload"):
+        st.info("Upload a calibration file (.txt, or .jsonl with text or prompt/answer lines) to continue.",
+                icon=":material/upload_file:")
+        return
+    req = ui.calib_request(lm.spec)
+    batches, key = ui.batches_and_key(lm, req)
+    n_real = sum(int(bt.stat_mask.sum()) for bt in batches)
+    info = (st.session_state.get("calib") or {}).get(lm.spec)
+    if info is None or info["key"] != key:
+        info = ui.cached_info(lm, req)
+        if info is not None:
+            st.session_state.setdefault("calib", {})[lm.spec] = info
+    if st.session_state.get("w.cancel"):
+        st.warning("Calibration cancelled; nothing was cached.", icon=":material/cancel:")
+    ready = info is not None and info["key"] == key
+    a, b = st.columns([1, 4], vertical_alignment="center")
+    run = False
+    if not ready:  # once calibrated, the same settings always load from the cache: nothing to re-run
+        run = a.button("Run calibration", type="primary", key="w.run",
+                       help="Forward + backward over the calibration text (spec §1)")
+    (b if not ready else st).caption(f"{req.data_name}: {n_real:,} tokens in {len(batches)} batches · cache key "
+                                     f"`{key[:16]}…`")
+    if run:
+        st.button("Cancel", key="w.cancel", icon=":material/cancel:")
+        ui.calibrate_now(lm, req, label=f"Calibrating {S.model_label(lm.spec)}")
+        st.rerun()
+    if ready:
+        if info["from_cache"]:
+            st.success(f"Loaded from cache: {info['n_tokens']:,} tokens, {info['modules']} modules "
+                       f"(`cache/{key[:12]}…`; the same model, data and settings ran before).",
+                       icon=":material/cached:")
+        else:
+            st.success(f"Calibrated {info['n_tokens']:,} tokens over {info['modules']} modules in "
+                       f"{info['seconds']:.1f} s; stored in the cache.", icon=":material/check_circle:")
+        for w in info.get("warnings", [])[:5]:
+            st.warning(w)
+        st.page_link(ui.PAGES["rho"], label="Next: see where the model stores knowledge — ρ map",
+                     icon=":material/arrow_forward:")
+    else:
+        st.info("Not calibrated with these settings yet. Calibration runs once; later runs with the same "
+                "model, data and settings load from the cache.", icon=":material/info:")
+
+
+ui.run_page(main)

@@ -1,0 +1,75 @@
+"""ρ map: layers × module kind of the Dependence Violation Score ρ (spec §4), switchable to the
+subspace misalignment (spec §3) and to the predicted ΔL at the current ranks. Clicking a cell
+selects that module on every page."""
+
+import streamlit as st
+
+from fasc import app_state as S
+from fasc import app_ui as ui
+from fasc.plots import rho_heatmap
+
+VIEWS = {
+    "rho": "ρ (dependence)",
+    "misalignment": "Misalignment pca ↔ fasc",
+    "dl_plan": "Predicted ΔL at current ranks",
+}
+
+
+def main() -> None:
+    st.title("ρ map")
+    ctx = ui.require_analysis()
+    an = ctx.an
+    plan = ui.current_plan(ctx)
+    sel = ui.selected_module(an)
+
+    left, right = st.columns([3, 1], gap="medium")
+    with left:
+        view = st.segmented_control("Show", list(VIEWS), format_func=VIEWS.get, **ui.bind("rho_view", "rho")) or "rho"
+        ui.commit("rho_view", view)
+        ratio = ui.setting("rho_ratio", 0.5)
+        if view == "misalignment":
+            ratio = st.slider("Reference rank ratio", 0.05, 1.0, step=0.05, **ui.bind("rho_ratio", 0.5),
+                              help="Misalignment is measured at rank round(ratio·min(m, n)) of every module.")
+            ui.commit("rho_ratio", float(ratio))
+        rows = ui.report_rows(ctx.lm.spec, ctx.calib["key"], an.cfg.gamma, float(ratio), an)
+        values = S.plan_values(plan, an) if view == "dl_plan" else None
+        title = {"rho": "ρ = mean |ρ(u)| over random unit directions (0 = independent)",
+                 "misalignment": f"Share of the FASC subspace missed by PCA at rank ratio {ratio:g}",
+                 "dl_plan": f"Predicted ΔL per module at the current ranks (Σ = {plan.predicted(an):.4g} nats/token)"}[view]
+        fig = rho_heatmap(rows, value=view, selected=sel, values=values, title=title)
+
+        def on_select() -> None:
+            fqn = S.selected_fqn(st.session_state.get("rho_chart"), rows)
+            if fqn:
+                ui.select_module(fqn)
+
+        st.plotly_chart(fig, width="stretch", key="rho_chart", on_select=on_select, selection_mode="points",
+                        config={"displayModeBar": False})
+        st.caption("Hover a cell for its numbers; click it to select the module for the Spectra and Ranks pages.")
+    with right:
+        r = next(x for x in rows if x.fqn == sel)
+        st.markdown(f"**Selected:** {sel}")
+        names = [x.fqn for x in rows]
+        pick = st.selectbox("Module", names, index=names.index(sel), label_visibility="collapsed",
+                            key=f"w.rho_pick.{sel}")
+        if pick != sel:
+            ui.select_module(pick)
+            st.rerun()
+        k = plan.ranks.get(sel)
+        st.metric("ρ (mean |ρ(u)|)", f"{r.rho:.3f}", help=f"signed mean {r.rho_signed:+.3f}")
+        st.metric(f"Misalignment at k = {r.rank}", f"{r.misalignment:.1%}")
+        if k is not None:
+            st.metric(f"Plan: rank {k} / {an.info(sel).max_rank} ({plan.methods[sel]})",
+                      f"ΔL {an.predicted(sel, plan.methods[sel], k):.3g}",
+                      help="predicted loss increase of this module at its planned rank, nats/token")
+        st.page_link(ui.PAGES["spectra"], label="Spectra of this module", icon=":material/ssid_chart:")
+        top = sorted(rows, key=lambda x: -x.rho)[:5]
+        st.markdown("**Highest ρ**")
+        st.dataframe({"module": [f"L{x.layer} {x.kind}" for x in top], "ρ": [round(x.rho, 3) for x in top]},
+                     hide_index=True, width="stretch")
+    st.caption(f"Mean ρ over {len(rows)} modules: {S.mean_rho(rows):.3f}. High-ρ modules are where activations "
+               f"and gradients are coupled — where variance-only compression is most likely to lose knowledge "
+               f"and Fisher-aligned subspaces matter most.")
+
+
+ui.run_page(main)

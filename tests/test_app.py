@@ -1,0 +1,465 @@
+"""The dashboard under `streamlit.testing.v1.AppTest`, on the tiny saved Llama of conftest.
+
+The app is pointed at the tiny model with `FASC_APP_MODEL` (the sidebar preselects it), at a
+temporary statistics cache with `FASC_CACHE`, exports go under `FASC_APP_OUT` and training
+checkpoints are read from `FASC_APP_CHECKPOINTS`. A small token budget is preset through the
+durable session key `set.tokens@<spec>` (what the token widget writes), so calibration takes
+well under a second. Pure rules of `fasc.app_state` are tested directly at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+
+import fasc
+from fasc import app_state as S
+from fasc import app_ui
+from fasc.allocate import Plan
+
+APP = str(Path(__file__).resolve().parent.parent / "app.py")
+TIMEOUT = 60
+TOKENS = 512
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(autouse=True)
+def _navigation_v2(monkeypatch):
+    """AppTest resets `PagesManager.uses_pages_directory` before every run, and the `pages/` folder
+    next to app.py then turns it on, so reruns execute the current page file alone (legacy
+    multipage routing) without app.py and its sidebar. A real server turns it off for good once
+    app.py has called st.navigation; do the same after each PagesManager is built."""
+    from streamlit.runtime.pages_manager import PagesManager
+
+    orig = PagesManager.__init__
+
+    def init(self, *a, **k):
+        orig(self, *a, **k)
+        PagesManager.uses_pages_directory = False
+
+    monkeypatch.setattr(PagesManager, "__init__", init)
+
+
+@pytest.fixture
+def env(saved_llama, tmp_path, monkeypatch):
+    """Environment of one app session: tiny model, its own cache / export / checkpoint folders."""
+    spec = str(saved_llama / "model")
+    monkeypatch.setenv("FASC_APP_MODEL", spec)
+    monkeypatch.setenv("FASC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FASC_APP_OUT", str(tmp_path / "out"))
+    monkeypatch.setenv("FASC_APP_CHECKPOINTS", str(tmp_path / "checkpoints"))
+    st.cache_resource.clear()  # the in-memory statistics would outlive this test's disk cache
+    st.cache_data.clear()
+    return {"spec": spec, "tmp": tmp_path, "root": saved_llama}
+
+
+def new_app(env) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.session_state[f"set.tokens@{env['spec']}"] = TOKENS
+    return at
+
+
+def errors(at) -> list[str]:
+    return [e.value for e in at.error]
+
+
+def ok(at) -> AppTest:
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def calibrated(env) -> AppTest:
+    """An app on page 1 with the tiny model calibrated (computed once per cache folder)."""
+    at = ok(new_app(env).run())
+    if [b for b in at.button if b.key == "w.run"]:
+        ok(at.button(key="w.run").click().run())
+    assert env["spec"] in at.session_state["calib"]
+    return at
+
+
+def goto(at, page: str) -> AppTest:
+    return ok(at.switch_page(page).run())
+
+
+def metric(at, label: str) -> str:
+    return next(m.value for m in at.metric if m.label.startswith(label))
+
+
+def plan(at) -> Plan:
+    return Plan.from_dict(at.session_state["plan"]["plan"])
+
+
+# ------------------------------------------------------------------------------------------ page 1
+def test_calibration_page_runs_then_loads_from_cache(env):
+    at = ok(new_app(env).run())
+    assert at.title[0].value == "Model & calibration"
+    assert metric(at, "Layers") == "2" and metric(at, "Compressible modules") == "14"
+    assert any("Not calibrated" in i.value for i in at.info)
+    at.button(key="w.run").click().run()
+    ok(at)
+    info = at.session_state["calib"][env["spec"]]
+    assert not info["from_cache"] and info["n_tokens"] <= TOKENS and info["modules"] == 14
+    assert any("stored in the cache" in s.value for s in at.success)
+    assert (env["tmp"] / "cache" / info["key"]).is_dir()
+    # a new session with the same settings finds the statistics on disk, without a click
+    at2 = ok(new_app(env).run())
+    assert any("Loaded from cache" in s.value for s in at2.success)
+    assert not [b for b in at2.button if b.key == "w.run"]  # nothing to run: the settings are cached
+    assert at2.session_state["calib"][env["spec"]]["from_cache"]
+
+
+def test_calibration_widgets_set_the_config(env):
+    at = calibrated(env)
+    key0 = at.session_state["calib"][env["spec"]]["key"]
+    at.slider(key="w.temperature").set_value(2.0).run()
+    at.radio(key="w.fisher").set_value("sampled").run()
+    at.select_slider(key="w.gamma").set_value(0.1).run()
+    ok(at)
+    assert at.session_state["set.temperature"] == 2.0 and at.session_state["set.fisher"] == "sampled"
+    assert at.session_state["set.gamma"] == 0.1
+    # T and the Fisher type change the statistics: a new calibration is needed (and runs)
+    assert any("Not calibrated" in i.value for i in at.info)
+    at.button(key="w.run").click().run()
+    info = ok(at).session_state["calib"][env["spec"]]
+    assert info["key"] != key0 and info["cfg"]["temperature"] == 2.0 and info["cfg"]["fisher"] == "sampled"
+    # settings survive a page switch (widget state is rebuilt from the durable keys)
+    goto(at, "pages/2_rho_map.py")
+    goto(at, "pages/1_calibration.py")
+    assert at.slider(key="w.temperature").value == 2.0 and at.radio(key="w.fisher").value == "sampled"
+
+
+def test_upload_jsonl_answers_and_errors(env):
+    at = ok(new_app(env).run())
+    at.radio(key="w.data").set_value("upload").run()
+    assert errors(at) == [] and at.file_uploader(key="w.upload")
+    at.file_uploader(key="w.upload").upload("empty.txt", b"   \n", "text/plain")
+    at.run()
+    assert len(errors(at)) == 1 and "empty.txt is empty" in errors(at)[0] and not at.exception
+    facts = [{"prompt": "the cat sat on the", "answer": "mat"}, {"prompt": "a big red", "answer": "apple"}] * 20
+    raw = "\n".join(json.dumps(f) for f in facts).encode()
+    at.file_uploader(key="w.upload").set_value(("facts.jsonl", raw, "application/json"))
+    at.radio(key="w.targets").set_value("answers").run()
+    ok(at)
+    assert errors(at) == [], errors(at)
+    assert any("facts.jsonl" in c.value for c in at.caption)
+    at.button(key="w.run").click().run()
+    info = ok(at).session_state["calib"][env["spec"]]
+    assert info["data"] == "facts.jsonl" and info["cfg"]["targets"] == "answers"
+
+
+def test_answers_on_plain_text_is_one_line_error(env):
+    at = new_app(env)
+    at.session_state["set.targets"] = "answers"
+    ok(at.run())
+    assert len(errors(at)) == 1 and "targets='answers' needs prompt/answer JSONL" in errors(at)[0]
+
+
+@pytest.mark.parametrize("case", ["missing", "not_a_model", "empty_folder_text"])
+def test_bad_model_is_one_line_error(env, monkeypatch, case):
+    if case == "missing":
+        monkeypatch.setenv("FASC_APP_MODEL", str(env["tmp"] / "nope"))
+        want = "does not exist"
+    elif case == "not_a_model":
+        d = env["tmp"] / "t5"
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"model_type": "t5", "d_model": 8, "num_layers": 1,
+                                                   "num_heads": 1, "d_kv": 8, "d_ff": 8, "vocab_size": 8}))
+        shutil.copy(env["root"] / "model" / "tokenizer.json", d)
+        shutil.copy(env["root"] / "model" / "tokenizer_config.json", d)
+        monkeypatch.setenv("FASC_APP_MODEL", str(d))
+        want = "not a causal language model"
+    else:
+        at = ok(AppTest.from_file(APP, default_timeout=TIMEOUT).run())
+        at.text_input(key="w.model_folder").set_value("").run()
+        assert len(errors(ok(at))) == 1 and "No model given" in errors(at)[0]
+        return
+    at = ok(AppTest.from_file(APP, default_timeout=TIMEOUT).run())
+    assert len(errors(at)) == 1 and want in errors(at)[0], errors(at)
+    assert "\n" not in errors(at)[0]
+
+
+def test_demo_missing_explains_the_fix(env, monkeypatch):
+    monkeypatch.delenv("FASC_APP_MODEL")
+    monkeypatch.setattr(S, "DEMO_DIR", env["tmp"] / "no-demo")
+    at = ok(AppTest.from_file(APP, default_timeout=TIMEOUT).run())
+    assert len(errors(at)) == 1 and "python -m fasc.demo.train" in errors(at)[0]
+    # the sidebar still offers the other models
+    assert at.selectbox(key="w.model_choice").value == "demo"
+
+
+def test_unexpected_exception_becomes_one_line(env, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("kaboom\nsecond line")
+
+    monkeypatch.setattr(app_ui, "model_summary", boom)
+    app_ui._load.clear()
+    at = ok(AppTest.from_file(APP, default_timeout=TIMEOUT).run())
+    app_ui._load.clear()
+    assert len(errors(at)) == 1 and errors(at)[0].startswith("Unexpected RuntimeError: kaboom —")
+
+
+def test_pages_before_calibration_point_to_page_1(env):
+    at = ok(new_app(env).run())
+    for p in ("pages/2_rho_map.py", "pages/3_spectra.py", "pages/4_ranks.py", "pages/5_export.py"):
+        goto(at, p)
+        assert any("not calibrated" in i.value for i in at.info), p
+        assert not errors(at)
+
+
+def test_page_file_alone_draws_the_model_picker(env):
+    """Streamlit's legacy `pages/` routing can run a page without app.py (a fresh server opened at a
+    page URL): the page then draws the sidebar model picker itself."""
+    at = AppTest.from_file(str(Path(APP).parent / "pages" / "1_calibration.py"), default_timeout=TIMEOUT)
+    ok(at.run())
+    assert at.selectbox(key="w.model_choice").value == "folder"
+    assert at.title[0].value == "Model & calibration" and not errors(at)
+
+
+# ------------------------------------------------------------------------------------------ page 2
+def test_rho_map_views_and_selection(env):
+    at = goto(calibrated(env), "pages/2_rho_map.py")
+    charts = at.get("plotly_chart")
+    assert len(charts) == 1
+    spec = json.loads(charts[0].proto.spec)
+    heat = spec["data"][0]
+    assert heat["type"] == "heatmap" and len(heat["y"]) == 2 and len(heat["x"]) == 7
+    first = at.session_state["module"]  # the highest-ρ module is selected at first
+    assert first in spec["data"][1]["customdata"][0] or any(first == c[0] for c in spec["data"][1]["customdata"])
+    target = "model.layers.0.mlp.down_proj"
+    pick = next(s for s in at.selectbox if s.key and s.key.startswith("w.rho_pick"))
+    pick.set_value(target).run()
+    ok(at)
+    assert at.session_state["module"] == target
+    assert any(target in m.value for m in at.markdown)
+    at.button_group[0].set_value("misalignment").run()
+    ok(at)
+    assert at.slider(key="w.rho_ratio").value == 0.5
+    at.button_group[0].set_value("dl_plan").run()
+    spec = json.loads(ok(at).get("plotly_chart")[0].proto.spec)
+    assert "current ranks" in spec["layout"]["title"]["text"]
+    # the selection is shared with the Spectra page
+    goto(at, "pages/3_spectra.py")
+    assert at.selectbox(key="w.spec_module").value == target
+
+
+# ------------------------------------------------------------------------------------------ page 3
+def test_spectra_rank_slider_edits_the_plan(env):
+    at = goto(calibrated(env), "pages/3_spectra.py")
+    sel = at.session_state["module"]
+    assert len(at.get("plotly_chart")) == 3
+    at.slider(key="w.spec_rank").set_value(3).run()
+    ok(at)
+    assert plan(at).ranks[sel] == 3
+    assert metric(at, "Misalignment at k=3")
+    goto(at, "pages/4_ranks.py")
+    assert at.data_editor[0].value.loc[sel, "rank"] == 3
+
+
+# ------------------------------------------------------------------------------------------ page 4
+def test_ranks_allocate_edit_layer_and_totals(env):
+    at = goto(calibrated(env), "pages/4_ranks.py")
+    assert metric(at, "Plan") == "fasc"
+    at.slider(key="w.alloc_ratio").set_value(0.3)
+    at.button(key="w.allocate").click().run()
+    ok(at)
+    kept = float(metric(at, "Parameters kept").rstrip("%")) / 100
+    assert 0.25 <= kept <= 0.3
+    p = plan(at)
+    an_rows = at.data_editor[0].value
+    assert set(an_rows["module"]) == set(p.ranks)
+    # edit one rank in the table: plan and totals follow
+    ver = at.session_state["plan_ver"]
+    f = "model.layers.1.mlp.up_proj"
+    row = list(an_rows.index).index(f)
+    at.session_state[f"w.editor.{ver}"] = {"edited_rows": {row: {"rank": 20}}, "added_rows": [], "deleted_rows": []}
+    at.run()
+    ok(at)
+    assert plan(at).ranks[f] == 20 and metric(at, "Plan") == "fasc (edited)"
+    assert float(metric(at, "Parameters kept").rstrip("%")) / 100 > kept
+    # out of range: one-line error, plan unchanged
+    ver = at.session_state["plan_ver"]
+    at.session_state[f"w.editor.{ver}"] = {"edited_rows": {row: {"rank": 999}}, "added_rows": [], "deleted_rows": []}
+    at.run()
+    assert errors(ok(at)) == [f"Rank 999 for {f} is out of range; it must be in [1, 32]."]
+    assert plan(at).ranks[f] == 20
+    # a per-layer slider sets every module of its layer
+    at.slider(key=f"w.layer.0.{at.session_state['plan_ver']}").set_value(1.0).run()
+    ok(at)
+    p, table = plan(at), at.data_editor[0].value
+    assert all(k == table.loc[f2, "max_rank"] for f2, k in p.ranks.items() if ".layers.0." in f2)
+    assert p.ranks[f] == 20
+
+
+def test_ranks_hybrid_evaluate_and_plan_roundtrip(env):
+    at = goto(calibrated(env), "pages/4_ranks.py")
+    at.selectbox(key="w.alloc_method").set_value("hybrid").run()
+    at.slider(key="w.tau").set_value(0.3)
+    at.button(key="w.allocate").click().run()
+    ok(at)
+    p = plan(at)
+    assert p.note["method"] == "hybrid" and p.note["tau"] == 0.3
+    assert set(p.methods.values()) <= {"fasc", "asvd"} and len(set(p.methods.values())) == 2
+    at.button(key="w.evaluate").click().run()
+    ok(at)
+    table = at.dataframe[-1].value
+    assert list(table["model"]) == ["uncompressed", "plan (hybrid)", "asvd (same budget)"]
+    assert len(at.get("plotly_chart")) == 1
+    # download then upload the plan JSON (after changing the plan): the uploaded one comes back
+    assert any(d.proto.label == "Download plan JSON" for d in at.get("download_button"))
+    raw = S.plan_json(p).encode()
+    at.selectbox(key="w.alloc_method").set_value("pca").run()
+    at.button(key="w.allocate").click().run()
+    assert plan(ok(at)).note["method"] == "pca"
+    at.file_uploader(key="w.plan_up").upload("plan.json", raw, "application/json")
+    at.run()
+    ok(at)
+    assert plan(at).ranks == p.ranks and plan(at).methods == p.methods
+    at.file_uploader(key="w.plan_up").set_value(("bad.json", b"{\"ranks\": {\"nope\": 3}}", "application/json"))
+    at.run()
+    assert len(errors(ok(at))) == 1 and "not in the model" in errors(at)[0]
+
+
+# ------------------------------------------------------------------------------------------ page 5
+def test_export_factored_and_merged(env):
+    at = goto(calibrated(env), "pages/5_export.py")
+    out = at.text_input[0].value
+    assert out.startswith(str(env["tmp"] / "out"))
+    at.button(key="w.export").click().run()
+    ok(at)
+    res = at.session_state["export_result"]
+    cfg = json.loads((Path(res["out"]) / "fasc_config.json").read_text())
+    for k in ("method", "methods", "ranks", "rho", "source_model", "source_builtin", "source_fingerprint",
+              "calibration", "compress_config", "predicted_delta_loss"):
+        assert k in cfg, k
+    assert cfg["calibration"] == at.session_state["calib"][env["spec"]]["key"] and not cfg["merged"]
+    assert cfg["ranks"] == plan(at).ranks
+    model, _ = fasc.load_model(res["out"])
+    assert sum(p.numel() for p in model.parameters()) == res["model_params_after"]
+    assert {d.proto.label for d in at.get("download_button")} == {"Download plan.json", "Download fasc_config.json"}
+    # exporting again into the same folder needs "overwrite"
+    at.button(key="w.export").click().run()
+    assert len(errors(ok(at))) == 1 and "exists and is not empty" in errors(at)[0]
+    at.radio(key="w.export_format").set_value("merged").run()
+    at.button(key="w.export").click().run()
+    res2 = ok(at).session_state["export_result"]
+    assert res2["merged"] and res2["out"].endswith("-merged")
+    assert json.loads((Path(res2["out"]) / "fasc_config.json").read_text())["merged"]
+
+
+# ------------------------------------------------------------------------------------------ page 6
+def test_training_page_without_checkpoints(env):
+    at = goto(ok(new_app(env).run()), "pages/6_training.py")
+    assert any("No training checkpoints" in i.value for i in at.info)
+
+
+def test_training_page_with_checkpoints(env):
+    root = env["tmp"] / "checkpoints"
+    for name in ("ckpt-000", "ckpt-100"):
+        shutil.copytree(env["root"] / "model", root / name)
+    (env["tmp"] / "training_log.json").write_text(json.dumps({"checkpoints": [
+        {"name": "ckpt-000", "percent": 0, "step": 0, "recall": 0.0},
+        {"name": "ckpt-100", "percent": 100, "step": 50, "recall": 0.75}]}))
+    at = new_app(env)
+    at.session_state["set.ckpt_tokens"] = TOKENS
+    goto(ok(at.run()), "pages/6_training.py")
+    assert metric(at, "Fact recall") == "75.0%"
+    assert len(at.get("plotly_chart")) == 2
+    at.select_slider(key="w.ckpt_index").set_value(0).run()
+    ok(at)
+    assert metric(at, "Fact recall") == "0.0%"
+    assert set(at.session_state["ckpt_rho"]) == {"ckpt-000", "ckpt-100"}
+
+
+# ------------------------------------------------------------------------------------------ app_state rules
+class Row:
+    def __init__(self, fqn, layer, kind, rho=0.1):
+        self.fqn, self.layer, self.kind, self.rho = fqn, layer, kind, rho
+
+
+def test_selected_fqn_from_plotly_events():
+    rows = [Row("m.0.q", 0, "q"), Row("m.1.q", 1, "q"), Row("m.1.down", 1, "down")]
+    assert S.selected_fqn(None, rows) is None
+    assert S.selected_fqn({"selection": {"points": []}}, rows) is None
+    ev = {"selection": {"points": [{"x": "down", "y": 1, "customdata": ["m.1.down", 0.3]}]}}
+    assert S.selected_fqn(ev, rows) == "m.1.down"
+    assert S.selected_fqn({"selection": {"points": [{"x": "q", "y": 1}]}}, rows) == "m.1.q"
+    assert S.selected_fqn({"selection": {"points": [{"x": "v", "y": 7}]}}, rows) is None
+
+
+def test_initial_model_choice_and_spec(tmp_path):
+    assert S.initial_model_choice({}) == ("demo", "")
+    assert S.initial_model_choice({"FASC_APP_MODEL": "SmolLM2"}) == ("smollm2", "")
+    assert S.initial_model_choice({"FASC_APP_MODEL": str(tmp_path)}) == ("folder", str(tmp_path))
+    assert S.initial_model_choice({"FASC_APP_MODEL": "org/name"}) == ("hub", "org/name")
+    assert S.model_spec("smollm2", "ignored") == "smollm2"
+    assert S.model_spec("hub", " org/name ") == "org/name"
+    with pytest.raises(fasc.FascError, match="No model given"):
+        S.model_spec("folder", " ")
+
+
+def test_plan_edits_validate(llama, llama_stats):
+    an = fasc.Analysis(llama, llama_stats)
+    p = S.default_plan(an)
+    t = S.plan_totals(p, an)
+    assert 0.45 <= t.ratio <= 0.5 and t.modules == 14
+    table = S.plan_table(p, an)
+    f = table.index[0]
+    table.loc[f, "rank"] = 0
+    table.loc[table.index[1], "method"] = "hybrid"
+    new, errs = S.apply_table(p, an, table)
+    assert errs == [f"Rank 0 for {f} is out of range; it must be in [1, {an.info(f).max_rank}]."]
+    assert new.ranks[f] == p.ranks[f] and new.methods[table.index[1]] in ("fasc", "asvd")
+    q = S.set_layer_ratio(p, an, 1, 0.25)
+    assert all(q.ranks[i.fqn] == max(1, round(0.25 * i.max_rank)) for i in an.modules if i.layer == 1)
+    assert all(q.ranks[i.fqn] == p.ranks[i.fqn] for i in an.modules if i.layer == 0)
+    with pytest.raises(fasc.FascError, match="rank ratio"):
+        S.set_layer_ratio(p, an, 0, 0)
+    # τ only re-labels modules: the view shares every decomposition
+    v = S.with_tau(an, 10.0)
+    assert v.cfg.tau == 10.0 and an.cfg.tau != 10.0 and v._bases is an._bases
+    assert all(v.resolve(i.fqn, "hybrid") == "asvd" for i in an.modules)
+    # plan JSON round trip and a plan for another model
+    back = S.load_plan_bytes(S.plan_json(p).encode(), "p.json", an)
+    assert back.ranks == p.ranks and back.methods == p.methods
+    other = dict(p.to_dict(), model_fingerprint="abc")
+    with pytest.raises(fasc.FascError, match="another model"):
+        S.load_plan_bytes(json.dumps(other).encode(), "p.json", an, model_fp="def")
+    with pytest.raises(fasc.FascError, match="not valid JSON"):
+        S.load_plan_bytes(b"{", "p.json", an)
+
+
+def test_export_meta_matches_cli(saved_llama, tmp_path, monkeypatch):
+    """The app's export writes the fields `fasc compress` writes, with the same values."""
+    from fasc.cli import main
+
+    monkeypatch.setenv("FASC_CACHE", str(tmp_path / "cache"))
+    spec = str(saved_llama / "model")
+    common = ["--model", spec, "--data", str(saved_llama / "calib.txt"), "--tokens", "256", "--seq-len", "32",
+              "--quiet"]
+    assert main(["compress", *common, "--method", "fasc", "--rank-ratio", "0.5", "--out", str(tmp_path / "cli")]) == 0
+    cli = json.loads((tmp_path / "cli" / "fasc_config.json").read_text())
+    model, tok = fasc.load_model(spec)
+    cfg = fasc.CalibConfig(n_tokens=256, seq_len=32)
+    stats, hit = fasc.calibrate_cached(model, fasc.batches_from_files(tok, [saved_llama / "calib.txt"], cfg), cfg)
+    assert hit
+    an = fasc.Analysis(model, stats, fasc.CompressConfig())
+    p = fasc.allocate(an, "fasc", rank_ratio=0.5, model_fp=stats.model_fingerprint)
+    res = S.compress_and_save(model, tok, an, p, tmp_path / "app", method="fasc", source_model=spec,
+                              calibration=stats.key, model_fp=stats.model_fingerprint)
+    app = json.loads((tmp_path / "app" / "fasc_config.json").read_text())
+    assert app == cli
+    assert res["files"].keys() == {p.name for p in (tmp_path / "cli").iterdir()}
+
+
+def test_small_formatters():
+    assert S.eta_text(0, 100, 0.0) == "0 / 100 tokens"
+    assert S.eta_text(50, 100, 10.0) == "50 / 100 tokens · 10 s left"
+    assert S.eta_text(100, 100, 3.0).endswith("done in 3.0 s")
+    assert S.human_bytes(512) == "512 B" and S.human_bytes(3 * 2**20) == "3.0 MB"
+    assert S.default_export_dir("demo", "fasc", 0.5, False, {}) == str(Path("out") / "demo-fasc50")
+    assert S.default_export_dir("/x/my model", "asvd", 0.3, True, {"FASC_APP_OUT": "/o"}) == "/o/my-model-asvd30-merged"
