@@ -77,6 +77,7 @@ class Calibrator:
         self.n_tokens_ = 0
         self.group_: dict[str, str] = {}
         self._first_step = True
+        self._reduced = False
         self._fired: set[str] = set()
 
     # ---------------------------------------------------------------- state
@@ -107,28 +108,28 @@ class Calibrator:
         if emb is not None:
             self._handles.append(emb.register_forward_hook(lambda m, i, out: out.requires_grad_(True)))
         mods = dict(model.named_modules())
-        first = mods[self.infos[0].fqn].weight
-        self.device = first.device if self.cfg.device == "auto" else torch.device(self.cfg.device)
-        self.dtype = stats_dtype(self.cfg, first.device)
+        # statistics live beside each module (works with device_map="auto") unless a device is forced
+        self._dev = {i.fqn: (mods[i.fqn].weight.device if self.cfg.device == "auto" else torch.device(self.cfg.device))
+                     for i in self.infos}
+        self.dtype = stats_dtype(self.cfg, mods[self.infos[0].fqn].weight.device)
         s = self.cfg.sketch_size
         self._omega: dict[str, Tensor] = {}
-        by_n: dict[int, Tensor] = {}
+        by_n: dict[tuple, Tensor] = {}
         for info in self.infos:
-            n, m = info.in_features, info.out_features
+            n, dev = info.in_features, self._dev[info.fqn]
             if self.directions is not None:
-                om = self.directions[info.fqn]
-                self._omega[info.fqn] = om.to(self.device, self.dtype)
+                self._omega[info.fqn] = self.directions[info.fqn].to(dev, self.dtype)
             else:
-                if n not in by_n:
-                    by_n[n] = sketch_directions(n, s, self.cfg.seed, self.dtype).to(self.device)
-                self._omega[info.fqn] = by_n[n]
-        dev, dt = self.device, self.dtype
+                if (n, dev) not in by_n:
+                    by_n[(n, dev)] = sketch_directions(n, s, self.cfg.seed, self.dtype).to(dev)
+                self._omega[info.fqn] = by_n[(n, dev)]
+        dt = self.dtype
         self.cx_: dict[str, Tensor] = {}
-        self.ch_ = {i.fqn: torch.zeros(i.in_features, i.in_features, device=dev, dtype=dt)
+        self.ch_ = {i.fqn: torch.zeros(i.in_features, i.in_features, device=self._dev[i.fqn], dtype=dt)
                     for i in self.infos} if self.covariances else {}
-        self.fw_ = {i.fqn: torch.zeros(i.out_features, device=dev, dtype=dt)
+        self.fw_ = {i.fqn: torch.zeros(i.out_features, device=self._dev[i.fqn], dtype=dt)
                     for i in self.infos} if self.covariances else {}
-        self.sketch_ = {i.fqn: torch.zeros(3, self._omega[i.fqn].shape[1], device=dev, dtype=dt)
+        self.sketch_ = {i.fqn: torch.zeros(3, self._omega[i.fqn].shape[1], device=self._dev[i.fqn], dtype=dt)
                         for i in self.infos}
         self._slot = None          # (input tensor, group key, selected rows) of the last forward hook
         self._fwd: dict[str, tuple[Tensor, Tensor]] = {}  # fqn -> (XΩ (t,s), ‖x‖² (t,)) awaiting backward
@@ -160,27 +161,27 @@ class Calibrator:
         self._restore()
 
     # ---------------------------------------------------------------- hooks
-    def _rows(self, t: Tensor) -> Tensor:
-        """(B, L, d) -> (tokens in the stat mask, d) in the statistics dtype/device."""
+    def _rows(self, t: Tensor, device: torch.device) -> Tensor:
+        """(B, L, d) -> (tokens in the stat mask, d) in the statistics dtype, on `device`."""
         flat = t.detach().reshape(-1, t.shape[-1])
-        return flat.index_select(0, self._idx.to(flat.device)).to(self.device, self.dtype)
+        return flat.index_select(0, self._idx.to(flat.device)).to(device, self.dtype)
 
     def _make_fwd(self, info: ModuleInfo):
         fqn = info.fqn
+        dev = self._dev[fqn]
 
         def hook(module, inputs):  # a pre-hook: sees the input before the backward-hook wrapper copies it
             x = inputs[0]
             slot = self._slot
             if slot is not None and slot[0] is x:
-                group, X = slot[1], slot[2]
+                group, X = slot[1], slot[2].to(dev)
             else:
-                group, X = fqn, self._rows(x)
+                group, X = fqn, self._rows(x, dev)
                 self._slot = (x, group, X)
                 if self.covariances:
                     C = self.cx_.get(group)
                     if C is None:
-                        C = self.cx_[group] = torch.zeros(X.shape[1], X.shape[1], device=self.device,
-                                                          dtype=self.dtype)
+                        C = self.cx_[group] = torch.zeros(X.shape[1], X.shape[1], device=dev, dtype=self.dtype)
                     C.addmm_(X.T, X)
             if self._first_step:
                 self.group_[fqn] = group
@@ -195,19 +196,20 @@ class Calibrator:
     def _make_bwd(self, info: ModuleInfo, module: nn.Module):
         fqn = info.fqn
         transposed = info.transposed
+        dev = self._dev[fqn]
 
         def hook(mod, grad_input, grad_output):
             saved = self._fwd.pop(fqn, None)
             if saved is None:
                 return None
             xp, xn2 = saved
-            G = self._rows(grad_output[0])
+            G = self._rows(grad_output[0], dev)
             h = grad_input[0] if grad_input else None
             if h is None:  # input does not require grad: h = Wᵀ g recomputed
                 W = module.weight
-                H = G @ (W.T if transposed else W).to(self.device, self.dtype)
+                H = G @ (W.T if transposed else W).to(dev, self.dtype)
             else:
-                H = self._rows(h)
+                H = self._rows(h, dev)
             if self.covariances:
                 self.ch_[fqn].addmm_(H.T, H)
                 self.fw_[fqn].addmv_(G.square().T, xn2)
@@ -268,8 +270,23 @@ class Calibrator:
                     raise FascError(f"Non-finite {name} in {key} during calibration (fp16/bf16 overflow?); "
                                     f"load the model in float32 or lower the --temperature.")
 
+    def _all_reduce(self) -> None:
+        """Sum the accumulators over data-parallel processes (torch.distributed, gloo or nccl)."""
+        if self._reduced or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        import torch.distributed as dist
+
+        for d in (self.cx_, self.ch_, self.fw_, self.sketch_):
+            for key in sorted(d):
+                dist.all_reduce(d[key])
+        n = torch.tensor([self.n_tokens_], dtype=torch.float64)
+        dist.all_reduce(n)
+        self.n_tokens_ = int(n.item())
+        self._reduced = True
+
     def result(self, model_fp: str = "", data_fp: str = "") -> CalibStats:
         """Statistics as means over the N tokens seen (call after the `with` block or inside it)."""
+        self._all_reduce()
         if self.n_tokens_ == 0:
             raise FascError("Calibration saw no tokens; give a longer calibration text.")
         N = float(self.n_tokens_)
@@ -303,14 +320,22 @@ def calibrate(model: nn.Module, batches: Iterable[Batch], cfg: CalibConfig,
     Args:
         progress: called as progress(tokens_done, tokens_total) after every batch; if it returns
             False the run stops with `Cancelled`.
+
+    Under `torch.distributed` (e.g. `torchrun`), every process passes the same `batches`, takes
+    every world-size-th one, and the statistics are all-reduced: each process returns the result
+    of the whole data.
     """
     batches = list(batches)
-    total = sum(int(b.stat_mask.sum()) for b in batches)
+    mine = batches
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        mine = batches[rank::world]                     # data parallel: each process its share
+    total = sum(int(b.stat_mask.sum()) for b in mine)
     gen = torch.Generator().manual_seed(cfg.seed)
     with Calibrator(model, cfg, modules=modules) as cal:
         if progress is not None and progress(0, total) is False:
             raise Cancelled("Calibration cancelled; nothing was cached.")
-        for b in batches:
+        for b in mine:
             cal.step(b, generator=gen)
             if progress is not None and progress(cal.n_tokens_, total) is False:
                 raise Cancelled("Calibration cancelled; nothing was cached.")

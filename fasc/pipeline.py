@@ -28,11 +28,13 @@ DEMO_DATA = PACKAGE_DIR / "demo" / "data"
 
 @dataclass(frozen=True)
 class DataPaths:
-    """The built-in texts for a model: calibration text, held-out text, fact probe."""
+    """The built-in texts for a model: calibration text, held-out text, fact probe, and a general
+    text that holds none of the probe's facts (to calibrate on part of the facts only)."""
 
     calib: Path
     heldout: Path
     probe: Path
+    text: Path
 
 
 def default_data(model_spec: str | None) -> DataPaths:
@@ -44,8 +46,10 @@ def default_data(model_spec: str | None) -> DataPaths:
         except FascError:
             builtin = None
     if builtin == "demo":
-        return DataPaths(DEMO_DATA / "calib.txt", DEMO_DATA / "heldout.txt", DEMO_DATA / "facts.jsonl")
-    return DataPaths(DATA_DIR / "general_en.txt", DATA_DIR / "general_en_heldout.txt", DATA_DIR / "real_facts.jsonl")
+        return DataPaths(DEMO_DATA / "calib.txt", DEMO_DATA / "heldout.txt", DEMO_DATA / "facts.jsonl",
+                         DEMO_DATA / "filler.txt")
+    general = DATA_DIR / "general_en.txt"
+    return DataPaths(general, DATA_DIR / "general_en_heldout.txt", DATA_DIR / "real_facts.jsonl", general)
 
 
 def batches_from_files(tokenizer, paths: list[str | Path], cfg: CalibConfig) -> list[Batch]:
