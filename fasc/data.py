@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,23 +148,34 @@ def encode_example(tokenizer, ex: Example) -> tuple[list[int], int]:
     return list(p) + list(a), len(p)
 
 
-def _text_rows(tokenizer, text: str, seq_len: int) -> tuple[list[list[int]], int]:
-    ids = tokenizer(text, verbose=False)["input_ids"] if _accepts_verbose(tokenizer) else tokenizer(text)["input_ids"]
-    return [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)], len(ids)
+def documents(text: str) -> list[str]:
+    """Split a text into documents at blank lines (paragraphs); a text without blank lines is one."""
+    return [d.strip() for d in re.split(r"\n\s*\n", text) if d.strip()]
 
 
-def _accepts_verbose(tokenizer) -> bool:
-    try:
-        tokenizer("a", verbose=False)
-        return True
-    except TypeError:
-        return False
+def max_length(tokenizer, seq_len: int) -> int:
+    """`seq_len`, capped by the tokenizer's model_max_length when that is a real limit."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    return min(seq_len, int(limit)) if isinstance(limit, int) and 2 <= limit < 1_000_000 else seq_len
+
+
+def text_rows(tokenizer, text: str, seq_len: int) -> tuple[list[list[int]], int]:
+    """Token rows of at most `seq_len` (capped at the model's maximum): each document (paragraph) is
+    tokenized on its own and cut into windows; a shorter last window stays (≥ 2 tokens).
+    Returns (rows, total tokens)."""
+    seq_len = max_length(tokenizer, seq_len)
+    rows, total = [], 0
+    for doc in documents(text):
+        ids = tokenizer(doc)["input_ids"]
+        total += len(ids)
+        rows += [ids[i:i + seq_len] for i in range(0, len(ids), seq_len) if len(ids) - i >= 2]
+    return rows, total
 
 
 def make_batches(tokenizer, sources, cfg: CalibConfig, name: str = "calibration data") -> list[Batch]:
-    """Tokenize sources (text and/or prompt/answer lists) into batches of at most `cfg.n_tokens` tokens.
+    """Tokenize sources (text and/or prompt/answer lists) into batches of at most `cfg.n_tokens` real tokens.
 
-    Text is cut into full windows of `seq_len` (loss on every token); prompt/answer examples are one
+    Text is split into paragraphs, each cut into windows of `seq_len` (loss on every token); prompt/answer examples are one
     right-padded row each (loss on every token, or on the answer only when `targets='answers'`).
     Sources are interleaved row by row so that a budget takes a mix of every source; rows are then
     batched by length.
@@ -173,8 +185,8 @@ def make_batches(tokenizer, sources, cfg: CalibConfig, name: str = "calibration 
     per_source: list[list[tuple[list[int], int | None]]] = []  # rows: (ids, answer_start or None)
     for src in sources:
         if isinstance(src, str):
-            rows, total = _text_rows(tokenizer, src, cfg.seq_len)
-            if not rows:
+            rows, total = text_rows(tokenizer, src, cfg.seq_len)
+            if total < max_length(tokenizer, cfg.seq_len):
                 raise FascError(f"{name} has {total} tokens, fewer than one sequence of {cfg.seq_len}; "
                                 f"give a longer text or a smaller --seq-len (e.g. {max(2, total // 2)}).")
             per_source.append([(r, None) for r in rows])
@@ -182,7 +194,7 @@ def make_batches(tokenizer, sources, cfg: CalibConfig, name: str = "calibration 
             rows = []
             for ex in src:
                 ids, start = encode_example(tokenizer, ex)
-                rows.append((ids[: cfg.seq_len], start))
+                rows.append((ids[: max_length(tokenizer, cfg.seq_len)], start))
             per_source.append(rows)
     if cfg.targets == "answers" and not any(isinstance(src, list) for src in sources):
         raise FascError(f"targets='answers' needs prompt/answer JSONL lines, but {name} is plain text; "
@@ -197,9 +209,14 @@ def make_batches(tokenizer, sources, cfg: CalibConfig, name: str = "calibration 
             if row is None:
                 continue
             alive.append(it)
+            ids, start = row
+            if len(ids) > budget:  # the budget is a maximum: cut a text row, skip a fact that does not fit
+                if start is not None or budget < 2:
+                    continue
+                ids = ids[:budget]
             if budget > 0:
-                merged.append(row)
-                budget -= len(row[0])
+                merged.append((ids, start))
+                budget -= len(ids)
         iters = alive
     merged.sort(key=lambda row: len(row[0]))  # similar lengths share a batch: little padding
     pad = _pad_id(tokenizer)

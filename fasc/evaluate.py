@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import Example, encode_example
+from .data import Example, encode_example, text_rows
 from .errors import FascError
 
 
@@ -38,14 +38,19 @@ def _device(model: nn.Module) -> torch.device:
 @torch.no_grad()
 def perplexity(model: nn.Module, tokenizer, text: str, seq_len: int = 256, batch_size: int = 8,
                max_tokens: int | None = None, progress: Callable[[int, int], None] | None = None) -> float:
-    """exp(mean next-token NLL) over non-overlapping windows of `seq_len` tokens of `text`."""
-    ids = tokenizer(text)["input_ids"]
+    """exp(mean next-token NLL) over non-overlapping windows of `seq_len` tokens of each paragraph of
+    `text` (paragraphs = blank-line separated; see `fasc.data.text_rows`), up to `max_tokens`."""
+    windows, _ = text_rows(tokenizer, text, seq_len)
     if max_tokens is not None:
-        ids = ids[:max_tokens]
-    if len(ids) < 2:
+        kept, n = [], 0
+        for w in windows:
+            if n >= max_tokens:
+                break
+            kept.append(w[: max_tokens - n] if max_tokens - n >= 2 else w)
+            n += len(kept[-1])
+        windows = kept
+    if not windows:
         raise FascError("The evaluation text has fewer than 2 tokens; give a longer held-out text.")
-    windows = [ids[i:i + seq_len] for i in range(0, len(ids) - 1, seq_len)]
-    windows = [w for w in windows if len(w) >= 2]
     was_training = model.training
     model.eval()
     dev = _device(model)

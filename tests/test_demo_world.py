@@ -7,6 +7,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+
+from fasc.data import documents
 from transformers import AutoTokenizer
 
 from fasc.demo.tokenizer import save_tokenizer, words_of
@@ -130,7 +132,7 @@ def test_shipped_data_matches_generator(world):
     assert shipped == [f.to_dict() for f in world.facts]
     for name in ("calib.txt", "heldout.txt"):
         assert (DEFAULT_OUT / "data" / name).stat().st_size > 10_000
-    heldout = (DEFAULT_OUT / "data" / "heldout.txt").read_text().splitlines()
+    heldout = documents((DEFAULT_OUT / "data" / "heldout.txt").read_text())  # one sentence per paragraph
     assert len(heldout) == TrainConfig().n_heldout
     train_filler = set(_train_filler(TrainConfig()))
     # No held-out sentence is ever seen in training.

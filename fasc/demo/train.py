@@ -176,9 +176,10 @@ def write_data(data_dir: str | Path, world: World, cfg: TrainConfig) -> dict[str
     filler = filler_sentences(cfg.n_calib_filler, cfg.seed * 1000 + _SEED_CALIB)
     lines += filler
     rng.shuffle(lines)
-    (data_dir / "calib.txt").write_text("\n".join(lines) + "\n")
+    # one sentence per paragraph: the model was trained on single sentences (<bos> … <eos>)
+    (data_dir / "calib.txt").write_text("\n\n".join(lines) + "\n")
     # the same filler without the facts: general text for calibrating on part of the facts only
-    (data_dir / "filler.txt").write_text("\n".join(filler) + "\n")
+    (data_dir / "filler.txt").write_text("\n\n".join(filler) + "\n")
     # Held-out text: filler sentences of the same grammar that never occur in
     # the training filler pool (short patterns such as additions all do).
     seen = set(_train_filler(cfg))
@@ -188,7 +189,7 @@ def write_data(data_dir: str | Path, world: World, cfg: TrainConfig) -> dict[str
         batch = filler_sentences(4 * cfg.n_heldout, rng_seed)
         heldout += [x for x in batch if x not in seen][: cfg.n_heldout - len(heldout)]
         rng_seed += 7919
-    (data_dir / "heldout.txt").write_text("\n".join(heldout) + "\n")
+    (data_dir / "heldout.txt").write_text("\n\n".join(heldout) + "\n")
     return {"facts.jsonl": len(world.facts), "calib.txt": len(lines), "filler.txt": len(filler),
             "heldout.txt": len(heldout)}
 
