@@ -30,12 +30,15 @@ log = logging.getLogger("fasc")
 Progress = Callable[[int, int], None]
 
 
-def stats_dtype(cfg: CalibConfig, device: torch.device) -> torch.dtype:
+def stats_dtypes(cfg: CalibConfig, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+    """(product dtype, accumulator dtype). 'auto': on CPU each batch's XᵀX is a float32 product
+    added into a float64 sum (half the cost of float64 products, float64 accumulation across
+    batches); on GPU both float32 (TF32 off)."""
     if cfg.stats_dtype == "float64":
-        return torch.float64
-    if cfg.stats_dtype == "float32":
-        return torch.float32
-    return torch.float32 if device.type == "cuda" else torch.float64
+        return torch.float64, torch.float64
+    if cfg.stats_dtype == "float32" or device.type == "cuda":
+        return torch.float32, torch.float32
+    return torch.float32, torch.float64
 
 
 def sketch_directions(n: int, s: int, seed: int, dtype=torch.float64) -> Tensor:
@@ -43,6 +46,34 @@ def sketch_directions(n: int, s: int, seed: int, dtype=torch.float64) -> Tensor:
     g = torch.Generator().manual_seed(seed * 1_000_003 + n)
     om = torch.randn(n, s, generator=g, dtype=torch.float64)
     return (om / om.norm(dim=0, keepdim=True)).to(dtype)
+
+
+def gram_blocks(n: int) -> list[int]:
+    """Edges of the column blocks used for the upper-triangular Gram product (≈ 400 wide, ≤ 4)."""
+    nb = max(1, min(4, n // 384))
+    return [round(i * n / nb) for i in range(nb + 1)]
+
+
+def _add_gram_(C: Tensor, X: Tensor) -> None:
+    """Upper block triangle of C (n,n) += XᵀX for X (tokens, n), products in X's dtype summed in C's.
+
+    Only blocks on or above the diagonal are computed (≈ (b+1)/2b of the full product for b
+    blocks); `symmetrize_blocks` fills the lower triangle once at the end.
+    """
+    e = gram_blocks(X.shape[1])
+    for i in range(len(e) - 1):
+        Xi = X[:, e[i]:e[i + 1]]
+        P = Xi.T @ X[:, e[i]:]
+        C[e[i]:e[i + 1], e[i]:] += P if P.dtype == C.dtype else P.to(C.dtype)
+
+
+def symmetrize_blocks(C: Tensor) -> Tensor:
+    """The full symmetric matrix from the upper block triangle written by `_add_gram_`."""
+    e = gram_blocks(C.shape[0])
+    out = C + C.T
+    for i in range(len(e) - 1):
+        out[e[i]:e[i + 1], e[i]:e[i + 1]] -= C[e[i]:e[i + 1], e[i]:e[i + 1]]
+    return out
 
 
 class Cancelled(FascError):
@@ -111,7 +142,7 @@ class Calibrator:
         # statistics live beside each module (works with device_map="auto") unless a device is forced
         self._dev = {i.fqn: (mods[i.fqn].weight.device if self.cfg.device == "auto" else torch.device(self.cfg.device))
                      for i in self.infos}
-        self.dtype = stats_dtype(self.cfg, mods[self.infos[0].fqn].weight.device)
+        self.dtype, self.acc_dtype = stats_dtypes(self.cfg, mods[self.infos[0].fqn].weight.device)
         s = self.cfg.sketch_size
         self._omega: dict[str, Tensor] = {}
         by_n: dict[tuple, Tensor] = {}
@@ -123,7 +154,7 @@ class Calibrator:
                 if (n, dev) not in by_n:
                     by_n[(n, dev)] = sketch_directions(n, s, self.cfg.seed, self.dtype).to(dev)
                 self._omega[info.fqn] = by_n[(n, dev)]
-        dt = self.dtype
+        dt = self.acc_dtype
         self.cx_: dict[str, Tensor] = {}
         self.ch_ = {i.fqn: torch.zeros(i.in_features, i.in_features, device=self._dev[i.fqn], dtype=dt)
                     for i in self.infos} if self.covariances else {}
@@ -181,8 +212,8 @@ class Calibrator:
                 if self.covariances:
                     C = self.cx_.get(group)
                     if C is None:
-                        C = self.cx_[group] = torch.zeros(X.shape[1], X.shape[1], device=dev, dtype=self.dtype)
-                    C.addmm_(X.T, X)
+                        C = self.cx_[group] = torch.zeros(X.shape[1], X.shape[1], device=dev, dtype=self.acc_dtype)
+                    _add_gram_(C, X)
             if self._first_step:
                 self.group_[fqn] = group
             elif self.group_.get(fqn) != group:
@@ -211,8 +242,8 @@ class Calibrator:
             else:
                 H = self._rows(h, dev)
             if self.covariances:
-                self.ch_[fqn].addmm_(H.T, H)
-                self.fw_[fqn].addmv_(G.square().T, xn2)
+                _add_gram_(self.ch_[fqn], H)
+                self.fw_[fqn] += G.square().T @ xn2
             hp = H @ self._omega[fqn]
             xp2, hp2 = xp.square(), hp.square()
             sk = self.sketch_[fqn]
@@ -304,8 +335,8 @@ class Calibrator:
             log.warning(w)
         return CalibStats(
             modules=list(self.infos), group=dict(self.group_),
-            cx={k: (v / N).to(cpu) for k, v in self.cx_.items()},
-            ch={k: (v / N).to(cpu) for k, v in self.ch_.items()},
+            cx={k: (symmetrize_blocks(v) / N).to(cpu) for k, v in self.cx_.items()},
+            ch={k: (symmetrize_blocks(v) / N).to(cpu) for k, v in self.ch_.items()},
             fw={k: (v / N).to(cpu) for k, v in self.fw_.items()},
             sketch={k: (v / N).to(cpu) for k, v in self.sketch_.items()},
             n_tokens=self.n_tokens_, config=self.cfg, model_fingerprint=model_fp, data_fingerprint=data_fp,

@@ -38,7 +38,8 @@ class CalibConfig:
     sketch_size: int = field(default=64, metadata={"help": "random directions s of the ρ sketch (spec §4)"})
     seed: int = field(default=0, metadata={"help": "seed of the ρ sketch and of sampled targets"})
     stats_dtype: str = field(default="auto", metadata={
-        "help": "accumulation dtype: 'auto' = float64 on CPU, float32 on GPU"})
+        "help": "statistics precision: 'auto' = float32 products summed in float64 on CPU, float32 on GPU; "
+                "'float64' everywhere; 'float32' everywhere"})
     layers: tuple[int, ...] | None = field(default=None, metadata={
         "help": "calibrate only these layer indices (bounds memory; merge passes with CalibStats.merge)"})
     device: str = field(default="auto", metadata={

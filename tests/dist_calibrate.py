@@ -1,5 +1,6 @@
 """Worker for test_distributed: `python -m torch.distributed.run --nproc_per_node 2 tests/dist_calibrate.py OUT`."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -20,4 +21,6 @@ if dist.get_rank() == 0:
     out.mkdir(parents=True, exist_ok=True)
     stats.save(out)
 dist.barrier()
-dist.destroy_process_group()
+# Skip interpreter teardown: gloo's background threads occasionally abort at exit
+# ("terminate called without an active exception", ~1 run in 10 here); the work is done.
+os._exit(0)

@@ -58,7 +58,7 @@ def reference_stats(model, batches, T=1.0):
 def test_statistics_match_bruteforce_reference(arch):
     model = tiny_model(arch)
     batches = random_batches(2)
-    cfg = fasc.CalibConfig(n_tokens=10_000, seq_len=24, temperature=2.0)
+    cfg = fasc.CalibConfig(n_tokens=10_000, seq_len=24, temperature=2.0, stats_dtype="float64")
     st = fasc.calibrate(model, batches, cfg)
     ref = reference_stats(copy.deepcopy(model), batches, T=2.0)
     assert st.n_tokens == sum(int(b.stat_mask.sum()) for b in batches)
@@ -170,3 +170,14 @@ def test_layers_option_and_merge(llama):
     assert merged.fqns == full.fqns
     for f in full.fqns:
         assert torch.allclose(merged.ch[f], full.ch[f], rtol=1e-9, atol=1e-15)
+
+
+def test_auto_precision_matches_float64(llama):
+    """'auto' on CPU (float32 products, float64 sums) agrees with float64 throughout to ~1e-6."""
+    batches = random_batches(2)
+    a = fasc.calibrate(llama, batches, fasc.CalibConfig(n_tokens=1000, seq_len=24))
+    b = fasc.calibrate(llama, batches, fasc.CalibConfig(n_tokens=1000, seq_len=24, stats_dtype="float64"))
+    assert all(t.dtype == torch.float64 for t in a.ch.values())
+    for f in a.ch:
+        assert float((a.ch[f] - b.ch[f]).norm() / b.ch[f].norm()) < 1e-5
+        assert float((a.C_x(f) - b.C_x(f)).norm() / b.C_x(f).norm()) < 1e-5
