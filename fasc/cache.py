@@ -86,6 +86,8 @@ def lock(key: str, root: Path | None = None) -> FileLock:
 def get_or_compute(key: str, compute: Callable[[], CalibStats], root: Path | None = None) -> tuple[CalibStats, bool]:
     """(stats, hit): the cached entry, or `compute()` stored under the key. Locked per key."""
     with lock(key, root):
+        for stale in Path(root or default_root()).glob(f".{key}.*.incomplete"):  # a killed writer's leftovers
+            shutil.rmtree(stale, ignore_errors=True)
         hit = load(key, root)
         if hit is not None:
             return hit, True

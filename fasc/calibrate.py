@@ -277,6 +277,7 @@ class Calibrator:
             tgt = nxt[tm]
         loss = F.cross_entropy(z, tgt, reduction="sum")            # summed: per-token gradients unscaled
         if not torch.isfinite(loss):
+            self._check_finite()  # names the first module whose inputs went non-finite, if any
             raise FascError("The calibration loss is not finite (NaN/Inf logits); load the model in float32 "
                             "or lower the --temperature.")
         loss.backward()

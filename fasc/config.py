@@ -82,7 +82,7 @@ class CompressConfig:
     damping: float = field(default=1e-4, metadata={"help": "δ in C + δ·tr(C)/n·I before inverses (spec §3)"})
     gamma: float = field(default=1.0, metadata={
         "help": "Fisher shrinkage γ: 0 = pure Fisher (FASC optimum), ∞ → asvd (spec §3)"})
-    tau: float = field(default=0.1, metadata={"help": "hybrid: use fasc where ρ ≥ τ, else the fallback"})
+    tau: float = field(default=0.3, metadata={"help": "hybrid: use fasc where ρ ≥ τ, else the fallback"})
     fallback: str = field(default="asvd", metadata={"help": "hybrid: variance method used where ρ < τ"})
 
     def __post_init__(self):
