@@ -58,7 +58,7 @@ def _add_gram_(C: Tensor, X: Tensor) -> None:
     """Upper block triangle of C (n,n) += XᵀX for X (tokens, n), products in X's dtype summed in C's.
 
     Only blocks on or above the diagonal are computed (≈ (b+1)/2b of the full product for b
-    blocks); `symmetrize_blocks` fills the lower triangle once at the end.
+    blocks); `symmetrize_blocks_` fills the lower triangle once at the end.
     """
     e = gram_blocks(X.shape[1])
     for i in range(len(e) - 1):
@@ -67,13 +67,14 @@ def _add_gram_(C: Tensor, X: Tensor) -> None:
         C[e[i]:e[i + 1], e[i]:] += P if P.dtype == C.dtype else P.to(C.dtype)
 
 
-def symmetrize_blocks(C: Tensor) -> Tensor:
-    """The full symmetric matrix from the upper block triangle written by `_add_gram_`."""
+def symmetrize_blocks_(C: Tensor) -> Tensor:
+    """Fill the lower block triangle from the upper one written by `_add_gram_`, in place (no copy
+    of the n×n matrix: the statistics' peak memory is the accumulators themselves). Returns C."""
     e = gram_blocks(C.shape[0])
-    out = C + C.T
     for i in range(len(e) - 1):
-        out[e[i]:e[i + 1], e[i]:e[i + 1]] -= C[e[i]:e[i + 1], e[i]:e[i + 1]]
-    return out
+        for j in range(i + 1, len(e) - 1):
+            C[e[j]:e[j + 1], e[i]:e[i + 1]] = C[e[i]:e[i + 1], e[j]:e[j + 1]].T
+    return C
 
 
 class Cancelled(FascError):
@@ -109,6 +110,7 @@ class Calibrator:
         self.group_: dict[str, str] = {}
         self._first_step = True
         self._reduced = False
+        self._done = False
         self._fired: set[str] = set()
 
     # ---------------------------------------------------------------- state
@@ -317,7 +319,11 @@ class Calibrator:
         self._reduced = True
 
     def result(self, model_fp: str = "", data_fp: str = "") -> CalibStats:
-        """Statistics as means over the N tokens seen (call after the `with` block or inside it)."""
+        """Statistics as means over the N tokens seen (call once, after the `with` block). The
+        accumulators become the statistics in place, so memory is not doubled."""
+        if self._done:
+            raise FascError("Calibrator.result() was already taken; run a new Calibrator for new statistics.")
+        self._done = True
         self._all_reduce()
         if self.n_tokens_ == 0:
             raise FascError("Calibration saw no tokens; give a longer calibration text.")
@@ -336,10 +342,10 @@ class Calibrator:
             log.warning(w)
         return CalibStats(
             modules=list(self.infos), group=dict(self.group_),
-            cx={k: (symmetrize_blocks(v) / N).to(cpu) for k, v in self.cx_.items()},
-            ch={k: (symmetrize_blocks(v) / N).to(cpu) for k, v in self.ch_.items()},
-            fw={k: (v / N).to(cpu) for k, v in self.fw_.items()},
-            sketch={k: (v / N).to(cpu) for k, v in self.sketch_.items()},
+            cx={k: symmetrize_blocks_(v).div_(N).to(cpu) for k, v in self.cx_.items()},
+            ch={k: symmetrize_blocks_(v).div_(N).to(cpu) for k, v in self.ch_.items()},
+            fw={k: v.div_(N).to(cpu) for k, v in self.fw_.items()},
+            sketch={k: v.div_(N).to(cpu) for k, v in self.sketch_.items()},
             n_tokens=self.n_tokens_, config=self.cfg, model_fingerprint=model_fp, data_fingerprint=data_fp,
             warnings=warnings)
 

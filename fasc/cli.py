@@ -81,7 +81,8 @@ def _stats(args, model, tok):
     bar = _progress("calibrating", args)
     try:
         stats, hit = calibrate_cached(model, batches, cfg, progress=bar,
-                                      root=Path(args.cache_dir) if args.cache_dir else None)
+                                      root=Path(args.cache_dir) if args.cache_dir else None,
+                                      layers_per_pass=args.layers_per_pass)
     finally:
         bar.close()
     return stats, hit, batches
@@ -267,6 +268,8 @@ def _common(p: argparse.ArgumentParser, calib: bool = True) -> None:
     c.add_argument("--targets", choices=("all", "answers"), default=d.targets, help=field_help(CalibConfig, "targets"))
     c.add_argument("--seed", type=int, default=d.seed, help=field_help(CalibConfig, "seed"))
     c.add_argument("--layers", type=int, nargs="+", help=field_help(CalibConfig, "layers"))
+    c.add_argument("--layers-per-pass", type=int, help="calibrate this many layers per pass over the data "
+                                                       "(bounds statistics memory; same result and cache key)")
     c.add_argument("--stats-device", default=d.device, help=field_help(CalibConfig, "device"))
     c.add_argument("--cache-dir", help="calibration cache folder (default: $FASC_CACHE or ./cache)")
     k = p.add_argument_group("subspaces (spec §3, §5)")

@@ -60,13 +60,41 @@ def batches_from_files(tokenizer, paths: list[str | Path], cfg: CalibConfig) -> 
     return make_batches(tokenizer, [load_source(p) for p in paths], cfg, name=names)
 
 
+def calibrate_in_passes(model: nn.Module, batches: list[Batch], cfg: CalibConfig, layers_per_pass: int,
+                        progress: Progress | None = None, model_fp: str | None = None) -> CalibStats:
+    """Calibrate `layers_per_pass` layers at a time (one forward+backward over the data per group)
+    and merge: accumulator memory during a pass is that of the group only (spec §1 statistics are
+    per module, so the result equals a single pass up to float rounding)."""
+    from dataclasses import replace
+
+    from .modules import find_linears
+
+    if layers_per_pass < 1:
+        raise FascError(f"--layers-per-pass must be ≥ 1, got {layers_per_pass}.")
+    layers = sorted({i.layer for i in find_linears(model)} & set(cfg.layers or range(10**6)))
+    groups = [tuple(layers[i:i + layers_per_pass]) for i in range(0, len(layers), layers_per_pass)]
+    total = sum(int(b.stat_mask.sum()) for b in batches) * len(groups)
+    parts = []
+    for j, g in enumerate(groups):
+        done = j * total // len(groups)
+        inner = None if progress is None else (lambda i, n, d=done: progress(d + i, total))
+        parts.append(calibrate(model, batches, replace(cfg, layers=g), inner, model_fp=model_fp))
+    merged = CalibStats.merge(parts)
+    merged.config = cfg
+    return merged
+
+
 def calibrate_cached(model: nn.Module, batches: list[Batch], cfg: CalibConfig,
                      progress: Progress | None = None, root: Path | None = None,
-                     model_fp: str | None = None) -> tuple[CalibStats, bool]:
-    """(stats, from_cache): calibration re-used when the same model/data/config ran before."""
+                     model_fp: str | None = None, layers_per_pass: int | None = None) -> tuple[CalibStats, bool]:
+    """(stats, from_cache): calibration re-used when the same model/data/config ran before.
+    `layers_per_pass` bounds memory (see `calibrate_in_passes`) and does not change the key."""
     mfp = model_fp or model_fingerprint(model)
     dfp = data_fingerprint(batches)
     key = cache.cache_key(mfp, dfp, cfg)
+    if layers_per_pass:
+        return cache.get_or_compute(
+            key, lambda: calibrate_in_passes(model, batches, cfg, layers_per_pass, progress, mfp), root)
     return cache.get_or_compute(key, lambda: calibrate(model, batches, cfg, progress, model_fp=mfp), root)
 
 

@@ -48,10 +48,14 @@ class CalibStats:
     key: str = ""
 
     def info(self, fqn: str) -> ModuleInfo:
-        for i in self.modules:
-            if i.fqn == fqn:
-                return i
-        raise FascError(f"Module {fqn!r} is not in these statistics; calibrate the model that contains it.")
+        by_fqn = self.__dict__.get("_by_fqn")
+        if by_fqn is None or len(by_fqn) != len(self.modules):
+            by_fqn = self.__dict__["_by_fqn"] = {i.fqn: i for i in self.modules}
+        try:
+            return by_fqn[fqn]
+        except KeyError:
+            raise FascError(f"Module {fqn!r} is not in these statistics; calibrate the model that contains "
+                            f"it.") from None
 
     def C_x(self, fqn: str) -> Tensor:
         return self.cx[self.group[fqn]]

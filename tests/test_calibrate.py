@@ -181,3 +181,20 @@ def test_auto_precision_matches_float64(llama):
     for f in a.ch:
         assert float((a.ch[f] - b.ch[f]).norm() / b.ch[f].norm()) < 1e-5
         assert float((a.C_x(f) - b.C_x(f)).norm() / b.C_x(f).norm()) < 1e-5
+
+
+def test_layers_per_pass_equals_one_pass(llama, tmp_path):
+    from fasc.pipeline import calibrate_in_passes
+    batches = random_batches(2)
+    cfg = fasc.CalibConfig(n_tokens=1000, seq_len=24)
+    full = fasc.calibrate(llama, batches, cfg)
+    seen = []
+    passes = calibrate_in_passes(llama, batches, cfg, 1, progress=lambda i, n: seen.append((i, n)))
+    assert passes.fqns == full.fqns and passes.config == cfg and passes.n_tokens == full.n_tokens
+    assert seen[-1][0] == seen[-1][1] == 2 * full.n_tokens
+    for f in full.fqns:
+        assert torch.allclose(passes.ch[f], full.ch[f], rtol=1e-9, atol=1e-15)
+        assert torch.allclose(passes.C_x(f), full.C_x(f), rtol=1e-9, atol=1e-15)
+    a, _ = fasc.calibrate_cached(llama, batches, cfg, root=tmp_path, layers_per_pass=1)
+    b, hit = fasc.calibrate_cached(llama, batches, cfg, root=tmp_path)
+    assert hit and a.key == b.key
