@@ -40,6 +40,17 @@ def llama_shaped(hidden=1024, intermediate=2816, layers=8, heads=16, vocab=8192,
     return LlamaForCausalLM(cfg).eval()
 
 
+def add_shape_args(p: argparse.ArgumentParser) -> None:
+    """The Llama-shaped benchmark model's options (shared with bench.memory)."""
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--intermediate", type=int, default=2816)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--threads", type=int, default=2)
+
+
 def make_batch(vocab: int, batch: int, seq: int, seed: int = 0) -> Batch:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, seq), generator=g)
@@ -94,15 +105,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.calibration", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-shaped", help="llama-shaped (default), demo, smollm2 or a folder")
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--intermediate", type=int, default=2816)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--seq", type=int, default=512)
+    add_shape_args(p)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--stats-dtype", default="auto", choices=("auto", "float64", "float32"))
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)

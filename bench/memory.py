@@ -21,6 +21,8 @@ import sys
 
 import torch
 
+from bench.calibration import add_shape_args
+
 
 def statistics_bytes(infos, groups: dict[str, str], bytes_per: int = 8, s: int = 64) -> int:
     """The formula: C_x once per input group, C_h + r + ρ sketch per module."""
@@ -55,13 +57,7 @@ def child(mode: str, pass_layers: int, args) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--intermediate", type=int, default=2816)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--threads", type=int, default=2)
+    add_shape_args(p)
     p.add_argument("--pass-layers", type=int, default=2)
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
