@@ -21,14 +21,13 @@ import json
 import sys
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import fasc
-from fasc.allocate import is_factored
 from fasc.config import METHODS
 from fasc.data import Example, make_batches, read_text
 from fasc.evaluate import fact_recall, perplexity, target_loss

@@ -1,7 +1,7 @@
 """The dashboard's logic without the UI: model choice, data sources, heatmap selection, rank-plan
 editing, evaluation and export. Pure functions over the library (no Streamlit import), so the pages
-stay thin and every rule here is unit-tested; `export_meta` / `compress_and_save` are what
-`fasc compress` writes, shared with the CLI.
+stay thin and every rule here is unit-tested. Export goes through `fasc.export.compress_and_save`,
+the same function `fasc compress` uses.
 
 Environment (all optional; tests use them to point the app at tiny models):
     FASC_APP_MODEL        model spec preselected in the sidebar (default: demo)
@@ -15,8 +15,7 @@ import copy
 import json
 import math
 import os
-import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -27,6 +26,7 @@ from .analysis import Analysis
 from .config import METHODS
 from .data import Example, decode_text, load_probe, parse_jsonl, read_text, rows_to_examples
 from .errors import FascError
+from .export import compress_and_save  # noqa: F401 - the Export page's entry point
 from .loading import DEMO_CHECKPOINTS, DEMO_DIR
 
 # ------------------------------------------------------------------------------------------ models
@@ -343,55 +343,11 @@ def evaluate_plan(model, tok, an: Analysis, plan: Plan, heldout: str | Path, pro
 
 
 # ------------------------------------------------------------------------------------------ export
-def export_meta(an: Analysis, plan: Plan, *, method: str, source_model: str, calibration: str,
-                model_fp: str) -> dict:
-    """The `fasc_config.json` fields `fasc compress` writes beside the weights (spec §7)."""
-    from .loading import resolve
-
-    try:
-        builtin = resolve(source_model).builtin
-    except FascError:
-        builtin = None
-    return {"method": method, "methods": plan.methods, "ranks": plan.ranks,
-            "rho": {f: an.rho(f)[0] for f in plan.ranks}, "source_model": source_model,
-            "source_builtin": builtin, "source_fingerprint": model_fp, "calibration": calibration,
-            "compress_config": asdict(an.cfg), "predicted_delta_loss": plan.predicted(an)}
-
-
 def default_export_dir(spec: str, method: str, ratio: float, merged: bool, env: dict | None = None) -> str:
     root = (env if env is not None else os.environ).get("FASC_APP_OUT", "out")
     base = spec if spec in ("demo", "smollm2") else (Path(spec).name or "model")
     name = "".join(c if c.isalnum() or c in "-_" else "-" for c in base.lower())
     return str(Path(root) / f"{name}-{method}{round(100 * ratio)}{'-merged' if merged else ''}")
-
-
-def compress_and_save(model, tok, an: Analysis, plan: Plan, out: str | Path, *, merge: bool = False,
-                      overwrite: bool = False, method: str = "fasc", source_model: str = "",
-                      calibration: str = "", model_fp: str = "",
-                      progress: Callable[[int, int], None] | None = None) -> dict:
-    """Compress a deep copy of `model` with `plan` and export it (what `fasc compress` does).
-
-    Returns a summary: folder, sizes, parameter counts, predicted ΔL, files (name → bytes).
-    """
-    from .export import folder_size, prepare_destination, save_compressed
-    from .modules import parameter_count
-    from .surgery import compress_
-
-    prepare_destination(out, overwrite)  # fail before any work
-    validate_plan(plan, an, model_fp or None)
-    t0 = time.perf_counter()
-    work = copy.deepcopy(model)
-    compress_(work, an, plan, merge=merge, progress=progress)
-    meta = export_meta(an, plan, method=method, source_model=source_model, calibration=calibration,
-                       model_fp=model_fp)
-    path = save_compressed(work, tok, out, meta=meta, overwrite=overwrite)
-    kept, orig = plan.params(an)
-    files = {p.name: p.stat().st_size for p in sorted(Path(path).iterdir()) if p.is_file()}
-    return {"out": str(path), "merged": merge, "method": method, "modules": len(plan.ranks),
-            "params_kept_in_modules": kept, "params_original_in_modules": orig, "param_ratio": kept / orig,
-            "model_params_before": parameter_count(model), "model_params_after": parameter_count(work),
-            "predicted_delta_loss": plan.predicted(an), "export_bytes": folder_size(path), "files": files,
-            "seconds": round(time.perf_counter() - t0, 2)}
 
 
 # ------------------------------------------------------------------------------------------ checkpoints

@@ -11,8 +11,6 @@ the run (no weight gradients are computed: only activation gradients flow) and r
 from __future__ import annotations
 
 import logging
-import math
-import time
 from typing import Callable, Iterable
 
 import torch

@@ -7,7 +7,6 @@ stdout carries exactly one JSON object; progress bars go to stderr.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import sys
@@ -166,10 +165,8 @@ def cmd_report(args) -> None:
 
 def cmd_compress(args) -> None:
     from .allocate import Plan, allocate
-    from .export import folder_size, prepare_destination, save_compressed
-    from .loading import resolve
-    from .modules import model_fingerprint, parameter_count
-    from .surgery import compress_
+    from .export import compress_and_save, prepare_destination
+    from .modules import model_fingerprint
 
     prepare_destination(args.out, args.overwrite)  # fail before any work
     given = [x is not None for x in (args.rank_ratio, args.param_ratio, args.ranks)]
@@ -197,30 +194,19 @@ def cmd_compress(args) -> None:
                         modules=args.modules, model_fp=mfp)
     if args.save_plan:
         plan.save(args.save_plan)
-    n_before = parameter_count(model)
-    work = copy.deepcopy(model)
-    t0 = time.perf_counter()
     bar = _progress("compressing", args, unit="module")
     try:
-        compress_(work, an, plan, merge=args.merge, progress=bar)
+        res = compress_and_save(model, tok, an, plan, args.out, merge=args.merge, overwrite=args.overwrite,
+                                method=args.method, source_model=args.model, calibration=stats.key,
+                                model_fp=mfp, progress=bar)
     finally:
         bar.close()
-    t_cmp = time.perf_counter() - t0
-    kept, orig = plan.params(an)
-    src = resolve(args.model)
-    meta = {"method": args.method, "methods": plan.methods, "ranks": plan.ranks,
-            "rho": {f: an.rho(f)[0] for f in plan.ranks}, "source_model": args.model,
-            "source_builtin": src.builtin, "source_fingerprint": mfp, "calibration": stats.key,
-            "compress_config": asdict(an.cfg), "predicted_delta_loss": plan.predicted(an)}
-    out = save_compressed(work, tok, args.out, meta=meta, overwrite=args.overwrite)
-    obj = {"out": str(out), "method": args.method, "merged": args.merge, "modules": len(plan.ranks),
-           "params_kept_in_modules": kept, "params_original_in_modules": orig, "param_ratio": kept / orig,
-           "model_params_before": n_before, "model_params_after": parameter_count(work),
-           "predicted_delta_loss": plan.predicted(an), "export_bytes": folder_size(out), "from_cache": hit,
-           "seconds": {"calibration": round(t_cal, 2), "eigen": round(t_eig, 2), "compress": round(t_cmp, 2)}}
-    _emit(args, obj, f"wrote {out} ({'merged' if args.merge else 'factored'}): {len(plan.ranks)} modules, "
-                     f"{kept / orig:.1%} of their parameters kept, model {n_before:,} → "
-                     f"{parameter_count(work):,} parameters, predicted ΔL {plan.predicted(an):.4f} nats/token")
+    obj = {**res, "from_cache": hit,
+           "seconds": {"calibration": round(t_cal, 2), "eigen": round(t_eig, 2), "compress_and_export": res["seconds"]}}
+    _emit(args, obj, f"wrote {res['out']} ({'merged' if args.merge else 'factored'}): {res['modules']} modules, "
+                     f"{res['param_ratio']:.1%} of their parameters kept, model {res['model_params_before']:,} → "
+                     f"{res['model_params_after']:,} parameters, predicted ΔL {res['predicted_delta_loss']:.4f} "
+                     f"nats/token")
 
 
 def cmd_eval(args) -> None:

@@ -8,19 +8,25 @@ and loads strictly. Merged (`merge=True`): dense W' in the original layers, load
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
+import time
 import uuid
+from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
 from .errors import FascError
 from .layers import LowRankLinear
-from .loading import FASC_CONFIG, _quiet_transformers, _read_fasc_config
-from .surgery import replace_module
+from .allocate import Plan, validate_plan
+from .analysis import Analysis
+from .loading import FASC_CONFIG, _quiet_transformers, _read_fasc_config, resolve
+from .surgery import compress_, replace_module
 
 EXPORT_FORMAT = 1
 
@@ -125,3 +131,43 @@ def load_compressed(path: str | Path, device: str = "cpu"):
 
 def folder_size(path: str | Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def export_meta(an: Analysis, plan: Plan, *, method: str, source_model: str, calibration: str,
+                model_fp: str) -> dict:
+    """The `fasc_config.json` fields `fasc compress` writes beside the weights (spec §7)."""
+    try:
+        builtin = resolve(source_model).builtin
+    except FascError:
+        builtin = None
+    return {"method": method, "methods": plan.methods, "ranks": plan.ranks,
+            "rho": {f: an.rho(f)[0] for f in plan.ranks}, "source_model": source_model,
+            "source_builtin": builtin, "source_fingerprint": model_fp, "calibration": calibration,
+            "compress_config": asdict(an.cfg), "predicted_delta_loss": plan.predicted(an)}
+
+
+def compress_and_save(model, tok, an: Analysis, plan: Plan, out: str | Path, *, merge: bool = False,
+                      overwrite: bool = False, method: str = "fasc", source_model: str = "",
+                      calibration: str = "", model_fp: str = "",
+                      progress: Callable[[int, int], None] | None = None) -> dict:
+    """Compress a deep copy of `model` with `plan` and export it (what `fasc compress` does).
+
+    Returns a summary: folder, sizes, parameter counts, predicted ΔL, files (name → bytes).
+    """
+    from .modules import parameter_count
+
+    prepare_destination(out, overwrite)  # fail before any work
+    validate_plan(plan, an, model_fp or None)
+    t0 = time.perf_counter()
+    work = copy.deepcopy(model)
+    compress_(work, an, plan, merge=merge, progress=progress)
+    meta = export_meta(an, plan, method=method, source_model=source_model, calibration=calibration,
+                       model_fp=model_fp)
+    path = save_compressed(work, tok, out, meta=meta, overwrite=overwrite)
+    kept, orig = plan.params(an)
+    files = {p.name: p.stat().st_size for p in sorted(Path(path).iterdir()) if p.is_file()}
+    return {"out": str(path), "merged": merge, "method": method, "modules": len(plan.ranks),
+            "params_kept_in_modules": kept, "params_original_in_modules": orig, "param_ratio": kept / orig,
+            "model_params_before": parameter_count(model), "model_params_after": parameter_count(work),
+            "predicted_delta_loss": plan.predicted(an), "export_bytes": folder_size(path), "files": files,
+            "seconds": round(time.perf_counter() - t0, 2)}

@@ -1,7 +1,6 @@
 """Export (spec §7): factored round trip bit for bit, merged loads with plain from_pretrained, atomicity."""
 
 import copy
-import os
 
 import pytest
 import torch

@@ -6,8 +6,7 @@ import torch
 
 import fasc
 from fasc.linalg import damp, tail_block_sums
-from fasc.spectra import (basis_asvd, basis_fasc, basis_pca, basis_svd, misalignment_curve, predicted_curve,
-                          rho_from_sketch, whitening)
+from fasc.spectra import (basis_asvd, basis_fasc, basis_pca, basis_svd, misalignment_curve, rho_from_sketch, whitening)
 
 ATOL = 1e-9
 
@@ -84,7 +83,7 @@ def test_singular_fisher_gives_no_nan():
     Hs = torch.randn(300, 4, generator=g, dtype=torch.float64) @ W
     Cx, Ch = X.T @ X / 300, Hs.T @ Hs / 300
     wh = whitening(Cx, 1e-4)
-    Cxd, B, Bi = wh.Cx_d, wh.B, wh.B_inv
+    B, Bi = wh.B, wh.B_inv
     for gamma in (0.0, 1.0):
         b = basis_fasc(W, Ch, B, Bi, gamma)
         U, V = b.factors(W, 2)
@@ -97,7 +96,7 @@ def test_large_gamma_gives_asvd():
     """γ → ∞: the shrunk FASC map equals whitened SVD (spec §3)."""
     W, Cx, Ch = random_stats(seed=4)
     wh = whitening(Cx, 1e-4)
-    Cxd, B, Bi = wh.Cx_d, wh.B, wh.B_inv
+    B, Bi = wh.B, wh.B_inv
     a = basis_asvd(W, Ch, B, Bi)
     f = basis_fasc(W, Ch, B, Bi, gamma=1e9)
     for k in (1, 3, 6):
