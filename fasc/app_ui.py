@@ -219,9 +219,11 @@ class CalibRequest:
 
 def calib_request(spec: str, data_path: Path | None = None) -> CalibRequest:
     """The calibration to run for `spec` from the durable settings (page 1 writes them)."""
+    d = default_data(spec)
     cfg = CalibConfig(n_tokens=int(setting(f"tokens@{spec}", S.default_tokens(spec))),
-                      seq_len=int(setting("seq_len", 256)), batch_size=int(setting("batch_size", 8)),
-                      fisher=setting("fisher", "empirical"), temperature=float(setting("temperature", 1.0)),
+                      seq_len=int(setting(f"seq_len@{spec}", d.seq_len)), batch_size=int(setting("batch_size", 8)),
+                      fisher=setting("fisher", "empirical"),
+                      temperature=float(setting(f"temperature@{spec}", d.temperature)),
                       targets=setting("targets", "all"), seed=int(setting("seed", 0)))
     up = st.session_state.get("calib_upload")
     if data_path is None and setting("data", "builtin") == "upload":

@@ -52,8 +52,12 @@ def _progress(desc: str, args, unit: str = "tok"):
 
 
 def _calib_cfg(args) -> CalibConfig:
-    return CalibConfig(n_tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size, fisher=args.fisher,
-                       temperature=args.temperature, targets=args.targets, seed=args.seed,
+    from .pipeline import default_data
+
+    d = default_data(args.model)  # per-model defaults where the option is not given
+    return CalibConfig(n_tokens=args.tokens, seq_len=args.seq_len or d.seq_len, batch_size=args.batch_size,
+                       fisher=args.fisher, temperature=args.temperature or d.temperature, targets=args.targets,
+                       seed=args.seed,
                        layers=tuple(args.layers) if args.layers else None, device=args.stats_device)
 
 
@@ -247,10 +251,11 @@ def _common(p: argparse.ArgumentParser, calib: bool = True) -> None:
     c.add_argument("--data", nargs="+", help="calibration text (.txt) or JSONL (text / prompt+answer lines); "
                                              "default: the model's built-in calibration text")
     c.add_argument("--tokens", type=int, default=d.n_tokens, help=field_help(CalibConfig, "n_tokens"))
-    c.add_argument("--seq-len", type=int, default=d.seq_len, help=field_help(CalibConfig, "seq_len"))
+    c.add_argument("--seq-len", type=int, help=field_help(CalibConfig, "seq_len") + " (default: 256; demo 64)")
     c.add_argument("--batch-size", type=int, default=d.batch_size, help=field_help(CalibConfig, "batch_size"))
     c.add_argument("--fisher", choices=("empirical", "sampled"), default=d.fisher, help=field_help(CalibConfig, "fisher"))
-    c.add_argument("--temperature", type=float, default=d.temperature, help=field_help(CalibConfig, "temperature"))
+    c.add_argument("--temperature", type=float, help=field_help(CalibConfig, "temperature")
+                   + " (default: 1; demo 2, measured in BENCHMARKS.md)")
     c.add_argument("--targets", choices=("all", "answers"), default=d.targets, help=field_help(CalibConfig, "targets"))
     c.add_argument("--seed", type=int, default=d.seed, help=field_help(CalibConfig, "seed"))
     c.add_argument("--layers", type=int, nargs="+", help=field_help(CalibConfig, "layers"))

@@ -63,8 +63,9 @@ def main() -> None:
                                 **ui.bind(f"tokens@{lm.spec}", S.default_tokens(lm.spec)))
         ui.commit(f"tokens@{lm.spec}", int(tokens))
         seq = b.number_input("Sequence length", min_value=2, max_value=8192, step=32,
-                             help=field_help(CalibConfig, "seq_len"), **ui.bind("seq_len", d.seq_len))
-        ui.commit("seq_len", int(seq))
+                             help=field_help(CalibConfig, "seq_len"),
+                             **ui.bind(f"seq_len@{lm.spec}", default_data(lm.spec).seq_len))
+        ui.commit(f"seq_len@{lm.spec}", int(seq))
         a, b = st.columns(2)
         fisher = a.radio("Fisher", ["empirical", "sampled"], horizontal=True,
                          help=field_help(CalibConfig, "fisher"), **ui.bind("fisher", d.fisher))
@@ -76,8 +77,8 @@ def main() -> None:
         temp = st.slider("Temperature T of the calibration loss CE(logits / T)", 0.25, 8.0, step=0.25,
                          help="Gradient saturation (spec §1): a fact known with p ≈ 1 has gradient ≈ 0; T > 1 "
                               "softens the softmax so known facts still send gradient.",
-                         **ui.bind("temperature", float(d.temperature)))
-        ui.commit("temperature", float(temp))
+                         **ui.bind(f"temperature@{lm.spec}", float(default_data(lm.spec).temperature)))
+        ui.commit(f"temperature@{lm.spec}", float(temp))
         with st.expander("Advanced"):
             a, b = st.columns(2)
             bs = a.number_input("Batch size", min_value=1, max_value=512, help=field_help(CalibConfig, "batch_size"),

@@ -116,11 +116,12 @@ def test_calibration_page_runs_then_loads_from_cache(env):
 def test_calibration_widgets_set_the_config(env):
     at = calibrated(env)
     key0 = at.session_state["calib"][env["spec"]]["key"]
-    at.slider(key="w.temperature").set_value(2.0).run()
+    tkey = f"temperature@{env['spec']}"  # T (and seq_len) defaults are per model (demo: T = 2)
+    at.slider(key=f"w.{tkey}").set_value(2.0).run()
     at.radio(key="w.fisher").set_value("sampled").run()
     at.select_slider(key="w.gamma").set_value(0.1).run()
     ok(at)
-    assert at.session_state["set.temperature"] == 2.0 and at.session_state["set.fisher"] == "sampled"
+    assert at.session_state[f"set.{tkey}"] == 2.0 and at.session_state["set.fisher"] == "sampled"
     assert at.session_state["set.gamma"] == 0.1
     # T and the Fisher type change the statistics: a new calibration is needed (and runs)
     assert any("Not calibrated" in i.value for i in at.info)
@@ -130,7 +131,7 @@ def test_calibration_widgets_set_the_config(env):
     # settings survive a page switch (widget state is rebuilt from the durable keys)
     goto(at, "pages/2_rho_map.py")
     goto(at, "pages/1_calibration.py")
-    assert at.slider(key="w.temperature").value == 2.0 and at.radio(key="w.fisher").value == "sampled"
+    assert at.slider(key=f"w.{tkey}").value == 2.0 and at.radio(key="w.fisher").value == "sampled"
 
 
 def test_upload_jsonl_answers_and_errors(env):
