@@ -51,7 +51,7 @@ class KnowledgeConfig:
     targets: str = "all"
     tau: float = fasc.CompressConfig().tau
     tokens: int = 16384
-    seq_len: int = 128
+    seq_len: int = 0          # 0: the model's default (demo 64, others 256)
     text: str | None = None
     ppl_tokens: int = 8192
     spearman_methods: tuple[str, ...] = ("pca", "asvd", "fasc")
@@ -126,8 +126,10 @@ def run(cfg: KnowledgeConfig, log=print) -> dict:
     result["rows"].append({"method": "uncompressed", "T": None, "gamma": None, "modules": "-", "ratio": 1.0, **base})
     log(f"uncompressed: {base}")
     first_T, first_g = cfg.temperatures[0], cfg.gammas[0]
+    seq_len = cfg.seq_len or paths.seq_len
+    result["seq_len"] = seq_len
     for T in cfg.temperatures:
-        ccfg = fasc.CalibConfig(n_tokens=cfg.tokens, seq_len=cfg.seq_len, temperature=T, targets=cfg.targets)
+        ccfg = fasc.CalibConfig(n_tokens=cfg.tokens, seq_len=seq_len, temperature=T, targets=cfg.targets)
         batches = make_batches(tok, [calib_facts, text], ccfg, name="facts + text")
         t = time.perf_counter()
         stats, hit = fasc.calibrate_cached(model, batches, ccfg)
@@ -192,12 +194,37 @@ def headline(result: dict) -> float:
     return 100 * (get("fasc") - max(get(m) for m in VARIANCE_METHODS))
 
 
+def pivot(result: dict) -> str:
+    """Compact table: one row per (method, T, γ), one column per (module set, rank ratio);
+    cells = held-out recall / perplexity."""
+    cols = sorted({(r["modules"], r["ratio"]) for r in result["rows"] if r["method"] != "uncompressed"},
+                  key=lambda c: (c[0] != "mlp", c[1]))
+    keys = list(dict.fromkeys((r["method"], r["T"], r["gamma"]) for r in result["rows"]))
+    cell = {(r["method"], r["T"], r["gamma"], r["modules"], r["ratio"]): r for r in result["rows"]}
+    lines = ["| method | T | γ | " + " | ".join(f"{m} {round(100 * q)} %" for m, q in cols) + " |",
+             "|---" * (3 + len(cols)) + "|"]
+    for m, T, g in keys:
+        if m == "uncompressed":
+            r = cell[(m, T, g, "-", 1.0)]
+            lines.append(f"| uncompressed | – | – | " + " | ".join(
+                f"{r['recall_heldout']:.3f} / {r['perplexity']:.1f}" for _ in cols) + " |")
+            continue
+        vals = []
+        for mods, q in cols:
+            r = cell.get((m, T, g, mods, q))
+            vals.append("–" if r is None else f"{r['recall_heldout']:.3f} / {r['perplexity']:.1f}")
+        lines.append(f"| {m} | {T if T is not None else '–'} | {g if g is not None else '–'} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
 def markdown(result: dict) -> str:
     cfg = result["config"]
     lines = [f"Model `{cfg['model']}`; calibration: {result['n_facts_calib']} facts (prompt/answer, targets="
-             f"{cfg['targets']}) + text, {cfg['tokens']} tokens, seq {cfg['seq_len']}; recall scored on "
+             f"{cfg['targets']}) + text, {cfg['tokens']} tokens, seq {result.get('seq_len', cfg['seq_len'])}; recall scored on "
              f"{result['n_facts_heldout']} held-out facts (top-1 of the answer's first token); perplexity on held-out "
              f"text ({cfg['ppl_tokens']} tokens).", "",
+             "Held-out fact recall / perplexity (module set, rank ratio):", "", pivot(result), "",
+             "All measurements:", "",
              "| method | T | γ | modules | rank ratio | params kept | recall held-out | recall calib. facts | "
              "perplexity | predicted ΔL |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -235,7 +262,13 @@ def main(argv=None) -> int:
     p.add_argument("--spearman-tokens", type=int, default=d.spearman_tokens)
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--tag", default="", help="suffix for the output files")
+    p.add_argument("--from-json", help="re-render the tables of an earlier run's JSON and exit")
     a = p.parse_args(argv)
+    if a.from_json:
+        result = json.loads(Path(a.from_json).read_text())
+        print(markdown(result))
+        print(f"fasc_minus_best_variance_recall={headline(result):.1f}")
+        return 0
     cfg = KnowledgeConfig(model=a.model, methods=tuple(a.methods), ratios=tuple(a.ratios),
                           module_sets=tuple(a.modules), temperatures=tuple(a.temperatures), gammas=tuple(a.gammas),
                           targets=a.targets, tau=a.tau, tokens=a.tokens, seq_len=a.seq_len, text=a.text,

@@ -28,13 +28,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.training", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=16384)
-    p.add_argument("--temperature", type=float, default=fasc.CalibConfig().temperature)
+    p.add_argument("--temperature", type=float, default=default_data("demo").temperature)
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     paths = default_data("demo")
     facts = fasc.load_probe(paths.probe)
-    cfg = fasc.CalibConfig(n_tokens=a.tokens, seq_len=64, temperature=a.temperature)
+    cfg = fasc.CalibConfig(n_tokens=a.tokens, seq_len=paths.seq_len, temperature=a.temperature)
     rows, kinds = [], None
     for ck in sorted(DEMO_CHECKPOINTS.glob("ckpt-*")):
         model, tok = fasc.load_model(str(ck))

@@ -42,8 +42,10 @@ def prepare_destination(out: str | Path, overwrite: bool) -> Path:
         raise FascError(f"{out} exists and is a file; choose a folder name for the export.")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FascError(f"{out} exists and is not empty; choose another folder or pass --overwrite.")
-    if not out.parent.exists():
-        raise FascError(f"The parent folder {out.parent} does not exist; create it first.")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FascError(f"Cannot create the folder {out.parent} ({e.strerror}); choose another --out.") from None
     return out
 
 

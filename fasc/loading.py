@@ -86,7 +86,8 @@ def resolve(spec: str | os.PathLike) -> ModelSource:
         if ggufs:
             return ModelSource(s, "gguf", str(p), gguf_file=ggufs[0].name)
         raise FascError(f"Folder {s} has no config.json or .gguf file; pass a Hugging Face model folder.")
-    if s.startswith((".", "/", "~")) or os.sep in s and s.count("/") != 1:
+    looks_local = s.startswith((".", "/", "~")) or s.count("/") != 1 or (p.parent.is_dir() and str(p.parent) != ".")
+    if looks_local:
         raise FascError(f"Model path {s!r} does not exist; check the path (or use demo / smollm2).")
     return ModelSource(s, "hub", s)
 
@@ -149,8 +150,26 @@ def load_model(spec: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
                 if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
                     raise FascError(f"Model {src.spec!r} is not a local folder nor in the local Hugging Face "
                                     f"cache, and HF_HUB_OFFLINE is set; pass a local model folder.") from None
+                if not _hub_reachable():
+                    raise FascError(f"Model {src.spec!r} is not a local folder nor in the local Hugging Face "
+                                    f"cache, and the hub is unreachable (no network); download it elsewhere "
+                                    f"and pass its folder.") from None
         model, tok = _load_pair(src, dtype, kw)
     return _finish(model, tok, device)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connection to the hub, so that an offline machine fails at once instead of
+    after minutes of download retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _load_pair(src: ModelSource, dtype: torch.dtype, kw: dict):
