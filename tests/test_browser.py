@@ -112,7 +112,11 @@ def page(server):
 def _idle(page) -> None:
     """Wait until the script run finished (Streamlit shows a 'Running…' status widget meanwhile)."""
     page.wait_for_timeout(300)
-    page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=TIMEOUT_MS)
+    page.wait_for_function(
+        "() => { const app = document.querySelector('[data-testid=\"stApp\"]');"
+        " const state = app ? app.getAttribute('data-test-script-state') : 'initial';"
+        " return state !== 'initial' && state !== 'running' && state !== 'rerunRequested'"
+        " && !document.querySelector('[data-testid=\"stStatusWidget\"]'); }", timeout=TIMEOUT_MS)
     page.wait_for_timeout(200)
 
 
@@ -153,7 +157,7 @@ def test_calibrate_heatmap_ranks_export(server, page):
     page.get_by_role("heading", name="Model & calibration").wait_for()
     _idle(page)
     _no_exception(page)
-    assert page.get_by_text("Not calibrated with these settings yet").is_visible()
+    page.get_by_text("Not calibrated with these settings yet").wait_for()
 
     # 1. calibration (progress bar, then the result; stored in the cache)
     page.get_by_role("button", name="Run calibration").click()
