@@ -4,8 +4,9 @@
 
 For one module of input width n (output width m = n, random SPD statistics): the whitening of its
 input group (eigh of C_x, B, B⁻¹; shared by q/k/v and by gate/up), the pca basis, and the fasc
-basis (γ = 0 and γ = 1, with misalignment). These run once per (statistics, damping, γ) and are then
-cached beside the statistics (`fasc.analysis_cached`). Ends with `eigen_seconds_4096=<fasc basis>`.
+basis (γ = 0 and γ = 1) and the two diagnostics the dashboard draws (misalignment curve, unshrunk
+Fisher spectrum; computed for reports, skipped when a basis is only compressed with). These run
+once per (statistics, damping, γ) and are then cached beside the statistics (`fasc.analysis_cached`). Ends with `eigen_seconds_4096=<fasc basis>`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from fasc.spectra import basis_fasc, basis_pca, misalignment_curve, whitening
+from fasc.spectra import basis_fasc, basis_pca, fisher_spectrum, misalignment_curve, whitening
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -59,16 +60,18 @@ def main(argv=None) -> int:
              "fasc_gamma1_s": timed(lambda: basis_fasc(W, Ch, wh.B, wh.B_inv, 1.0), a.reps)}
         b = basis_fasc(W, Ch, wh.B, wh.B_inv, 1.0)
         r["misalignment_s"] = timed(lambda: misalignment_curve(wh.V, b), a.reps)
+        r["fisher_spectrum_s"] = timed(lambda: fisher_spectrum(Ch, wh.B), a.reps)
         rows.append(r)
         print(f"n={n}: whitening {r['whitening_s']:.2f}s, pca {r['pca_s']:.2f}s, fasc γ=0 {r['fasc_gamma0_s']:.2f}s, "
-              f"γ=1 {r['fasc_gamma1_s']:.2f}s, misalignment {r['misalignment_s']:.2f}s", file=sys.stderr)
+              f"γ=1 {r['fasc_gamma1_s']:.2f}s, misalignment {r['misalignment_s']:.2f}s, "
+              f"Fisher spectrum {r['fisher_spectrum_s']:.2f}s", file=sys.stderr)
     OUT.mkdir(exist_ok=True)
     (OUT / "eigen.json").write_text(json.dumps(rows, indent=1))
-    print("| width n | whitening (per input group) | pca basis | fasc γ=0 | fasc γ=1 | misalignment |")
-    print("|---|---|---|---|---|---|")
+    print("| width n | whitening (per input group) | pca basis | fasc γ=0 | fasc γ=1 | misalignment | Fisher spectrum |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['n']} | {r['whitening_s']:.2f} s | {r['pca_s']:.2f} s | {r['fasc_gamma0_s']:.2f} s | "
-              f"{r['fasc_gamma1_s']:.2f} s | {r['misalignment_s']:.2f} s |")
+              f"{r['fasc_gamma1_s']:.2f} s | {r['misalignment_s']:.2f} s | {r['fisher_spectrum_s']:.2f} s |")
     print(f"eigen_seconds_{rows[-1]['n']}={rows[-1]['fasc_gamma1_s']:.2f}")
     return 0
 

@@ -206,7 +206,7 @@ def pivot(result: dict) -> str:
     for m, T, g in keys:
         if m == "uncompressed":
             r = cell[(m, T, g, "-", 1.0)]
-            lines.append(f"| uncompressed | – | – | " + " | ".join(
+            lines.append("| uncompressed | – | – | " + " | ".join(
                 f"{r['recall_heldout']:.3f} / {r['perplexity']:.1f}" for _ in cols) + " |")
             continue
         vals = []

@@ -18,8 +18,8 @@ from .config import BASE_METHODS, CompressConfig
 from .errors import FascError
 from .linalg import LINALG_DTYPE
 from .modules import ModuleInfo, weight_matrix
-from .spectra import (Basis, Whitening, basis_asvd, basis_fasc, basis_fwsvd, basis_pca, basis_svd, misalignment_curve,
-                      rho_from_sketch, whitening)
+from .spectra import (Basis, Whitening, basis_asvd, basis_fasc, basis_fwsvd, basis_pca, basis_svd, fisher_spectrum,
+                      misalignment_curve, rho_from_sketch, whitening)
 from .stats import CalibStats
 
 
@@ -142,8 +142,8 @@ class Analysis:
             b = basis_asvd(W, C_h, wh.B, wh.B_inv)
         else:
             b = basis_fasc(W, C_h, wh.B, wh.B_inv, self.cfg.gamma)
-            self.summaries[(fqn, "fisher")] = Summary(b.curve if self.cfg.gamma == 0 else None, b.fisher_values)
-            self.misalignments[fqn] = misalignment_curve(wh.V, b)
+            if b.fisher_values is not None:  # γ = 0: the Fisher spectrum is the basis' own
+                self.summaries[(fqn, "fisher")] = Summary(b.curve, b.fisher_values)
         self.summaries[key] = Summary(b.curve, b.values)
         self._bases[key] = b
         while len(self._bases) > self.max_cached_bases:
@@ -153,7 +153,12 @@ class Analysis:
     def _summary(self, fqn: str, method: str) -> Summary:
         key = (fqn, method if method == "fisher" else self.resolve(fqn, method))
         if key not in self.summaries:
-            self.basis(fqn, "fasc" if method == "fisher" else method)
+            if method != "fisher":
+                self.basis(fqn, method)
+            elif self.cfg.gamma == 0:
+                self.basis(fqn, "fasc")
+            else:  # a diagnostic (Spectra page, report): not computed when a basis is only compressed with
+                self.summaries[key] = Summary(None, fisher_spectrum(self.stats.ch[fqn], self.whitening(fqn).B))
         return self.summaries[key]
 
     def precompute(self, methods: tuple[str, ...] = ("pca", "fasc"),
@@ -163,6 +168,9 @@ class Analysis:
         todo = [(f, m) for f in fqns for m in methods if (f, self.resolve(f, m)) not in self.summaries]
         for i, (f, m) in enumerate(todo):
             self._summary(f, m)
+            if self.resolve(f, m) == "fasc":  # the diagnostics, while basis and whitening are LRU-cached
+                self.fisher_spectrum(f)
+                self.misalignment(f)
             if progress is not None:
                 progress(i + 1, len(todo))
 
@@ -199,8 +207,8 @@ class Analysis:
 
     def misalignment(self, fqn: str) -> np.ndarray:
         """Subspace misalignment between pca and fasc at k = 1..n (entry k−1)."""
-        if fqn not in self.misalignments:
-            self.basis(fqn, "fasc")
+        if fqn not in self.misalignments:  # a diagnostic: not computed when a basis is only compressed with
+            self.misalignments[fqn] = misalignment_curve(self.whitening(fqn).V, self.basis(fqn, "fasc"))
         return self.misalignments[fqn].numpy()
 
     def rho(self, fqn: str) -> tuple[float, float]:

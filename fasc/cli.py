@@ -91,13 +91,11 @@ def _stats(args, model, tok):
     return stats, hit, batches
 
 
-def _analysis(args, model, stats):
+def _analysis(args, model, stats, methods: tuple[str, ...] = ("pca", "fasc")):
+    """Analysis with the summaries of `methods` (loaded from the cache or decomposed now, with progress)."""
     from .pipeline import analysis_cached
 
     bar = _progress("eigen-decompositions", args, unit="basis")
-    method = getattr(args, "method", "fasc")
-    extra = (args.fallback,) if method == "hybrid" else (method,)
-    methods = tuple(dict.fromkeys(("pca", "fasc") + extra))
     try:
         an, _ = analysis_cached(model, stats, _compress_cfg(args), methods, progress=bar,
                                 root=Path(args.cache_dir) if args.cache_dir else None)
@@ -181,7 +179,9 @@ def cmd_compress(args) -> None:
     stats, hit, _ = _stats(args, model, tok)
     t_cal = time.perf_counter() - t0
     t0 = time.perf_counter()
-    an = _analysis(args, model, stats)
+    # a budget allocation reads every module's ΔL curve first; fixed ranks decompose each module once,
+    # while its factors are computed
+    an = _analysis(args, model, stats, (args.method,) if args.param_ratio is not None else ())
     t_eig = time.perf_counter() - t0
     mfp = stats.model_fingerprint or model_fingerprint(model)
     if args.ranks:

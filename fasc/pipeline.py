@@ -122,7 +122,7 @@ def analysis_cached(model: nn.Module, stats: CalibStats, cfg: CompressConfig = C
             path.unlink(missing_ok=True)
     before = len(an.summaries)
     an.precompute(methods, progress=progress)
-    if path is not None and folder.is_dir() and (len(an.summaries) != before or not hit):
+    if path is not None and folder.is_dir() and len(an.summaries) != before:
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.incomplete")
         try:
             save_file(an.summary_tensors(), str(tmp))

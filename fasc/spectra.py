@@ -42,7 +42,7 @@ class Basis:
     B_inv: Tensor | None
     curve: Tensor
     values: Tensor
-    fisher_values: Tensor | None = None  # fasc only: λ of C_x^{1/2} C_h C_x^{1/2} (γ = 0)
+    fisher_values: Tensor | None = None  # fasc with γ = 0 only: λ of C_x^{1/2} C_h C_x^{1/2} (= values)
 
     def factors(self, W: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """(U, V) with W' = U Vᵀ: U = W B Q_k (m,k), V = B⁻¹ Q_k (n,k) (B symmetric)."""
@@ -156,8 +156,13 @@ def basis_fasc(W: Tensor, C_h: Tensor, B: Tensor, B_inv: Tensor, gamma: float) -
     c = gamma * float(torch.trace(C_h)) / max(float(W.square().sum()), 1e-300)
     WB = W @ B
     lam, Q = eigh_desc(S + c * (WB.T @ WB))                # B C_h(γ) B
-    lam0 = torch.linalg.eigvalsh(S).flip(0).clamp_min(0)   # the Fisher spectrum itself (γ = 0)
-    return Basis(Q, B, B_inv, whitened_curve(S, Q), lam.clamp_min(0), lam0)
+    return Basis(Q, B, B_inv, whitened_curve(S, Q), lam.clamp_min(0))
+
+
+def fisher_spectrum(C_h: Tensor, B: Tensor) -> Tensor:
+    """λ: eigenvalues of B C_h B (B = C_x,δ^{1/2}; the unshrunk Fisher spectrum), descending."""
+    C_h = C_h.to(LINALG_DTYPE)
+    return torch.linalg.eigvalsh(B @ C_h @ B).flip(0).clamp_min(0)
 
 
 def misalignment_curve(Q_var: Tensor, fasc: Basis) -> Tensor:

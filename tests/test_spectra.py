@@ -135,3 +135,19 @@ def test_rho_near_zero_for_independent_and_large_for_coupled():
 def test_damp_handles_zero_matrix():
     assert torch.isfinite(damp(torch.zeros(3, 3, dtype=torch.float64), 1e-4)).all()
     assert float(torch.linalg.eigvalsh(damp(torch.zeros(3, 3, dtype=torch.float64), 1e-4)).min()) > 0
+
+
+def test_fisher_spectrum_and_misalignment_do_not_depend_on_gamma_or_order(llama, llama_stats):
+    """The diagnostics are computed lazily (not when a basis is only compressed with); they must
+    be the γ = 0 Fisher spectrum whatever γ is, and the same whether or not precompute ran."""
+    f = "model.layers.1.mlp.down_proj"
+    an0 = fasc.Analysis(llama, llama_stats, fasc.CompressConfig(gamma=0.0))
+    an1 = fasc.Analysis(llama, llama_stats, fasc.CompressConfig(gamma=1.0))
+    lam0 = an0.basis(f, "fasc").values
+    assert torch.allclose(an1.fisher_spectrum(f), lam0, rtol=1e-8, atol=1e-12 * float(lam0.max()))
+    an1.factors(f, "fasc", 4)  # compressing computes neither diagnostic
+    assert f not in an1.misalignments
+    lazy = an1.misalignment(f)
+    an2 = fasc.Analysis(llama, llama_stats, fasc.CompressConfig(gamma=1.0))
+    an2.precompute(("fasc",))
+    assert np.allclose(an2.misalignment(f), lazy) and (f, "fisher") in an2.summaries
