@@ -18,8 +18,8 @@ from .config import BASE_METHODS, CompressConfig
 from .errors import FascError
 from .linalg import LINALG_DTYPE
 from .modules import ModuleInfo, weight_matrix
-from .spectra import (Basis, Whitening, basis_asvd, basis_fasc, basis_fwsvd, basis_pca, basis_svd, fisher_spectrum,
-                      misalignment_curve, rho_from_sketch, whitening)
+from .spectra import (Basis, Whitening, basis_asvd, basis_fasc, basis_fwsvd, basis_pca, basis_svd,
+                      fisher_eigenvalues, misalignment_curve, rho_from_sketch, whitening)
 from .stats import CalibStats
 
 
@@ -158,7 +158,7 @@ class Analysis:
             elif self.cfg.gamma == 0:
                 self.basis(fqn, "fasc")
             else:  # a diagnostic (Spectra page, report): not computed when a basis is only compressed with
-                self.summaries[key] = Summary(None, fisher_spectrum(self.stats.ch[fqn], self.whitening(fqn).B))
+                self.summaries[key] = Summary(None, fisher_eigenvalues(self.stats.ch[fqn], self.whitening(fqn).B))
         return self.summaries[key]
 
     def precompute(self, methods: tuple[str, ...] = ("pca", "fasc"),

@@ -67,10 +67,13 @@ def _compress_cfg(args) -> CompressConfig:
 
 
 def _load(args):
+    import torch
+
     from .loading import load_model
 
     t = time.perf_counter()
-    model, tok = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+    model, tok = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype),
+                            trust_remote_code=args.trust_remote_code)
     return model, tok, time.perf_counter() - t
 
 
@@ -239,7 +242,10 @@ def cmd_eval(args) -> None:
 def _common(p: argparse.ArgumentParser, calib: bool = True) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="demo", help="demo (default), smollm2, a local folder, a .gguf file or a hub id")
-    g.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda, cuda:1)")
+    g.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda, cuda:1), or auto: "
+                   "spread over all GPUs (accelerate's device_map=\"auto\")")
+    g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="weights' dtype (bfloat16 halves GPU memory; statistics stay float32/float64)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off by default)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

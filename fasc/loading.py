@@ -132,16 +132,21 @@ def load_model(spec: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
                trust_remote_code: bool = False):
     """Load (model, tokenizer) from a built-in name, folder, GGUF, FASC export or hub id.
 
-    The model is in eval mode, float32 by default, on `device`. `trust_remote_code` stays off
-    unless the caller opts in.
+    The model is in eval mode, float32 by default, on `device`; `device="auto"` spreads it over
+    the available GPUs with accelerate's `device_map="auto"` (the calibration hooks keep each
+    module's statistics on its own device). `trust_remote_code` stays off unless the caller opts in.
     """
     src = resolve(spec)
+    single = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if src.kind == "compressed":
         from .export import load_compressed
-        return load_compressed(src.path, device=device)
+        return load_compressed(src.path, device=single)
     kw = dict(trust_remote_code=trust_remote_code)
-    if src.kind == "gguf":
+    if src.kind == "gguf":  # dequantized on the CPU, then rebuilt as a plain model: one device
         kw["gguf_file"] = src.gguf_file
+        device = single
+    elif device == "auto":
+        kw["device_map"] = "auto"
     with _quiet_transformers():
         if src.kind == "hub":
             try:  # the local Hugging Face cache first, then (unless HF_HUB_OFFLINE) the network
@@ -208,7 +213,9 @@ class _quiet_transformers:
 
 
 def _finish(model: nn.Module, tok, device: str):
-    model = _plain(model).to(device)
+    model = _plain(model)
+    if device != "auto":  # else accelerate placed it
+        model = model.to(device)
     model.eval()
     if tok.pad_token_id is None and tok.eos_token_id is not None:
         tok.pad_token = tok.eos_token

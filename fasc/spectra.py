@@ -159,7 +159,7 @@ def basis_fasc(W: Tensor, C_h: Tensor, B: Tensor, B_inv: Tensor, gamma: float) -
     return Basis(Q, B, B_inv, whitened_curve(S, Q), lam.clamp_min(0))
 
 
-def fisher_spectrum(C_h: Tensor, B: Tensor) -> Tensor:
+def fisher_eigenvalues(C_h: Tensor, B: Tensor) -> Tensor:
     """λ: eigenvalues of B C_h B (B = C_x,δ^{1/2}; the unshrunk Fisher spectrum), descending."""
     C_h = C_h.to(LINALG_DTYPE)
     return torch.linalg.eigvalsh(B @ C_h @ B).flip(0).clamp_min(0)

@@ -198,3 +198,33 @@ def test_layers_per_pass_equals_one_pass(llama, tmp_path):
     a, _ = fasc.calibrate_cached(llama, batches, cfg, root=tmp_path, layers_per_pass=1)
     b, hit = fasc.calibrate_cached(llama, batches, cfg, root=tmp_path)
     assert hit and a.key == b.key
+
+
+def test_device_map_auto_and_bfloat16_weights(saved_llama, monkeypatch):
+    """`--device auto` (accelerate's device_map) and bf16 weights load and calibrate; on a CPU-only
+    machine auto places everything on the CPU and gives the same statistics as a plain load."""
+    from transformers import AutoModelForCausalLM
+
+    batches = random_batches(2)
+    cfg = fasc.CalibConfig(n_tokens=1000, seq_len=24)
+    plain, _ = fasc.load_model(str(saved_llama / "model"))
+    seen = []
+    original = AutoModelForCausalLM.from_pretrained.__func__
+
+    def spy(cls, *a, **kw):
+        seen.append(kw.get("device_map"))
+        return original(cls, *a, **kw)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(spy))
+    auto, _ = fasc.load_model(str(saved_llama / "model"), device="auto")
+    monkeypatch.undo()
+    assert seen == ["auto"] and auto.model.layers[0].mlp.down_proj.weight.device.type == "cpu"
+    a, b = fasc.calibrate(plain, batches, cfg), fasc.calibrate(auto, batches, cfg)
+    for f in a.fqns:
+        assert torch.allclose(a.ch[f], b.ch[f], rtol=1e-9, atol=1e-15)
+    half, _ = fasc.load_model(str(saved_llama / "model"), dtype=torch.bfloat16)
+    assert half.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    c = fasc.calibrate(half, batches, cfg)
+    for f in a.fqns:  # statistics stay float64 sums; bf16 forward+backward perturbs them by ~1e-2
+        assert c.ch[f].dtype == torch.float64 and torch.isfinite(c.ch[f]).all()
+        assert float((c.ch[f] - a.ch[f]).norm() / a.ch[f].norm()) < 0.1
+        assert float((c.C_x(f) - a.C_x(f)).norm() / a.C_x(f).norm()) < 0.05

@@ -10,6 +10,8 @@ import torch
 import fasc
 from fasc.layers import LowRankLinear
 
+from test_app import APP, _navigation_v2, metric  # noqa: F401 - _navigation_v2: autouse, for the AppTest below
+
 pytestmark = pytest.mark.slow
 
 ATOL = 1e-4
@@ -100,3 +102,25 @@ def test_export_factored_and_merged_round_trip(smol, analysed, tmp_path):
     out = fasc.save_compressed(merged, tok, tmp_path / "merged")
     plain = AutoModelForCausalLM.from_pretrained(out).eval()
     assert torch.allclose(logits(plain, ids), ref, atol=ATOL * float(ref.abs().max()))
+
+
+def test_dashboard_on_smollm2(smol, tmp_path, monkeypatch):
+    """The app's "SmolLM2 (real, bundled)" choice: loads offline, calibrates, draws the ρ map."""
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("FASC_APP_MODEL", "SmolLM2")
+    monkeypatch.setenv("FASC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FASC_APP_OUT", str(tmp_path / "out"))
+    st.cache_resource.clear()
+    st.cache_data.clear()
+    at = AppTest.from_file(APP, default_timeout=600)
+    at.session_state["set.tokens@smollm2"] = 512
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.exception] + [e.value for e in at.error]
+    assert metric(at, "Layers") == "30" and metric(at, "Compressible modules") == "210"
+    at.button(key="w.run").click().run()
+    assert not at.exception and at.session_state["calib"]["smollm2"]["modules"] == 210
+    at.switch_page("pages/2_rho_map.py").run()
+    assert not at.exception and not at.error, [e.value for e in at.exception] + [e.value for e in at.error]
+    assert at.session_state["module"].startswith("model.layers.")  # the highest-ρ module, selected
