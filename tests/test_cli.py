@@ -80,3 +80,14 @@ def test_python_dash_m_and_help():
     env = dict(os.environ, PYTHONPATH=os.getcwd())
     r = subprocess.run([sys.executable, "-m", "fasc", "compress", "--help"], capture_output=True, text=True, env=env)
     assert r.returncode == 0 and "--param-ratio" in r.stdout and "example" in r.stdout
+
+
+def test_closed_stdout_is_not_an_error():
+    """`fasc report --json | head`: the reader closing the pipe ends the command quietly (141)."""
+    code = ("import sys, fasc.cli as c\n"
+            "def boom(args): raise BrokenPipeError(32, 'Broken pipe')\n"
+            "p = c.build_parser(); c.build_parser = lambda: p\n"
+            "for sub in p._subparsers._group_actions[0].choices.values(): sub.set_defaults(func=boom)\n"
+            "sys.exit(c.main(['eval']))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 141 and "Traceback" not in r.stderr and "error" not in r.stderr, r.stderr
