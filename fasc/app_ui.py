@@ -354,9 +354,27 @@ def require_analysis() -> Context:
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
-def report_rows(spec: str, key: str, gamma: float, ratio: float, _an: Analysis) -> list:
-    """`Analysis.report(ratio)` rows (small: cached by value)."""
+def report_rows(spec: str, key: str, gamma: float, ratio: float, _an: Analysis, n_rho_fisher: int = 0) -> list:
+    """`Analysis.report(ratio)` rows (small: cached by value; `n_rho_fisher` = modules with ρ measured
+    along Fisher directions, so that the rows are rebuilt once it is measured)."""
     return _an.report(ratio)
+
+
+def measure_rho_fisher(ctx: Context) -> None:
+    """ρ along each module's top Fisher directions (spec §4): one more forward+backward over the
+    calibration text, with a progress bar. Stored with the statistics in memory (for this server),
+    only when the pass completes."""
+    from .rho import rho_fisher_pass
+
+    batches, key = batches_and_key(ctx.lm, calib_request(ctx.lm.spec))
+    if key != ctx.calib["key"]:
+        raise FascError("The calibration settings changed since this calibration ran; run the calibration again "
+                        "on the Model & calibration page first.")
+    bar = Progress("Measuring ρ along Fisher directions", unit="tokens")
+    try:
+        rho_fisher_pass(ctx.lm.model, batches, ctx.an, progress=bar)
+    finally:
+        bar.clear()
 
 
 # ------------------------------------------------------------------------------------------ plan & selection

@@ -10,6 +10,7 @@ from fasc.plots import rho_heatmap
 
 VIEWS = {
     "rho": "ρ (dependence)",
+    "rho_fisher": "ρ along Fisher directions",
     "misalignment": "Misalignment pca ↔ fasc",
     "dl_plan": "Predicted ΔL at current ranks",
 }
@@ -31,9 +32,21 @@ def main() -> None:
             ratio = st.slider("Reference rank ratio", 0.05, 1.0, step=0.05, **ui.bind("rho_ratio", 0.5),
                               help="Misalignment is measured at rank round(ratio·min(m, n)) of every module.")
             ui.commit("rho_ratio", float(ratio))
-        rows = ui.report_rows(ctx.lm.spec, ctx.calib["key"], an.cfg.gamma, float(ratio), an)
+        if view == "rho_fisher" and not an.stats.sketch_fisher:
+            st.info("ρ along each module's top Fisher directions — the input directions FASC keeps — needs one "
+                    "more forward+backward pass over the calibration text (about as long as the calibration). "
+                    "Where it is large, the decoupled ΔL prediction is least trustworthy for the directions "
+                    "that matter (spec §4).", icon=":material/info:")
+            if st.button("Measure ρ along Fisher directions", key="w.rho_fisher_run", icon=":material/play_arrow:",
+                         type="primary"):
+                ui.measure_rho_fisher(ctx)
+                st.rerun()
+            view = "rho"
+        rows = ui.report_rows(ctx.lm.spec, ctx.calib["key"], an.cfg.gamma, float(ratio), an,
+                              len(an.stats.sketch_fisher))
         values = S.plan_values(plan, an) if view == "dl_plan" else None
         title = {"rho": "ρ = mean |ρ(u)| over random unit directions (0 = independent)",
+                 "rho_fisher": "ρ = mean |ρ(u)| over each module's top Fisher directions (the ones FASC keeps)",
                  "misalignment": f"Share of the FASC subspace missed by PCA at rank ratio {ratio:g}",
                  "dl_plan": f"Predicted ΔL per module at the current ranks (Σ = {plan.predicted(an):.4g} nats/token)"}[view]
         fig = rho_heatmap(rows, value=view, selected=sel, values=values, title=title)
@@ -57,6 +70,9 @@ def main() -> None:
             st.rerun()
         k = plan.ranks.get(sel)
         st.metric("ρ (mean |ρ(u)|)", f"{r.rho:.3f}", help=f"signed mean {r.rho_signed:+.3f}")
+        if r.rho_fisher is not None:
+            st.metric("ρ along Fisher directions", f"{r.rho_fisher:.3f}",
+                      help=f"signed mean {r.rho_fisher_signed:+.3f}, over the module's top Fisher directions")
         st.metric(f"Misalignment at k = {r.rank}", f"{r.misalignment:.1%}")
         if k is not None:
             st.metric(f"Plan: rank {k} / {an.info(sel).max_rank} ({plan.methods[sel]})",

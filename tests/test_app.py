@@ -9,10 +9,12 @@ well under a second. Pure rules of `fasc.app_state` are tested directly at the e
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
@@ -246,6 +248,24 @@ def test_rho_map_views_and_selection(env):
     # the selection is shared with the Spectra page
     goto(at, "pages/3_spectra.py")
     assert at.selectbox(key="w.spec_module").value == target
+
+
+def test_rho_along_fisher_directions_is_measured_on_request(env):
+    at = goto(calibrated(env), "pages/2_rho_map.py")
+    at.button_group[0].set_value("rho_fisher").run()
+    ok(at)
+    assert any("one more forward+backward" in i.value for i in at.info)
+    stats = app_ui.get_stats(at.session_state["calib"][env["spec"]]["key"])
+    assert not stats.sketch_fisher  # nothing measured before the click
+    at.button(key="w.rho_fisher_run").click().run()
+    ok(at)
+    assert len(stats.sketch_fisher) == 14 and not at.info
+    spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert "Fisher directions" in spec["layout"]["title"]["text"]
+    z = spec["data"][0]["z"]  # plotly's typed-array encoding
+    z = np.frombuffer(base64.b64decode(z["bdata"]), dtype=z["dtype"]) if isinstance(z, dict) else np.array(z, float)
+    assert z.size == 14 and np.isfinite(z).all() and (z >= 0).all()
+    assert any(m.label == "ρ along Fisher directions" for m in at.metric)
 
 
 # ------------------------------------------------------------------------------------------ page 3
