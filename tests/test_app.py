@@ -268,6 +268,16 @@ def test_rho_along_fisher_directions_is_measured_on_request(env):
     assert any(m.label == "ρ along Fisher directions" for m in at.metric)
 
 
+def test_rho_along_fisher_directions_after_settings_changed_is_one_line_error(env):
+    at = goto(calibrated(env), "pages/2_rho_map.py")
+    at.button_group[0].set_value("rho_fisher").run()
+    at.session_state[f"set.tokens@{env['spec']}"] = TOKENS // 2  # the settings no longer match the statistics
+    at.button(key="w.rho_fisher_run").click().run()
+    ok(at)
+    assert errors(at) and "run the calibration again" in errors(at)[0] and "\n" not in errors(at)[0]
+    assert not app_ui.get_stats(at.session_state["calib"][env["spec"]]["key"]).sketch_fisher
+
+
 # ------------------------------------------------------------------------------------------ page 3
 def test_spectra_rank_slider_edits_the_plan(env):
     at = goto(calibrated(env), "pages/3_spectra.py")
