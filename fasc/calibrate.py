@@ -18,14 +18,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import CalibConfig
-from .data import Batch, data_fingerprint
+from .data import Batch, data_fingerprint, next_tokens
 from .errors import FascError
-from .modules import ModuleInfo, find_linears, model_fingerprint
+from .modules import ModuleInfo, find_linears, model_fingerprint, weight_matrix
 from .stats import CalibStats
 
 log = logging.getLogger("fasc")
 
-Progress = Callable[[int, int], None]
+ProgressFn = Callable[[int, int], None]  # progress(done, total)
 
 
 def stats_dtypes(cfg: CalibConfig, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
@@ -226,7 +226,6 @@ class Calibrator:
 
     def _make_bwd(self, info: ModuleInfo, module: nn.Module):
         fqn = info.fqn
-        transposed = info.transposed
         dev = self._dev[fqn]
 
         def hook(mod, grad_input, grad_output):
@@ -237,8 +236,7 @@ class Calibrator:
             G = self._rows(grad_output[0], dev)
             h = grad_input[0] if grad_input else None
             if h is None:  # input does not require grad: h = Wᵀ g recomputed
-                W = module.weight
-                H = G @ (W.T if transposed else W).to(dev, self.dtype)
+                H = G @ weight_matrix(module).to(dev, self.dtype)
             else:
                 H = self._rows(h, dev)
             if self.covariances:
@@ -273,7 +271,7 @@ class Calibrator:
             probs = torch.softmax(z.detach(), -1).cpu()
             tgt = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(dev)
         else:
-            nxt = torch.cat([ids[:, 1:], ids[:, :1]], 1)
+            nxt = next_tokens(ids)
             tgt = nxt[tm]
         loss = F.cross_entropy(z, tgt, reduction="sum")            # summed: per-token gradients unscaled
         if not torch.isfinite(loss):
@@ -349,7 +347,7 @@ class Calibrator:
 
 
 def calibrate(model: nn.Module, batches: Iterable[Batch], cfg: CalibConfig,
-              progress: Progress | None = None, *, modules: list[ModuleInfo] | None = None,
+              progress: ProgressFn | None = None, *, modules: list[ModuleInfo] | None = None,
               model_fp: str | None = None) -> CalibStats:
     """Run calibration over `batches` and return the statistics; the model is left as it was.
 

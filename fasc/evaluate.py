@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import Example, encode_example, text_rows
+from .data import Example, encode_example, next_tokens, pad_rows, text_rows
 from .errors import FascError
 
 
@@ -58,12 +58,7 @@ def perplexity(model: nn.Module, tokenizer, text: str, seq_len: int = 256, batch
     try:
         for i in range(0, len(windows), batch_size):
             chunk = windows[i:i + batch_size]
-            L = max(len(w) for w in chunk)
-            x = torch.zeros(len(chunk), L, dtype=torch.long)
-            mask = torch.zeros(len(chunk), L, dtype=torch.long)
-            for b, w in enumerate(chunk):
-                x[b, : len(w)] = torch.tensor(w)
-                mask[b, : len(w)] = 1
+            x, mask = pad_rows(chunk)
             logits = model(input_ids=x.to(dev), attention_mask=mask.to(dev), use_cache=False).logits.float()
             tgt = x[:, 1:].to(dev)
             valid = mask[:, 1:].bool().to(dev)
@@ -91,12 +86,7 @@ def fact_recall(model: nn.Module, tokenizer, examples: list[Example], batch_size
     try:
         for i in range(0, len(encoded), batch_size):
             chunk = encoded[i:i + batch_size]
-            L = max(len(ids) for ids, _ in chunk)
-            x = torch.zeros(len(chunk), L, dtype=torch.long)
-            mask = torch.zeros(len(chunk), L, dtype=torch.long)
-            for b, (ids, _) in enumerate(chunk):
-                x[b, : len(ids)] = torch.tensor(ids)
-                mask[b, : len(ids)] = 1
+            x, mask = pad_rows([ids for ids, _ in chunk])
             pred = model(input_ids=x.to(dev), attention_mask=mask.to(dev), use_cache=False).logits.argmax(-1).cpu()
             for b, (ids, start) in enumerate(chunk):
                 hits = pred[b, start - 1: len(ids) - 1] == torch.tensor(ids[start:])
@@ -126,7 +116,7 @@ def target_loss(model: nn.Module, batches, temperature: float = 1.0) -> float:
             ids = b.input_ids.to(dev)
             logits = model(input_ids=ids, attention_mask=b.attention_mask.to(dev), use_cache=False).logits
             tm = b.target_mask.to(dev)
-            nxt = torch.cat([ids[:, 1:], ids[:, :1]], 1)
+            nxt = next_tokens(ids)
             total += float(F.cross_entropy(logits[tm].float() / temperature, nxt[tm], reduction="sum"))
             n += int(b.stat_mask.sum())
     finally:

@@ -4,8 +4,10 @@ selects that module on every page."""
 
 import streamlit as st
 
-from fasc import app_state as S
-from fasc import app_ui as ui
+from fasc.app import ui
+from fasc.app.format import mean_rho
+from fasc.app.state import select_module, selected_module
+from fasc.app.table import plan_values, selected_fqn
 from fasc.plots import rho_heatmap
 
 VIEWS = {
@@ -20,8 +22,8 @@ def main() -> None:
     st.title("ρ map")
     ctx = ui.require_analysis()
     an = ctx.an
-    plan = ui.current_plan(ctx)
-    sel = ui.selected_module(an)
+    plan = ctx.plan()
+    sel = selected_module(an)
 
     left, right = st.columns([3, 1], gap="medium")
     with left:
@@ -32,7 +34,7 @@ def main() -> None:
             ratio = st.slider("Reference rank ratio", 0.05, 1.0, step=0.05, **ui.bind("rho_ratio", 0.5),
                               help="Misalignment is measured at rank round(ratio·min(m, n)) of every module.")
             ui.commit("rho_ratio", float(ratio))
-        if view == "rho_fisher" and not an.stats.sketch_fisher:
+        if view == "rho_fisher" and not ctx.rho_fisher and not an.stats.sketch_fisher:
             st.info("ρ along each module's top Fisher directions — the input directions FASC keeps — needs one "
                     "more forward+backward pass over the calibration text (about as long as the calibration). "
                     "Where it is large, the decoupled ΔL prediction is least trustworthy for the directions "
@@ -42,9 +44,8 @@ def main() -> None:
                 ui.measure_rho_fisher(ctx)
                 st.rerun()
             view = "rho"
-        rows = ui.report_rows(ctx.lm.spec, ctx.calib["key"], an.cfg.gamma, float(ratio), an,
-                              len(an.stats.sketch_fisher))
-        values = S.plan_values(plan, an) if view == "dl_plan" else None
+        rows = ui.report_rows(ctx, float(ratio))
+        values = plan_values(plan, an) if view == "dl_plan" else None
         title = {"rho": "ρ = mean |ρ(u)| over random unit directions (0 = independent)",
                  "rho_fisher": "ρ = mean |ρ(u)| over each module's top Fisher directions (the ones FASC keeps)",
                  "misalignment": f"Share of the FASC subspace missed by PCA at rank ratio {ratio:g}",
@@ -52,9 +53,9 @@ def main() -> None:
         fig = rho_heatmap(rows, value=view, selected=sel, values=values, title=title)
 
         def on_select() -> None:
-            fqn = S.selected_fqn(st.session_state.get("rho_chart"), rows)
+            fqn = selected_fqn(st.session_state.get("rho_chart"), rows)
             if fqn:
-                ui.select_module(fqn)
+                select_module(fqn)
 
         st.plotly_chart(fig, width="stretch", key="rho_chart", on_select=on_select, selection_mode="points",
                         config={"displayModeBar": False})
@@ -66,7 +67,7 @@ def main() -> None:
         pick = st.selectbox("Module", names, index=names.index(sel), label_visibility="collapsed",
                             key=f"w.rho_pick.{sel}")
         if pick != sel:
-            ui.select_module(pick)
+            select_module(pick)
             st.rerun()
         k = plan.ranks.get(sel)
         st.metric("ρ (mean |ρ(u)|)", f"{r.rho:.3f}", help=f"signed mean {r.rho_signed:+.3f}")
@@ -83,7 +84,7 @@ def main() -> None:
         st.markdown("**Highest ρ**")
         st.dataframe({"module": [f"L{x.layer} {x.kind}" for x in top], "ρ": [round(x.rho, 3) for x in top]},
                      hide_index=True, width="stretch")
-    st.caption(f"Mean ρ over {len(rows)} modules: {S.mean_rho(rows):.3f}. High-ρ modules are where activations "
+    st.caption(f"Mean ρ over {len(rows)} modules: {mean_rho(rows):.3f}. High-ρ modules are where activations "
                f"and gradients are coupled — where variance-only compression is most likely to lose knowledge "
                f"and Fisher-aligned subspaces matter most.")
 

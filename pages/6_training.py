@@ -6,9 +6,10 @@ from dataclasses import replace
 
 import streamlit as st
 
-from fasc import app_state as S
-from fasc import app_ui as ui
-from fasc.pipeline import default_data
+from fasc.app import choices as C
+from fasc.app import ui
+from fasc.app.format import mean_rho
+from fasc.pipeline import model_defaults
 from fasc.plots import rho_heatmap, training_figure
 
 VIEWS = {"rho": "ρ", "misalignment": "Misalignment pca ↔ fasc"}
@@ -17,7 +18,7 @@ VIEWS = {"rho": "ρ", "misalignment": "Misalignment pca ↔ fasc"}
 def checkpoint_stats(path, tokens: int, calibrate: bool):
     """(Analysis, rows) of a checkpoint, calibrating it when `calibrate` (else None if not cached)."""
     lm = ui.get_model(str(path))
-    req = ui.calib_request(lm.spec, data_path=default_data(lm.spec).calib)
+    req = ui.calib_request(lm.spec, data_path=model_defaults(lm.spec).calib)
     req.cfg = replace(req.cfg, n_tokens=int(tokens))
     info = ui.cached_info(lm, req)
     if info is None:
@@ -25,8 +26,8 @@ def checkpoint_stats(path, tokens: int, calibrate: bool):
             return None
         info = ui.calibrate_now(lm, req, label=f"Calibrating {path.name}")
     an = ui.get_analysis(lm, info["key"])
-    rows = ui.report_rows(lm.spec, info["key"], an.cfg.gamma, 0.5, an)
-    st.session_state.setdefault("ckpt_rho", {})[path.name] = S.mean_rho(rows)
+    rows = ui.report_rows(ui.Context(lm, info, an), 0.5)
+    st.session_state.setdefault("ckpt_rho", {})[path.name] = mean_rho(rows)
     st.session_state.setdefault("ckpt_max", {})[(path.name, "rho")] = max(r.rho for r in rows)
     st.session_state["ckpt_max"][(path.name, "misalignment")] = max(r.misalignment for r in rows)
     return lm, an, rows
@@ -34,16 +35,16 @@ def checkpoint_stats(path, tokens: int, calibrate: bool):
 
 def main() -> None:
     st.title("Knowledge over training")
-    root = S.checkpoints_root()
-    ckpts = S.list_checkpoints(root)
+    root = C.checkpoints_root()
+    ckpts = C.list_checkpoints(root)
     if not ckpts:
         st.info(f"No training checkpoints in `{root}`. They are written by `python -m fasc.demo.train` "
                 f"(ckpt-000 … ckpt-100 along the demo model's training); then this page shows how the ρ map "
                 f"changes as the model learns its facts.", icon=":material/info:")
         return
-    log = S.training_log(root)
-    entries = S.checkpoint_entries(log)
-    labels = [S.checkpoint_label(p, entries.get(p.name)) for p in ckpts]
+    log = C.training_log(root)
+    entries = C.checkpoint_entries(log)
+    labels = [C.checkpoint_label(p, entries.get(p.name)) for p in ckpts]
 
     c = st.columns([5, 2, 2], vertical_alignment="bottom")
     idx = c[0].select_slider("Checkpoint", options=list(range(len(ckpts))), format_func=lambda i: labels[i],
@@ -70,7 +71,7 @@ def main() -> None:
                 from fasc.data import load_probe
                 from fasc.evaluate import fact_recall
 
-                cache[path.name] = fact_recall(lm.model, lm.tok, load_probe(default_data(lm.spec).probe)).first_token
+                cache[path.name] = fact_recall(lm.model, lm.tok, load_probe(model_defaults(lm.spec).probe)).first_token
         recalls = [cache.get(p.name, r) for p, r in zip(ckpts, recalls)]
     for p in ckpts:  # checkpoints calibrated before (this or another session): their mean ρ from the cache
         if p.name not in st.session_state.get("ckpt_rho", {}):
@@ -81,14 +82,14 @@ def main() -> None:
     left, right = st.columns([3, 2], gap="medium")
     with left:
         top = max(v for (n, w), v in st.session_state["ckpt_max"].items() if w == view)
-        fig = rho_heatmap(rows, value=view, title=f"{VIEWS[view]} · {path.name} (mean ρ {S.mean_rho(rows):.3f})",
+        fig = rho_heatmap(rows, value=view, title=f"{VIEWS[view]} · {path.name} (mean ρ {mean_rho(rows):.3f})",
                           zrange=(0.0, top))  # one colour scale for every checkpoint seen
         st.plotly_chart(fig, width="stretch", key="ckpt_heat")
     with right:
         m = st.columns(2)
         m[0].metric("Fact recall", "—" if recalls[idx] is None else f"{recalls[idx]:.1%}",
                     help="top-1 first answer token on the demo's facts" + (" (training log)" if entries else ""))
-        m[1].metric("Mean ρ", f"{S.mean_rho(rows):.3f}")
+        m[1].metric("Mean ρ", f"{mean_rho(rows):.3f}")
         st.plotly_chart(training_figure(steps, recalls, [rho_by.get(p.name) for p in ckpts], current=idx,
                                         labels=[p.name for p in ckpts]), width="stretch", key="ckpt_curve")
         missing = [p for p in ckpts if p.name not in rho_by]

@@ -35,7 +35,7 @@ def smol():
 def analysed(smol, tmp_path_factory):
     model, tok = smol
     cfg = fasc.CalibConfig(n_tokens=2048, seq_len=256, batch_size=4)
-    batches = fasc.batches_from_files(tok, [fasc.default_data("smollm2").calib], cfg)
+    batches = fasc.batches_from_files(tok, [fasc.model_defaults("smollm2").calib], cfg)
     root = tmp_path_factory.mktemp("cache")
     stats, hit = fasc.calibrate_cached(model, batches, cfg, root=root)
     assert not hit and 1900 < stats.n_tokens <= 2048  # real tokens that have a next-token target
