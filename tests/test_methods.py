@@ -10,9 +10,9 @@ import fasc
 from fasc.allocate import greedy_ranks, module_params
 from fasc.layers import LowRankLinear
 
-from conftest import ARCHS, VOCAB, random_batches, tiny_model
+from helpers import ARCHS, VOCAB, random_batches, tiny_model
 
-ATOL = 2e-5
+LOGITS_ATOL = 2e-5  # float32 logits of a tiny model: full-rank reconstruction vs the original
 METHODS = list(fasc.METHODS)
 TAU = 0.05  # hybrid threshold low enough that the tiny models' modules split between fasc and asvd
 
@@ -42,7 +42,7 @@ def test_full_rank_reproduces_logits(analysed, arch, method):
     m2 = copy.deepcopy(model)
     fasc.compress_(m2, an, plan)
     ids = torch.randint(5, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
-    assert torch.allclose(logits(m2, ids), logits(model, ids), atol=ATOL)
+    assert torch.allclose(logits(m2, ids), logits(model, ids), atol=LOGITS_ATOL)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

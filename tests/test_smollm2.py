@@ -14,7 +14,7 @@ from test_app import APP, _navigation_v2, metric  # noqa: F401 - _navigation_v2:
 
 pytestmark = pytest.mark.slow
 
-ATOL = 1e-4
+LOGITS_REL_ATOL = 1e-4  # merged export reloaded by plain transformers vs in memory, relative to max |logit|
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def test_export_factored_and_merged_round_trip(smol, analysed, tmp_path):
     fasc.compress_(merged, analysed, plan, merge=True)
     out = fasc.save_compressed(merged, tok, tmp_path / "merged")
     plain = AutoModelForCausalLM.from_pretrained(out).eval()
-    assert torch.allclose(logits(plain, ids), ref, atol=ATOL * float(ref.abs().max()))
+    assert torch.allclose(logits(plain, ids), ref, atol=LOGITS_REL_ATOL * float(ref.abs().max()))
 
 
 def test_dashboard_on_smollm2(smol, tmp_path, monkeypatch):
