@@ -14,12 +14,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import spectra
 from .config import BASE_METHODS, CompressConfig
 from .errors import FascError
 from .linalg import LINALG_DTYPE
 from .modules import ModuleInfo, weight_matrix
 from .spectra import (Basis, Whitening, basis_asvd, basis_fasc, basis_fwsvd, basis_pca, basis_svd,
-                      fisher_eigenvalues, misalignment_curve, rho_from_sketch, whitening)
+                      misalignment_curve, rho_from_sketch, whitening)
 from .stats import CalibStats
 
 
@@ -144,8 +145,8 @@ class Analysis:
             b = basis_asvd(W, C_h, wh.B, wh.B_inv)
         else:
             b = basis_fasc(W, C_h, wh.B, wh.B_inv, self.cfg.gamma)
-            if b.fisher_values is not None:  # γ = 0: the Fisher spectrum is the basis' own
-                self.summaries[(fqn, "fisher")] = Summary(b.curve, b.fisher_values)
+            if b.fisher_spectrum is not None:  # γ = 0: the Fisher spectrum is the basis' own
+                self.summaries[(fqn, "fisher")] = Summary(b.curve, b.fisher_spectrum)
         self.summaries[key] = Summary(b.curve, b.values)
         self._bases[key] = b
         while len(self._bases) > self.max_cached_bases:
@@ -160,7 +161,7 @@ class Analysis:
             elif self.cfg.gamma == 0:
                 self.basis(fqn, "fasc")
             else:  # a diagnostic (Spectra page, report): not computed when a basis is only compressed with
-                self.summaries[key] = Summary(None, fisher_eigenvalues(self.stats.ch[fqn], self.whitening(fqn).B))
+                self.summaries[key] = Summary(None, spectra.fisher_spectrum(self.stats.ch[fqn], self.whitening(fqn).B))
         return self.summaries[key]
 
     def precompute(self, methods: tuple[str, ...] = ("pca", "fasc"),

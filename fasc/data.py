@@ -40,10 +40,6 @@ class Batch:
         last = torch.where(self.target_mask.any(1), (self.target_mask * pos).amax(1), torch.full_like(pos[:1], -1))
         return (pos[None, :] <= last[:, None]) & self.attention_mask.bool()
 
-    @property
-    def n_real(self) -> int:
-        return int(self.attention_mask.sum())
-
 
 @dataclass(frozen=True)
 class Example:

@@ -13,6 +13,7 @@ from torch import nn
 
 from .data import Example, encode_example, next_tokens, pad_rows, text_rows
 from .errors import FascError
+from .model_state import eval_mode
 
 
 @dataclass
@@ -51,11 +52,9 @@ def perplexity(model: nn.Module, tokenizer, text: str, seq_len: int = 256, batch
         windows = kept
     if not windows:
         raise FascError("The evaluation text has fewer than 2 tokens; give a longer held-out text.")
-    was_training = model.training
-    model.eval()
     dev = _device(model)
     nll, count = 0.0, 0
-    try:
+    with eval_mode(model):
         for i in range(0, len(windows), batch_size):
             chunk = windows[i:i + batch_size]
             x, mask = pad_rows(chunk)
@@ -67,8 +66,6 @@ def perplexity(model: nn.Module, tokenizer, text: str, seq_len: int = 256, batch
             count += int(valid.sum())
             if progress is not None:
                 progress(min(i + batch_size, len(windows)), len(windows))
-    finally:
-        model.train(was_training)
     return math.exp(nll / count)
 
 
@@ -79,11 +76,9 @@ def fact_recall(model: nn.Module, tokenizer, examples: list[Example], batch_size
     if not examples:
         raise FascError("The probe has no facts; give a JSONL file with prompt/answer lines.")
     encoded = [encode_example(tokenizer, ex) for ex in examples]
-    was_training = model.training
-    model.eval()
     dev = _device(model)
     first, exact = [], []
-    try:
+    with eval_mode(model):
         for i in range(0, len(encoded), batch_size):
             chunk = encoded[i:i + batch_size]
             x, mask = pad_rows([ids for ids, _ in chunk])
@@ -94,8 +89,6 @@ def fact_recall(model: nn.Module, tokenizer, examples: list[Example], batch_size
                 exact.append(bool(hits.all()))
             if progress is not None:
                 progress(min(i + batch_size, len(encoded)), len(encoded))
-    finally:
-        model.train(was_training)
     by_rel: dict[str, list[bool]] = defaultdict(list)
     for ex, ok in zip(examples, first):
         by_rel[ex.relation or "all"].append(ok)
@@ -107,11 +100,9 @@ def fact_recall(model: nn.Module, tokenizer, examples: list[Example], batch_size
 def target_loss(model: nn.Module, batches, temperature: float = 1.0) -> float:
     """Σ CE(logits/T) over the batches' target tokens divided by their statistics tokens N — the
     quantity whose increase the predicted ΔL estimates (nats per token, spec §2)."""
-    was_training = model.training
-    model.eval()
     dev = _device(model)
     total, n = 0.0, 0
-    try:
+    with eval_mode(model):
         for b in batches:
             ids = b.input_ids.to(dev)
             logits = model(input_ids=ids, attention_mask=b.attention_mask.to(dev), use_cache=False).logits
@@ -119,6 +110,4 @@ def target_loss(model: nn.Module, batches, temperature: float = 1.0) -> float:
             nxt = next_tokens(ids)
             total += float(F.cross_entropy(logits[tm].float() / temperature, nxt[tm], reduction="sum"))
             n += int(b.stat_mask.sum())
-    finally:
-        model.train(was_training)
     return total / max(n, 1)

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fasc.data import pad_rows
+from fasc.model_state import eval_mode
 from fasc.demo.world import Fact
 
 __all__ = ["fact_recall", "load_facts", "main", "svd_recall_drop", "svd_report", "svd_truncate_"]
@@ -77,17 +78,15 @@ def fact_recall(
     """
     if not facts:
         return 0.0
-    was_training = model.training
-    model.eval()
     ids, last, answers = _encoded if _encoded is not None else _encode_prompts(tokenizer, facts)
     hits = 0
-    for start in range(0, len(facts), batch_size):
-        sl = slice(start, start + batch_size)
-        # Right padding + causal attention: the prompt positions never see pads.
-        logits = model(input_ids=ids[sl]).logits
-        pred = logits[torch.arange(logits.shape[0]), last[sl]].argmax(-1)
-        hits += int((pred == answers[sl]).sum())
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, len(facts), batch_size):
+            sl = slice(start, start + batch_size)
+            # Right padding + causal attention: the prompt positions never see pads.
+            logits = model(input_ids=ids[sl]).logits
+            pred = logits[torch.arange(logits.shape[0]), last[sl]].argmax(-1)
+            hits += int((pred == answers[sl]).sum())
     return hits / len(facts)
 
 
