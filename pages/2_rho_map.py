@@ -18,6 +18,34 @@ VIEWS = {
 }
 
 
+def module_panel(ctx: ui.Context, rows: list, sel: str, plan) -> None:
+    """The selected module's numbers, a module picker and the highest-ρ modules."""
+    an = ctx.an
+    r = next(x for x in rows if x.fqn == sel)
+    st.markdown(f"**Selected:** {sel}")
+    names = [x.fqn for x in rows]
+    pick = st.selectbox("Module", names, index=names.index(sel), label_visibility="collapsed",
+                        key=f"w.rho_pick.{sel}")
+    if pick != sel:
+        select_module(pick)
+        st.rerun()
+    k = plan.ranks.get(sel)
+    st.metric("ρ (mean |ρ(u)|)", f"{r.rho:.3f}", help=f"signed mean {r.rho_signed:+.3f}")
+    if r.rho_fisher is not None:
+        st.metric("ρ along Fisher directions", f"{r.rho_fisher:.3f}",
+                  help=f"signed mean {r.rho_fisher_signed:+.3f}, over the module's top Fisher directions")
+    st.metric(f"Misalignment at k = {r.rank}", f"{r.misalignment:.1%}")
+    if k is not None:
+        st.metric(f"Plan: rank {k} / {an.info(sel).max_rank} ({plan.methods[sel]})",
+                  f"ΔL {an.predicted(sel, plan.methods[sel], k):.3g}",
+                  help="predicted loss increase of this module at its planned rank, nats/token")
+    st.page_link(ui.PAGES["spectra"], label="Spectra of this module", icon=":material/ssid_chart:")
+    top = sorted(rows, key=lambda x: -x.rho)[:5]
+    st.markdown("**Highest ρ**")
+    st.dataframe({"module": [f"L{x.layer} {x.kind}" for x in top], "ρ": [round(x.rho, 3) for x in top]},
+                 hide_index=True, width="stretch")
+
+
 def main() -> None:
     st.title("ρ map")
     ctx = ui.require_analysis()
@@ -61,29 +89,7 @@ def main() -> None:
                         config={"displayModeBar": False})
         st.caption("Hover a cell for its numbers; click it to select the module for the Spectra and Ranks pages.")
     with right:
-        r = next(x for x in rows if x.fqn == sel)
-        st.markdown(f"**Selected:** {sel}")
-        names = [x.fqn for x in rows]
-        pick = st.selectbox("Module", names, index=names.index(sel), label_visibility="collapsed",
-                            key=f"w.rho_pick.{sel}")
-        if pick != sel:
-            select_module(pick)
-            st.rerun()
-        k = plan.ranks.get(sel)
-        st.metric("ρ (mean |ρ(u)|)", f"{r.rho:.3f}", help=f"signed mean {r.rho_signed:+.3f}")
-        if r.rho_fisher is not None:
-            st.metric("ρ along Fisher directions", f"{r.rho_fisher:.3f}",
-                      help=f"signed mean {r.rho_fisher_signed:+.3f}, over the module's top Fisher directions")
-        st.metric(f"Misalignment at k = {r.rank}", f"{r.misalignment:.1%}")
-        if k is not None:
-            st.metric(f"Plan: rank {k} / {an.info(sel).max_rank} ({plan.methods[sel]})",
-                      f"ΔL {an.predicted(sel, plan.methods[sel], k):.3g}",
-                      help="predicted loss increase of this module at its planned rank, nats/token")
-        st.page_link(ui.PAGES["spectra"], label="Spectra of this module", icon=":material/ssid_chart:")
-        top = sorted(rows, key=lambda x: -x.rho)[:5]
-        st.markdown("**Highest ρ**")
-        st.dataframe({"module": [f"L{x.layer} {x.kind}" for x in top], "ρ": [round(x.rho, 3) for x in top]},
-                     hide_index=True, width="stretch")
+        module_panel(ctx, rows, sel, plan)
     st.caption(f"Mean ρ over {len(rows)} modules: {mean_rho(rows):.3f}. High-ρ modules are where activations "
                f"and gradients are coupled — where variance-only compression is most likely to lose knowledge "
                f"and Fisher-aligned subspaces matter most.")

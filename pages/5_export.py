@@ -14,6 +14,29 @@ from fasc.export import FASC_CONFIG
 from fasc.pipeline import compress_and_save
 
 
+def show_result(res: dict) -> None:
+    """The last export of this session: sizes, files and downloads."""
+    st.success(f"Wrote {res['out']} ({'merged' if res['merged'] else 'factored'}) in {res['seconds']:.1f} s.",
+               icon=":material/check_circle:")
+    c = st.columns(4)
+    c[0].metric("Export size", human_bytes(res["export_bytes"]))
+    c[1].metric("Model parameters", f"{res['model_params_after'] / 1e6:.3f} M",
+                delta=f"{res['model_params_after'] - res['model_params_before']:+,}", delta_color="inverse")
+    c[2].metric("Kept in compressed modules", f"{res['param_ratio']:.1%}")
+    c[3].metric("Predicted ΔL", f"{res['predicted_delta_loss']:.4g}")
+    st.dataframe([{"file": k, "size": human_bytes(v)} for k, v in res["files"].items()], hide_index=True)
+    c = st.columns(2)
+    c[0].download_button("Download plan.json", res["plan"], file_name="plan.json", mime="application/json",
+                         icon=":material/download:", key="w.dl_plan")
+    cfg_path = Path(res["out"]) / FASC_CONFIG
+    if cfg_path.is_file():
+        c[1].download_button("Download fasc_config.json", cfg_path.read_text(), file_name="fasc_config.json",
+                             mime="application/json", icon=":material/download:", key="w.dl_cfg")
+        with st.expander("fasc_config.json"):
+            st.json(json.loads(cfg_path.read_text()), expanded=1)
+    st.caption(f"Evaluate it: `fasc eval --model {res['out']}` · load it: `fasc.load_model({res['out']!r})`.")
+
+
 def main() -> None:
     st.title("Export")
     ctx = ui.require_analysis()
@@ -56,25 +79,6 @@ def main() -> None:
 
     res = st.session_state.get("export_result")
     if res:
-        st.success(f"Wrote {res['out']} ({'merged' if res['merged'] else 'factored'}) in {res['seconds']:.1f} s.",
-                   icon=":material/check_circle:")
-        c = st.columns(4)
-        c[0].metric("Export size", human_bytes(res["export_bytes"]))
-        c[1].metric("Model parameters", f"{res['model_params_after'] / 1e6:.3f} M",
-                    delta=f"{res['model_params_after'] - res['model_params_before']:+,}", delta_color="inverse")
-        c[2].metric("Kept in compressed modules", f"{res['param_ratio']:.1%}")
-        c[3].metric("Predicted ΔL", f"{res['predicted_delta_loss']:.4g}")
-        st.dataframe([{"file": k, "size": human_bytes(v)} for k, v in res["files"].items()], hide_index=True)
-        c = st.columns(2)
-        c[0].download_button("Download plan.json", res["plan"], file_name="plan.json", mime="application/json",
-                             icon=":material/download:", key="w.dl_plan")
-        cfg_path = Path(res["out"]) / FASC_CONFIG
-        if cfg_path.is_file():
-            c[1].download_button("Download fasc_config.json", cfg_path.read_text(), file_name="fasc_config.json",
-                                 mime="application/json", icon=":material/download:", key="w.dl_cfg")
-            with st.expander("fasc_config.json"):
-                st.json(json.loads(cfg_path.read_text()), expanded=1)
-        st.caption(f"Evaluate it: `fasc eval --model {res['out']}` · load it: `fasc.load_model({res['out']!r})`.")
-
+        show_result(res)
 
 ui.run_page(main)
