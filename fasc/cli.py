@@ -268,8 +268,6 @@ def _common(p: argparse.ArgumentParser, calib: bool = True) -> None:
     dc = CompressConfig()
     k.add_argument("--damping", type=float, default=dc.damping, help=field_help(CompressConfig, "damping"))
     k.add_argument("--gamma", type=float, default=dc.gamma, help=field_help(CompressConfig, "gamma"))
-    k.add_argument("--tau", type=float, default=HYBRID_TAU, help=TAU_HELP)
-    k.add_argument("--fallback", default=HYBRID_FALLBACK, choices=FALLBACK_METHODS, help=FALLBACK_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -301,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "--merge --out out/d-merged")
     _common(s)
     s.add_argument("--method", default="fasc", choices=METHODS, help="compression method (spec §5)")
+    s.add_argument("--tau", type=float, default=HYBRID_TAU, help=TAU_HELP)
+    s.add_argument("--fallback", default=HYBRID_FALLBACK, choices=FALLBACK_METHODS, help=FALLBACK_HELP)
     r = s.add_argument_group("ranks (exactly one)")
     r.add_argument("--rank-ratio", type=float, help="k = round(R·min(m,n)) on every selected module")
     r.add_argument("--param-ratio", type=float, help="keep this fraction of the selected modules' parameters; "
