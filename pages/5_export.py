@@ -30,9 +30,9 @@ def show_result(res: dict) -> None:
                          icon=":material/download:", key="w.dl_plan")
     cfg_path = Path(res["out"]) / FASC_CONFIG
     if cfg_path.is_file():
-        c[1].download_button("Download fasc_config.json", cfg_path.read_text(), file_name="fasc_config.json",
+        c[1].download_button("Download fasc_config.json", cfg_path.read_text(), file_name=FASC_CONFIG,
                              mime="application/json", icon=":material/download:", key="w.dl_cfg")
-        with st.expander("fasc_config.json"):
+        with st.expander(FASC_CONFIG):
             st.json(json.loads(cfg_path.read_text()), expanded=1)
     st.caption(f"Evaluate it: `fasc eval --model {res['out']}` · load it: `fasc.load_model({res['out']!r})`.")
 
