@@ -66,6 +66,12 @@ def _compress_cfg(args) -> CompressConfig:
                           tau=args.tau, fallback=args.fallback)
 
 
+def _linalg_cfg(args):
+    from .linalg_device import LinalgConfig
+
+    return LinalgConfig(device=args.linalg_device, dtype=args.linalg_dtype, small_side=not args.no_small_side)
+
+
 def _load(args):
     import torch
 
@@ -101,7 +107,7 @@ def _analysis(args, model, stats, methods: tuple[str, ...] = ("pca", "fasc")):
     bar = _progress("eigen-decompositions", args, unit="basis")
     try:
         an, _ = analysis_cached(model, stats, _compress_cfg(args), methods, progress=bar,
-                                root=Path(args.cache_dir) if args.cache_dir else None)
+                                root=Path(args.cache_dir) if args.cache_dir else None, linalg=_linalg_cfg(args))
     finally:
         bar.close()
     return an
@@ -276,6 +282,14 @@ def _common(p: argparse.ArgumentParser, calib: bool = True) -> None:
     k.add_argument("--tau", type=float, default=dc.tau, help=field_help(CompressConfig, "tau"))
     k.add_argument("--fallback", default=dc.fallback, choices=("svd", "asvd", "pca", "fwsvd"),
                    help=field_help(CompressConfig, "fallback"))
+    from .linalg_device import LinalgConfig
+
+    la = p.add_argument_group("linear algebra (where the one-time decompositions run)")
+    la.add_argument("--linalg-device", default="auto", help=field_help(LinalgConfig, "device"))
+    la.add_argument("--linalg-dtype", default="auto", choices=("auto", "float64", "float32"),
+                    help=field_help(LinalgConfig, "dtype"))
+    la.add_argument("--no-small-side", action="store_true",
+                    help="solve wide modules as n×n problems (slower; for comparison)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -18,6 +19,7 @@ from .calibrate import Progress, calibrate
 from .config import CalibConfig, CompressConfig
 from .data import Batch, data_fingerprint, load_source, make_batches
 from .errors import FascError
+from .linalg_device import LinalgConfig
 from .loading import PACKAGE_DIR, resolve
 from .modules import model_fingerprint
 from .stats import CalibStats
@@ -105,13 +107,15 @@ def calibrate_cached(model: nn.Module, batches: list[Batch], cfg: CalibConfig,
 
 def analysis_cached(model: nn.Module, stats: CalibStats, cfg: CompressConfig = CompressConfig(),
                     methods: tuple[str, ...] = ("pca", "fasc"), progress: Progress | None = None,
-                    root: Path | None = None) -> tuple[Analysis, bool]:
+                    root: Path | None = None, linalg: LinalgConfig = LinalgConfig()) -> tuple[Analysis, bool]:
     """(analysis, from_cache): the O(n) summaries (ΔL curves, spectra, misalignment) of every module
     are stored beside the statistics' cache entry, so the eigen-decompositions run once per
     (statistics, damping, γ). Bases themselves are recomputed only for modules being compressed."""
-    an = Analysis(model, stats, cfg)
+    an = Analysis(model, stats, cfg, linalg=linalg)
     folder = Path(root or cache.default_root()) / stats.key if stats.key else None
-    tag = hashlib.sha256(json.dumps([cfg.damping, cfg.gamma]).encode()).hexdigest()[:12]
+    # float32 summaries (checked against float64, see fasc.linalg_device) are stored apart
+    extra = ["float32"] if an.place.dtype != torch.float64 else []
+    tag = hashlib.sha256(json.dumps([cfg.damping, cfg.gamma] + extra).encode()).hexdigest()[:12]
     path = folder / f"summary-{tag}.safetensors" if folder is not None else None
     hit = False
     if path is not None and path.is_file():

@@ -1,0 +1,133 @@
+"""One-time analysis of a real model: old code vs the small-side solve, float64 vs float32.
+
+    FASC_CACHE=/work/cache-shared python -m bench.analysis --model smollm2        # ≈ 5 min, 2 cores
+
+Each variant runs in a fresh process on the same cached calibration statistics and times
+`Analysis.precompute(("pca", "asvd", "fasc"))` — every module's pca, asvd and fasc summaries with
+the diagnostics (Fisher spectrum, misalignment) — split by module kind:
+  old        the code before this change (git revision --old-rev, extracted to a temporary folder)
+  full64     this code, n×n solves only (--no-small-side), float64
+  small64    this code, small-side solve for wide modules, float64 (the CPU default)
+  small32    the same in float32, checked against float64 on one module per input width
+Ends with `analysis_seconds=<small64 or the fastest variant that passed its check>` and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent / "out"
+ROOT = Path(__file__).resolve().parent.parent
+OLD_REV = "cb0ab0b"  # the last commit before the small-side solve and the linear-algebra device
+VARIANTS = ("old", "full64", "small64", "small32")
+
+
+def child(a) -> None:
+    import torch
+
+    import fasc
+    from fasc.pipeline import calibrate_cached, default_data
+
+    torch.set_num_threads(a.threads)
+    model, tok = fasc.load_model(a.model)
+    cfg = fasc.CalibConfig(n_tokens=a.tokens, seq_len=256)
+    batches = fasc.batches_from_files(tok, [str(default_data(a.model).calib)], cfg)
+    stats, _ = calibrate_cached(model, batches, cfg)
+    if a.child == "old":
+        an = fasc.Analysis(model, stats, fasc.CompressConfig(gamma=a.gamma))
+    else:
+        from fasc.linalg_device import LinalgConfig
+
+        lc = LinalgConfig(device="cpu", dtype="float32" if a.child == "small32" else "float64",
+                          small_side=a.child != "full64")
+        an = fasc.Analysis(model, stats, fasc.CompressConfig(gamma=a.gamma), linalg=lc)
+    by_kind: dict[str, float] = collections.defaultdict(float)
+    methods = ("pca", "asvd", "fasc")
+    fqns = sorted(stats.fqns, key=lambda f: stats.group[f])  # as Analysis.precompute orders them
+    t0 = time.perf_counter()
+    for f in fqns:
+        kind = stats.info(f).kind
+        for m in methods:
+            t = time.perf_counter()
+            an._summary(f, m)
+            if m == "fasc":
+                an.fisher_spectrum(f)
+                an.misalignment(f)
+            by_kind[f"{kind}/{m}"] += time.perf_counter() - t
+    total = time.perf_counter() - t0
+    out = {"variant": a.child, "seconds": total, "modules": len(fqns), "by_kind": dict(by_kind),
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "precision_checks": {str(k): v for k, v in getattr(an, "precision_checks", {}).items()},
+           "curves": {f"{f}|{m}": an.curve(f, m).tolist() for f in fqns[:: max(1, len(fqns) // 12)]
+                      for m in methods}}
+    print(json.dumps(out))
+
+
+def old_tree(rev: str) -> Path:
+    d = Path(tempfile.mkdtemp(prefix="fasc-old-"))
+    arch = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "fasc"], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(d)], input=arch, check=True)
+    return d
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.analysis", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--tokens", type=int, default=4096, help="calibration tokens (the analysis cost does not "
+                                                            "depend on them)")
+    p.add_argument("--gamma", type=float, default=1.0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--old-rev", default=OLD_REV)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.child:
+        child(a)
+        return 0
+    base = [sys.executable, "-m", "bench.analysis", "--model", a.model, "--tokens", str(a.tokens),
+            "--gamma", str(a.gamma), "--threads", str(a.threads)]
+    res = {}
+    for v in a.variants:
+        path = str(ROOT)
+        if v == "old":
+            path = f"{old_tree(a.old_rev)}{os.pathsep}{ROOT}"
+        env = dict(os.environ, PYTHONPATH=path)
+        r = subprocess.run(base + ["--child", v], capture_output=True, text=True, env=env, cwd=str(ROOT))
+        if r.returncode != 0:
+            print(r.stderr[-3000:], file=sys.stderr)
+            return 1
+        res[v] = json.loads(r.stdout.strip().splitlines()[-1])
+        print(f"{v}: {res[v]['seconds']:.1f} s, peak RSS {res[v]['peak_rss_mb']:.0f} MB", file=sys.stderr)
+    OUT.mkdir(exist_ok=True)
+    (OUT / f"analysis-{a.model}.json").write_text(json.dumps(res, indent=1))
+    ref = res.get("old") or res.get("full64")
+    kinds = sorted({k for r in res.values() for k in r["by_kind"]})
+    print("| variant | total | " + " | ".join(kinds) + " |")
+    print("|---|---|" + "---|" * len(kinds))
+    for v, r in res.items():
+        print(f"| {v} | {r['seconds']:.1f} s | " + " | ".join(f"{r['by_kind'].get(k, 0):.1f}" for k in kinds) + " |")
+    for v, r in res.items():
+        if ref is not None and v != "old":
+            diff = max(max(abs(x - y) / max(abs(c[0]), 1e-300) for x, y in zip(c, ref["curves"][key]))
+                       for key, c in r["curves"].items())
+            print(f"{v}: {ref['seconds'] / r['seconds']:.2f}× faster than {'old' if 'old' in res else 'full64'}; "
+                  f"max curve difference {diff:.1e} of ΔL(0); precision checks {r['precision_checks'] or '-'}")
+    best = res.get("small64") or next(iter(res.values()))
+    print(f"analysis_seconds={best['seconds']:.1f}")
+    if ref is not None and ref is not best:
+        print(f"speedup={ref['seconds'] / best['seconds']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
