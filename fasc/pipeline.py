@@ -68,10 +68,13 @@ def batches_from_files(tokenizer, paths: list[str | Path], cfg: CalibConfig) -> 
 
 
 def calibrate_in_passes(model: nn.Module, batches: list[Batch], cfg: CalibConfig, layers_per_pass: int,
-                        progress: Progress | None = None, model_fp: str | None = None) -> CalibStats:
+                        progress: Progress | None = None, model_fp: str | None = None,
+                        offload: Path | None = None) -> CalibStats:
     """Calibrate `layers_per_pass` layers at a time (one forward+backward over the data per group)
     and merge: accumulator memory during a pass is that of the group only (spec §1 statistics are
-    per module, so the result equals a single pass up to float rounding)."""
+    per module, so the result equals a single pass up to float rounding). With `offload` (a folder),
+    each pass's statistics are written there and dropped from memory; the result reads its C_x and
+    C_h from those files on access (`fasc.offload.LazyTensors`)."""
     from dataclasses import replace
 
     from .modules import find_linears
@@ -85,7 +88,12 @@ def calibrate_in_passes(model: nn.Module, batches: list[Batch], cfg: CalibConfig
     for j, g in enumerate(groups):
         done = j * total // len(groups)
         inner = None if progress is None else (lambda i, n, d=done: progress(d + i, total))
-        parts.append(calibrate(model, batches, replace(cfg, layers=g), inner, model_fp=model_fp))
+        part = calibrate(model, batches, replace(cfg, layers=g), inner, model_fp=model_fp)
+        if offload is not None:
+            (offload / f"part-{j:03d}").mkdir(parents=True)
+            part.save(offload / f"part-{j:03d}")
+            part = CalibStats.load(offload / f"part-{j:03d}", lazy=True)
+        parts.append(part)
     merged = CalibStats.merge(parts)
     merged.config = cfg
     return merged
@@ -99,9 +107,20 @@ def calibrate_cached(model: nn.Module, batches: list[Batch], cfg: CalibConfig,
     mfp = model_fp or model_fingerprint(model)
     dfp = data_fingerprint(batches)
     key = cache.cache_key(mfp, dfp, cfg)
-    if layers_per_pass:
-        return cache.get_or_compute(
-            key, lambda: calibrate_in_passes(model, batches, cfg, layers_per_pass, progress, mfp), root)
+    if layers_per_pass:  # each pass offloaded to disk, the entry written from there, then read lazily
+        import shutil
+
+        root = Path(root or cache.default_root())
+        off = root / f".{key}.{uuid.uuid4().hex[:8]}.offload.incomplete"
+        try:
+            stats, hit = cache.get_or_compute(
+                key, lambda: calibrate_in_passes(model, batches, cfg, layers_per_pass, progress, mfp, off), root)
+            if not hit:
+                stats = CalibStats.load(root / key, lazy=True)
+                stats.key = key
+        finally:
+            shutil.rmtree(off, ignore_errors=True)
+        return stats, hit
     return cache.get_or_compute(key, lambda: calibrate(model, batches, cfg, progress, model_fp=mfp), root)
 
 
