@@ -110,6 +110,8 @@ def main(argv=None) -> int:
             print(r.stderr[-3000:], file=sys.stderr)
             return 1
         res[v] = json.loads(r.stdout.strip().splitlines()[-1])
+        OUT.mkdir(exist_ok=True)
+        (OUT / f"analysis-{a.model}.json").write_text(json.dumps(res, indent=1))  # partial results kept
         print(f"{v}: {res[v]['seconds']:.1f} s wall, {res[v]['cpu_seconds']:.1f} s CPU, peak RSS "
               f"{res[v]['peak_rss_mb']:.0f} MB", file=sys.stderr)
     OUT.mkdir(exist_ok=True)

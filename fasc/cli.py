@@ -272,7 +272,8 @@ def _common(p: argparse.ArgumentParser, calib: bool = True) -> None:
     c.add_argument("--seed", type=int, default=d.seed, help=field_help(CalibConfig, "seed"))
     c.add_argument("--layers", type=int, nargs="+", help=field_help(CalibConfig, "layers"))
     c.add_argument("--layers-per-pass", type=int, help="calibrate this many layers per pass over the data "
-                                                       "(bounds statistics memory; same result and cache key)")
+                                                       "(bounds statistics memory: each pass is offloaded to disk and read back "
+                                                       "per module; same result and cache key)")
     c.add_argument("--stats-device", default=d.device, help=field_help(CalibConfig, "device"))
     c.add_argument("--cache-dir", help="calibration cache folder (default: $FASC_CACHE or ./cache)")
     k = p.add_argument_group("subspaces (spec §3, §5)")
