@@ -55,6 +55,9 @@ def child(a) -> None:
     by_kind: dict[str, float] = collections.defaultdict(float)
     methods = ("pca", "asvd", "fasc")
     fqns = sorted(stats.fqns, key=lambda f: stats.group[f])  # as Analysis.precompute orders them
+    n_layers = len({stats.info(f).layer for f in fqns})
+    if a.sample_layers:  # every layer has the same shapes: time the first few, scale up (labelled)
+        fqns = [f for f in fqns if stats.info(f).layer < a.sample_layers]
     t0, c0 = time.perf_counter(), time.process_time()
     for f in fqns:
         kind = stats.info(f).kind
@@ -66,7 +69,9 @@ def child(a) -> None:
                 an.misalignment(f)
             by_kind[f"{kind}/{m}"] += time.process_time() - t
     total = time.perf_counter() - t0
-    out = {"variant": a.child, "seconds": total, "cpu_seconds": time.process_time() - c0, "modules": len(fqns),
+    scale = n_layers / len({stats.info(f).layer for f in fqns})
+    out = {"variant": a.child, "seconds": total * scale, "cpu_seconds": (time.process_time() - c0) * scale,
+           "measured_layers": n_layers / scale, "layers": n_layers, "modules": len(fqns),
            "by_kind": dict(by_kind),
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "precision_checks": {str(k): v for k, v in getattr(an, "precision_checks", {}).items()},
@@ -92,13 +97,15 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--old-rev", default=OLD_REV)
+    p.add_argument("--sample-layers", type=int, default=0, help="time only the first K layers and scale the "
+                                                                 "totals to all layers (EXTRAPOLATED; 0 = all)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
         child(a)
         return 0
     base = [sys.executable, "-m", "bench.analysis", "--model", a.model, "--tokens", str(a.tokens),
-            "--gamma", str(a.gamma), "--threads", str(a.threads)]
+            "--gamma", str(a.gamma), "--threads", str(a.threads), "--sample-layers", str(a.sample_layers)]
     res = {}
     for v in a.variants:
         path = str(ROOT)
@@ -118,6 +125,9 @@ def main(argv=None) -> int:
     (OUT / f"analysis-{a.model}.json").write_text(json.dumps(res, indent=1))
     ref = res.get("old") or res.get("full64")
     kinds = sorted({k for r in res.values() for k in r["by_kind"]})
+    if a.sample_layers:
+        print(f"EXTRAPOLATED: measured on the first {a.sample_layers} layers, totals scaled to all layers; "
+              f"the split by kind is the measured CPU seconds")
     print("| variant | wall | CPU | " + " | ".join(kinds) + " |")
     print("|---|---|---|" + "---|" * len(kinds))
     for v, r in res.items():
