@@ -63,7 +63,7 @@ def setup(model_name: str, tokens: int):
 def run(args, log=print) -> dict:
     torch.set_num_threads(args.threads)
     model, tok, batches, cfg, facts, heldout, data = setup(args.model, args.tokens)
-    out_path = OUT / f"sequential-{args.model}.json"
+    out_path = OUT / f"sequential-{args.model}{'-' + args.tag if args.tag else ''}.json"
     OUT.mkdir(exist_ok=True)
     res = {"config": vars(args), "data": data, "rows": []}
 
@@ -119,6 +119,7 @@ def main(argv=None) -> None:
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--ppl-tokens", type=int, default=4096)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tag", default="", help="suffix of the output file name")
     args = p.parse_args(argv)
     res = run(args)
     rows = res["rows"]
