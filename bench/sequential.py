@@ -5,6 +5,7 @@ variants differ only in how the factors are fitted:
     oneshot  `fasc.compress_` (every module from the dense model's statistics)
     refit    `compress_sequential_(rebasis=False)`: dense V, U refitted on the compressed model's inputs
     seq      `compress_sequential_(rebasis=True)`: V recomputed on C_x̃x̃ as well, then U refitted
+    restat   `compress_sequential_(refit=False)`: U and V of the method on C_x̃x̃ (no refit to W x)
     +heal    `heal_` (KL to the dense model on the calibration text, factors only) after a variant
 Scored on held-out text (perplexity) and on facts never in the calibration text (recall = top-1 of
 the answer's first token, exact = greedy exact match). SmolLM2: built-in general English calibration,
@@ -91,7 +92,8 @@ def run(args, log=print) -> dict:
                 if variant == "oneshot":
                     fasc.compress_(work, an, plan)
                 else:
-                    compress_sequential_(work, an, plan, batches, rebasis=variant == "seq")
+                    compress_sequential_(work, an, plan, batches, rebasis=variant != "refit",
+                                         refit=variant != "restat")
                 sec = time.perf_counter() - t
                 add({"variant": variant, "method": method, "ratio": P, "seconds": sec,
                      **evaluate(work, tok, facts, heldout, args.ppl_tokens)})

@@ -164,7 +164,7 @@ def _execution_order(layer: nn.Module, names: list[str], streams: _Streams, l: i
 
 
 def compress_sequential_(model: nn.Module, an: Analysis, plan: Plan, batches: list[Batch], *,
-                         rebasis: bool = True, merge: bool = False,
+                         rebasis: bool = True, refit: bool = True, merge: bool = False,
                          progress: Callable[[int, int], object] | None = None) -> None:
     """Compress `model` in place (returns None), layer by layer, each module fitted to its real inputs.
 
@@ -175,12 +175,18 @@ def compress_sequential_(model: nn.Module, an: Analysis, plan: Plan, batches: li
         batches: the calibration batches (statistics over their counted tokens).
         rebasis: recompute each module's basis on C_x̃x̃ (the compressed model's inputs); False keeps
             the dense model's V and only refits U.
+        refit: refit U by least squares against the dense outputs W x (undoing upstream error);
+            False takes the method's own U from C_x̃x̃ (each module fitted to its new inputs x̃ alone,
+            the spec's "statistics collected on the partly compressed model"; needs `rebasis`).
         merge: store dense W' = U Vᵀ everywhere (as `compress_(merge=True)`).
         progress: called as progress(layers_done, layers); returning False cancels (`Cancelled`),
             leaving the model as it was.
     Modules at full rank keep their weight. On any error the model is restored.
     """
     validate_plan(plan, an)
+    if not (rebasis or refit):
+        raise FascError("Sequential compression with neither rebasis nor refit is one-shot compression; use "
+                        "fasc.compress_.")
     batches = list(batches)
     if not batches:
         raise FascError("Sequential compression needs calibration batches; pass the calibration data.")
@@ -211,7 +217,7 @@ def compress_sequential_(model: nn.Module, an: Analysis, plan: Plan, batches: li
                 if names:
                     dense_layer = copy.deepcopy(layer)
                     _compress_layer(model, an, plan, streams, l, f"{prefix}.{l}", layer, dense_layer, names,
-                                    rebasis, merge, swapped)
+                                    rebasis, refit, merge, swapped)
                 else:
                     dense_layer = layer
                 if l < last:
@@ -234,8 +240,8 @@ def compress_sequential_(model: nn.Module, an: Analysis, plan: Plan, batches: li
 
 
 def _compress_layer(model, an: Analysis, plan: Plan, streams: _Streams, l: int, layer_fqn: str,
-                    layer: nn.Module, dense_layer: nn.Module, names: list[str], rebasis: bool, merge: bool,
-                    swapped: dict[str, nn.Module]) -> None:
+                    layer: nn.Module, dense_layer: nn.Module, names: list[str], rebasis: bool, refit: bool,
+                    merge: bool, swapped: dict[str, nn.Module]) -> None:
     """Compress the planned modules `names` of one layer, one input group at a time."""
     stats = an.stats
     order = _execution_order(dense_layer, names, streams, l, streams.dense[0])
@@ -265,8 +271,9 @@ def _compress_layer(model, an: Analysis, plan: Plan, streams: _Streams, l: int, 
             info, k = an.info(f), plan.ranks[f]
             if k >= info.max_rank:
                 continue                                             # kept whole: nothing to fit
-            _, V = sub_an.factors(f, plan.methods[f], k)
-            U = refit_left(an.weight(f), V, C_cross, C_tt, an.cfg.damping)
+            U, V = sub_an.factors(f, plan.methods[f], k)
+            if refit:
+                U = refit_left(an.weight(f), V, C_cross, C_tt, an.cfg.damping)
             if not (torch.isfinite(U).all() and torch.isfinite(V).all()):
                 raise FascError(f"Non-finite factors for {f} in sequential compression; raise --damping or "
                                 f"compress without --sequential.")

@@ -186,3 +186,21 @@ def test_cli_sequential_and_heal(capsys, saved_llama, tmp_path):
     _, err = capsys.readouterr()
     assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "bad").exists()
+
+
+def test_restat_uses_the_method_on_the_compressed_inputs(llama):
+    """refit=False: each module is the method's own factorization on C_x̃x̃ (W C̃ V (VᵀC̃V)⁻¹ = U for asvd)."""
+    batches = padded_batches(seed=4)
+    stats = fasc.calibrate(llama, batches, fasc.CalibConfig(n_tokens=10_000, seq_len=20))
+    an = fasc.Analysis(llama, stats, fasc.CompressConfig(damping=0.0))
+    plan = fasc.allocate(an, "asvd", rank_ratio=0.4)
+    work = copy.deepcopy(llama)
+    compress_sequential_(work, an, plan, batches, refit=False)
+    Xt = _inputs(work, list(plan.ranks), batches)
+    mods = dict(work.named_modules())
+    for f in plan.ranks:
+        U, V = mods[f].U.detach().double(), mods[f].V.detach().double()
+        ref = torch.linalg.lstsq(Xt[f] @ V, Xt[f] @ an.weight(f).T).solution.T   # fit W x̃ from x̃
+        torch.testing.assert_close(U, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+    with pytest.raises(fasc.FascError, match="one-shot"):
+        compress_sequential_(copy.deepcopy(llama), an, plan, batches, rebasis=False, refit=False)
