@@ -210,7 +210,7 @@ def cmd_compress(args) -> None:
     try:
         res = compress_and_save(model, tok, an, plan, args.out, merge=args.merge, overwrite=args.overwrite,
                                 method=args.method, source_model=args.model, calibration=stats.key,
-                                model_fp=mfp, progress=bar, batches=batches, sequential=args.sequential,
+                                model_fp=mfp, progress=bar, batches=batches, sequential=args.sequential or False,
                                 heal_tokens=args.heal_tokens, heal_progress=hbar)
     finally:
         bar.close()
@@ -326,8 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="export folder (written atomically)")
     s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     s.add_argument("--save-plan", help="also write the rank plan as JSON here")
-    s.add_argument("--sequential", action="store_true", help="error-aware: compress layer by layer, each module "
-                   "fitted to the inputs of the partly compressed model (spec §5; ≈ 2 more forward passes)")
+    s.add_argument("--sequential", nargs="?", const="refit", choices=("refit", "restat"), help="error-aware: compress "
+                   "layer by layer, each module fitted to the inputs of the partly compressed model (spec §5; ≈ 2 "
+                   "more forward passes); 'refit' (default) also refits U to the dense outputs, 'restat' does not")
     s.add_argument("--heal-tokens", type=int, default=0, help="after compressing, distil the dense model into the "
                    "low-rank factors for N calibration tokens (0 = off; factored exports only)")
     s.set_defaults(func=cmd_compress)

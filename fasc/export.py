@@ -152,11 +152,12 @@ def compress_and_save(model, tok, an: Analysis, plan: Plan, out: str | Path, *, 
                       overwrite: bool = False, method: str = "fasc", source_model: str = "",
                       calibration: str = "", model_fp: str = "",
                       progress: Callable[[int, int], None] | None = None, batches=None,
-                      sequential: bool = False, heal_tokens: int = 0,
+                      sequential: bool | str = False, heal_tokens: int = 0,
                       heal_progress: Callable[[int, int], None] | None = None) -> dict:
     """Compress a deep copy of `model` with `plan` and export it (what `fasc compress` does).
 
-    `sequential` fits each module to the partly compressed model's inputs (`fasc.sequential`) and
+    `sequential` ('refit' or True, or 'restat') fits each module to the partly compressed model's
+    inputs (`fasc.sequential`; 'restat' without the least-squares refit to the dense outputs) and
     `heal_tokens` > 0 distils the dense model into the factors (`fasc.heal`); both use `batches`.
     Returns a summary: folder, sizes, parameter counts, predicted ΔL, files (name → bytes).
     """
@@ -173,7 +174,9 @@ def compress_and_save(model, tok, an: Analysis, plan: Plan, out: str | Path, *, 
     work = copy.deepcopy(model)
     if sequential:
         from .sequential import compress_sequential_
-        compress_sequential_(work, an, plan, batches, merge=merge, progress=progress)
+        if sequential not in (True, "refit", "restat"):
+            raise FascError(f"sequential must be 'refit' or 'restat', got {sequential!r}.")
+        compress_sequential_(work, an, plan, batches, merge=merge, progress=progress, refit=sequential != "restat")
     else:
         compress_(work, an, plan, merge=merge, progress=progress)
     healed = None

@@ -171,14 +171,14 @@ def test_cli_sequential_and_heal(capsys, saved_llama, tmp_path):
     common = ["--model", str(saved_llama / "model"), "--data", str(saved_llama / "calib.txt"), "--tokens", "512",
               "--seq-len", "32", "--cache-dir", str(tmp_path / "cache"), "--quiet"]
     out_dir = tmp_path / "seq"
-    code = main(["compress", *common, "--param-ratio", "0.6", "--sequential", "--heal-tokens", "256", "--out",
+    code = main(["compress", *common, "--param-ratio", "0.6", "--heal-tokens", "256", "--sequential", "--out",
                  str(out_dir), "--json"])
     out, err = capsys.readouterr()
     assert code == 0, err
     res = json.loads(out)
-    assert res["sequential"] is True and res["heal"]["tokens"] >= 256
+    assert res["sequential"] == "refit" and res["heal"]["tokens"] >= 256
     fc = json.loads((out_dir / "fasc_config.json").read_text())
-    assert fc["sequential"] is True and fc["heal"]["steps"] >= 1
+    assert fc["sequential"] == "refit" and fc["heal"]["steps"] >= 1
     model, _ = fasc.load_model(str(out_dir))
     assert any(isinstance(m, LowRankLinear) for m in model.modules())
     code = main(["compress", *common, "--param-ratio", "0.6", "--heal-tokens", "64", "--merge", "--out",
