@@ -25,11 +25,14 @@ from .modules import ModuleInfo, find_linears, model_fingerprint
 from .pipeline import analysis_cached, batches_from_files, calibrate_cached, default_data
 from .stats import CalibStats
 from .surgery import compress_
+from . import heal, sequential  # noqa: E402 - fasc.sequential.compress_sequential_, fasc.heal.heal_
+from .heal import heal_
+from .sequential import compress_sequential_
 
 __all__ = [
     "Analysis", "analysis_cached", "Batch", "CalibConfig", "CalibStats", "Calibrator", "CompressConfig", "Example", "FascError",
     "LowRankLinear", "METHODS", "ModuleInfo", "ModuleReport", "Plan", "RecallResult", "allocate",
-    "batches_from_files", "calibrate", "calibrate_cached", "compress_", "default_data", "fact_recall",
+    "batches_from_files", "calibrate", "calibrate_cached", "compress_", "compress_sequential_", "heal_", "default_data", "fact_recall",
     "find_linears", "load_compressed", "load_model", "load_probe", "load_source", "make_batches",
     "model_fingerprint", "model_summary", "perplexity", "resolve", "save_compressed", "validate_plan",
 ]
