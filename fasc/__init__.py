@@ -25,11 +25,13 @@ from .modules import ModuleInfo, find_linears, model_fingerprint
 from .pipeline import analysis_cached, batches_from_files, calibrate_cached, compress_and_save, model_defaults
 from .stats import CalibStats
 from .surgery import compress_
+from .heal import heal_
+from .sequential import compress_sequential_
 
 __all__ = [
     "Analysis", "analysis_cached", "base_method", "Batch", "CalibConfig", "CalibStats", "Calibrator", "CompressConfig", "Example", "FascError",
     "LowRankLinear", "METHODS", "ModuleInfo", "ModuleReport", "Plan", "RecallResult", "allocate",
-    "batches_from_files", "calibrate", "calibrate_cached", "compress_", "compress_and_save", "fact_recall",
-    "find_linears", "load_compressed", "load_model", "load_plan", "load_probe", "load_source", "make_batches",
+    "batches_from_files", "calibrate", "calibrate_cached", "compress_", "compress_and_save", "compress_sequential_", "fact_recall",
+    "find_linears", "heal_", "load_compressed", "load_model", "load_plan", "load_probe", "load_source", "make_batches",
     "model_defaults", "model_fingerprint", "model_source", "model_summary", "perplexity", "save_compressed", "validate_plan",
 ]

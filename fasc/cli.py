@@ -184,9 +184,12 @@ def cmd_compress(args) -> None:
     given = [x is not None for x in (args.rank_ratio, args.param_ratio, args.ranks)]
     if sum(given) != 1:
         raise FascError("Give exactly one of --rank-ratio R, --param-ratio P or --ranks FILE.json.")
+    if args.heal_tokens < 0 or (args.heal_tokens and args.merge):
+        raise FascError("--heal-tokens must be ≥ 0 (0 = off) and needs a factored export (no --merge); got "
+                        f"{args.heal_tokens}{' with --merge' if args.merge else ''}.")
     model, tok, t_load = _load(args)
     t0 = time.perf_counter()
-    stats, hit, _ = _stats(args, model, tok)
+    stats, hit, batches = _stats(args, model, tok)
     t_cal = time.perf_counter() - t0
     t0 = time.perf_counter()
     # a budget allocation reads every module's ΔL curve first; fixed ranks decompose each module once,
@@ -202,13 +205,18 @@ def cmd_compress(args) -> None:
                         modules=args.modules, model_fp=mfp, **hybrid)
     if args.save_plan:
         plan.save(args.save_plan)
-    bar = _progress("compressing", args, unit="module")
+    bar = _progress("compressing (sequential)" if args.sequential else "compressing", args,
+                    unit="layer" if args.sequential else "module")
+    hbar = _progress("healing", args) if args.heal_tokens else None
     try:
         res = compress_and_save(model, tok, an, plan, args.out, merge=args.merge, overwrite=args.overwrite,
                                 method=args.method, source_model=args.model, calibration=stats.key,
-                                model_fp=mfp, progress=bar)
+                                model_fp=mfp, progress=bar, batches=batches, sequential=args.sequential or False,
+                                heal_tokens=args.heal_tokens, heal_progress=hbar)
     finally:
         bar.close()
+        if hbar is not None:
+            hbar.close()
     obj = {**res, "from_cache": hit,
            "seconds": {"load": round(t_load, 2), "calibration": round(t_cal, 2), "eigen": round(t_eig, 2), "compress_and_export": res["seconds"]}}
     _emit(args, obj, f"wrote {res['out']} ({'merged' if args.merge else 'factored'}): {res['modules']} modules, "
@@ -326,6 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="export folder (written atomically)")
     s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     s.add_argument("--save-plan", help="also write the rank plan as JSON here")
+    s.add_argument("--sequential", nargs="?", const="refit", choices=("refit", "restat"), help="error-aware: compress "
+                   "layer by layer, each module fitted to the inputs of the partly compressed model (spec §5; ≈ 2 "
+                   "more forward passes); 'refit' (default) also refits U to the dense outputs, 'restat' does not")
+    s.add_argument("--heal-tokens", type=int, default=0, help="after compressing, distil the dense model into the "
+                   "low-rank factors for N calibration tokens (0 = off; factored exports only)")
     s.set_defaults(func=cmd_compress)
 
     s = sub.add_parser("eval", help="held-out perplexity and fact recall", formatter_class=fmt,

@@ -180,16 +180,40 @@ def export_meta(an: Analysis, plan: Plan, *, method: str, source_model: str, cal
 def compress_and_save(model, tok, an: Analysis, plan: Plan, out: str | Path, *, merge: bool = False,
                       overwrite: bool = False, method: str = "fasc", source_model: str = "",
                       calibration: str = "", model_fp: str = "",
-                      progress: Callable[[int, int], None] | None = None) -> dict:
+                      progress: Callable[[int, int], None] | None = None, batches=None,
+                      sequential: bool | str = False, heal_tokens: int = 0,
+                      heal_progress: Callable[[int, int], None] | None = None) -> dict:
     """Compress a deep copy of `model` with `plan` and export it (what `fasc compress` and the Export
-    page do). Returns a summary: folder, sizes, parameter counts, predicted ΔL, files (name → bytes)."""
+    page do).
+
+    `sequential` ('refit' or True, or 'restat') fits each module to the partly compressed model's
+    inputs (`fasc.sequential`; 'restat' without the least-squares refit to the dense outputs) and
+    `heal_tokens` > 0 distils the dense model into the factors (`fasc.heal`); both use `batches`.
+    Returns a summary: folder, sizes, parameter counts, predicted ΔL, files (name → bytes).
+    """
     prepare_destination(out, overwrite)  # fail before any work
     validate_plan(plan, an, model_fp or None)
     t0 = time.perf_counter()
+    if (sequential or heal_tokens) and not batches:
+        raise FascError("Sequential compression and healing need the calibration batches; pass batches=.")
+    if heal_tokens and merge:
+        raise FascError("Healing trains the low-rank factors, which --merge does not keep; drop --merge or "
+                        "--heal-tokens.")
+    if sequential not in (False, True, "refit", "restat"):
+        raise FascError(f"sequential must be 'refit' or 'restat', got {sequential!r}.")
     work = copy.deepcopy(model)
-    compress_(work, an, plan, merge=merge, progress=progress)
+    if sequential:
+        from .sequential import compress_sequential_
+        compress_sequential_(work, an, plan, batches, merge=merge, progress=progress, refit=sequential != "restat")
+    else:
+        compress_(work, an, plan, merge=merge, progress=progress)
+    healed = None
+    if heal_tokens:
+        from .heal import heal_
+        healed = heal_(work, model, batches, tokens=heal_tokens, progress=heal_progress).to_dict()
     meta = export_meta(an, plan, method=method, source_model=source_model, calibration=calibration,
                        model_fp=model_fp)
+    meta.update({"sequential": sequential, "heal": healed})
     path = save_compressed(work, tok, out, meta=meta, overwrite=overwrite)
     kept, orig = plan.params(an)
     files = {p.name: p.stat().st_size for p in sorted(Path(path).iterdir()) if p.is_file()}
@@ -197,4 +221,4 @@ def compress_and_save(model, tok, an: Analysis, plan: Plan, out: str | Path, *, 
             "params_kept_in_modules": kept, "params_original_in_modules": orig, "param_ratio": kept / orig,
             "model_params_before": parameter_count(model), "model_params_after": parameter_count(work),
             "predicted_delta_loss": plan.predicted(an), "export_bytes": folder_size(path), "files": files,
-            "seconds": round(time.perf_counter() - t0, 2)}
+            "sequential": sequential, "heal": healed, "seconds": round(time.perf_counter() - t0, 2)}

@@ -1,0 +1,68 @@
+"""Healing: only the low-rank factors move, the KL to the dense model falls, cancel restores."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import fasc
+from fasc.calibrate import Cancelled
+from fasc.heal import balance_factors_, heal_, kl_per_token
+from fasc.layers import LowRankLinear
+
+from helpers import random_batches
+
+
+def _kl(model, dense, batches) -> float:
+    with torch.no_grad():
+        tot = sum(float(kl_per_token(dense(input_ids=b.input_ids).logits, model(input_ids=b.input_ids).logits,
+                                     b.attention_mask.bool())) for b in batches)
+    return tot / sum(int(b.attention_mask.sum()) for b in batches)
+
+
+@pytest.fixture()
+def compressed(llama, llama_stats):
+    an = fasc.Analysis(llama, llama_stats, fasc.CompressConfig())
+    work = copy.deepcopy(llama)
+    fasc.compress_(work, an, fasc.allocate(an, "fasc", rank_ratio=0.3))
+    return work
+
+
+def test_balance_keeps_the_product():
+    g = torch.Generator().manual_seed(0)
+    layer = LowRankLinear.from_factors(torch.randn(6, 3, generator=g) * 100, torch.randn(5, 3, generator=g) / 50)
+    before = layer.to_dense().clone()
+    balance_factors_(layer)
+    torch.testing.assert_close(layer.to_dense(), before, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.U.norm(dim=0), layer.V.norm(dim=0), rtol=1e-5, atol=1e-6)
+
+
+def test_heal_lowers_kl_and_trains_only_the_factors(llama, compressed):
+    batches = random_batches(3, seed=5)
+    frozen = {n: p.detach().clone() for n, p in compressed.named_parameters() if not n.endswith((".U", ".V"))}
+    grads = {n: p.requires_grad for n, p in compressed.named_parameters()}
+    dense_before = {n: p.detach().clone() for n, p in llama.named_parameters()}
+    before = _kl(compressed, llama, batches)
+    res = heal_(compressed, llama, batches, tokens=3000, lr=3e-3)
+    after = _kl(compressed, llama, batches)
+    assert res.tokens >= 3000 and res.steps >= 1
+    assert after < 0.8 * before
+    for n, p in compressed.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+        assert p.requires_grad == grads[n] and p.grad is None
+    assert all(torch.equal(p, dense_before[n]) for n, p in llama.named_parameters())
+
+
+def test_cancel_restores_factors_and_bad_input(llama, compressed):
+    batches = random_batches(2, seed=6)
+    ref = {n: p.detach().clone() for n, p in compressed.named_parameters()}
+    with pytest.raises(Cancelled):
+        heal_(compressed, llama, batches, tokens=5000, lr=1e-2, progress=lambda i, n: i == 0)
+    assert all(torch.equal(p, ref[n]) for n, p in compressed.named_parameters())
+    with pytest.raises(fasc.FascError, match="positive integer"):
+        heal_(compressed, llama, batches, tokens=0)
+    with pytest.raises(fasc.FascError, match="no low-rank factors"):
+        heal_(copy.deepcopy(llama), llama, batches, tokens=10)
