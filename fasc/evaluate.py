@@ -132,3 +132,34 @@ def target_loss(model: nn.Module, batches, temperature: float = 1.0) -> float:
     finally:
         model.train(was_training)
     return total / max(n, 1)
+
+
+@torch.no_grad()
+def answer_scores(model: nn.Module, encoded: list[tuple[list[int], int]],
+                  batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per fact: −log P(answer | prompt) in nats (Σ over its answer tokens, teacher-forced) and
+    whether the answer's first token is the top-1 prediction. `encoded` from `encode_example`.
+    Returns ((n,) float32, (n,) bool)."""
+    was_training = model.training
+    model.eval()
+    dev = _device(model)
+    nll, first = [], []
+    try:
+        for i in range(0, len(encoded), batch_size):
+            chunk = encoded[i:i + batch_size]
+            L = max(len(ids) for ids, _ in chunk)
+            x = torch.zeros(len(chunk), L, dtype=torch.long)
+            mask = torch.zeros(len(chunk), L, dtype=torch.long)
+            for b, (ids, _) in enumerate(chunk):
+                x[b, : len(ids)] = torch.tensor(ids)
+                mask[b, : len(ids)] = 1
+            logp = model(input_ids=x.to(dev), attention_mask=mask.to(dev), use_cache=False).logits.float()
+            logp = logp.log_softmax(-1).cpu()
+            for b, (ids, start) in enumerate(chunk):
+                ans = torch.tensor(ids[start:])
+                lp = logp[b, start - 1: len(ids) - 1]                    # (answer tokens, vocab)
+                nll.append(-float(lp.gather(1, ans[:, None]).sum()))
+                first.append(bool(lp[0].argmax() == ans[0]))
+    finally:
+        model.train(was_training)
+    return torch.tensor(nll, dtype=torch.float32), torch.tensor(first, dtype=torch.bool)
