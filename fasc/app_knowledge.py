@@ -1,0 +1,261 @@
+"""Streamlit glue for the measured knowledge map (ρ map page), the fact drill-down and the
+side-by-side generations: the probe choice, measurements with a progress bar and a cancel button,
+and the shared in-memory store over the on-disk cache (`fasc.knowledge_map`).
+
+Measurements run on a deep copy of the shared model (modules are swapped in and out there), so the
+cached model is never mutated.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import streamlit as st
+
+from . import app_ui as ui
+from .allocate import Plan, allocate
+from .data import Example, load_probe, parse_jsonl, rows_to_examples
+from .errors import FascError
+from .knowledge_map import (KnowledgeMap, fisher_energy, focus_ratio, knowledge_map_cached, predictor_table,
+                            probe_calibration, probe_subset)
+from .pipeline import default_data
+from .stats import CalibStats
+
+
+@dataclass
+class ProbeChoice:
+    examples: list[Example]
+    name: str
+    ident: str          # identifies the facts for the in-memory store
+
+
+@dataclass
+class MapRequest:
+    plan: Plan | None
+    share: float | None
+    method: str
+    label: str          # what was compressed, in words
+
+
+@st.cache_resource(show_spinner=False)
+def _store() -> dict:
+    """{key: value} for maps, probe statistics and generations (small; shared by sessions)."""
+    return {}
+
+
+def probe_choice(spec: str) -> ProbeChoice:
+    """The probe picked on the ρ map page (built-in or uploaded) and the number of facts used."""
+    src = ui.setting("kmap_probe", "builtin")
+    up = st.session_state.get("kmap_upload")
+    if src == "upload":
+        if not up:
+            raise FascError("No probe uploaded; upload a JSONL file of {\"prompt\", \"answer\"} lines, or choose "
+                            "the built-in probe.")
+        examples, name, ident = up["examples"], up["name"], up["sha"]
+    else:
+        path = Path(default_data(spec).probe)
+        examples, name, ident = load_probe(path), path.name, f"builtin:{path}"
+    n = int(ui.setting(f"kmap_facts@{spec}", default_facts(len(examples), spec)))
+    sub = probe_subset(examples, n)
+    return ProbeChoice(sub, f"{name} ({len(sub)} of {len(examples)} facts)", f"{ident}#{len(sub)}")
+
+
+def default_facts(n: int, spec: str) -> int:
+    """Every fact of the demo probe; at most 150 elsewhere (one probe evaluation per module)."""
+    return n if spec == "demo" else min(n, 150)
+
+
+def parse_probe_upload(raw: bytes, name: str) -> dict:
+    """An uploaded probe: {"examples", "name", "sha"}; a one-line FascError when it is not a probe."""
+    from .data import decode_text
+
+    examples = rows_to_examples(parse_jsonl(decode_text(raw, name), name), name)
+    if not examples:
+        raise FascError(f"{name} has no prompt/answer lines; a probe line looks like "
+                        f"{{\"prompt\": \"The capital of France is\", \"answer\": \"Paris\"}}.")
+    return {"examples": examples, "name": name, "sha": hashlib.sha256(raw).hexdigest()}
+
+
+def map_request(ctx, plan: Plan) -> MapRequest:
+    mode = ui.setting("kmap_mode", "share")
+    if mode == "plan":
+        return MapRequest(plan, None, "plan", "each planned module at its planned rank and method")
+    share = float(ui.setting("kmap_share", 0.5))
+    method = ui.setting("kmap_method", "asvd")
+    return MapRequest(None, share, method, f"{method} at {share:.0%} of each module's parameters")
+
+
+def _key(kind: str, ctx, probe: ProbeChoice, req: MapRequest | None = None) -> str:
+    parts = [kind, ctx.lm.spec, ctx.calib["key"], ctx.an.cfg.gamma, probe.ident]
+    if req is not None:
+        parts += [req.share, req.method, None if req.plan is None else json.dumps(req.plan.ranks, sort_keys=True),
+                  None if req.plan is None else json.dumps(req.plan.methods, sort_keys=True)]
+    return json.dumps(parts)
+
+
+def cached_map(ctx, probe: ProbeChoice, req: MapRequest) -> KnowledgeMap | None:
+    """The map from memory or the disk cache, or None (never measures)."""
+    k = _key("map", ctx, probe, req)
+    store = _store()
+    if k not in store:
+        km, _ = knowledge_map_cached(ctx.lm.model, ctx.lm.tok, ctx.an, probe.examples, plan=req.plan,
+                                     share=req.share, method=req.method, cached_only=True)
+        if km is None:
+            return None
+        store[k] = km
+    return store[k]
+
+
+def cached_probe_stats(ctx, probe: ProbeChoice) -> CalibStats | None:
+    return _store().get(_key("probe_stats", ctx, probe))
+
+
+def _cancel_button(label: str) -> None:
+    # A click reruns the script, which interrupts the measurement at its next progress update; the
+    # library restores the model copy in `finally` and nothing half-measured is stored.
+    st.button(label, key="w.kmap_cancel", icon=":material/cancel:")
+
+
+def measure_probe_stats(ctx, probe: ProbeChoice) -> CalibStats:
+    """Calibration on the probe's answers only (same settings as the general calibration)."""
+    k = _key("probe_stats", ctx, probe)
+    store = _store()
+    if k not in store:
+        bar = ui.Progress("Calibrating on the probe's answers", unit="tokens")
+        try:
+            stats, _ = probe_calibration(ctx.lm.model, ctx.lm.tok, probe.examples, ctx.an.stats.config, progress=bar)
+        finally:
+            bar.clear()
+        store[k] = stats
+    return store[k]
+
+
+def measure_map(ctx, probe: ProbeChoice, req: MapRequest) -> KnowledgeMap:
+    """Probe calibration (for the predictors) and the map, with progress bars and a cancel button."""
+    _cancel_button("Cancel measurement")
+    measure_probe_stats(ctx, probe)
+    k = _key("map", ctx, probe, req)
+    store = _store()
+    if k not in store:
+        work = copy.deepcopy(ctx.lm.model)
+        bar = ui.Progress("Measuring the knowledge map (one probe evaluation per module)", unit="evaluations")
+        try:
+            km, _ = knowledge_map_cached(work, ctx.lm.tok, ctx.an, probe.examples, plan=req.plan, share=req.share,
+                                         method=req.method, progress=bar)
+        finally:
+            bar.clear()
+            del work
+        store[k] = km
+    return store[k]
+
+
+def map_values(km: KnowledgeMap, value: str) -> dict[str, float]:
+    vals = km.knowledge_loss() if value == "knowledge_loss" else km.recall_drop()
+    return {f: float(v) for f, v in zip(km.fqns, vals)}
+
+
+def focus_values(ctx, probe_stats: CalibStats) -> dict[str, float]:
+    return focus_ratio(fisher_energy(probe_stats), fisher_energy(ctx.an.stats))
+
+
+def correlations(ctx, km: KnowledgeMap, probe_stats: CalibStats | None) -> list[dict]:
+    ef = fisher_energy(probe_stats) if probe_stats is not None else None
+    return predictor_table(km, ctx.an, fisher_energy(ctx.an.stats), ef)
+
+
+def correlation_frame(table: list[dict]):
+    import pandas as pd
+
+    def fmt(x: float) -> str:
+        return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.2f}"
+
+    return pd.DataFrame({"statistic": [r["statistic"] for r in table],
+                         "Spearman with knowledge loss": [fmt(r["spearman_knowledge_loss"]) for r in table],
+                         "with recall drop": [fmt(r["spearman_recall_drop"]) for r in table],
+                         "modules": [r["n_modules"] for r in table]})
+
+
+# ---------------------------------------------------------------------- compressed copies
+def compressed_copy(ctx, plan: Plan):
+    """A deep copy of the model compressed with `plan` (cached per plan; read-only)."""
+    from .surgery import compress_
+
+    k = json.dumps(["model", ctx.lm.spec, ctx.calib["key"], ctx.an.cfg.gamma, plan.ranks, plan.methods],
+                   sort_keys=True)
+    store = _store()
+    if k not in store:
+        work = copy.deepcopy(ctx.lm.model)
+        compress_(work, ctx.an, plan)
+        for old in [x for x in store if x.startswith('["model"')][:-1]:  # keep at most two copies
+            store.pop(old)
+        store[k] = work
+    return store[k]
+
+
+def baseline_plan(ctx, plan: Plan, baseline: str) -> Plan:
+    """`baseline` allocated at the plan's parameter budget over the same modules (as Evaluate does)."""
+    kept, total = plan.params(ctx.an)
+    return allocate(ctx.an, baseline, param_ratio=min(1.0, max(kept / total, 1e-6)), modules=list(plan.ranks))
+
+
+def three_models(ctx, plan: Plan, baseline: str) -> dict:
+    """{"uncompressed": model, "plan": copy, "<baseline> (same budget)": copy}."""
+    return {"uncompressed": ctx.lm.model, "plan": compressed_copy(ctx, plan),
+            f"{baseline} (same budget)": compressed_copy(ctx, baseline_plan(ctx, plan, baseline))}
+
+
+# ---------------------------------------------------------------------- page parts
+MAP_VALUES = {"knowledge_loss": "answer loss increase (nats per fact)", "recall_drop": "recall drop"}
+
+
+def probe_controls(spec: str) -> ProbeChoice:
+    """Probe source (built-in / upload) and the number of facts, in an expander."""
+    with st.expander("Probe and compression for the measurement", expanded=False):
+        c1, c2 = st.columns(2)
+        src = c1.radio("Probe", ["builtin", "upload"], format_func={"builtin": "built-in facts",
+                       "upload": "upload prompt/answer JSONL"}.get, horizontal=True, **ui.bind("kmap_probe", "builtin"))
+        ui.commit("kmap_probe", src)
+        if src == "upload":
+            f = c1.file_uploader("Probe JSONL", type=["jsonl"], key="w.kmap_file",
+                                 help='one {"prompt": …, "answer": …} object per line')
+            if f is not None:
+                raw = f.getvalue()
+                if (st.session_state.get("kmap_upload") or {}).get("raw_sha") != hashlib.sha256(raw).hexdigest():
+                    st.session_state["kmap_upload"] = None
+                    up = parse_probe_upload(raw, f.name)
+                    st.session_state["kmap_upload"] = {**up, "raw_sha": up["sha"]}
+        n_all = len(load_probe(default_data(spec).probe)) if src == "builtin" else \
+            len((st.session_state.get("kmap_upload") or {}).get("examples") or [1])
+        n = c2.number_input("Facts used (evenly spaced)", 1, max(1, n_all), step=10,
+                            **ui.bind(f"kmap_facts@{spec}", default_facts(n_all, spec)),
+                            help="One probe evaluation per module: fewer facts, faster map.")
+        ui.commit(f"kmap_facts@{spec}", int(n))
+        mode = c2.radio("Compress each module", ["share", "plan"], horizontal=True,
+                        format_func={"share": "at a parameter share", "plan": "at its planned rank"}.get,
+                        **ui.bind("kmap_mode", "share"))
+        ui.commit("kmap_mode", mode)
+        if mode == "share":
+            share = c1.slider("Parameter share kept", 0.05, 0.95, step=0.05, **ui.bind("kmap_share", 0.5))
+            ui.commit("kmap_share", float(share))
+            m = c2.selectbox("Method", ["asvd", "pca", "svd", "fwsvd", "fasc"], **ui.bind("kmap_method", "asvd"),
+                             help="asvd: the variance baseline (the claim under test is about variance-only "
+                                  "compression)")
+            ui.commit("kmap_method", m)
+    return probe_choice(spec)
+
+
+def rho_verdict(ctx, km: KnowledgeMap | None) -> str:
+    """What the measured map says about ρ as a locator of facts (or how to find out)."""
+    if km is None:
+        return ("Whether high ρ also marks where facts live is not assumed here: measure it with "
+                "'Measured knowledge loss'.")
+    r = predictor_table(km, ctx.an)[0]["spearman_knowledge_loss"]
+    if math.isnan(r):
+        return "The measured map is flat, so ρ cannot be ranked against it."
+    return (f"Measured on this model: Spearman of ρ with the knowledge loss of compressing each module alone = "
+            f"{r:+.2f} over {len(km.fqns)} modules (1 = ρ orders modules exactly as the facts lost, 0 = unrelated).")
