@@ -48,21 +48,16 @@ def _store() -> dict:
     return {}
 
 
-def probe_choice(spec: str) -> ProbeChoice:
-    """The probe picked on the ρ map page (built-in or uploaded) and the number of facts used."""
-    src = ui.setting("kmap_probe", "builtin")
-    up = st.session_state.get("kmap_upload")
-    if src == "upload":
+def probe_source(spec: str) -> tuple[list[Example], str, str]:
+    """(all facts, name, identity) of the probe picked on the ρ map page: built-in or uploaded."""
+    if ui.setting("kmap_probe", "builtin") == "upload":
+        up = st.session_state.get("kmap_upload")
         if not up:
             raise FascError("No probe uploaded; upload a JSONL file of {\"prompt\", \"answer\"} lines, or choose "
                             "the built-in probe.")
-        examples, name, ident = up["examples"], up["name"], up["sha"]
-    else:
-        path = Path(default_data(spec).probe)
-        examples, name, ident = load_probe(path), path.name, f"builtin:{path}"
-    n = int(ui.setting(f"kmap_facts@{spec}", default_facts(len(examples), spec)))
-    sub = probe_subset(examples, n)
-    return ProbeChoice(sub, f"{name} ({len(sub)} of {len(examples)} facts)", f"{ident}#{len(sub)}")
+        return up["examples"], up["name"], up["sha"]
+    path = Path(default_data(spec).probe)
+    return load_probe(path), path.name, f"builtin:{path}"
 
 
 def default_facts(n: int, spec: str) -> int:
@@ -229,12 +224,12 @@ def probe_controls(spec: str) -> ProbeChoice:
                     st.session_state["kmap_upload"] = None
                     up = parse_probe_upload(raw, f.name)
                     st.session_state["kmap_upload"] = {**up, "raw_sha": up["sha"]}
-        n_all = len(load_probe(default_data(spec).probe)) if src == "builtin" else \
-            len((st.session_state.get("kmap_upload") or {}).get("examples") or [1])
-        n = c2.number_input("Facts used (evenly spaced)", 1, max(1, n_all), step=10,
-                            **ui.bind(f"kmap_facts@{spec}", default_facts(n_all, spec)),
+        examples, name, ident = probe_source(spec)
+        fkey = f"kmap_facts@{spec}@{ident}"
+        n = c2.number_input("Facts used (evenly spaced)", 1, len(examples), step=10,
+                            **ui.bind(fkey, default_facts(len(examples), spec)),
                             help="One probe evaluation per module: fewer facts, faster map.")
-        ui.commit(f"kmap_facts@{spec}", int(n))
+        ui.commit(fkey, int(n))
         mode = c2.radio("Compress each module", ["share", "plan"], horizontal=True,
                         format_func={"share": "at a parameter share", "plan": "at its planned rank"}.get,
                         **ui.bind("kmap_mode", "share"))
@@ -246,7 +241,8 @@ def probe_controls(spec: str) -> ProbeChoice:
                              help="asvd: the variance baseline (the claim under test is about variance-only "
                                   "compression)")
             ui.commit("kmap_method", m)
-    return probe_choice(spec)
+    sub = probe_subset(examples, int(n))
+    return ProbeChoice(sub, f"{name} ({len(sub)} of {len(examples)} facts)", f"{ident}#{len(sub)}")
 
 
 def rho_verdict(ctx, km: KnowledgeMap | None) -> str:
@@ -259,3 +255,80 @@ def rho_verdict(ctx, km: KnowledgeMap | None) -> str:
         return "The measured map is flat, so ρ cannot be ranked against it."
     return (f"Measured on this model: Spearman of ρ with the knowledge loss of compressing each module alone = "
             f"{r:+.2f} over {len(km.fqns)} modules (1 = ρ orders modules exactly as the facts lost, 0 = unrelated).")
+
+
+def fact_label(ex: Example, width: int = 70) -> str:
+    s = f"{ex.prompt} → {ex.answer}"
+    return s if len(s) <= width else s[: width - 1] + "…"
+
+
+def fact_panel(ctx, km: KnowledgeMap, probe: ProbeChoice, plan: Plan) -> None:
+    """One fact at a time: answer probability and greedy continuation under the dense model, the
+    plan and the variance baseline; the modules whose compression alone hurts it most."""
+    from .data import encode_example
+    from .evaluate import answer_scores
+    from .generate import greedy_continuation
+
+    st.markdown("**One fact at a time**")
+    n = km.n_facts
+    i = st.selectbox("Fact", list(range(n)), format_func=lambda j: f"{j + 1}. {fact_label(probe.examples[j])}",
+                     key="w.kmap_fact")
+    ex = probe.examples[i]
+    c1, c2 = st.columns([2, 3])
+    with c1:
+        st.metric("P(answer) uncompressed", f"{math.exp(-float(km.base_nll[i])):.1%}",
+                  help="P(answer | prompt), product over the answer's tokens (teacher-forced)")
+        top = km.fact_effects(i)[:5]
+        st.caption("Modules whose compression alone hurts this fact most (from the map's data)")
+        st.dataframe({"module": [f for f, _, _ in top], "loss ↑ (nats)": [round(d, 3) for _, d, _ in top],
+                      "P(answer)": [f"{math.exp(-float(km.base_nll[i]) - d):.1%}" for _, d, _ in top],
+                      "still top-1": [ok for _, _, ok in top]}, hide_index=True, width="stretch")
+    with c2:
+        baseline = ui.setting("eval_baseline", "asvd")
+        key = json.dumps(["fact", ctx.lm.spec, ctx.calib["key"], ctx.an.cfg.gamma, plan.ranks, plan.methods,
+                          baseline, ex.prompt, ex.answer], sort_keys=True)
+        store = _store()
+        if key not in store:
+            st.caption(f"The plan and the {baseline} baseline at the same budget need compressed copies of the model.")
+            if not st.button("Compare under the plan and the baseline", key="w.kmap_fact_run",
+                             icon=":material/play_arrow:"):
+                return
+            enc = [encode_example(ctx.lm.tok, ex)]
+            rows = []
+            with st.spinner("Compressing copies and generating …"):
+                for name, model in three_models(ctx, plan, baseline).items():
+                    nll, ok = answer_scores(model, enc)
+                    rows.append({"model": name, "P(answer)": f"{math.exp(-float(nll[0])):.1%}",
+                                 "top-1": bool(ok[0]),
+                                 "greedy continuation": greedy_continuation(model, ctx.lm.tok, ex.prompt, 12)})
+            store[key] = rows
+        st.dataframe(store[key], hide_index=True, width="stretch")
+
+
+def generation_panel(ctx, plan: Plan, baseline: str) -> None:
+    """Free prompts completed greedily by the dense model, the plan and the baseline at the same budget."""
+    from .generate import continuations
+
+    st.markdown("**Side-by-side generations** — greedy, the same prompts for each model")
+    c = st.columns([5, 1, 1], vertical_alignment="bottom")
+    text = c[0].text_area("Prompts (one per line)", height=80, **ui.bind("gen_prompts", default_prompt(ctx.lm.spec)))
+    ui.commit("gen_prompts", text)
+    n = c[1].number_input("Tokens", 1, 256, step=8, **ui.bind("gen_tokens", 24))
+    ui.commit("gen_tokens", int(n))
+    go = c[2].button("Generate", key="w.generate", icon=":material/play_arrow:")
+    prompts = [p.strip() for p in text.splitlines() if p.strip()]
+    key = json.dumps(["gen", ctx.lm.spec, ctx.calib["key"], ctx.an.cfg.gamma, plan.ranks, plan.methods, baseline,
+                      prompts, int(n)], sort_keys=True)
+    store = _store()
+    if go and key not in store:
+        if not prompts:
+            raise FascError("No prompt given; write at least one line of text to continue.")
+        with st.spinner("Compressing copies and generating …"):
+            store[key] = continuations(three_models(ctx, plan, baseline), ctx.lm.tok, prompts, int(n))
+    if key in store:
+        st.dataframe(store[key], hide_index=True, width="stretch")
+
+
+def default_prompt(spec: str) -> str:
+    ex = load_probe(default_data(spec).probe)[:2]
+    return "\n".join(e.prompt for e in ex)

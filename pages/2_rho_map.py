@@ -129,6 +129,7 @@ def main() -> None:
                    f"({float(km.base_correct.double().mean()):.1%}) minus recall with it compressed. Fisher energy "
                    f"= ½ tr(C_h C_x), the predicted loss of removing the module; 'probe answers' = calibrated on "
                    f"the probe's answers only (the same facts, so it is a diagnostic, not a held-out prediction).")
+        K.fact_panel(ctx, km, probe, plan)
     st.caption(f"Mean ρ over {len(rows)} modules: {S.mean_rho(rows):.3f}. ρ measures how far a module's "
                f"activations and gradients are from independent (spec §4): where it is large, the decoupled "
                f"predicted ΔL is least reliable. " + K.rho_verdict(ctx, km))

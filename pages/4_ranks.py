@@ -4,6 +4,7 @@ variance baseline at the same budget, and save / load as JSON."""
 
 import streamlit as st
 
+from fasc import app_knowledge as K
 from fasc import app_state as S
 from fasc import app_ui as ui
 from fasc.allocate import allocate
@@ -131,6 +132,7 @@ def main() -> None:
         st.plotly_chart(eval_figure(rows), width="stretch", key="eval_fig")
     else:
         st.caption("Evaluation compresses copies of the model (the plan and the baseline); results are cached per plan.")
+    K.generation_panel(ctx, plan, baseline)
 
     # ---------------------------------------------------------------- save / load
     st.subheader("Save / load the plan")
