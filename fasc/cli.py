@@ -298,6 +298,8 @@ def cmd_eval(args) -> None:
 
     if args.compare and not args.generate:
         raise FascError("--compare needs --generate PROMPT; it names models whose continuations are shown beside.")
+    if args.generate and not 1 <= args.new_tokens <= 512:
+        raise FascError(f"--new-tokens must be in [1, 512], got {args.new_tokens}.")
     model, tok, _ = _load(args)
     defaults = default_data(args.model)
     text_path = args.text or defaults.heldout

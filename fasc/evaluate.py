@@ -153,13 +153,17 @@ def answer_scores(model: nn.Module, encoded: list[tuple[list[int], int]],
             for b, (ids, _) in enumerate(chunk):
                 x[b, : len(ids)] = torch.tensor(ids)
                 mask[b, : len(ids)] = 1
-            logp = model(input_ids=x.to(dev), attention_mask=mask.to(dev), use_cache=False).logits.float()
-            logp = logp.log_softmax(-1).cpu()
-            for b, (ids, start) in enumerate(chunk):
-                ans = torch.tensor(ids[start:])
-                lp = logp[b, start - 1: len(ids) - 1]                    # (answer tokens, vocab)
-                nll.append(-float(lp.gather(1, ans[:, None]).sum()))
-                first.append(bool(lp[0].argmax() == ans[0]))
+            logits = model(input_ids=x.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
+            logp = logits[:, :-1].float().log_softmax(-1)                       # (B, L-1, V)
+            tgt = x[:, 1:].to(dev)
+            lp = logp.gather(-1, tgt[..., None])[..., 0]                          # (B, L-1)
+            pos = torch.arange(L - 1, device=dev)[None]
+            start = torch.tensor([s for _, s in chunk], device=dev)[:, None]
+            end = torch.tensor([len(ids) for ids, _ in chunk], device=dev)[:, None]
+            ans = (pos >= start - 1) & (pos < end - 1)                            # answer-token targets
+            nll.extend((-(lp * ans).sum(1)).tolist())
+            rows = torch.arange(len(chunk), device=dev)
+            first.extend((logp[rows, start[:, 0] - 1].argmax(-1) == tgt[rows, start[:, 0] - 1]).tolist())
     finally:
         model.train(was_training)
     return torch.tensor(nll, dtype=torch.float32), torch.tensor(first, dtype=torch.bool)

@@ -65,6 +65,11 @@ def test_knowledge_map_errors_are_one_line(capsys, common, saved_llama, extra, m
     assert code == 2 and out == "" and msg in err and err.count("\n") == 1
 
 
+def test_knowledge_map_options_without_the_flag(capsys, common):
+    code, out, err = run(capsys, "report", *common, "--share", "0.5")
+    assert code == 2 and "belong to --knowledge-map" in err and err.count("\n") == 1
+
+
 def test_knowledge_map_bad_probe_is_one_line(capsys, common, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "the cat"}\n')
