@@ -332,3 +332,74 @@ def generation_panel(ctx, plan: Plan, baseline: str) -> None:
 def default_prompt(spec: str) -> str:
     ex = load_probe(default_data(spec).probe)[:2]
     return "\n".join(e.prompt for e in ex)
+
+
+@dataclass
+class KnowledgeView:
+    """What the ρ map page needs from the knowledge views (all None for the other views)."""
+
+    km: KnowledgeMap | None = None
+    probe: ProbeChoice | None = None
+    probe_stats: CalibStats | None = None
+    title: str | None = None
+
+
+def knowledge_view(ctx, plan: Plan, view: str, values, n_modules: int) -> tuple[str, object, str | None, KnowledgeView]:
+    """Controls and on-request measurements of the 'knowledge' and 'fact_focus' views of the ρ map.
+
+    Returns (view to draw, heatmap values, colour label, KnowledgeView); falls back to the ρ view
+    (with an explanation and a measure button) while nothing is measured yet."""
+    kv = KnowledgeView()
+    if view not in ("knowledge", "fact_focus"):
+        return view, values, None, kv
+    kv.probe = probe = probe_controls(ctx.lm.spec)
+    req = map_request(ctx, plan)
+    kv.km = km = cached_map(ctx, probe, req)
+    kv.probe_stats = cached_probe_stats(ctx, probe)
+    if view == "knowledge" and km is None:
+        st.info(f"Measured knowledge loss: each module alone is compressed ({req.label}) and the answer tokens' "
+                f"loss and the first-token recall of {probe.name} are measured — one probe evaluation per module "
+                f"({n_modules}), cached beside the statistics.", icon=":material/info:")
+        if st.button("Measure the knowledge map", key="w.kmap_run", icon=":material/play_arrow:", type="primary"):
+            measure_map(ctx, probe, req)
+            st.rerun()
+        return "rho", None, None, kv
+    if view == "knowledge":
+        shown = st.radio("Measured", list(MAP_VALUES), format_func=MAP_VALUES.get, horizontal=True,
+                         **ui.bind("kmap_value", "knowledge_loss"))
+        ui.commit("kmap_value", shown)
+        kv.title = f"Measured with only this module compressed ({req.label}), {km.n_facts} facts"
+        return view, map_values(km, shown), MAP_VALUES[shown], kv
+    if kv.probe_stats is None:
+        st.info(f"Calibrate on the answers of {probe.name} only (the loss on answer tokens, same settings as the "
+                f"general calibration) and compare each module's share of that Fisher energy ½ tr(C_h C_x) with "
+                f"its share on the general calibration text.", icon=":material/info:")
+        if st.button("Calibrate on the probe's answers", key="w.kmap_focus_run", icon=":material/play_arrow:",
+                     type="primary"):
+            measure_probe_stats(ctx, probe)
+            st.rerun()
+        return "rho", None, None, kv
+    kv.title = "Share of the facts' Fisher energy ÷ share of the general text's (1 = no focus)"
+    return view, focus_values(ctx, kv.probe_stats), "facts/general energy share", kv
+
+
+def knowledge_details(ctx, kv: KnowledgeView, plan: Plan) -> None:
+    """Below the measured map: the Spearman table, what was measured, and one fact at a time."""
+    km = kv.km
+    st.markdown("**Does a statistic say where facts live?** Spearman rank correlation with the measured map, over "
+                "the measured modules")
+    st.dataframe(correlation_frame(correlations(ctx, km, kv.probe_stats)), hide_index=True, width="stretch")
+    st.caption(f"Knowledge loss = mean increase of −log P(answer | prompt) over {km.n_facts} facts with only that "
+               f"module compressed; recall drop = dense first-token recall "
+               f"({float(km.base_correct.double().mean()):.1%}) minus recall with it compressed. Fisher energy = "
+               f"½ tr(C_h C_x), the predicted loss of removing the module; 'probe answers' = calibrated on the "
+               f"probe's answers only (the same facts, so it is a diagnostic, not a held-out prediction).")
+    fact_panel(ctx, km, kv.probe, plan)
+
+
+def module_metric(kv: KnowledgeView, fqn: str) -> None:
+    """The selected module's measured knowledge loss, when the map is measured and covers it."""
+    if kv.km is not None and fqn in kv.km.fqns:
+        j = kv.km.fqns.index(fqn)
+        st.metric("Measured knowledge loss", f"{float(kv.km.knowledge_loss()[j]):.3g} nats",
+                  help=f"only this module compressed; recall drop {float(kv.km.recall_drop()[j]):+.1%}")

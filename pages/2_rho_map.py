@@ -48,43 +48,11 @@ def main() -> None:
         rows = ui.report_rows(ctx.lm.spec, ctx.calib["key"], an.cfg.gamma, float(ratio), an,
                               len(an.stats.sketch_fisher))
         values = S.plan_values(plan, an) if view == "dl_plan" else None
-        label = km = probe = req = pstats = None
-        if view in ("knowledge", "fact_focus"):
-            probe = K.probe_controls(ctx.lm.spec)
-            req = K.map_request(ctx, plan)
-            km = K.cached_map(ctx, probe, req)
-            pstats = K.cached_probe_stats(ctx, probe)
-        if view == "knowledge" and km is None:
-            st.info(f"Measured knowledge loss: each module alone is compressed ({req.label}) and the answer "
-                    f"tokens' loss and the first-token recall of {probe.name} are measured — one probe evaluation "
-                    f"per module ({len(rows)}), cached beside the statistics.", icon=":material/info:")
-            if st.button("Measure the knowledge map", key="w.kmap_run", icon=":material/play_arrow:", type="primary"):
-                K.measure_map(ctx, probe, req)
-                st.rerun()
-            view = "rho"
-        elif view == "knowledge":
-            shown = st.radio("Measured", list(K.MAP_VALUES), format_func=K.MAP_VALUES.get, horizontal=True,
-                             **ui.bind("kmap_value", "knowledge_loss"))
-            ui.commit("kmap_value", shown)
-            values, label = K.map_values(km, shown), K.MAP_VALUES[shown]
-        if view == "fact_focus" and pstats is None:
-            st.info(f"Calibrate on the answers of {probe.name} only (the loss on answer tokens, same settings as "
-                    f"the general calibration) and compare each module's share of that Fisher energy "
-                    f"½ tr(C_h C_x) with its share on the general calibration text.", icon=":material/info:")
-            if st.button("Calibrate on the probe's answers", key="w.kmap_focus_run", icon=":material/play_arrow:",
-                         type="primary"):
-                K.measure_probe_stats(ctx, probe)
-                st.rerun()
-            view = "rho"
-        elif view == "fact_focus":
-            values, label = K.focus_values(ctx, pstats), "facts/general energy share"
-        title = {"rho": "ρ = mean |ρ(u)| over random unit directions (0 = independent)",
+        view, values, label, kv = K.knowledge_view(ctx, plan, view, values, len(rows))
+        title = kv.title or {"rho": "ρ = mean |ρ(u)| over random unit directions (0 = independent)",
                  "rho_fisher": "ρ = mean |ρ(u)| over each module's top Fisher directions (the ones FASC keeps)",
                  "misalignment": f"Share of the FASC subspace missed by PCA at rank ratio {ratio:g}",
                  "dl_plan": f"Predicted ΔL per module at the current ranks (Σ = {plan.predicted(an):.4g} nats/token)",
-                 "knowledge": f"Measured with only this module compressed ({req.label if req else ''}), "
-                              f"{km.n_facts if km else 0} facts",
-                 "fact_focus": "Share of the facts' Fisher energy ÷ share of the general text's (1 = no focus)",
                  }[view]
         fig = rho_heatmap(rows, value=view, selected=sel, values=values, title=title, label=label)
 
@@ -111,6 +79,7 @@ def main() -> None:
             st.metric("ρ along Fisher directions", f"{r.rho_fisher:.3f}",
                       help=f"signed mean {r.rho_fisher_signed:+.3f}, over the module's top Fisher directions")
         st.metric(f"Misalignment at k = {r.rank}", f"{r.misalignment:.1%}")
+        K.module_metric(kv, sel)
         if k is not None:
             st.metric(f"Plan: rank {k} / {an.info(sel).max_rank} ({plan.methods[sel]})",
                       f"ΔL {an.predicted(sel, plan.methods[sel], k):.3g}",
@@ -121,18 +90,10 @@ def main() -> None:
         st.dataframe({"module": [f"L{x.layer} {x.kind}" for x in top], "ρ": [round(x.rho, 3) for x in top]},
                      hide_index=True, width="stretch")
     if view == "knowledge":
-        st.markdown("**Does a statistic say where facts live?** Spearman rank correlation with the measured map, "
-                    "over the measured modules")
-        st.dataframe(K.correlation_frame(K.correlations(ctx, km, pstats)), hide_index=True, width="stretch")
-        st.caption(f"Knowledge loss = mean increase of −log P(answer | prompt) over {km.n_facts} facts with only "
-                   f"that module compressed; recall drop = dense first-token recall "
-                   f"({float(km.base_correct.double().mean()):.1%}) minus recall with it compressed. Fisher energy "
-                   f"= ½ tr(C_h C_x), the predicted loss of removing the module; 'probe answers' = calibrated on "
-                   f"the probe's answers only (the same facts, so it is a diagnostic, not a held-out prediction).")
-        K.fact_panel(ctx, km, probe, plan)
+        K.knowledge_details(ctx, kv, plan)
     st.caption(f"Mean ρ over {len(rows)} modules: {S.mean_rho(rows):.3f}. ρ measures how far a module's "
                f"activations and gradients are from independent (spec §4): where it is large, the decoupled "
-               f"predicted ΔL is least reliable. " + K.rho_verdict(ctx, km))
+               f"predicted ΔL is least reliable. " + K.rho_verdict(ctx, kv.km))
 
 
 ui.run_page(main)
