@@ -271,9 +271,26 @@ def focus_ratio(facts: dict[str, float], general: dict[str, float]) -> dict[str,
 
 def answer_config(cfg: CalibConfig, encoded: list[tuple[list[int], int]]) -> CalibConfig:
     """The general calibration config moved onto the probe: loss on the answers only, a token budget
-    that holds every fact (each fact one row, cut at `seq_len`)."""
+    that holds the facts given (each fact one row, cut at `seq_len`)."""
     n = sum(min(len(ids), cfg.seq_len) for ids, _ in encoded)
     return replace(cfg, targets="answers", n_tokens=max(n, 2), layers=None)
+
+
+def facts_within(tokenizer, examples: list[Example], n_tokens: int) -> list[Example]:
+    """The most facts, evenly spaced through the probe, whose tokens fit in `n_tokens` (the general
+    calibration's budget: the fact-focused statistics are not estimated from more data)."""
+    lengths = [len(ids) for ids, _ in encode_probe(tokenizer, examples)]
+    if sum(lengths) <= n_tokens:
+        return list(examples)
+    lo, hi = 1, len(examples)
+    while lo < hi:  # largest m whose evenly spaced subset fits
+        m = (lo + hi + 1) // 2
+        step = len(examples) / m
+        if sum(lengths[int(i * step)] for i in range(m)) <= n_tokens:
+            lo = m
+        else:
+            hi = m - 1
+    return probe_subset(examples, lo)
 
 
 def spearman(a, b) -> float:
@@ -335,10 +352,12 @@ def probe_calibration(model: nn.Module, tokenizer, examples: list[Example], cfg:
                       progress: Callable[[int, int], object] | None = None,
                       root: Path | None = None) -> tuple[CalibStats, bool]:
     """(statistics, from_cache) of the probe with the loss on its answers only (`answer_config`),
-    through the same content-addressed cache as any calibration."""
+    through the same content-addressed cache as any calibration. At most `cfg.n_tokens` tokens of
+    facts (evenly spaced through the probe, `facts_within`)."""
     from .data import make_batches
     from .pipeline import calibrate_cached
 
+    examples = facts_within(tokenizer, examples, cfg.n_tokens)
     acfg = answer_config(cfg, encode_probe(tokenizer, examples))
     batches = make_batches(tokenizer, list(examples), acfg, name="the probe")
     return calibrate_cached(model, batches, acfg, progress=progress, root=root)

@@ -14,7 +14,7 @@ from fasc.allocate import Plan
 from fasc.data import Example, encode_example
 from fasc.evaluate import answer_scores, fact_recall
 from fasc.generate import continuations, greedy_continuation
-from fasc.knowledge_map import (KnowledgeMap, average_ranks, energy_shares, fisher_energy, focus_ratio,
+from fasc.knowledge_map import (KnowledgeMap, average_ranks, energy_shares, facts_within, fisher_energy, focus_ratio,
                                 knowledge_map, knowledge_map_cached, predictor_table, probe_calibration,
                                 probe_subset, share_ranks, spearman)
 
@@ -197,6 +197,13 @@ def test_probe_calibration_puts_the_loss_on_answers(llama, tokenizer, probe, tmp
     assert ps.n_tokens == sum(len(encode_example(tokenizer, ex)[0]) - 1 for ex in probe)
     _, hit = probe_calibration(llama, tokenizer, probe, cfg, root=tmp_path)
     assert hit
+    # a budget below the probe's size: evenly spaced facts that fit, never more tokens than the budget
+    small, _ = probe_calibration(llama, tokenizer, probe, fasc.CalibConfig(n_tokens=20, seq_len=16), root=tmp_path)
+    assert 0 < small.n_tokens < 20
+    sub = facts_within(tokenizer, probe, 20)
+    assert sub == probe_subset(probe, len(sub)) and sum(len(encode_example(tokenizer, e)[0]) for e in sub) <= 20
+    bigger = probe_subset(probe, len(sub) + 1)
+    assert sum(len(encode_example(tokenizer, e)[0]) for e in bigger) > 20
 
 
 def test_predictor_table_lists_each_statistic(llama, tokenizer, an, llama_stats, probe):
