@@ -1,8 +1,8 @@
 """FASC dashboard: `make run` (= `streamlit run app.py`) opens it on the embedded demo model.
 
 The entry point holds the sidebar model picker (so it persists across pages) and the navigation;
-each page in `pages/` is a thin script over the library (`fasc.app_ui` for Streamlit glue,
-`fasc.app_state` for the logic, `fasc.plots` for the figures).
+each page in `pages/` is a thin script over the library and the app package `fasc.app` (Streamlit
+glue in `fasc.app.ui` / `fasc.app.state`; the figures in `fasc.plots`).
 
 Environment (optional): FASC_APP_MODEL (model preselected, e.g. a folder), FASC_APP_CHECKPOINTS
 (training checkpoints folder), FASC_APP_OUT (export parent folder), FASC_CACHE (statistics cache).
@@ -10,7 +10,7 @@ Environment (optional): FASC_APP_MODEL (model preselected, e.g. a folder), FASC_
 
 import streamlit as st
 
-from fasc import app_ui as ui
+from fasc.app import ui
 
 st.set_page_config(page_title="FASC — knowledge-aware compression", page_icon=":material/compress:", layout="wide")
 

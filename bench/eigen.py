@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from fasc.spectra import basis_fasc, basis_pca, fisher_eigenvalues, misalignment_curve, whitening
+from fasc.spectra import basis_fasc, basis_pca, fisher_spectrum, misalignment_curve, whitening
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
              "fasc_gamma1_s": timed(lambda: basis_fasc(W, Ch, wh.B, wh.B_inv, 1.0), a.reps)}
         b = basis_fasc(W, Ch, wh.B, wh.B_inv, 1.0)
         r["misalignment_s"] = timed(lambda: misalignment_curve(wh.V, b), a.reps)
-        r["fisher_spectrum_s"] = timed(lambda: fisher_eigenvalues(Ch, wh.B), a.reps)
+        r["fisher_spectrum_s"] = timed(lambda: fisher_spectrum(Ch, wh.B), a.reps)
         rows.append(r)
         print(f"n={n}: whitening {r['whitening_s']:.2f}s, pca {r['pca_s']:.2f}s, fasc γ=0 {r['fasc_gamma0_s']:.2f}s, "
               f"γ=1 {r['fasc_gamma1_s']:.2f}s, misalignment {r['misalignment_s']:.2f}s, "

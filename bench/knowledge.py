@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 import fasc
+from fasc.config import HYBRID_TAU
 from fasc.config import METHODS
 from fasc.data import Example, make_batches, read_text
 from fasc.evaluate import fact_recall, perplexity, target_loss
@@ -49,7 +50,7 @@ class KnowledgeConfig:
     temperatures: tuple[float, ...] = (1.0, 4.0)
     gammas: tuple[float, ...] = (fasc.CompressConfig().gamma,)
     targets: str = "all"
-    tau: float = fasc.CompressConfig().tau
+    tau: float = HYBRID_TAU
     tokens: int = 16384
     seq_len: int = 0          # 0: the model's default (demo 64, others 256)
     text: str | None = None
@@ -115,7 +116,7 @@ def run(cfg: KnowledgeConfig, log=print) -> dict:
     torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
     model, tok = fasc.load_model(cfg.model)
-    paths = fasc.default_data(cfg.model)
+    paths = fasc.model_defaults(cfg.model)
     facts = fasc.load_probe(paths.probe)
     calib_facts, eval_facts = split_facts(facts)
     text = read_text(cfg.text or paths.text)
@@ -143,7 +144,7 @@ def run(cfg: KnowledgeConfig, log=print) -> dict:
             n += int(b.stat_mask.sum())
         for gamma in cfg.gammas:
             t = time.perf_counter()
-            an, _ = fasc.analysis_cached(model, stats, fasc.CompressConfig(gamma=gamma, tau=cfg.tau))
+            an, _ = fasc.analysis_cached(model, stats, fasc.CompressConfig(gamma=gamma))
             result["timing"][f"eigen_T{T}_g{gamma}"] = time.perf_counter() - t
             for method in cfg.methods:
                 if method in GRADIENT_FREE and T != first_T or method not in ("fasc", "hybrid") and gamma != first_g:
@@ -151,7 +152,7 @@ def run(cfg: KnowledgeConfig, log=print) -> dict:
                 an.max_cached_bases = len(an.modules) + 8      # one method's bases serve every plan
                 for mods in cfg.module_sets:
                     for r in cfg.ratios:
-                        plan = fasc.allocate(an, method, rank_ratio=r, modules=mods)
+                        plan = fasc.allocate(an, method, rank_ratio=r, modules=mods, tau=cfg.tau)
                         work = copy.deepcopy(model)
                         fasc.compress_(work, an, plan)
                         kept, orig = plan.params(an)

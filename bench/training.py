@@ -19,7 +19,7 @@ import torch
 import fasc
 from fasc.loading import DEMO_CHECKPOINTS
 from fasc.modules import kinds_in_order
-from fasc.pipeline import default_data
+from fasc.pipeline import model_defaults
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -28,11 +28,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.training", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=16384)
-    p.add_argument("--temperature", type=float, default=default_data("demo").temperature)
+    p.add_argument("--temperature", type=float, default=model_defaults("demo").temperature)
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    paths = default_data("demo")
+    paths = model_defaults("demo")
     facts = fasc.load_probe(paths.probe)
     cfg = fasc.CalibConfig(n_tokens=a.tokens, seq_len=paths.seq_len, temperature=a.temperature)
     rows, kinds = [], None

@@ -9,9 +9,9 @@
     fasc.save_compressed(copy, tok, "out/demo-fasc50")
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 
-from .allocate import Plan, allocate, validate_plan
+from .allocate import Plan, allocate, base_method, load_plan, validate_plan
 from .analysis import Analysis, ModuleReport
 from .calibrate import Calibrator, calibrate
 from .config import METHODS, CalibConfig, CompressConfig
@@ -20,16 +20,16 @@ from .errors import FascError
 from .evaluate import RecallResult, fact_recall, perplexity
 from .export import load_compressed, save_compressed
 from .layers import LowRankLinear
-from .loading import load_model, model_summary, resolve
+from .loading import load_model, model_source, model_summary
 from .modules import ModuleInfo, find_linears, model_fingerprint
-from .pipeline import analysis_cached, batches_from_files, calibrate_cached, default_data
+from .pipeline import analysis_cached, batches_from_files, calibrate_cached, compress_and_save, model_defaults
 from .stats import CalibStats
 from .surgery import compress_
 
 __all__ = [
-    "Analysis", "analysis_cached", "Batch", "CalibConfig", "CalibStats", "Calibrator", "CompressConfig", "Example", "FascError",
+    "Analysis", "analysis_cached", "base_method", "Batch", "CalibConfig", "CalibStats", "Calibrator", "CompressConfig", "Example", "FascError",
     "LowRankLinear", "METHODS", "ModuleInfo", "ModuleReport", "Plan", "RecallResult", "allocate",
-    "batches_from_files", "calibrate", "calibrate_cached", "compress_", "default_data", "fact_recall",
-    "find_linears", "load_compressed", "load_model", "load_probe", "load_source", "make_batches",
-    "model_fingerprint", "model_summary", "perplexity", "resolve", "save_compressed", "validate_plan",
+    "batches_from_files", "calibrate", "calibrate_cached", "compress_", "compress_and_save", "fact_recall",
+    "find_linears", "load_compressed", "load_model", "load_plan", "load_probe", "load_source", "make_batches",
+    "model_defaults", "model_fingerprint", "model_source", "model_summary", "perplexity", "save_compressed", "validate_plan",
 ]

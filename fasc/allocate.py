@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from .analysis import Analysis
-from .config import METHODS
+from .config import BASE_METHODS, HYBRID_FALLBACK, HYBRID_TAU, METHODS, check_hybrid
+from .data import decode_text
 from .errors import FascError
 from .modules import ModuleInfo, select
 
@@ -29,6 +30,36 @@ def module_params(info: ModuleInfo, k: int) -> int:
 def is_factored(info: ModuleInfo, k: int) -> bool:
     """True when two factors are smaller than the dense weight (spec §6)."""
     return k * (info.out_features + info.in_features) < info.params
+
+
+def base_method(an: Analysis, fqn: str, method: str, tau: float = HYBRID_TAU,
+                fallback: str = HYBRID_FALLBACK) -> str:
+    """The base method used for `fqn`: `hybrid` → fasc where ρ ≥ τ, else `fallback`."""
+    if method == "hybrid":
+        return "fasc" if an.rho(fqn)[0] >= tau else fallback
+    if method not in BASE_METHODS:
+        raise FascError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+    return method
+
+
+def base_methods(method: str, fallback: str = HYBRID_FALLBACK) -> tuple[str, ...]:
+    """The base methods whose decompositions `method` reads (hybrid: fasc and its fallback)."""
+    return ("fasc", fallback) if method == "hybrid" else (method,)
+
+
+@dataclass
+class Totals:
+    """Parameters kept / original over a plan's modules, Σ predicted ΔL, modules and factored ones."""
+
+    kept: int
+    original: int
+    predicted: float
+    modules: int
+    factored: int
+
+    @property
+    def ratio(self) -> float:
+        return self.kept / self.original if self.original else 1.0
 
 
 @dataclass
@@ -72,12 +103,18 @@ class Plan:
         p = Path(path)
         if not p.is_file():
             raise FascError(f"Plan file {str(path)!r} does not exist; check the path.")
+        return cls.parse(p.read_bytes(), p.name)
+
+    @classmethod
+    def parse(cls, raw: bytes, name: str = "plan") -> "Plan":
+        """A plan from the bytes of its JSON (a file or an upload)."""
+        text = decode_text(raw, name)
         try:
-            d = json.loads(p.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError):
-            raise FascError(f"{p.name} is not valid JSON; a plan looks like {{\"ranks\": {{\"model.layers.0."
+            d = json.loads(text)
+        except ValueError:
+            raise FascError(f"{name} is not valid JSON; a plan looks like {{\"ranks\": {{\"model.layers.0."
                             f"mlp.down_proj\": 64}}, \"method\": \"fasc\"}}.") from None
-        return cls.from_dict(d, p.name)
+        return cls.from_dict(d, name)
 
     def params(self, an: Analysis) -> tuple[int, int]:
         """(parameters kept, original parameters) over the planned modules."""
@@ -87,6 +124,59 @@ class Plan:
     def predicted(self, an: Analysis) -> float:
         """Σ predicted ΔL over the planned modules, nats per token."""
         return float(sum(an.predicted(f, self.methods[f], k) for f, k in self.ranks.items()))
+
+    def totals(self, an: Analysis) -> Totals:
+        """Parameters kept / original, Σ predicted ΔL and factored modules: O(modules) lookups."""
+        kept, orig = self.params(an)
+        n_fac = sum(is_factored(an.info(f), k) for f, k in self.ranks.items())
+        return Totals(kept, orig, self.predicted(an), len(self.ranks), n_fac)
+
+    def key(self) -> str:
+        """A canonical JSON of the ranks and methods (for caches and change detection)."""
+        return json.dumps({"ranks": self.ranks, "methods": self.methods}, sort_keys=True)
+
+    def _edited(self, ranks: dict[str, int], methods: dict[str, str]) -> "Plan":
+        return Plan(ranks=ranks, methods=methods, model_fingerprint=self.model_fingerprint,
+                    note=dict(self.note, edited=True))
+
+    def with_rank(self, an: Analysis, fqn: str, k: int) -> "Plan":
+        """This plan with `fqn` at rank k (fasc if it was not planned)."""
+        info = an.info(fqn)
+        if not 1 <= int(k) <= info.max_rank:
+            raise FascError(f"Rank {k} for {fqn} is out of range; it must be in [1, {info.max_rank}].")
+        methods = dict(self.methods)
+        methods.setdefault(fqn, "fasc")
+        return self._edited(dict(self.ranks, **{fqn: int(k)}), methods)
+
+    def with_layer_ratio(self, an: Analysis, layer: int, ratio: float) -> "Plan":
+        """Every planned module of `layer` at rank round(ratio · min(m, n)) (at least 1)."""
+        if not 0 < ratio <= 1:
+            raise FascError(f"A layer's rank ratio must be in (0, 1], got {ratio}; e.g. 0.5 keeps half the rank.")
+        ranks = dict(self.ranks)
+        for f in self.ranks:
+            info = an.info(f)
+            if info.layer == layer:
+                ranks[f] = max(1, min(info.max_rank, round(ratio * info.max_rank)))
+        return self._edited(ranks, dict(self.methods))
+
+    def layer_ratios(self, an: Analysis) -> dict[int, float]:
+        """Mean k / max_rank of the planned modules per layer."""
+        acc: dict[int, list[float]] = {}
+        for f, k in self.ranks.items():
+            info = an.info(f)
+            acc.setdefault(info.layer, []).append(k / info.max_rank)
+        return {l: float(np.mean(v)) for l, v in sorted(acc.items())}
+
+    def fits(self, an: Analysis) -> bool:
+        """True when the plan names only modules of this analysis and every rank is in range."""
+        try:
+            validate_plan(self, an)
+        except FascError:
+            return False
+        return True
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
 
 
 def validate_plan(plan: Plan, an: Analysis, model_fp: str | None = None) -> None:
@@ -110,7 +200,8 @@ def validate_plan(plan: Plan, an: Analysis, model_fp: str | None = None) -> None
 
 def allocate(an: Analysis, method: str = "fasc", *, rank_ratio: float | None = None,
              param_ratio: float | None = None, ranks: dict[str, int] | None = None,
-             modules: str | list[str] | None = "all", model_fp: str = "") -> Plan:
+             modules: str | list[str] | None = "all", model_fp: str = "", tau: float = HYBRID_TAU,
+             fallback: str = HYBRID_FALLBACK) -> Plan:
     """Make a plan: exactly one of `rank_ratio`, `param_ratio`, `ranks`.
 
     Args:
@@ -121,12 +212,14 @@ def allocate(an: Analysis, method: str = "fasc", *, rank_ratio: float | None = N
             minimise Σ predicted ΔL of `method` (spec §6).
         ranks: explicit {fqn: k}.
         modules: which modules to compress ('all', 'mlp', 'attention', kinds or FQNs).
+        tau, fallback: hybrid only: fasc where ρ ≥ τ, else `fallback` (see `base_method`).
     """
     if sum(x is not None for x in (rank_ratio, param_ratio, ranks)) != 1:
         raise FascError("Give exactly one of a rank ratio, a parameter ratio or explicit ranks "
                         "(--rank-ratio 0.5, --param-ratio 0.5 or --ranks plan.json).")
     if method not in METHODS:
         raise FascError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+    check_hybrid(tau, fallback)
     infos = select(an.modules, modules)
     if ranks is not None:
         chosen = dict(ranks)
@@ -138,10 +231,37 @@ def allocate(an: Analysis, method: str = "fasc", *, rank_ratio: float | None = N
     else:
         if not 0 < param_ratio <= 1:
             raise FascError(f"Parameter ratio must be in (0, 1], got {param_ratio}; e.g. 0.5 keeps half.")
-        chosen = greedy_ranks(infos, [an.curve(i.fqn, method) for i in infos], param_ratio)
-    methods = {f: an.resolve(f, method) for f in chosen if f in {i.fqn for i in an.modules}}
+        chosen = greedy_ranks(infos, [an.curve(i.fqn, base_method(an, i.fqn, method, tau, fallback))
+                                      for i in infos], param_ratio)
+    methods = {f: base_method(an, f, method, tau, fallback) for f in chosen if f in {i.fqn for i in an.modules}}
     plan = Plan(ranks=chosen, methods=methods, model_fingerprint=model_fp,
-                note={"method": method, "rank_ratio": rank_ratio, "param_ratio": param_ratio})
+                note={"method": method, "rank_ratio": rank_ratio, "param_ratio": param_ratio,
+                      **({"tau": tau, "fallback": fallback} if method == "hybrid" else {})})
+    validate_plan(plan, an)
+    return plan
+
+
+def load_plan(src: str | Path | bytes, an: Analysis, model_fp: str = "", *, name: str | None = None,
+              method: str | None = None, tau: float = HYBRID_TAU, fallback: str = HYBRID_FALLBACK) -> Plan:
+    """A saved plan (a path, or the bytes of an upload called `name`) checked against this analysis:
+    what `fasc compress --ranks` and the Ranks page load. Modules without a method of their own get
+    `method`, else the plan's own `note.method`, else fasc; hybrid is resolved with τ and `fallback`."""
+    if isinstance(src, (bytes, bytearray)):
+        name = name or "plan"
+        loaded = Plan.parse(bytes(src), name)
+    else:
+        name = name or Path(src).name
+        loaded = Plan.load(src)
+    if model_fp and loaded.model_fingerprint and loaded.model_fingerprint != model_fp:
+        raise FascError(f"{name} was made for another model (fingerprint differs); allocate a new plan for "
+                        f"this model.")
+    note = loaded.note if isinstance(loaded.note, dict) else {}
+    if method is None:
+        method = note.get("method") if note.get("method") in METHODS else "fasc"
+    plan = allocate(an, method, ranks=loaded.ranks, model_fp=model_fp, tau=tau, fallback=fallback)
+    plan.methods.update({f: base_method(an, f, m, tau, fallback) for f, m in loaded.methods.items()
+                         if f in plan.ranks})
+    plan.note = dict(note, loaded_from=name)
     validate_plan(plan, an)
     return plan
 

@@ -14,12 +14,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import spectra
 from .config import BASE_METHODS, CompressConfig
 from .errors import FascError
 from .linalg import LINALG_DTYPE
 from .modules import ModuleInfo, weight_matrix
 from .spectra import (Basis, Whitening, basis_asvd, basis_fasc, basis_fwsvd, basis_pca, basis_svd,
-                      fisher_eigenvalues, misalignment_curve, rho_from_sketch, whitening)
+                      misalignment_curve, rho_from_sketch, whitening)
 from .stats import CalibStats
 
 
@@ -63,7 +64,7 @@ class Analysis:
         model: the (uncompressed) model whose weights the statistics describe; its weight tensors
             are referenced, never modified.
         stats: calibration statistics for (a subset of) its modules.
-        cfg: damping, γ, hybrid τ and fallback.
+        cfg: damping and γ (what the bases depend on).
         max_cached_bases: how many n×n bases to keep (LRU).
     """
 
@@ -115,17 +116,19 @@ class Analysis:
             self._white.popitem(last=False)
         return wh
 
-    def resolve(self, fqn: str, method: str) -> str:
-        """The base method used for `fqn` (hybrid → fasc where ρ ≥ τ, else the fallback)."""
-        if method == "hybrid":
-            return "fasc" if self.rho(fqn)[0] >= self.cfg.tau else self.cfg.fallback
+    @staticmethod
+    def _base(method: str) -> str:
+        """`method` checked to be a base method (allocation picks hybrid's base method per module)."""
         if method not in BASE_METHODS:
+            if method == "hybrid":
+                raise FascError("`hybrid` is chosen per module by allocation; pass the module's base method "
+                                "(fasc.allocate.base_method) to the analysis.")
             raise FascError(f"Unknown method {method!r}; choose one of {', '.join(BASE_METHODS + ('hybrid',))}.")
         return method
 
     def basis(self, fqn: str, method: str) -> Basis:
         """The ordered basis of `method` for `fqn` (LRU-cached; its summary is kept for good)."""
-        method = self.resolve(fqn, method)
+        method = self._base(method)
         key = (fqn, method)
         if key in self._bases:
             self._bases.move_to_end(key)
@@ -142,8 +145,8 @@ class Analysis:
             b = basis_asvd(W, C_h, wh.B, wh.B_inv)
         else:
             b = basis_fasc(W, C_h, wh.B, wh.B_inv, self.cfg.gamma)
-            if b.fisher_values is not None:  # γ = 0: the Fisher spectrum is the basis' own
-                self.summaries[(fqn, "fisher")] = Summary(b.curve, b.fisher_values)
+            if b.fisher_spectrum is not None:  # γ = 0: the Fisher spectrum is the basis' own
+                self.summaries[(fqn, "fisher")] = Summary(b.curve, b.fisher_spectrum)
         self.summaries[key] = Summary(b.curve, b.values)
         self._bases[key] = b
         while len(self._bases) > self.max_cached_bases:
@@ -151,24 +154,24 @@ class Analysis:
         return b
 
     def _summary(self, fqn: str, method: str) -> Summary:
-        key = (fqn, method if method == "fisher" else self.resolve(fqn, method))
+        key = (fqn, method if method == "fisher" else self._base(method))
         if key not in self.summaries:
             if method != "fisher":
                 self.basis(fqn, method)
             elif self.cfg.gamma == 0:
                 self.basis(fqn, "fasc")
             else:  # a diagnostic (Spectra page, report): not computed when a basis is only compressed with
-                self.summaries[key] = Summary(None, fisher_eigenvalues(self.stats.ch[fqn], self.whitening(fqn).B))
+                self.summaries[key] = Summary(None, spectra.fisher_spectrum(self.stats.ch[fqn], self.whitening(fqn).B))
         return self.summaries[key]
 
     def precompute(self, methods: tuple[str, ...] = ("pca", "fasc"),
                    progress: Callable[[int, int], None] | None = None) -> None:
         """Decompose every module for `methods` now (with progress), so later queries are instant."""
         fqns = sorted(self.stats.fqns, key=lambda f: self.stats.group[f])  # group order: whitening LRU hits
-        todo = [(f, m) for f in fqns for m in methods if (f, self.resolve(f, m)) not in self.summaries]
+        todo = [(f, m) for f in fqns for m in methods if (f, self._base(m)) not in self.summaries]
         for i, (f, m) in enumerate(todo):
             self._summary(f, m)
-            if self.resolve(f, m) == "fasc":  # the diagnostics, while basis and whitening are LRU-cached
+            if m == "fasc":  # the diagnostics, while basis and whitening are LRU-cached
                 self.fisher_spectrum(f)
                 self.misalignment(f)
             if progress is not None:
@@ -215,19 +218,22 @@ class Analysis:
         """(mean |ρ(u)|, signed mean ρ(u)) over the random sketch directions (spec §4)."""
         return _rho_means(self.stats.sketch.get(fqn))
 
-    def rho_fisher(self, fqn: str) -> tuple[float, float] | None:
-        sk = self.stats.sketch_fisher.get(fqn)
+    def rho_fisher(self, fqn: str, sketches: dict[str, Tensor] | None = None) -> tuple[float, float] | None:
+        """(mean |ρ|, signed mean ρ) along the top Fisher directions, from `sketches` (a
+        `fasc.rho.measure_rho_fisher` result) or else the statistics' own; None until measured."""
+        sk = (self.stats.sketch_fisher if sketches is None else sketches).get(fqn)
         return None if sk is None else _rho_means(sk)
 
-    def report(self, ratio: float = 0.5) -> list[ModuleReport]:
-        """Diagnostics of every module at rank round(ratio·min(m,n))."""
+    def report(self, ratio: float = 0.5, sketch_fisher: dict[str, Tensor] | None = None) -> list[ModuleReport]:
+        """Diagnostics of every module at rank round(ratio·min(m,n)) (ρ along Fisher directions
+        from `sketch_fisher` when given, else from the statistics)."""
         rows = []
         for info in self.modules:
             f = info.fqn
             k = max(1, min(info.max_rank, round(ratio * info.max_rank)))
             lam = self.fisher_spectrum(f)
             mu = self.variance_spectrum(f)
-            rf = self.rho_fisher(f)
+            rf = self.rho_fisher(f, sketch_fisher)
             r_abs, r_sig = self.rho(f)
             rows.append(ModuleReport(
                 fqn=f, layer=info.layer, kind=info.kind, out_features=info.out_features,

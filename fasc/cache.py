@@ -94,13 +94,3 @@ def get_or_compute(key: str, compute: Callable[[], CalibStats], root: Path | Non
         stats = compute()
         store(stats, key, root)
         return stats, False
-
-
-def clean_incomplete(root: Path | None = None) -> int:
-    """Remove leftovers of interrupted writes; returns how many."""
-    root = Path(root or default_root())
-    n = 0
-    for p in root.glob(".*.incomplete"):
-        shutil.rmtree(p, ignore_errors=True)
-        n += 1
-    return n

@@ -18,14 +18,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import CalibConfig
-from .data import Batch, data_fingerprint
+from .data import Batch, data_fingerprint, next_tokens
 from .errors import FascError
-from .modules import ModuleInfo, find_linears, model_fingerprint
+from .model_state import calibration_state
+from .modules import ModuleInfo, find_linears, model_fingerprint, weight_matrix
 from .stats import CalibStats
 
 log = logging.getLogger("fasc")
 
-Progress = Callable[[int, int], None]
+ProgressFn = Callable[[int, int], None]  # progress(done, total)
 
 
 def stats_dtypes(cfg: CalibConfig, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
@@ -103,7 +104,7 @@ class Calibrator:
         self.directions = directions
         self.covariances = covariances
         self._handles: list = []
-        self._saved: dict = {}
+        self._state = None  # the ExitStack restoring the model (eval mode, KV cache, grads, TF32)
         self.n_tokens_ = 0
         self.group_: dict[str, str] = {}
         self._first_step = True
@@ -114,28 +115,18 @@ class Calibrator:
     # ---------------------------------------------------------------- state
     def __enter__(self) -> "Calibrator":
         model = self.model
-        self._saved = {
-            "training": {name: m.training for name, m in model.named_modules()},
-            "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
-            "use_cache": getattr(getattr(model, "config", None), "use_cache", None),
-            "tf32": torch.backends.cuda.matmul.allow_tf32,
-        }
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        # without a known embedding, let every gradient flow; else only activation gradients
+        self._state = calibration_state(model, trainable=emb is None)
         try:
-            self._setup()
+            self._setup(emb)
         except BaseException:
             self._restore()
             raise
         return self
 
-    def _setup(self) -> None:
+    def _setup(self, emb: nn.Module | None) -> None:
         model = self.model
-        model.eval()
-        if self._saved["use_cache"] is not None:
-            model.config.use_cache = False
-        torch.backends.cuda.matmul.allow_tf32 = False
-        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        for p in model.parameters():
-            p.requires_grad_(emb is None)  # without a known embedding, let every gradient flow
         if emb is not None:
             self._handles.append(emb.register_forward_hook(lambda m, i, out: out.requires_grad_(True)))
         mods = dict(model.named_modules())
@@ -174,18 +165,9 @@ class Calibrator:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        model, saved = self.model, self._saved
-        if not saved:
-            return
-        for name, m in model.named_modules():
-            if name in saved["training"]:
-                m.training = saved["training"][name]
-        for name, p in model.named_parameters():
-            if name in saved["requires_grad"]:
-                p.requires_grad_(saved["requires_grad"][name])
-        if saved["use_cache"] is not None:
-            model.config.use_cache = saved["use_cache"]
-        torch.backends.cuda.matmul.allow_tf32 = saved["tf32"]
+        if self._state is not None:
+            self._state.close()
+            self._state = None
         self._slot, self._fwd = None, {}
 
     def __exit__(self, *exc) -> None:
@@ -226,7 +208,6 @@ class Calibrator:
 
     def _make_bwd(self, info: ModuleInfo, module: nn.Module):
         fqn = info.fqn
-        transposed = info.transposed
         dev = self._dev[fqn]
 
         def hook(mod, grad_input, grad_output):
@@ -237,8 +218,7 @@ class Calibrator:
             G = self._rows(grad_output[0], dev)
             h = grad_input[0] if grad_input else None
             if h is None:  # input does not require grad: h = Wᵀ g recomputed
-                W = module.weight
-                H = G @ (W.T if transposed else W).to(dev, self.dtype)
+                H = G @ weight_matrix(module).to(dev, self.dtype)
             else:
                 H = self._rows(h, dev)
             if self.covariances:
@@ -273,7 +253,7 @@ class Calibrator:
             probs = torch.softmax(z.detach(), -1).cpu()
             tgt = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(dev)
         else:
-            nxt = torch.cat([ids[:, 1:], ids[:, :1]], 1)
+            nxt = next_tokens(ids)
             tgt = nxt[tm]
         loss = F.cross_entropy(z, tgt, reduction="sum")            # summed: per-token gradients unscaled
         if not torch.isfinite(loss):
@@ -349,7 +329,7 @@ class Calibrator:
 
 
 def calibrate(model: nn.Module, batches: Iterable[Batch], cfg: CalibConfig,
-              progress: Progress | None = None, *, modules: list[ModuleInfo] | None = None,
+              progress: ProgressFn | None = None, *, modules: list[ModuleInfo] | None = None,
               model_fp: str | None = None) -> CalibStats:
     """Run calibration over `batches` and return the statistics; the model is left as it was.
 

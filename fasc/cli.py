@@ -14,7 +14,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from .config import METHODS, CalibConfig, CompressConfig, field_help
+from .config import (FALLBACK_HELP, FALLBACK_METHODS, HYBRID_FALLBACK, HYBRID_TAU, METHODS, TAU_HELP, CalibConfig,
+                     CompressConfig, field_help)
 from .errors import FascError
 
 EXAMPLES = """examples:
@@ -54,9 +55,9 @@ def _progress(desc: str, args, unit: str = "tok"):
 
 
 def _calib_cfg(args) -> CalibConfig:
-    from .pipeline import default_data
+    from .pipeline import model_defaults
 
-    d = default_data(args.model)  # per-model defaults where the option is not given
+    d = model_defaults(args.model)  # per-model defaults where the option is not given
     return CalibConfig(n_tokens=args.tokens, seq_len=args.seq_len or d.seq_len, batch_size=args.batch_size,
                        fisher=args.fisher, temperature=args.temperature or d.temperature, targets=args.targets,
                        seed=args.seed,
@@ -64,8 +65,7 @@ def _calib_cfg(args) -> CalibConfig:
 
 
 def _compress_cfg(args) -> CompressConfig:
-    return CompressConfig(method=getattr(args, "method", "fasc"), damping=args.damping, gamma=args.gamma,
-                          tau=args.tau, fallback=args.fallback)
+    return CompressConfig(damping=args.damping, gamma=args.gamma)
 
 
 def _load(args):
@@ -81,10 +81,10 @@ def _load(args):
 
 def _stats(args, model, tok):
     """Cached calibration for the command's model/data/config: (stats, hit, batches)."""
-    from .pipeline import batches_from_files, calibrate_cached, default_data
+    from .pipeline import batches_from_files, calibrate_cached, model_defaults
 
     cfg = _calib_cfg(args)
-    data = args.data or [str(default_data(args.model).calib)]
+    data = args.data or [str(model_defaults(args.model).calib)]
     batches = batches_from_files(tok, data, cfg)
     bar = _progress("calibrating", args)
     try:
@@ -192,9 +192,9 @@ def _knowledge_map(args, model, tok, stats, an) -> dict:
     from .data import load_probe
     from .knowledge_map import (fisher_energy, focus_ratio, knowledge_map_cached, predictor_table,
                                 probe_calibration, probe_subset)
-    from .pipeline import default_data
+    from .pipeline import model_defaults
 
-    probe_path = args.probe or default_data(args.model).probe
+    probe_path = args.probe or model_defaults(args.model).probe
     examples = probe_subset(load_probe(probe_path), args.max_facts)
     plan = Plan.load(args.ranks) if args.ranks else None
     share = None if plan is not None else (0.5 if args.share is None else args.share)
@@ -244,9 +244,10 @@ def _knowledge_text(k: dict) -> str:
 
 
 def cmd_compress(args) -> None:
-    from .allocate import Plan, allocate
-    from .export import compress_and_save, prepare_destination
+    from .allocate import allocate, base_methods, load_plan
+    from .export import prepare_destination
     from .modules import model_fingerprint
+    from .pipeline import compress_and_save
 
     prepare_destination(args.out, args.overwrite)  # fail before any work
     given = [x is not None for x in (args.rank_ratio, args.param_ratio, args.ranks)]
@@ -259,21 +260,15 @@ def cmd_compress(args) -> None:
     t0 = time.perf_counter()
     # a budget allocation reads every module's ΔL curve first; fixed ranks decompose each module once,
     # while its factors are computed
-    an = _analysis(args, model, stats, (args.method,) if args.param_ratio is not None else ())
+    an = _analysis(args, model, stats, base_methods(args.method, args.fallback) if args.param_ratio is not None else ())
     t_eig = time.perf_counter() - t0
     mfp = stats.model_fingerprint or model_fingerprint(model)
+    hybrid = {"tau": args.tau, "fallback": args.fallback}
     if args.ranks:
-        loaded = Plan.load(args.ranks)
-        if loaded.model_fingerprint and loaded.model_fingerprint != mfp:
-            raise FascError(f"{Path(args.ranks).name} was made for another model (fingerprint differs); "
-                            f"allocate a new plan for {args.model}.")
-        methods = loaded.methods
-        plan = allocate(an, args.method, ranks=loaded.ranks, model_fp=mfp)
-        if methods:
-            plan.methods.update({f: an.resolve(f, m) for f, m in methods.items() if f in plan.ranks})
+        plan = load_plan(args.ranks, an, mfp, method=args.method, **hybrid)
     else:
         plan = allocate(an, args.method, rank_ratio=args.rank_ratio, param_ratio=args.param_ratio,
-                        modules=args.modules, model_fp=mfp)
+                        modules=args.modules, model_fp=mfp, **hybrid)
     if args.save_plan:
         plan.save(args.save_plan)
     bar = _progress("compressing", args, unit="module")
@@ -294,14 +289,14 @@ def cmd_compress(args) -> None:
 def cmd_eval(args) -> None:
     from .data import load_probe, read_text
     from .evaluate import fact_recall, perplexity
-    from .pipeline import default_data
+    from .pipeline import model_defaults
 
     if args.compare and not args.generate:
         raise FascError("--compare needs --generate PROMPT; it names models whose continuations are shown beside.")
     if args.generate and not 1 <= args.new_tokens <= 512:
         raise FascError(f"--new-tokens must be in [1, 512], got {args.new_tokens}.")
     model, tok, _ = _load(args)
-    defaults = default_data(args.model)
+    defaults = model_defaults(args.model)
     text_path = args.text or defaults.heldout
     probe_path = args.probe or defaults.probe
     obj = {"model": args.model, "text": str(text_path), "probe": str(probe_path)}
@@ -370,9 +365,6 @@ def _common(p: argparse.ArgumentParser, calib: bool = True) -> None:
     dc = CompressConfig()
     k.add_argument("--damping", type=float, default=dc.damping, help=field_help(CompressConfig, "damping"))
     k.add_argument("--gamma", type=float, default=dc.gamma, help=field_help(CompressConfig, "gamma"))
-    k.add_argument("--tau", type=float, default=dc.tau, help=field_help(CompressConfig, "tau"))
-    k.add_argument("--fallback", default=dc.fallback, choices=("svd", "asvd", "pca", "fwsvd"),
-                   help=field_help(CompressConfig, "fallback"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -380,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fasc", formatter_class=fmt, epilog=EXAMPLES,
                                 description="Knowledge-aware low-rank compression: calibrate a causal LM, see where it "
                                             "stores knowledge (ρ, Fisher vs variance spectra), compress, evaluate.")
-    from . import __version__
+    from .version import __version__
     p.add_argument("--version", action="version", version=f"fasc {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
@@ -397,7 +389,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rho-fisher", action="store_true", help="also measure ρ along the top Fisher directions "
                                                              "(one more forward+backward pass)")
     s.add_argument("--html", help="write the ρ heatmap (Plotly) to this HTML file")
-    s.add_argument("--method", default="fasc", choices=METHODS, help=argparse.SUPPRESS)
     km = s.add_argument_group("measured knowledge map (--knowledge-map)")
     km.add_argument("--knowledge-map", action="store_true",
                     help="measure each module's effect on a probe when only it is compressed (one probe evaluation "
@@ -418,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "--merge --out out/d-merged")
     _common(s)
     s.add_argument("--method", default="fasc", choices=METHODS, help="compression method (spec §5)")
+    s.add_argument("--tau", type=float, default=HYBRID_TAU, help=TAU_HELP)
+    s.add_argument("--fallback", default=HYBRID_FALLBACK, choices=FALLBACK_METHODS, help=FALLBACK_HELP)
     r = s.add_argument_group("ranks (exactly one)")
     r.add_argument("--rank-ratio", type=float, help="k = round(R·min(m,n)) on every selected module")
     r.add_argument("--param-ratio", type=float, help="keep this fraction of the selected modules' parameters; "

@@ -1,7 +1,7 @@
 """Configuration dataclasses (frozen, self-validating; their `help` metadata doubles as CLI help).
 
 Two configs: `CalibConfig` (what statistics to collect, spec §1) and `CompressConfig` (how to turn
-statistics into a low-rank weight, spec §3/§5). Ranks live in `fasc.allocate.Plan`, not in a config.
+statistics into bases, spec §3). Ranks live in `fasc.allocate.Plan`, not in a config.
 """
 
 from __future__ import annotations
@@ -76,25 +76,32 @@ class CalibConfig:
 
 @dataclass(frozen=True)
 class CompressConfig:
-    """How statistics become a rank-k weight (spec §3, §5)."""
+    """What an `Analysis` is keyed by: how statistics become bases (spec §3). The method, hybrid τ
+    and fallback are arguments of allocation (`fasc.allocate.allocate`), not of the bases."""
 
-    method: str = field(default="fasc", metadata={"help": f"one of {', '.join(METHODS)}"})
     damping: float = field(default=1e-4, metadata={"help": "δ in C + δ·tr(C)/n·I before inverses (spec §3)"})
     gamma: float = field(default=1.0, metadata={
         "help": "Fisher shrinkage γ: 0 = pure Fisher (FASC optimum), ∞ → asvd (spec §3)"})
-    tau: float = field(default=0.3, metadata={"help": "hybrid: use fasc where ρ ≥ τ, else the fallback"})
-    fallback: str = field(default="asvd", metadata={"help": "hybrid: variance method used where ρ < τ"})
 
     def __post_init__(self):
-        _check(self.method in METHODS, f"Unknown method {self.method!r}; choose one of {', '.join(METHODS)}.")
         _check(isinstance(self.damping, (int, float)) and 0 <= self.damping < 1,
                f"`damping` must be in [0, 1), got {self.damping!r}; the default is 1e-4.")
         _check(isinstance(self.gamma, (int, float)) and self.gamma >= 0 and self.gamma == self.gamma,
                f"`gamma` must be >= 0, got {self.gamma!r}; 0 is pure Fisher, large values approach asvd.")
-        _check(isinstance(self.tau, (int, float)) and self.tau == self.tau,
-               f"`tau` must be a number, got {self.tau!r}.")
-        _check(self.fallback in ("svd", "asvd", "pca", "fwsvd"),
-               f"`fallback` must be one of svd, asvd, pca, fwsvd, got {self.fallback!r}.")
+
+
+HYBRID_TAU = 0.3                 # hybrid: fasc where ρ ≥ τ ...
+HYBRID_FALLBACK = "asvd"         # ... and this variance method elsewhere
+FALLBACK_METHODS = ("svd", "asvd", "pca", "fwsvd")
+TAU_HELP = "hybrid: use fasc where ρ ≥ τ, else the fallback"
+FALLBACK_HELP = "hybrid: variance method used where ρ < τ"
+
+
+def check_hybrid(tau: float, fallback: str) -> None:
+    """Validate the hybrid threshold and fallback (arguments of allocation)."""
+    _check(isinstance(tau, (int, float)) and tau == tau, f"`tau` must be a number, got {tau!r}.")
+    _check(fallback in FALLBACK_METHODS,
+           f"`fallback` must be one of {', '.join(FALLBACK_METHODS)}, got {fallback!r}.")
 
 
 def field_help(cls, name: str) -> str:

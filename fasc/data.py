@@ -40,10 +40,6 @@ class Batch:
         last = torch.where(self.target_mask.any(1), (self.target_mask * pos).amax(1), torch.full_like(pos[:1], -1))
         return (pos[None, :] <= last[:, None]) & self.attention_mask.bool()
 
-    @property
-    def n_real(self) -> int:
-        return int(self.attention_mask.sum())
-
 
 @dataclass(frozen=True)
 class Example:
@@ -129,6 +125,23 @@ def load_source(path: str | Path) -> str | list[Example]:
     if all("text" in r for r in rows):
         return "\n\n".join(str(r["text"]) for r in rows)
     return rows_to_examples(rows, p.name)
+
+
+def pad_rows(rows: list[list[int]], pad: int = 0) -> tuple[Tensor, Tensor]:
+    """Right-padded (ids, attention mask) of token rows of different lengths: the one place that pads."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def next_tokens(ids: Tensor) -> Tensor:
+    """The next-token target of every position, (B, L): ids shifted left by one (the last position's
+    target wraps around; target masks never select it)."""
+    return torch.cat([ids[:, 1:], ids[:, :1]], 1)
 
 
 def _pad_id(tokenizer) -> int:
@@ -223,13 +236,9 @@ def make_batches(tokenizer, sources, cfg: CalibConfig, name: str = "calibration 
     batches = []
     for i in range(0, len(merged), cfg.batch_size):
         chunk = merged[i:i + cfg.batch_size]
-        L = max(len(ids) for ids, _ in chunk)
-        input_ids = torch.full((len(chunk), L), pad, dtype=torch.long)
-        attn = torch.zeros((len(chunk), L), dtype=torch.long)
-        tmask = torch.zeros((len(chunk), L), dtype=torch.bool)
+        input_ids, attn = pad_rows([ids for ids, _ in chunk], pad)
+        tmask = torch.zeros(input_ids.shape, dtype=torch.bool)
         for b, (ids, start) in enumerate(chunk):
-            input_ids[b, : len(ids)] = torch.tensor(ids)
-            attn[b, : len(ids)] = 1
             if start is not None and cfg.targets == "answers":
                 tmask[b, max(start - 1, 0): len(ids) - 1] = True
             else:
@@ -248,3 +257,14 @@ def data_fingerprint(batches: list[Batch]) -> str:
             h.update(str(tuple(t.shape)).encode())
             h.update(t.to(torch.int64).numpy().tobytes())
     return h.hexdigest()
+
+
+def parse_upload(name: str, raw: bytes) -> str | list[Example]:
+    """An uploaded .txt / .jsonl file as text or prompt/answer examples (like `load_source`)."""
+    text = decode_text(raw, name)
+    if Path(name).suffix.lower() not in (".jsonl", ".json"):
+        return text
+    rows = parse_jsonl(text, name)
+    if all("text" in r for r in rows):
+        return "\n\n".join(str(r["text"]) for r in rows)
+    return rows_to_examples(rows, name)

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import Example, encode_example, text_rows
+from .data import Example, encode_example, next_tokens, pad_rows, text_rows
 from .errors import FascError
+from .model_state import eval_mode
 
 
 @dataclass
@@ -51,19 +52,12 @@ def perplexity(model: nn.Module, tokenizer, text: str, seq_len: int = 256, batch
         windows = kept
     if not windows:
         raise FascError("The evaluation text has fewer than 2 tokens; give a longer held-out text.")
-    was_training = model.training
-    model.eval()
     dev = _device(model)
     nll, count = 0.0, 0
-    try:
+    with eval_mode(model):
         for i in range(0, len(windows), batch_size):
             chunk = windows[i:i + batch_size]
-            L = max(len(w) for w in chunk)
-            x = torch.zeros(len(chunk), L, dtype=torch.long)
-            mask = torch.zeros(len(chunk), L, dtype=torch.long)
-            for b, w in enumerate(chunk):
-                x[b, : len(w)] = torch.tensor(w)
-                mask[b, : len(w)] = 1
+            x, mask = pad_rows(chunk)
             logits = model(input_ids=x.to(dev), attention_mask=mask.to(dev), use_cache=False).logits.float()
             tgt = x[:, 1:].to(dev)
             valid = mask[:, 1:].bool().to(dev)
@@ -72,8 +66,6 @@ def perplexity(model: nn.Module, tokenizer, text: str, seq_len: int = 256, batch
             count += int(valid.sum())
             if progress is not None:
                 progress(min(i + batch_size, len(windows)), len(windows))
-    finally:
-        model.train(was_training)
     return math.exp(nll / count)
 
 
@@ -84,19 +76,12 @@ def fact_recall(model: nn.Module, tokenizer, examples: list[Example], batch_size
     if not examples:
         raise FascError("The probe has no facts; give a JSONL file with prompt/answer lines.")
     encoded = [encode_example(tokenizer, ex) for ex in examples]
-    was_training = model.training
-    model.eval()
     dev = _device(model)
     first, exact = [], []
-    try:
+    with eval_mode(model):
         for i in range(0, len(encoded), batch_size):
             chunk = encoded[i:i + batch_size]
-            L = max(len(ids) for ids, _ in chunk)
-            x = torch.zeros(len(chunk), L, dtype=torch.long)
-            mask = torch.zeros(len(chunk), L, dtype=torch.long)
-            for b, (ids, _) in enumerate(chunk):
-                x[b, : len(ids)] = torch.tensor(ids)
-                mask[b, : len(ids)] = 1
+            x, mask = pad_rows([ids for ids, _ in chunk])
             pred = model(input_ids=x.to(dev), attention_mask=mask.to(dev), use_cache=False).logits.argmax(-1).cpu()
             for b, (ids, start) in enumerate(chunk):
                 hits = pred[b, start - 1: len(ids) - 1] == torch.tensor(ids[start:])
@@ -104,8 +89,6 @@ def fact_recall(model: nn.Module, tokenizer, examples: list[Example], batch_size
                 exact.append(bool(hits.all()))
             if progress is not None:
                 progress(min(i + batch_size, len(encoded)), len(encoded))
-    finally:
-        model.train(was_training)
     by_rel: dict[str, list[bool]] = defaultdict(list)
     for ex, ok in zip(examples, first):
         by_rel[ex.relation or "all"].append(ok)
@@ -117,20 +100,16 @@ def fact_recall(model: nn.Module, tokenizer, examples: list[Example], batch_size
 def target_loss(model: nn.Module, batches, temperature: float = 1.0) -> float:
     """Σ CE(logits/T) over the batches' target tokens divided by their statistics tokens N — the
     quantity whose increase the predicted ΔL estimates (nats per token, spec §2)."""
-    was_training = model.training
-    model.eval()
     dev = _device(model)
     total, n = 0.0, 0
-    try:
+    with eval_mode(model):
         for b in batches:
             ids = b.input_ids.to(dev)
             logits = model(input_ids=ids, attention_mask=b.attention_mask.to(dev), use_cache=False).logits
             tm = b.target_mask.to(dev)
-            nxt = torch.cat([ids[:, 1:], ids[:, :1]], 1)
+            nxt = next_tokens(ids)
             total += float(F.cross_entropy(logits[tm].float() / temperature, nxt[tm], reduction="sum"))
             n += int(b.stat_mask.sum())
-    finally:
-        model.train(was_training)
     return total / max(n, 1)
 
 
@@ -140,30 +119,21 @@ def answer_scores(model: nn.Module, encoded: list[tuple[list[int], int]],
     """Per fact: −log P(answer | prompt) in nats (Σ over its answer tokens, teacher-forced) and
     whether the answer's first token is the top-1 prediction. `encoded` from `encode_example`.
     Returns ((n,) float32, (n,) bool)."""
-    was_training = model.training
-    model.eval()
     dev = _device(model)
     nll, first = [], []
-    try:
+    with eval_mode(model):
         for i in range(0, len(encoded), batch_size):
             chunk = encoded[i:i + batch_size]
-            L = max(len(ids) for ids, _ in chunk)
-            x = torch.zeros(len(chunk), L, dtype=torch.long)
-            mask = torch.zeros(len(chunk), L, dtype=torch.long)
-            for b, (ids, _) in enumerate(chunk):
-                x[b, : len(ids)] = torch.tensor(ids)
-                mask[b, : len(ids)] = 1
+            x, mask = pad_rows([ids for ids, _ in chunk])
             logits = model(input_ids=x.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
-            logp = logits[:, :-1].float().log_softmax(-1)                       # (B, L-1, V)
+            logp = logits[:, :-1].float().log_softmax(-1)                         # (B, L-1, V)
             tgt = x[:, 1:].to(dev)
             lp = logp.gather(-1, tgt[..., None])[..., 0]                          # (B, L-1)
-            pos = torch.arange(L - 1, device=dev)[None]
+            pos = torch.arange(x.shape[1] - 1, device=dev)[None]
             start = torch.tensor([s for _, s in chunk], device=dev)[:, None]
             end = torch.tensor([len(ids) for ids, _ in chunk], device=dev)[:, None]
             ans = (pos >= start - 1) & (pos < end - 1)                            # answer-token targets
             nll.extend((-(lp * ans).sum(1)).tolist())
             rows = torch.arange(len(chunk), device=dev)
             first.extend((logp[rows, start[:, 0] - 1].argmax(-1) == tgt[rows, start[:, 0] - 1]).tolist())
-    finally:
-        model.train(was_training)
     return torch.tensor(nll, dtype=torch.float32), torch.tensor(first, dtype=torch.bool)

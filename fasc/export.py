@@ -8,32 +8,41 @@ and loads strictly. Merged (`merge=True`): dense W' in the original layers, load
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
-import time
 import uuid
-from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
 from .errors import FascError
 from .layers import LowRankLinear
-from .allocate import Plan, validate_plan
-from .analysis import Analysis
-from .loading import FASC_CONFIG, _quiet_transformers, _read_fasc_config, resolve
-from .surgery import compress_, replace_module
+from .quiet import quiet_transformers
+from .surgery import replace_module
+from .version import __version__
 
-EXPORT_FORMAT = 1
+FASC_CONFIG = "fasc_config.json"   # beside the weights of every export; this module owns it
+EXPORT_FORMAT = 1                  # its format version
 
 
-def _version() -> str:
-    from . import __version__
-    return __version__
+def read_fasc_config(folder: str | Path) -> dict:
+    """The `fasc_config.json` of an export folder, checked for this format version."""
+    path = Path(folder) / FASC_CONFIG
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise FascError(f"{path} is unreadable or not JSON; re-export the model.") from None
+    if not isinstance(d, dict) or d.get("format") != EXPORT_FORMAT:
+        raise FascError(f"{path} has an unknown format; re-export with this version of fasc.")
+    return d
+
+
+def write_fasc_config(folder: str | Path, fields: dict) -> None:
+    """Write `fasc_config.json` (format version and fasc version first, then `fields`)."""
+    fc = {"format": EXPORT_FORMAT, "fasc_version": __version__, **fields}
+    (Path(folder) / FASC_CONFIG).write_text(json.dumps(fc, indent=1))
 
 
 def prepare_destination(out: str | Path, overwrite: bool) -> Path:
@@ -82,11 +91,10 @@ def save_compressed(model: nn.Module, tokenizer, out: str | Path, *, meta: dict 
     factored = {f: [m.in_features, m.out_features, m.rank, m.bias is not None]
                 for f, m in model.named_modules() if isinstance(m, LowRankLinear)}
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-    fc = {"format": EXPORT_FORMAT, "fasc_version": _version(), "merged": not factored, "factored": factored,
-          "dtype": dtype, **(meta or {})}
+    fields = {"merged": not factored, "factored": factored, "dtype": dtype, **(meta or {})}
 
     def write(tmp: Path) -> None:
-        with _quiet_transformers():
+        with quiet_transformers():
             if factored:
                 from safetensors.torch import save_model
                 model.config.save_pretrained(tmp)
@@ -95,7 +103,7 @@ def save_compressed(model: nn.Module, tokenizer, out: str | Path, *, meta: dict 
                 model.save_pretrained(tmp, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-        (tmp / FASC_CONFIG).write_text(json.dumps(fc, indent=1))
+        write_fasc_config(tmp, fields)
 
     return atomic_folder(out, write)
 
@@ -106,9 +114,9 @@ def load_compressed(path: str | Path, device: str = "cpu"):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
-    fc = _read_fasc_config(path)
+    fc = read_fasc_config(path)
     dtype = getattr(torch, fc.get("dtype", "float32"), torch.float32)
-    with _quiet_transformers():
+    with quiet_transformers():
         tok = AutoTokenizer.from_pretrained(path)
         if fc.get("merged"):
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
@@ -133,43 +141,3 @@ def load_compressed(path: str | Path, device: str = "cpu"):
 
 def folder_size(path: str | Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
-
-
-def export_meta(an: Analysis, plan: Plan, *, method: str, source_model: str, calibration: str,
-                model_fp: str) -> dict:
-    """The `fasc_config.json` fields `fasc compress` writes beside the weights (spec §7)."""
-    try:
-        builtin = resolve(source_model).builtin
-    except FascError:
-        builtin = None
-    return {"method": method, "methods": plan.methods, "ranks": plan.ranks,
-            "rho": {f: an.rho(f)[0] for f in plan.ranks}, "source_model": source_model,
-            "source_builtin": builtin, "source_fingerprint": model_fp, "calibration": calibration,
-            "compress_config": asdict(an.cfg), "predicted_delta_loss": plan.predicted(an)}
-
-
-def compress_and_save(model, tok, an: Analysis, plan: Plan, out: str | Path, *, merge: bool = False,
-                      overwrite: bool = False, method: str = "fasc", source_model: str = "",
-                      calibration: str = "", model_fp: str = "",
-                      progress: Callable[[int, int], None] | None = None) -> dict:
-    """Compress a deep copy of `model` with `plan` and export it (what `fasc compress` does).
-
-    Returns a summary: folder, sizes, parameter counts, predicted ΔL, files (name → bytes).
-    """
-    from .modules import parameter_count
-
-    prepare_destination(out, overwrite)  # fail before any work
-    validate_plan(plan, an, model_fp or None)
-    t0 = time.perf_counter()
-    work = copy.deepcopy(model)
-    compress_(work, an, plan, merge=merge, progress=progress)
-    meta = export_meta(an, plan, method=method, source_model=source_model, calibration=calibration,
-                       model_fp=model_fp)
-    path = save_compressed(work, tok, out, meta=meta, overwrite=overwrite)
-    kept, orig = plan.params(an)
-    files = {p.name: p.stat().st_size for p in sorted(Path(path).iterdir()) if p.is_file()}
-    return {"out": str(path), "merged": merge, "method": method, "modules": len(plan.ranks),
-            "params_kept_in_modules": kept, "params_original_in_modules": orig, "param_ratio": kept / orig,
-            "model_params_before": parameter_count(model), "model_params_after": parameter_count(work),
-            "predicted_delta_loss": plan.predicted(an), "export_bytes": folder_size(path), "files": files,
-            "seconds": round(time.perf_counter() - t0, 2)}

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .errors import FascError
+from .model_state import eval_mode
 
 MAX_NEW_TOKENS = 512
 
@@ -24,12 +25,10 @@ def greedy_continuation(model: nn.Module, tokenizer, prompt: str, n_tokens: int 
         raise FascError(f"The prompt {prompt!r} tokenizes to nothing; give some text.")
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 10**9
     eos = getattr(tokenizer, "eos_token_id", None)
-    was_training = model.training
-    model.eval()
     dev = next(model.parameters()).device
     x = torch.tensor([ids], device=dev)
     new: list[int] = []
-    try:
+    with eval_mode(model):
         for _ in range(n_tokens):
             if x.shape[1] >= limit:
                 break
@@ -38,8 +37,6 @@ def greedy_continuation(model: nn.Module, tokenizer, prompt: str, n_tokens: int 
                 break
             new.append(nxt)
             x = torch.cat([x, torch.tensor([[nxt]], device=dev)], 1)
-    finally:
-        model.train(was_training)
     return tokenizer.decode(new, skip_special_tokens=True)
 
 

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from . import cache
-from .allocate import Plan
+from .allocate import Plan, base_method
 from .analysis import Analysis
 from .config import CalibConfig
 from .data import Example, encode_example
@@ -143,10 +143,10 @@ def _targets(an: Analysis, plan: Plan | None, share: float | None, method: str) 
         if not plan.ranks:
             raise FascError("The plan compresses no module; allocate ranks first.")
         order = [i.fqn for i in an.modules if i.fqn in plan.ranks]
-        return order, [plan.ranks[f] for f in order], [an.resolve(f, plan.methods[f]) for f in order]
+        return order, [plan.ranks[f] for f in order], [base_method(an, f, plan.methods[f]) for f in order]
     ranks = share_ranks(an.modules, share)
     order = [i.fqn for i in an.modules]
-    return order, [ranks[f] for f in order], [an.resolve(f, method) for f in order]
+    return order, [ranks[f] for f in order], [base_method(an, f, method) for f in order]
 
 
 def encode_probe(tokenizer, examples: list[Example]) -> list[tuple[list[int], int]]:
@@ -326,15 +326,16 @@ def average_ranks(x: Tensor) -> Tensor:
 
 
 def predictor_table(km: KnowledgeMap, an: Analysis, energy_general: dict[str, float] | None = None,
-                    energy_facts: dict[str, float] | None = None) -> list[dict]:
+                    energy_facts: dict[str, float] | None = None,
+                    sketch_fisher: dict[str, Tensor] | None = None) -> list[dict]:
     """Spearman of each statistic with the measured map (knowledge loss and recall drop), over the
-    map's modules. A statistic not available (ρ along Fisher directions not measured, no probe
-    calibration) is left out."""
+    map's modules. A statistic not available (ρ along Fisher directions not measured — from
+    `sketch_fisher` or the statistics' own —, no probe calibration) is left out."""
     kl, rd = km.knowledge_loss().tolist(), km.recall_drop().tolist()
     stats: list[tuple[str, list[float]]] = [
         ("ρ (random directions)", [an.rho(f)[0] for f in km.fqns])]
-    if all(an.rho_fisher(f) is not None for f in km.fqns):
-        stats.append(("ρ along Fisher directions", [an.rho_fisher(f)[0] for f in km.fqns]))
+    if all(an.rho_fisher(f, sketch_fisher) is not None for f in km.fqns):
+        stats.append(("ρ along Fisher directions", [an.rho_fisher(f, sketch_fisher)[0] for f in km.fqns]))
     stats.append(("predicted ΔL at the map's ranks",
                   [an.predicted(f, m, k) for f, m, k in zip(km.fqns, km.methods, km.ranks)]))
     if energy_general is not None:

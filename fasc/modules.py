@@ -77,10 +77,20 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
 
 
+def is_transposed(module: nn.Module) -> bool:
+    """True for a GPT-2 `Conv1D`, which stores its weight transposed, (in, out) (the one Conv1D boundary)."""
+    return bool(Conv1D) and isinstance(module, Conv1D)
+
+
 def weight_matrix(module: nn.Module) -> Tensor:
-    """The module's weight as (out, in) = (m, n), whatever its storage (the one Conv1D boundary)."""
+    """The module's weight as (out, in) = (m, n), whatever its storage."""
     w = module.weight
-    return w.T if (bool(Conv1D) and isinstance(module, Conv1D)) else w
+    return w.T if is_transposed(module) else w
+
+
+def stored_weight(module: nn.Module, W: Tensor) -> Tensor:
+    """W (out, in) in the layout `module` stores its weight in (the inverse of `weight_matrix`)."""
+    return W.T if is_transposed(module) else W
 
 
 def find_linears(model: nn.Module) -> list[ModuleInfo]:
@@ -102,7 +112,7 @@ def find_linears(model: nn.Module) -> list[ModuleInfo]:
         m = _LAYER_RE.search("." + fqn + ".")
         if m is None:
             continue
-        transposed = bool(Conv1D) and isinstance(mod, Conv1D)
+        transposed = is_transposed(mod)
         n_out, n_in = (mod.weight.shape[1], mod.weight.shape[0]) if transposed else mod.weight.shape
         infos.append(ModuleInfo(fqn=fqn, layer=int(m.group(1)), kind=_kind(fqn), out_features=int(n_out),
                                 in_features=int(n_in), transposed=transposed,

@@ -1,35 +1,42 @@
-"""Orchestration shared by the CLI, the app and the benchmarks: built-in data, cached calibration."""
+"""Orchestration shared by the CLI, the app and the benchmarks: per-model defaults (built-in data and
+calibration settings), cached calibration and analysis, compress-and-export."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
+import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import cache
+from .allocate import Plan, validate_plan
 from .analysis import Analysis
-from .calibrate import Progress, calibrate
+from .calibrate import ProgressFn, calibrate
 from .config import CalibConfig, CompressConfig
 from .data import Batch, data_fingerprint, load_source, make_batches
 from .errors import FascError
-from .loading import PACKAGE_DIR, resolve
-from .modules import model_fingerprint
+from .export import folder_size, prepare_destination, save_compressed
+from .loading import PACKAGE_DIR, model_source
+from .modules import model_fingerprint, parameter_count
 from .stats import CalibStats
+from .surgery import compress_
 
 DATA_DIR = PACKAGE_DIR / "data"
 DEMO_DATA = PACKAGE_DIR / "demo" / "data"
 
 
 @dataclass(frozen=True)
-class DataPaths:
-    """The built-in texts for a model: calibration text, held-out text, fact probe, and a general
-    text that holds none of the probe's facts (to calibrate on part of the facts only) — plus the
+class ModelDefaults:
+    """Per-model defaults: the built-in texts (calibration text, held-out text, fact probe, and a general
+    text that holds none of the probe's facts, to calibrate on part of the facts only) and the
     calibration settings measured best for it (BENCHMARKS.md): the demo model knows its facts with
     p ≈ 1, so its gradients saturate and T = 2 recovers them (+7 to +9 recall points at 50 % rank);
     SmolLM2 is best at T = 1 (T = 2: −2 points, within noise; T = 4: −4 to −5)."""
@@ -42,19 +49,19 @@ class DataPaths:
     seq_len: int = 256
 
 
-def default_data(model_spec: str | None) -> DataPaths:
+def model_defaults(model_spec: str | None) -> ModelDefaults:
     """Demo data for the demo model (and anything compressed from it), general English otherwise."""
     builtin = None
     if model_spec:
         try:
-            builtin = resolve(model_spec).builtin
+            builtin = model_source(model_spec).builtin
         except FascError:
             builtin = None
     if builtin == "demo":
-        return DataPaths(DEMO_DATA / "calib.txt", DEMO_DATA / "heldout.txt", DEMO_DATA / "facts.jsonl",
+        return ModelDefaults(DEMO_DATA / "calib.txt", DEMO_DATA / "heldout.txt", DEMO_DATA / "facts.jsonl",
                          DEMO_DATA / "filler.txt", temperature=2.0, seq_len=64)
     general = DATA_DIR / "general_en.txt"
-    return DataPaths(general, DATA_DIR / "general_en_heldout.txt", DATA_DIR / "real_facts.jsonl", general)
+    return ModelDefaults(general, DATA_DIR / "general_en_heldout.txt", DATA_DIR / "real_facts.jsonl", general)
 
 
 def batches_from_files(tokenizer, paths: list[str | Path], cfg: CalibConfig) -> list[Batch]:
@@ -66,7 +73,7 @@ def batches_from_files(tokenizer, paths: list[str | Path], cfg: CalibConfig) -> 
 
 
 def calibrate_in_passes(model: nn.Module, batches: list[Batch], cfg: CalibConfig, layers_per_pass: int,
-                        progress: Progress | None = None, model_fp: str | None = None) -> CalibStats:
+                        progress: ProgressFn | None = None, model_fp: str | None = None) -> CalibStats:
     """Calibrate `layers_per_pass` layers at a time (one forward+backward over the data per group)
     and merge: accumulator memory during a pass is that of the group only (spec §1 statistics are
     per module, so the result equals a single pass up to float rounding)."""
@@ -90,7 +97,7 @@ def calibrate_in_passes(model: nn.Module, batches: list[Batch], cfg: CalibConfig
 
 
 def calibrate_cached(model: nn.Module, batches: list[Batch], cfg: CalibConfig,
-                     progress: Progress | None = None, root: Path | None = None,
+                     progress: ProgressFn | None = None, root: Path | None = None,
                      model_fp: str | None = None, layers_per_pass: int | None = None) -> tuple[CalibStats, bool]:
     """(stats, from_cache): calibration re-used when the same model/data/config ran before.
     `layers_per_pass` bounds memory (see `calibrate_in_passes`) and does not change the key."""
@@ -104,7 +111,7 @@ def calibrate_cached(model: nn.Module, batches: list[Batch], cfg: CalibConfig,
 
 
 def analysis_cached(model: nn.Module, stats: CalibStats, cfg: CompressConfig = CompressConfig(),
-                    methods: tuple[str, ...] = ("pca", "fasc"), progress: Progress | None = None,
+                    methods: tuple[str, ...] = ("pca", "fasc"), progress: ProgressFn | None = None,
                     root: Path | None = None) -> tuple[Analysis, bool]:
     """(analysis, from_cache): the O(n) summaries (ΔL curves, spectra, misalignment) of every module
     are stored beside the statistics' cache entry, so the eigen-decompositions run once per
@@ -130,3 +137,41 @@ def analysis_cached(model: nn.Module, stats: CalibStats, cfg: CompressConfig = C
         finally:
             tmp.unlink(missing_ok=True)
     return an, hit and len(an.summaries) == before
+
+
+def export_meta(an: Analysis, plan: Plan, *, method: str, source_model: str, calibration: str,
+                model_fp: str) -> dict:
+    """The `fasc_config.json` fields `fasc compress` writes beside the weights (spec §7)."""
+    try:
+        builtin = model_source(source_model).builtin
+    except FascError:
+        builtin = None
+    note = plan.note if isinstance(plan.note, dict) else {}
+    hybrid = {k: note[k] for k in ("tau", "fallback") if note.get(k) is not None}
+    return {"method": method, "methods": plan.methods, "ranks": plan.ranks,
+            "rho": {f: an.rho(f)[0] for f in plan.ranks}, "source_model": source_model,
+            "source_builtin": builtin, "source_fingerprint": model_fp, "calibration": calibration,
+            "compress_config": {**asdict(an.cfg), **hybrid}, "predicted_delta_loss": plan.predicted(an)}
+
+
+def compress_and_save(model, tok, an: Analysis, plan: Plan, out: str | Path, *, merge: bool = False,
+                      overwrite: bool = False, method: str = "fasc", source_model: str = "",
+                      calibration: str = "", model_fp: str = "",
+                      progress: Callable[[int, int], None] | None = None) -> dict:
+    """Compress a deep copy of `model` with `plan` and export it (what `fasc compress` and the Export
+    page do). Returns a summary: folder, sizes, parameter counts, predicted ΔL, files (name → bytes)."""
+    prepare_destination(out, overwrite)  # fail before any work
+    validate_plan(plan, an, model_fp or None)
+    t0 = time.perf_counter()
+    work = copy.deepcopy(model)
+    compress_(work, an, plan, merge=merge, progress=progress)
+    meta = export_meta(an, plan, method=method, source_model=source_model, calibration=calibration,
+                       model_fp=model_fp)
+    path = save_compressed(work, tok, out, meta=meta, overwrite=overwrite)
+    kept, orig = plan.params(an)
+    files = {p.name: p.stat().st_size for p in sorted(Path(path).iterdir()) if p.is_file()}
+    return {"out": str(path), "merged": merge, "method": method, "modules": len(plan.ranks),
+            "params_kept_in_modules": kept, "params_original_in_modules": orig, "param_ratio": kept / orig,
+            "model_params_before": parameter_count(model), "model_params_after": parameter_count(work),
+            "predicted_delta_loss": plan.predicted(an), "export_bytes": folder_size(path), "files": files,
+            "seconds": round(time.perf_counter() - t0, 2)}

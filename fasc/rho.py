@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 
 from .analysis import Analysis
-from .calibrate import Calibrator, Progress
+from .calibrate import Calibrator, ProgressFn
 from .data import Batch
 from .errors import FascError
 
 
-def rho_fisher_pass(model: nn.Module, batches: list[Batch], an: Analysis, top: int | None = None,
-                    progress: Progress | None = None) -> None:
-    """Measure ρ along each module's top Fisher directions B q_i (γ = 0) and store the sketch in
-    `an.stats.sketch_fisher` (in place). Costs one more forward+backward over `batches`."""
+def measure_rho_fisher(model: nn.Module, batches: list[Batch], an: Analysis, top: int | None = None,
+                       progress: ProgressFn | None = None) -> dict[str, Tensor]:
+    """The ρ sketch along each module's top Fisher directions B q_i (γ = 0), {fqn: sketch}; `an` and
+    its statistics are left as they were. Costs one more forward+backward over `batches`."""
     stats = an.stats
     cfg = stats.config
     s = top or cfg.sketch_size
@@ -28,5 +28,10 @@ def rho_fisher_pass(model: nn.Module, batches: list[Batch], an: Analysis, top: i
             cal.step(b)
             if progress is not None and progress(cal.n_tokens_, total) is False:
                 raise FascError("ρ measurement cancelled.")
-    res = cal.result()
-    stats.sketch_fisher.update(res.sketch)
+    return cal.result().sketch
+
+
+def rho_fisher_pass(model: nn.Module, batches: list[Batch], an: Analysis, top: int | None = None,
+                    progress: ProgressFn | None = None) -> None:
+    """`measure_rho_fisher`, stored in `an.stats.sketch_fisher` (in place; what `fasc report` does)."""
+    an.stats.sketch_fisher.update(measure_rho_fisher(model, batches, an, top, progress))

@@ -42,7 +42,7 @@ class Basis:
     B_inv: Tensor | None
     curve: Tensor
     values: Tensor
-    fisher_values: Tensor | None = None  # fasc with γ = 0 only: λ of C_x^{1/2} C_h C_x^{1/2} (= values)
+    fisher_spectrum: Tensor | None = None  # fasc with γ = 0 only: λ of C_x^{1/2} C_h C_x^{1/2} (= values)
 
     def factors(self, W: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """(U, V) with W' = U Vᵀ: U = W B Q_k (m,k), V = B⁻¹ Q_k (n,k) (B symmetric)."""
@@ -146,7 +146,7 @@ def basis_fasc(W: Tensor, C_h: Tensor, B: Tensor, B_inv: Tensor, gamma: float) -
     if float(torch.trace(C_h)) <= 0:  # no gradient reached the module: λ = 0, keep the whitened-SVD order
         b = basis_asvd(W, C_h, B, B_inv, S)
         b.values = torch.zeros_like(b.values)
-        b.fisher_values = b.values
+        b.fisher_spectrum = b.values
         return b
     if gamma == 0:  # exact tail-sum identity (spec §3)
         lam, Q = eigh_desc(S)
@@ -159,7 +159,7 @@ def basis_fasc(W: Tensor, C_h: Tensor, B: Tensor, B_inv: Tensor, gamma: float) -
     return Basis(Q, B, B_inv, whitened_curve(S, Q), lam.clamp_min(0))
 
 
-def fisher_eigenvalues(C_h: Tensor, B: Tensor) -> Tensor:
+def fisher_spectrum(C_h: Tensor, B: Tensor) -> Tensor:
     """λ: eigenvalues of B C_h B (B = C_x,δ^{1/2}; the unshrunk Fisher spectrum), descending."""
     C_h = C_h.to(LINALG_DTYPE)
     return torch.linalg.eigvalsh(B @ C_h @ B).flip(0).clamp_min(0)

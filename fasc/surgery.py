@@ -11,6 +11,7 @@ from .allocate import Plan, is_factored, validate_plan
 from .analysis import Analysis
 from .errors import FascError
 from .layers import LowRankLinear
+from .modules import stored_weight
 
 
 def compute_factors(an: Analysis, plan: Plan,
@@ -41,8 +42,7 @@ def dense_module(old: nn.Module, W: Tensor) -> nn.Module:
 
     new = copy.copy(old)
     new._parameters = dict(old._parameters)
-    transposed = type(old).__name__ == "Conv1D"
-    w = (W.T if transposed else W).to(old.weight.dtype).contiguous()
+    w = stored_weight(old, W).to(old.weight.dtype).contiguous()
     new.weight = nn.Parameter(w.to(old.weight.device), requires_grad=old.weight.requires_grad)
     return new
 

@@ -4,9 +4,11 @@ selects that module on every page."""
 
 import streamlit as st
 
-from fasc import app_knowledge as K
-from fasc import app_state as S
-from fasc import app_ui as ui
+from fasc.app import knowledge as K
+from fasc.app import ui
+from fasc.app.format import mean_rho
+from fasc.app.state import select_module, selected_module
+from fasc.app.table import plan_values, selected_fqn
 from fasc.plots import rho_heatmap
 
 VIEWS = {
@@ -19,12 +21,40 @@ VIEWS = {
 }
 
 
+def module_panel(ctx: ui.Context, rows: list, sel: str, plan) -> None:
+    """The selected module's numbers, a module picker and the highest-ρ modules."""
+    an = ctx.an
+    r = next(x for x in rows if x.fqn == sel)
+    st.markdown(f"**Selected:** {sel}")
+    names = [x.fqn for x in rows]
+    pick = st.selectbox("Module", names, index=names.index(sel), label_visibility="collapsed",
+                        key=f"w.rho_pick.{sel}")
+    if pick != sel:
+        select_module(pick)
+        st.rerun()
+    k = plan.ranks.get(sel)
+    st.metric("ρ (mean |ρ(u)|)", f"{r.rho:.3f}", help=f"signed mean {r.rho_signed:+.3f}")
+    if r.rho_fisher is not None:
+        st.metric("ρ along Fisher directions", f"{r.rho_fisher:.3f}",
+                  help=f"signed mean {r.rho_fisher_signed:+.3f}, over the module's top Fisher directions")
+    st.metric(f"Misalignment at k = {r.rank}", f"{r.misalignment:.1%}")
+    if k is not None:
+        st.metric(f"Plan: rank {k} / {an.info(sel).max_rank} ({plan.methods[sel]})",
+                  f"ΔL {an.predicted(sel, plan.methods[sel], k):.3g}",
+                  help="predicted loss increase of this module at its planned rank, nats/token")
+    st.page_link(ui.PAGES["spectra"], label="Spectra of this module", icon=":material/ssid_chart:")
+    top = sorted(rows, key=lambda x: -x.rho)[:5]
+    st.markdown("**Highest ρ**")
+    st.dataframe({"module": [f"L{x.layer} {x.kind}" for x in top], "ρ": [round(x.rho, 3) for x in top]},
+                 hide_index=True, width="stretch")
+
+
 def main() -> None:
     st.title("ρ map")
     ctx = ui.require_analysis()
     an = ctx.an
-    plan = ui.current_plan(ctx)
-    sel = ui.selected_module(an)
+    plan = ctx.plan()
+    sel = selected_module(an)
 
     left, right = st.columns([3, 1], gap="medium")
     with left:
@@ -35,7 +65,7 @@ def main() -> None:
             ratio = st.slider("Reference rank ratio", 0.05, 1.0, step=0.05, **ui.bind("rho_ratio", 0.5),
                               help="Misalignment is measured at rank round(ratio·min(m, n)) of every module.")
             ui.commit("rho_ratio", float(ratio))
-        if view == "rho_fisher" and not an.stats.sketch_fisher:
+        if view == "rho_fisher" and not ctx.rho_fisher and not an.stats.sketch_fisher:
             st.info("ρ along each module's top Fisher directions — the input directions FASC keeps — needs one "
                     "more forward+backward pass over the calibration text (about as long as the calibration). "
                     "Where it is large, the decoupled ΔL prediction is least trustworthy for the directions "
@@ -45,55 +75,31 @@ def main() -> None:
                 ui.measure_rho_fisher(ctx)
                 st.rerun()
             view = "rho"
-        rows = ui.report_rows(ctx.lm.spec, ctx.calib["key"], an.cfg.gamma, float(ratio), an,
-                              len(an.stats.sketch_fisher))
-        values = S.plan_values(plan, an) if view == "dl_plan" else None
+        rows = ui.report_rows(ctx, float(ratio))
+        values = plan_values(plan, an) if view == "dl_plan" else None
         view, values, label, kv = K.knowledge_view(ctx, plan, view, values, len(rows))
         title = kv.title or {"rho": "ρ = mean |ρ(u)| over random unit directions (0 = independent)",
                  "rho_fisher": "ρ = mean |ρ(u)| over each module's top Fisher directions (the ones FASC keeps)",
                  "misalignment": f"Share of the FASC subspace missed by PCA at rank ratio {ratio:g}",
-                 "dl_plan": f"Predicted ΔL per module at the current ranks (Σ = {plan.predicted(an):.4g} nats/token)",
-                 }[view]
+                 "dl_plan": f"Predicted ΔL per module at the current ranks (Σ = {plan.predicted(an):.4g} nats/token)"}[view]
         fig = rho_heatmap(rows, value=view, selected=sel, values=values, title=title, label=label)
 
         def on_select() -> None:
-            fqn = S.selected_fqn(st.session_state.get("rho_chart"), rows)
+            fqn = selected_fqn(st.session_state.get("rho_chart"), rows)
             if fqn:
-                ui.select_module(fqn)
+                select_module(fqn)
 
         st.plotly_chart(fig, width="stretch", key="rho_chart", on_select=on_select, selection_mode="points",
                         config={"displayModeBar": False})
         st.caption("Hover a cell for its numbers; click it to select the module for the Spectra and Ranks pages.")
     with right:
-        r = next(x for x in rows if x.fqn == sel)
-        st.markdown(f"**Selected:** {sel}")
-        names = [x.fqn for x in rows]
-        pick = st.selectbox("Module", names, index=names.index(sel), label_visibility="collapsed",
-                            key=f"w.rho_pick.{sel}")
-        if pick != sel:
-            ui.select_module(pick)
-            st.rerun()
-        k = plan.ranks.get(sel)
-        st.metric("ρ (mean |ρ(u)|)", f"{r.rho:.3f}", help=f"signed mean {r.rho_signed:+.3f}")
-        if r.rho_fisher is not None:
-            st.metric("ρ along Fisher directions", f"{r.rho_fisher:.3f}",
-                      help=f"signed mean {r.rho_fisher_signed:+.3f}, over the module's top Fisher directions")
-        st.metric(f"Misalignment at k = {r.rank}", f"{r.misalignment:.1%}")
+        module_panel(ctx, rows, sel, plan)
         K.module_metric(kv, sel)
-        if k is not None:
-            st.metric(f"Plan: rank {k} / {an.info(sel).max_rank} ({plan.methods[sel]})",
-                      f"ΔL {an.predicted(sel, plan.methods[sel], k):.3g}",
-                      help="predicted loss increase of this module at its planned rank, nats/token")
-        st.page_link(ui.PAGES["spectra"], label="Spectra of this module", icon=":material/ssid_chart:")
-        top = sorted(rows, key=lambda x: -x.rho)[:5]
-        st.markdown("**Highest ρ**")
-        st.dataframe({"module": [f"L{x.layer} {x.kind}" for x in top], "ρ": [round(x.rho, 3) for x in top]},
-                     hide_index=True, width="stretch")
     if view == "knowledge":
         K.knowledge_details(ctx, kv, plan)
-    st.caption(f"Mean ρ over {len(rows)} modules: {S.mean_rho(rows):.3f}. ρ measures how far a module's "
-               f"activations and gradients are from independent (spec §4): where it is large, the decoupled "
-               f"predicted ΔL is least reliable. " + K.rho_verdict(ctx, kv.km))
+    st.caption(f"Mean ρ over {len(rows)} modules: {mean_rho(rows):.3f}. ρ measures how far a module's activations "
+               f"and gradients are from independent (spec §4): where it is large, the decoupled predicted ΔL is "
+               f"least reliable. " + K.rho_verdict(ctx, kv.km))
 
 
 ui.run_page(main)

@@ -3,8 +3,9 @@ the predicted ΔL(k) of the variance methods vs FASC, with the module's planned 
 
 import streamlit as st
 
-from fasc import app_ui as ui
-from fasc.allocate import Plan, module_params
+from fasc.allocate import module_params
+from fasc.app import ui
+from fasc.app.state import select_module, selected_module
 from fasc.plots import dl_curves_figure, energy_figure, spectra_figure
 
 
@@ -12,8 +13,8 @@ def main() -> None:
     st.title("Spectra")
     ctx = ui.require_analysis()
     an = ctx.an
-    plan = ui.current_plan(ctx)
-    sel = ui.selected_module(an)
+    plan = ctx.plan()
+    sel = selected_module(an)
     infos = an.modules
     names = [i.fqn for i in infos]
 
@@ -24,7 +25,7 @@ def main() -> None:
     st.session_state["w.spec_module"] = sel
 
     def on_module() -> None:
-        ui.select_module(st.session_state["w.spec_module"])
+        select_module(st.session_state["w.spec_module"])
 
     a, b = st.columns([3, 2])
     a.selectbox("Module", names, format_func=fmt, key="w.spec_module", on_change=on_module)
@@ -32,15 +33,8 @@ def main() -> None:
     k_plan = plan.ranks.get(sel, info.max_rank)
     st.session_state["w.spec_rank"] = int(k_plan)
 
-    def on_rank() -> None:  # the slider edits the session's plan directly
-        d = st.session_state.get("plan")
-        if d:
-            p = Plan.from_dict(d["plan"])
-            p.ranks[sel] = int(st.session_state["w.spec_rank"])
-            p.methods.setdefault(sel, "fasc")
-            p.note = dict(p.note, edited=True)
-            d["plan"] = p.to_dict()
-            st.session_state["plan_ver"] = st.session_state.get("plan_ver", 0) + 1
+    def on_rank() -> None:  # the slider edits the session's plan
+        ctx.plans.put(ctx.plan().with_rank(an, sel, int(st.session_state["w.spec_rank"])))
 
     k = b.slider(f"Rank k (of {info.max_rank}) — edits the plan", 1, info.max_rank, key="w.spec_rank",
                  on_change=on_rank)

@@ -6,20 +6,44 @@ from pathlib import Path
 
 import streamlit as st
 
-from fasc import app_state as S
-from fasc import app_ui as ui
+from fasc.app import ui
+from fasc.app.choices import default_export_dir
+from fasc.app.format import human_bytes
 from fasc.errors import FascError
+from fasc.export import FASC_CONFIG
+from fasc.pipeline import compress_and_save
+
+
+def show_result(res: dict) -> None:
+    """The last export of this session: sizes, files and downloads."""
+    st.success(f"Wrote {res['out']} ({'merged' if res['merged'] else 'factored'}) in {res['seconds']:.1f} s.",
+               icon=":material/check_circle:")
+    c = st.columns(4)
+    c[0].metric("Export size", human_bytes(res["export_bytes"]))
+    c[1].metric("Model parameters", f"{res['model_params_after'] / 1e6:.3f} M",
+                delta=f"{res['model_params_after'] - res['model_params_before']:+,}", delta_color="inverse")
+    c[2].metric("Kept in compressed modules", f"{res['param_ratio']:.1%}")
+    c[3].metric("Predicted ΔL", f"{res['predicted_delta_loss']:.4g}")
+    st.dataframe([{"file": k, "size": human_bytes(v)} for k, v in res["files"].items()], hide_index=True)
+    c = st.columns(2)
+    c[0].download_button("Download plan.json", res["plan"], file_name="plan.json", mime="application/json",
+                         icon=":material/download:", key="w.dl_plan")
+    cfg_path = Path(res["out"]) / FASC_CONFIG
+    if cfg_path.is_file():
+        c[1].download_button("Download fasc_config.json", cfg_path.read_text(), file_name=FASC_CONFIG,
+                             mime="application/json", icon=":material/download:", key="w.dl_cfg")
+        with st.expander(FASC_CONFIG):
+            st.json(json.loads(cfg_path.read_text()), expanded=1)
+    st.caption(f"Evaluate it: `fasc eval --model {res['out']}` · load it: `fasc.load_model({res['out']!r})`.")
 
 
 def main() -> None:
     st.title("Export")
     ctx = ui.require_analysis()
     an = ctx.an
-    plan = ui.current_plan(ctx)
-    t = S.plan_totals(plan, an)
+    plan = ctx.plan()
+    t = plan.totals(an)
     method = plan.note.get("method") or "fasc"
-    if plan.note.get("tau") is not None:
-        an = S.with_tau(an, float(plan.note["tau"]))
     st.markdown(f"Plan: **{method}**{' (edited)' if plan.note.get('edited') else ''} on {t.modules} modules · "
                 f"**{t.ratio:.1%}** of their parameters kept · predicted ΔL **{t.predicted:.4g}** nats/token — "
                 f"change it on the Ranks page.")
@@ -30,7 +54,7 @@ def main() -> None:
                           "W′ = U Vᵀ that plain `AutoModelForCausalLM.from_pretrained` loads.")
     ui.commit("export_format", fmt)
     merged = fmt == "merged"
-    default_dir = S.default_export_dir(ctx.lm.spec, method, t.ratio, merged)
+    default_dir = default_export_dir(ctx.lm.spec, method, t.ratio, merged)
     out = c[1].text_input("Target folder", **ui.bind(f"export_dir.{default_dir}", default_dir),
                           help="Written atomically (a temporary folder renamed into place).")
     ui.commit(f"export_dir.{default_dir}", out)
@@ -43,37 +67,18 @@ def main() -> None:
         target = Path(out.strip()).expanduser()
         if target.parent == Path(default_dir).parent:  # the proposed export root (out/) is created on demand
             target.parent.mkdir(parents=True, exist_ok=True)
-        bar = ui.Progress("Compressing", unit="modules")
+        bar = ui.ProgressBar("Compressing", unit="modules")
         try:
-            res = S.compress_and_save(ctx.lm.model, ctx.lm.tok, an, plan, target, merge=merged,
-                                      overwrite=overwrite, method=method, source_model=ctx.lm.spec,
-                                      calibration=ctx.calib["key"], model_fp=ctx.lm.fingerprint, progress=bar)
+            res = compress_and_save(ctx.lm.model, ctx.lm.tok, an, plan, target, merge=merged,
+                                    overwrite=overwrite, method=method, source_model=ctx.lm.spec,
+                                    calibration=ctx.calib["key"], model_fp=ctx.lm.fingerprint, progress=bar)
         finally:
             bar.clear()
-        res["plan"] = S.plan_json(plan)
+        res["plan"] = plan.to_json()
         st.session_state["export_result"] = res
 
     res = st.session_state.get("export_result")
     if res:
-        st.success(f"Wrote {res['out']} ({'merged' if res['merged'] else 'factored'}) in {res['seconds']:.1f} s.",
-                   icon=":material/check_circle:")
-        c = st.columns(4)
-        c[0].metric("Export size", S.human_bytes(res["export_bytes"]))
-        c[1].metric("Model parameters", f"{res['model_params_after'] / 1e6:.3f} M",
-                    delta=f"{res['model_params_after'] - res['model_params_before']:+,}", delta_color="inverse")
-        c[2].metric("Kept in compressed modules", f"{res['param_ratio']:.1%}")
-        c[3].metric("Predicted ΔL", f"{res['predicted_delta_loss']:.4g}")
-        st.dataframe([{"file": k, "size": S.human_bytes(v)} for k, v in res["files"].items()], hide_index=True)
-        c = st.columns(2)
-        c[0].download_button("Download plan.json", res["plan"], file_name="plan.json", mime="application/json",
-                             icon=":material/download:", key="w.dl_plan")
-        cfg_path = Path(res["out"]) / "fasc_config.json"
-        if cfg_path.is_file():
-            c[1].download_button("Download fasc_config.json", cfg_path.read_text(), file_name="fasc_config.json",
-                                 mime="application/json", icon=":material/download:", key="w.dl_cfg")
-            with st.expander("fasc_config.json"):
-                st.json(json.loads(cfg_path.read_text()), expanded=1)
-        st.caption(f"Evaluate it: `fasc eval --model {res['out']}` · load it: `fasc.load_model({res['out']!r})`.")
-
+        show_result(res)
 
 ui.run_page(main)

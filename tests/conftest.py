@@ -1,75 +1,44 @@
-"""Shared fixtures: tiny real models built from configs (no hub), a tiny tokenizer, tiny data."""
+"""Shared fixtures (the helpers they use are in helpers.py), and a guard: no test leaves files behind."""
 
 from __future__ import annotations
 
 import json
-import random
+import os
+from pathlib import Path
 
 import pytest
 import torch
 
 import fasc
-from fasc.data import Batch
+from helpers import make_text, make_tokenizer, random_batches, tiny_model
 
 torch.set_num_threads(1)  # tiny models: threads cost more than they give, and CI shares the cores
 
-ATOL = 1e-5
-VOCAB = 96
+ROOT = Path(__file__).resolve().parent.parent
+WATCHED = [ROOT, ROOT / "cache", ROOT / "out", ROOT / "fasc", ROOT / "fasc" / "demo"]  # where a stray write lands
+HALF_WRITTEN = (".incomplete", ".tmp-", ".old-")  # names of the atomic writers' temporary files
 
 
-def tiny_model(arch: str):
-    """A 2-layer model of `arch`, float32, eval mode, fixed seed."""
-    import transformers as tf
-
-    torch.manual_seed(0)
-    common = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    if arch == "llama":
-        cfg = tf.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, **common)
-        m = tf.LlamaForCausalLM(cfg)
-    elif arch == "mistral":
-        m = tf.MistralForCausalLM(tf.MistralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                                   num_attention_heads=4, num_key_value_heads=2, **common))
-    elif arch == "qwen2":
-        m = tf.Qwen2ForCausalLM(tf.Qwen2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                               num_attention_heads=4, num_key_value_heads=2, **common))
-    elif arch == "gpt2":
-        m = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=128, **common))
-    elif arch == "gpt_neox":
-        m = tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                   num_attention_heads=4, max_position_embeddings=128, **common))
-    elif arch == "opt":
-        m = tf.OPTForCausalLM(tf.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-                                           word_embed_proj_dim=32, max_position_embeddings=128, **common))
-    else:
-        raise ValueError(arch)
-    return m.eval()
+def _listing() -> set[str]:
+    return {str(d / n) for d in WATCHED if d.is_dir() for n in os.listdir(d) if n not in ("__pycache__", ".pytest_cache")}
 
 
-ARCHS = ["llama", "mistral", "qwen2", "gpt2", "gpt_neox", "opt"]
-
-WORDS = ("the a cat dog sat ran on under mat house red blue big small and is was of capital city river "
-         "north south east west king queen book pen apple tree sun moon star sky sea land").split()
+def _half_written(root: Path) -> list[str]:
+    return sorted(str(p) for p in root.rglob("*") if any(m in p.name for m in HALF_WRITTEN))
 
 
-def make_text(n_words: int = 3000, seed: int = 0) -> str:
-    rng = random.Random(seed)
-    sents = []
-    while sum(len(s.split()) for s in sents) < n_words:
-        sents.append(" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) + " .")
-    return " ".join(sents)
-
-
-def make_tokenizer():
-    """A word-level PreTrainedTokenizerFast over WORDS (+ specials), vocab < VOCAB."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(["<pad>", "<bos>", "<eos>", "<unk>", "."] + WORDS)}
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>",
-                                   eos_token="<eos>", unk_token="<unk>")
+@pytest.fixture(autouse=True)
+def no_files_left_behind(request):
+    """Fail a test that leaves new files in the repository, or half-written files (an atomic
+    writer's temporary) in its tmp_path — the README promises nothing half-written."""
+    before = _listing()
+    yield
+    new = sorted(_listing() - before)
+    assert not new, f"the test left files in the repository: {new[:5]}"
+    tmp = request.node.funcargs.get("tmp_path")
+    if tmp is not None and Path(tmp).is_dir():
+        left = _half_written(Path(tmp))
+        assert not left, f"the test left half-written files: {left[:5]}"
 
 
 @pytest.fixture(scope="session")
@@ -80,18 +49,6 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def text():
     return make_text()
-
-
-def random_batches(n_batches: int = 2, bsz: int = 4, L: int = 24, seed: int = 0, pad_rows: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n_batches):
-        ids = torch.randint(5, VOCAB, (bsz, L), generator=g)
-        attn = torch.ones_like(ids)
-        tm = torch.ones_like(ids, dtype=torch.bool)
-        tm[:, -1] = False
-        out.append(Batch(ids, attn, tm))
-    return out
 
 
 @pytest.fixture(scope="session")

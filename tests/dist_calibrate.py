@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import random_batches, tiny_model  # noqa: E402
+from helpers import random_batches, tiny_model  # noqa: E402
 
 import fasc  # noqa: E402
 

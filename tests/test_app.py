@@ -4,7 +4,8 @@ The app is pointed at the tiny model with `FASC_APP_MODEL` (the sidebar preselec
 temporary statistics cache with `FASC_CACHE`, exports go under `FASC_APP_OUT` and training
 checkpoints are read from `FASC_APP_CHECKPOINTS`. A small token budget is preset through the
 durable session key `set.tokens@<spec>` (what the token widget writes), so calibration takes
-well under a second. Pure rules of `fasc.app_state` are tested directly at the end.
+well under a second. The app's pure rules (`fasc.app.choices`, `fasc.app.table`, `fasc.app.format`)
+and the plan edits of the library are tested directly at the end.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 import fasc
-from fasc import app_state as S
-from fasc import app_ui
-from fasc.allocate import Plan
+from fasc.allocate import Plan, load_plan
+from fasc.app import choices, table
+from fasc.app import ui as app_ui
+from fasc.app.format import eta_text, human_bytes
+from fasc.pipeline import compress_and_save
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 TIMEOUT = 60
@@ -188,7 +191,7 @@ def test_bad_model_is_one_line_error(env, monkeypatch, case):
 
 def test_demo_missing_explains_the_fix(env, monkeypatch):
     monkeypatch.delenv("FASC_APP_MODEL")
-    monkeypatch.setattr(S, "DEMO_DIR", env["tmp"] / "no-demo")
+    monkeypatch.setattr(choices, "DEMO_DIR", env["tmp"] / "no-demo")
     at = ok(AppTest.from_file(APP, default_timeout=TIMEOUT).run())
     assert len(errors(at)) == 1 and "python -m fasc.demo.train" in errors(at)[0]
     # the sidebar still offers the other models
@@ -259,7 +262,9 @@ def test_rho_along_fisher_directions_is_measured_on_request(env):
     assert not stats.sketch_fisher  # nothing measured before the click
     at.button(key="w.rho_fisher_run").click().run()
     ok(at)
-    assert len(stats.sketch_fisher) == 14 and not at.info
+    key = at.session_state["calib"][env["spec"]]["key"]
+    assert len(at.session_state["rho_fisher"][key]) == 14 and not at.info
+    assert not stats.sketch_fisher  # kept in this session: the shared statistics are not touched
     spec = json.loads(at.get("plotly_chart")[0].proto.spec)
     assert "Fisher directions" in spec["layout"]["title"]["text"]
     z = spec["data"][0]["z"]  # plotly's typed-array encoding
@@ -276,6 +281,7 @@ def test_rho_along_fisher_directions_after_settings_changed_is_one_line_error(en
     ok(at)
     assert errors(at) and "run the calibration again" in errors(at)[0] and "\n" not in errors(at)[0]
     assert not app_ui.get_stats(at.session_state["calib"][env["spec"]]["key"]).sketch_fisher
+    assert "rho_fisher" not in at.session_state  # and nothing measured in the session either
 
 
 # ------------------------------------------------------------------------------------------ page 3
@@ -342,7 +348,7 @@ def test_ranks_hybrid_evaluate_and_plan_roundtrip(env):
     assert len(at.get("plotly_chart")) == 1
     # download then upload the plan JSON (after changing the plan): the uploaded one comes back
     assert any(d.proto.label == "Download plan JSON" for d in at.get("download_button"))
-    raw = S.plan_json(p).encode()
+    raw = p.to_json().encode()
     at.selectbox(key="w.alloc_method").set_value("pca").run()
     at.button(key="w.allocate").click().run()
     assert plan(ok(at)).note["method"] == "pca"
@@ -414,54 +420,52 @@ class Row:
 
 def test_selected_fqn_from_plotly_events():
     rows = [Row("m.0.q", 0, "q"), Row("m.1.q", 1, "q"), Row("m.1.down", 1, "down")]
-    assert S.selected_fqn(None, rows) is None
-    assert S.selected_fqn({"selection": {"points": []}}, rows) is None
+    assert table.selected_fqn(None, rows) is None
+    assert table.selected_fqn({"selection": {"points": []}}, rows) is None
     ev = {"selection": {"points": [{"x": "down", "y": 1, "customdata": ["m.1.down", 0.3]}]}}
-    assert S.selected_fqn(ev, rows) == "m.1.down"
-    assert S.selected_fqn({"selection": {"points": [{"x": "q", "y": 1}]}}, rows) == "m.1.q"
-    assert S.selected_fqn({"selection": {"points": [{"x": "v", "y": 7}]}}, rows) is None
+    assert table.selected_fqn(ev, rows) == "m.1.down"
+    assert table.selected_fqn({"selection": {"points": [{"x": "q", "y": 1}]}}, rows) == "m.1.q"
+    assert table.selected_fqn({"selection": {"points": [{"x": "v", "y": 7}]}}, rows) is None
 
 
 def test_initial_model_choice_and_spec(tmp_path):
-    assert S.initial_model_choice({}) == ("demo", "")
-    assert S.initial_model_choice({"FASC_APP_MODEL": "SmolLM2"}) == ("smollm2", "")
-    assert S.initial_model_choice({"FASC_APP_MODEL": str(tmp_path)}) == ("folder", str(tmp_path))
-    assert S.initial_model_choice({"FASC_APP_MODEL": "org/name"}) == ("hub", "org/name")
-    assert S.model_spec("smollm2", "ignored") == "smollm2"
-    assert S.model_spec("hub", " org/name ") == "org/name"
+    assert choices.initial_model_choice({}) == ("demo", "")
+    assert choices.initial_model_choice({"FASC_APP_MODEL": "SmolLM2"}) == ("smollm2", "")
+    assert choices.initial_model_choice({"FASC_APP_MODEL": str(tmp_path)}) == ("folder", str(tmp_path))
+    assert choices.initial_model_choice({"FASC_APP_MODEL": "org/name"}) == ("hub", "org/name")
+    assert choices.model_spec("smollm2", "ignored") == "smollm2"
+    assert choices.model_spec("hub", " org/name ") == "org/name"
     with pytest.raises(fasc.FascError, match="No model given"):
-        S.model_spec("folder", " ")
+        choices.model_spec("folder", " ")
 
 
 def test_plan_edits_validate(llama, llama_stats):
     an = fasc.Analysis(llama, llama_stats)
-    p = S.default_plan(an)
-    t = S.plan_totals(p, an)
+    p = fasc.allocate(an, "fasc", param_ratio=0.5)  # the plan the Ranks page starts from
+    t = p.totals(an)
     assert 0.45 <= t.ratio <= 0.5 and t.modules == 14
-    table = S.plan_table(p, an)
-    f = table.index[0]
-    table.loc[f, "rank"] = 0
-    table.loc[table.index[1], "method"] = "hybrid"
-    new, errs = S.apply_table(p, an, table)
+    t = table.plan_table(p, an)
+    f = t.index[0]
+    t.loc[f, "rank"] = 0
+    t.loc[t.index[1], "method"] = "hybrid"
+    new, errs = table.apply_table(p, an, t)
     assert errs == [f"Rank 0 for {f} is out of range; it must be in [1, {an.info(f).max_rank}]."]
-    assert new.ranks[f] == p.ranks[f] and new.methods[table.index[1]] in ("fasc", "asvd")
-    q = S.set_layer_ratio(p, an, 1, 0.25)
+    assert new.ranks[f] == p.ranks[f] and new.methods[t.index[1]] in ("fasc", "asvd")
+    q = p.with_layer_ratio(an, 1, 0.25)
     assert all(q.ranks[i.fqn] == max(1, round(0.25 * i.max_rank)) for i in an.modules if i.layer == 1)
     assert all(q.ranks[i.fqn] == p.ranks[i.fqn] for i in an.modules if i.layer == 0)
     with pytest.raises(fasc.FascError, match="rank ratio"):
-        S.set_layer_ratio(p, an, 0, 0)
-    # τ only re-labels modules: the view shares every decomposition
-    v = S.with_tau(an, 10.0)
-    assert v.cfg.tau == 10.0 and an.cfg.tau != 10.0 and v._bases is an._bases
-    assert all(v.resolve(i.fqn, "hybrid") == "asvd" for i in an.modules)
+        p.with_layer_ratio(an, 0, 0)
+    # τ only re-labels modules: an argument of allocation, not of the analysis
+    assert all(fasc.base_method(an, i.fqn, "hybrid", tau=10.0) == "asvd" for i in an.modules)
     # plan JSON round trip and a plan for another model
-    back = S.load_plan_bytes(S.plan_json(p).encode(), "p.json", an)
+    back = load_plan(p.to_json().encode(), an, name="p.json")
     assert back.ranks == p.ranks and back.methods == p.methods
     other = dict(p.to_dict(), model_fingerprint="abc")
     with pytest.raises(fasc.FascError, match="another model"):
-        S.load_plan_bytes(json.dumps(other).encode(), "p.json", an, model_fp="def")
+        load_plan(json.dumps(other).encode(), an, model_fp="def", name="p.json")
     with pytest.raises(fasc.FascError, match="not valid JSON"):
-        S.load_plan_bytes(b"{", "p.json", an)
+        load_plan(b"{", an, name="p.json")
 
 
 def test_export_meta_matches_cli(saved_llama, tmp_path, monkeypatch):
@@ -480,7 +484,7 @@ def test_export_meta_matches_cli(saved_llama, tmp_path, monkeypatch):
     assert hit
     an = fasc.Analysis(model, stats, fasc.CompressConfig())
     p = fasc.allocate(an, "fasc", rank_ratio=0.5, model_fp=stats.model_fingerprint)
-    res = S.compress_and_save(model, tok, an, p, tmp_path / "app", method="fasc", source_model=spec,
+    res = compress_and_save(model, tok, an, p, tmp_path / "app", method="fasc", source_model=spec,
                               calibration=stats.key, model_fp=stats.model_fingerprint)
     app = json.loads((tmp_path / "app" / "fasc_config.json").read_text())
     assert app == cli
@@ -488,9 +492,9 @@ def test_export_meta_matches_cli(saved_llama, tmp_path, monkeypatch):
 
 
 def test_small_formatters():
-    assert S.eta_text(0, 100, 0.0) == "0 / 100 tokens"
-    assert S.eta_text(50, 100, 10.0) == "50 / 100 tokens · 10 s left"
-    assert S.eta_text(100, 100, 3.0).endswith("done in 3.0 s")
-    assert S.human_bytes(512) == "512 B" and S.human_bytes(3 * 2**20) == "3.0 MB"
-    assert S.default_export_dir("demo", "fasc", 0.5, False, {}) == str(Path("out") / "demo-fasc50")
-    assert S.default_export_dir("/x/my model", "asvd", 0.3, True, {"FASC_APP_OUT": "/o"}) == "/o/my-model-asvd30-merged"
+    assert eta_text(0, 100, 0.0) == "0 / 100 tokens"
+    assert eta_text(50, 100, 10.0) == "50 / 100 tokens · 10 s left"
+    assert eta_text(100, 100, 3.0).endswith("done in 3.0 s")
+    assert human_bytes(512) == "512 B" and human_bytes(3 * 2**20) == "3.0 MB"
+    assert choices.default_export_dir("demo", "fasc", 0.5, False, {}) == str(Path("out") / "demo-fasc50")
+    assert choices.default_export_dir("/x/my model", "asvd", 0.3, True, {"FASC_APP_OUT": "/o"}) == "/o/my-model-asvd30-merged"

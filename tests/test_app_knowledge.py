@@ -7,7 +7,7 @@ import json
 
 from test_app import _navigation_v2, calibrated, env, errors, goto, ok  # noqa: F401 - fixtures
 
-from fasc import app_knowledge as K
+from fasc.app import knowledge as K
 
 
 def _probe_upload(at, env):

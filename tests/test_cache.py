@@ -6,7 +6,7 @@ import torch
 import fasc
 from fasc import cache
 
-from conftest import random_batches
+from helpers import random_batches
 
 
 def test_second_run_hits_the_cache(llama, tmp_path):

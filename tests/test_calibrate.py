@@ -11,7 +11,7 @@ from fasc.calibrate import sketch_directions
 from fasc.data import Batch
 from fasc.modules import weight_matrix
 
-from conftest import ARCHS, random_batches, tiny_model
+from helpers import ARCHS, random_batches, tiny_model
 
 
 def reference_stats(model, batches, T=1.0):

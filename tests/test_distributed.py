@@ -8,7 +8,7 @@ import sys
 
 import fasc
 
-from conftest import random_batches, tiny_model
+from helpers import random_batches, tiny_model
 
 
 def free_port() -> int:

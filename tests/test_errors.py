@@ -14,7 +14,7 @@ import fasc
 from fasc import cache
 from fasc.data import decode_text, load_probe, make_batches, read_text
 
-from conftest import random_batches, tiny_model
+from helpers import random_batches, tiny_model
 
 
 def one_line(e: Exception) -> str:
@@ -186,7 +186,7 @@ def test_two_processes_calibrating_the_same_key(tmp_path):
         "import sys, json, torch\n"
         f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
         "torch.set_num_threads(1)\n"
-        "from conftest import tiny_model, random_batches\nimport fasc\n"
+        "from helpers import tiny_model, random_batches\nimport fasc\n"
         "st, hit = fasc.calibrate_cached(tiny_model('llama'), random_batches(3), "
         "fasc.CalibConfig(n_tokens=10000, seq_len=24), root=sys.argv[1])\n"
         "print(json.dumps({'key': st.key, 'hit': hit}))\n")

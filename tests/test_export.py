@@ -8,7 +8,7 @@ import torch
 import fasc
 from fasc.layers import LowRankLinear
 
-from conftest import VOCAB, random_batches, tiny_model
+from helpers import VOCAB, random_batches, tiny_model
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])

@@ -14,7 +14,7 @@ from test_app import APP, _navigation_v2, metric  # noqa: F401 - _navigation_v2:
 
 pytestmark = pytest.mark.slow
 
-ATOL = 1e-4
+LOGITS_REL_ATOL = 1e-4  # merged export reloaded by plain transformers vs in memory, relative to max |logit|
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def smol():
 def analysed(smol, tmp_path_factory):
     model, tok = smol
     cfg = fasc.CalibConfig(n_tokens=2048, seq_len=256, batch_size=4)
-    batches = fasc.batches_from_files(tok, [fasc.default_data("smollm2").calib], cfg)
+    batches = fasc.batches_from_files(tok, [fasc.model_defaults("smollm2").calib], cfg)
     root = tmp_path_factory.mktemp("cache")
     stats, hit = fasc.calibrate_cached(model, batches, cfg, root=root)
     assert not hit and 1900 < stats.n_tokens <= 2048  # real tokens that have a next-token target
@@ -101,7 +101,7 @@ def test_export_factored_and_merged_round_trip(smol, analysed, tmp_path):
     fasc.compress_(merged, analysed, plan, merge=True)
     out = fasc.save_compressed(merged, tok, tmp_path / "merged")
     plain = AutoModelForCausalLM.from_pretrained(out).eval()
-    assert torch.allclose(logits(plain, ids), ref, atol=ATOL * float(ref.abs().max()))
+    assert torch.allclose(logits(plain, ids), ref, atol=LOGITS_REL_ATOL * float(ref.abs().max()))
 
 
 def test_dashboard_on_smollm2(smol, tmp_path, monkeypatch):

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import streamlit as st
 
-from . import app_ui as ui
-from .allocate import Plan, allocate
-from .data import Example, load_probe, parse_jsonl, rows_to_examples
-from .errors import FascError
-from .knowledge_map import (KnowledgeMap, fisher_energy, focus_ratio, knowledge_map_cached, predictor_table,
+from . import ui
+from ..allocate import Plan, allocate
+from ..data import Example, load_probe, parse_jsonl, rows_to_examples
+from ..errors import FascError
+from ..knowledge_map import (KnowledgeMap, fisher_energy, focus_ratio, knowledge_map_cached, predictor_table,
                             probe_calibration, probe_subset)
-from .pipeline import default_data
-from .stats import CalibStats
+from ..pipeline import model_defaults
+from ..stats import CalibStats
 
 
 @dataclass
@@ -56,7 +56,7 @@ def probe_source(spec: str) -> tuple[list[Example], str, str]:
             raise FascError("No probe uploaded; upload a JSONL file of {\"prompt\", \"answer\"} lines, or choose "
                             "the built-in probe.")
         return up["examples"], up["name"], up["sha"]
-    path = Path(default_data(spec).probe)
+    path = Path(model_defaults(spec).probe)
     return load_probe(path), path.name, f"builtin:{path}"
 
 
@@ -67,7 +67,7 @@ def default_facts(n: int, spec: str) -> int:
 
 def parse_probe_upload(raw: bytes, name: str) -> dict:
     """An uploaded probe: {"examples", "name", "sha"}; a one-line FascError when it is not a probe."""
-    from .data import decode_text
+    from ..data import decode_text
 
     examples = rows_to_examples(parse_jsonl(decode_text(raw, name), name), name)
     if not examples:
@@ -121,7 +121,7 @@ def measure_probe_stats(ctx, probe: ProbeChoice) -> CalibStats:
     k = _key("probe_stats", ctx, probe)
     store = _store()
     if k not in store:
-        bar = ui.Progress("Calibrating on the probe's answers", unit="tokens")
+        bar = ui.ProgressBar("Calibrating on the probe's answers", unit="tokens")
         try:
             stats, _ = probe_calibration(ctx.lm.model, ctx.lm.tok, probe.examples, ctx.an.stats.config, progress=bar)
         finally:
@@ -138,7 +138,7 @@ def measure_map(ctx, probe: ProbeChoice, req: MapRequest) -> KnowledgeMap:
     store = _store()
     if k not in store:
         work = copy.deepcopy(ctx.lm.model)
-        bar = ui.Progress("Measuring the knowledge map (one probe evaluation per module)", unit="evaluations")
+        bar = ui.ProgressBar("Measuring the knowledge map (one probe evaluation per module)", unit="evaluations")
         try:
             km, _ = knowledge_map_cached(work, ctx.lm.tok, ctx.an, probe.examples, plan=req.plan, share=req.share,
                                          method=req.method, progress=bar)
@@ -160,7 +160,7 @@ def focus_values(ctx, probe_stats: CalibStats) -> dict[str, float]:
 
 def correlations(ctx, km: KnowledgeMap, probe_stats: CalibStats | None) -> list[dict]:
     ef = fisher_energy(probe_stats) if probe_stats is not None else None
-    return predictor_table(km, ctx.an, fisher_energy(ctx.an.stats), ef)
+    return predictor_table(km, ctx.an, fisher_energy(ctx.an.stats), ef, ctx.rho_fisher or None)
 
 
 def correlation_frame(table: list[dict]):
@@ -178,7 +178,7 @@ def correlation_frame(table: list[dict]):
 # ---------------------------------------------------------------------- compressed copies
 def compressed_copy(ctx, plan: Plan):
     """A deep copy of the model compressed with `plan` (cached per plan; read-only)."""
-    from .surgery import compress_
+    from ..surgery import compress_
 
     k = json.dumps(["model", ctx.lm.spec, ctx.calib["key"], ctx.an.cfg.gamma, plan.ranks, plan.methods],
                    sort_keys=True)
@@ -265,9 +265,9 @@ def fact_label(ex: Example, width: int = 70) -> str:
 def fact_panel(ctx, km: KnowledgeMap, probe: ProbeChoice, plan: Plan) -> None:
     """One fact at a time: answer probability and greedy continuation under the dense model, the
     plan and the variance baseline; the modules whose compression alone hurts it most."""
-    from .data import encode_example
-    from .evaluate import answer_scores
-    from .generate import greedy_continuation
+    from ..data import encode_example
+    from ..evaluate import answer_scores
+    from ..generate import greedy_continuation
 
     st.markdown("**One fact at a time**")
     n = km.n_facts
@@ -307,7 +307,7 @@ def fact_panel(ctx, km: KnowledgeMap, probe: ProbeChoice, plan: Plan) -> None:
 
 def generation_panel(ctx, plan: Plan, baseline: str) -> None:
     """Free prompts completed greedily by the dense model, the plan and the baseline at the same budget."""
-    from .generate import continuations
+    from ..generate import continuations
 
     st.markdown("**Side-by-side generations** — greedy, the same prompts for each model")
     c = st.columns([5, 1, 1], vertical_alignment="bottom")
@@ -330,7 +330,7 @@ def generation_panel(ctx, plan: Plan, baseline: str) -> None:
 
 
 def default_prompt(spec: str) -> str:
-    ex = load_probe(default_data(spec).probe)[:2]
+    ex = load_probe(model_defaults(spec).probe)[:2]
     return "\n".join(e.prompt for e in ex)
 
 

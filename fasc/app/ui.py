@@ -1,15 +1,12 @@
 """Streamlit glue shared by `app.py` and `pages/*.py`: cached resources, the sidebar model picker,
-durable session state, progress bars and one-line errors (STYLE §13). The rules themselves live
-in `fasc.app_state` (no Streamlit there), so the pages stay thin.
+calibration and analysis with progress bars, and one-line errors (STYLE §13). The rules live in the
+library and in `fasc.app.choices` / `fasc.app.table` (no Streamlit there); the session's durable
+state in `fasc.app.state`.
 
-Resources (`st.cache_resource`, shared read-only by every session; never mutated — compressions
-run on deep copies): the loaded model, tokenized calibration batches, calibration statistics
-(the on-disk cache `fasc.cache` is the source of truth), `Analysis` objects.
-
-Durable session state (plain keys, survive page switches): `model_spec`, `calib` ({spec: run
-info}), `plan` ({"for": [spec, key, γ], "plan": Plan.to_dict()}), `plan_ver`, `module` (the
-selected fqn) and the calibration settings (`set.*`); widget keys are `w.*` and are rebuilt from
-the durable keys when a page is revisited.
+Resources (`st.cache_resource`, shared read-only by every session and never mutated — compressions
+run on deep copies, ρ along Fisher directions is kept per session): the loaded model, tokenized
+calibration batches, calibration statistics (the on-disk cache `fasc.cache` is the source of
+truth), `Analysis` objects.
 """
 
 from __future__ import annotations
@@ -26,17 +23,18 @@ from typing import Any, Callable
 
 import streamlit as st
 
-from . import app_state as S
-from . import cache
-from .allocate import Plan
-from .analysis import Analysis
-from .config import CalibConfig, CompressConfig
-from .data import Batch, data_fingerprint, load_source, make_batches
-from .errors import FascError
-from .loading import model_summary
-from .modules import model_fingerprint
-from .pipeline import calibrate_cached, default_data
-from .stats import CalibStats
+from .. import cache
+from ..analysis import Analysis
+from ..config import CalibConfig, CompressConfig
+from ..data import Batch, data_fingerprint, load_source, make_batches
+from ..errors import FascError
+from ..loading import model_summary
+from ..modules import model_fingerprint
+from ..pipeline import calibrate_cached, model_defaults
+from ..stats import CalibStats
+from . import choices as C
+from .format import eta_text
+from .state import PlanStore, bind, calib_info, commit, rho_fisher, set_calib_info, setting  # noqa: F401 - pages use ui.bind/commit/setting
 
 log = logging.getLogger("fasc.app")
 
@@ -94,29 +92,6 @@ def run_page(main: Callable[[], None]) -> None:
         st.session_state["_picker_drawn"] = False
 
 
-# ------------------------------------------------------------------------------------------ durable widgets
-def bind(name: str, default: Any) -> dict:
-    """Keyword arguments for a widget whose value survives page switches.
-
-    The widget key is `w.<name>`; its value is initialised from the durable key `set.<name>` (or
-    `default`) when the widget is (re)created. Call `commit(name, value)` with what it returns.
-    """
-    wkey, dkey = f"w.{name}", f"set.{name}"
-    if wkey not in st.session_state:
-        st.session_state[wkey] = st.session_state.get(dkey, default)
-    return {"key": wkey}
-
-
-def commit(name: str, value: Any) -> Any:
-    st.session_state[f"set.{name}"] = value
-    return value
-
-
-def setting(name: str, default: Any) -> Any:
-    """A durable setting (the value its widget had last), or `default`."""
-    return st.session_state.get(f"set.{name}", default)
-
-
 # ------------------------------------------------------------------------------------------ model
 @dataclass
 class LoadedModel:
@@ -129,7 +104,7 @@ class LoadedModel:
 
 @st.cache_resource(max_entries=4, show_spinner=False)
 def _load(spec: str, stamp: float) -> LoadedModel:
-    from .loading import load_model
+    from ..loading import load_model
 
     model, tok = load_model(spec)
     return LoadedModel(spec, model, tok, model_fingerprint(model), model_summary(model))
@@ -138,10 +113,10 @@ def _load(spec: str, stamp: float) -> LoadedModel:
 def _stamp(spec: str) -> float:
     """Newest modification time of a local model folder's files (0 for other specs): a retrained demo
     or checkpoint is reloaded instead of served stale from memory."""
-    from .loading import resolve
+    from ..loading import model_source
 
     try:
-        src = resolve(spec)
+        src = model_source(spec)
     except FascError:
         return 0.0
     p = Path(src.path)
@@ -157,11 +132,11 @@ def get_model(spec: str) -> LoadedModel:
 
 def model_picker() -> str | None:
     """The sidebar model picker (rendered by app.py on every page); returns the spec or None."""
-    choice0, text0 = S.initial_model_choice()
-    keys = list(S.MODEL_CHOICES)
+    choice0, text0 = C.initial_model_choice()
+    keys = list(C.MODEL_CHOICES)
     with st.sidebar:
         st.markdown("### Model")
-        choice = st.selectbox("Model", keys, format_func=S.MODEL_CHOICES.get, label_visibility="collapsed",
+        choice = st.selectbox("Model", keys, format_func=C.MODEL_CHOICES.get, label_visibility="collapsed",
                               **bind("model_choice", choice0))
         commit("model_choice", choice)
         text = ""
@@ -175,7 +150,7 @@ def model_picker() -> str | None:
                                  **bind("model_hub", text0 if choice0 == "hub" else ""))
             commit("model_hub", text)
         try:
-            spec = S.model_spec(choice, text)
+            spec = C.model_spec(choice, text)
         except FascError:
             spec = None
         st.session_state["model_spec"] = spec
@@ -184,7 +159,7 @@ def model_picker() -> str | None:
         if loaded:
             st.caption(f"{loaded['architecture']} · {loaded['layers']} layers · {loaded['modules']} modules · "
                        f"{loaded['parameters'] / 1e6:.2f} M parameters")
-        calib = (st.session_state.get("calib") or {}).get(spec) if spec else None
+        calib = calib_info(spec)
         if calib:
             st.caption(f"Calibrated: {calib['n_tokens']:,} tokens · γ = {setting('gamma', 1.0):g} · key "
                        f"`{calib['key'][:10]}…`")
@@ -196,10 +171,10 @@ def require_model() -> LoadedModel:
     spec = st.session_state.get("model_spec")
     choice = setting("model_choice", "demo")
     if spec is None:
-        S.model_spec(choice, "")  # raises the "enter a folder / hub id" message
-    if spec == "demo" and not S.demo_available():
-        raise FascError(S.DEMO_MISSING + " Or pick SmolLM2 in the sidebar.")
-    with st.spinner(f"Loading {S.model_label(spec)} …"):
+        C.model_spec(choice, "")  # raises the "enter a folder / hub id" message
+    if spec == "demo" and not C.demo_available():
+        raise FascError(C.DEMO_MISSING + " Or pick SmolLM2 in the sidebar.")
+    with st.spinner(f"Loading {C.model_label(spec)} …"):
         lm = get_model(spec)
     st.session_state.setdefault("loaded", {})[spec] = lm.summary
     return lm
@@ -219,8 +194,8 @@ class CalibRequest:
 
 def calib_request(spec: str, data_path: Path | None = None) -> CalibRequest:
     """The calibration to run for `spec` from the durable settings (page 1 writes them)."""
-    d = default_data(spec)
-    cfg = CalibConfig(n_tokens=int(setting(f"tokens@{spec}", S.default_tokens(spec))),
+    d = model_defaults(spec)
+    cfg = CalibConfig(n_tokens=int(setting(f"tokens@{spec}", C.default_tokens(spec))),
                       seq_len=int(setting(f"seq_len@{spec}", d.seq_len)), batch_size=int(setting("batch_size", 8)),
                       fisher=setting("fisher", "empirical"),
                       temperature=float(setting(f"temperature@{spec}", d.temperature)),
@@ -230,7 +205,7 @@ def calib_request(spec: str, data_path: Path | None = None) -> CalibRequest:
         if not up:
             raise FascError("No calibration file uploaded; upload a .txt or .jsonl file, or choose the built-in text.")
         return CalibRequest(cfg, f"upload:{up['sha']}", up["name"], up["source"], None)
-    path = Path(data_path or default_data(spec).calib)
+    path = Path(data_path or d.calib)
     return CalibRequest(cfg, f"builtin:{path}", path.name, None, path)
 
 
@@ -249,43 +224,38 @@ def batches_and_key(lm: LoadedModel, req: CalibRequest) -> tuple[list[Batch], st
                     req.source, req.path)
 
 
-@st.cache_resource(show_spinner=False)
-def _stats_store() -> dict:
-    return {}
+@st.cache_resource(max_entries=3, show_spinner=False)
+def _stats(key: str, _fresh: CalibStats | None = None) -> CalibStats:
+    """Statistics by cache key (a few in memory): `_fresh` when just computed, else from the disk
+    cache; raises LookupError when on neither (an exception is not cached)."""
+    stats = _fresh if _fresh is not None else cache.load(key)
+    if stats is None:
+        raise LookupError(key)
+    return stats
 
 
 def get_stats(key: str) -> CalibStats | None:
     """Statistics by cache key: from memory, else from the disk cache, else None."""
-    store = _stats_store()
-    if key in store:
-        return store[key]
-    stats = cache.load(key)
-    if stats is not None:
-        put_stats(stats)
-    return stats
-
-
-def put_stats(stats: CalibStats) -> None:
-    store = _stats_store()
-    store[stats.key] = stats
-    while len(store) > 3:
-        store.pop(next(iter(store)))
+    try:
+        return _stats(key)
+    except LookupError:
+        return None
 
 
 def calibrate_now(lm: LoadedModel, req: CalibRequest, label: str = "Calibrating") -> dict:
     """Run (or load from the disk cache) the calibration with a progress bar; returns the run info."""
     batches, key = batches_and_key(lm, req)
-    bar = Progress(label, unit="tokens")
+    bar = ProgressBar(label, unit="tokens")
     t0 = time.perf_counter()
     try:
         stats, hit = calibrate_cached(lm.model, batches, req.cfg, progress=bar, model_fp=lm.fingerprint)
     finally:
         bar.clear()
-    put_stats(stats)
+    _stats(stats.key, _fresh=stats)
     info = {"spec": lm.spec, "key": stats.key, "from_cache": hit, "n_tokens": stats.n_tokens,
             "seconds": round(time.perf_counter() - t0, 2), "data": req.data_name, "cfg": asdict(req.cfg),
             "modules": len(stats.modules), "warnings": list(stats.warnings)}
-    st.session_state.setdefault("calib", {})[lm.spec] = info
+    set_calib_info(lm.spec, info)
     return info
 
 
@@ -302,12 +272,12 @@ def cached_info(lm: LoadedModel, req: CalibRequest) -> dict | None:
 
 def current_calib(lm: LoadedModel) -> dict | None:
     """This session's calibration of the model, else the on-disk one matching the settings."""
-    info = (st.session_state.get("calib") or {}).get(lm.spec)
+    info = calib_info(lm.spec)
     if info is not None and get_stats(info["key"]) is not None:
         return info
     info = cached_info(lm, calib_request(lm.spec))
     if info is not None:
-        st.session_state.setdefault("calib", {})[lm.spec] = info
+        set_calib_info(lm.spec, info)
     return info
 
 
@@ -326,7 +296,7 @@ def get_analysis(lm: LoadedModel, key: str, gamma: float | None = None, methods=
                         "on the Model & calibration page.")
     gamma = float(setting("gamma", 1.0) if gamma is None else gamma)
     an = _analysis(lm.spec, key, gamma, lm.model, stats)
-    bar = Progress("Eigen-decompositions", unit="steps", lazy=0.3)
+    bar = ProgressBar("Eigen-decompositions", unit="steps", lazy=0.3)
     try:
         an.precompute(tuple(methods), progress=bar)
     finally:
@@ -336,9 +306,24 @@ def get_analysis(lm: LoadedModel, key: str, gamma: float | None = None, methods=
 
 @dataclass
 class Context:
+    """What every page after the first works on: the model, its calibration and its analysis."""
+
     lm: LoadedModel
     calib: dict
     an: Analysis
+
+    @property
+    def plans(self) -> PlanStore:
+        """The session's plan store for this model, calibration and γ."""
+        return PlanStore([self.lm.spec, self.calib["key"], float(setting("gamma", 1.0))])
+
+    def plan(self):
+        return self.plans.get(self.an, self.lm.fingerprint)
+
+    @property
+    def rho_fisher(self) -> dict:
+        """ρ sketches along Fisher directions measured in this session for this calibration."""
+        return rho_fisher(self.calib["key"])
 
 
 def require_analysis() -> Context:
@@ -346,7 +331,7 @@ def require_analysis() -> Context:
     lm = require_model()
     info = current_calib(lm)
     if info is None:
-        st.info(f"{S.model_label(lm.spec)} is not calibrated with the current settings yet; run the calibration "
+        st.info(f"{C.model_label(lm.spec)} is not calibrated with the current settings yet; run the calibration "
                 f"first.", icon=":material/info:")
         st.page_link(PAGES["calibration"], label="Go to Model & calibration", icon=":material/tune:")
         st.stop()
@@ -354,69 +339,38 @@ def require_analysis() -> Context:
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
-def report_rows(spec: str, key: str, gamma: float, ratio: float, _an: Analysis, n_rho_fisher: int = 0) -> list:
-    """`Analysis.report(ratio)` rows (small: cached by value; `n_rho_fisher` = modules with ρ measured
-    along Fisher directions, so that the rows are rebuilt once it is measured)."""
-    return _an.report(ratio)
+def _report_rows(spec: str, key: str, gamma: float, ratio: float, _an: Analysis, n_rho_fisher: int,
+                 _sketches: dict) -> list:
+    return _an.report(ratio, sketch_fisher=_sketches)
+
+
+def report_rows(ctx: Context, ratio: float) -> list:
+    """`Analysis.report(ratio)` rows with this session's ρ along Fisher directions (small: cached by
+    value; rebuilt once ρ along Fisher directions is measured)."""
+    sk = ctx.rho_fisher
+    return _report_rows(ctx.lm.spec, ctx.calib["key"], ctx.an.cfg.gamma, float(ratio), ctx.an, len(sk), sk or None)
 
 
 def measure_rho_fisher(ctx: Context) -> None:
     """ρ along each module's top Fisher directions (spec §4): one more forward+backward over the
-    calibration text, with a progress bar. Stored with the statistics in memory (for this server),
-    only when the pass completes."""
-    from .rho import rho_fisher_pass
+    calibration text, with a progress bar. Kept in this session (the shared statistics are not
+    touched), only when the pass completes."""
+    from ..rho import measure_rho_fisher as measure
+    from .state import put_rho_fisher
 
     batches, key = batches_and_key(ctx.lm, calib_request(ctx.lm.spec))
     if key != ctx.calib["key"]:
         raise FascError("The calibration settings changed since this calibration ran; run the calibration again "
                         "on the Model & calibration page first.")
-    bar = Progress("Measuring ρ along Fisher directions", unit="tokens")
+    bar = ProgressBar("Measuring ρ along Fisher directions", unit="tokens")
     try:
-        rho_fisher_pass(ctx.lm.model, batches, ctx.an, progress=bar)
+        put_rho_fisher(key, measure(ctx.lm.model, batches, ctx.an, progress=bar))
     finally:
         bar.clear()
 
 
-# ------------------------------------------------------------------------------------------ plan & selection
-def plan_owner(ctx: Context) -> list:
-    return [ctx.lm.spec, ctx.calib["key"], float(setting("gamma", 1.0))]
-
-
-def current_plan(ctx: Context) -> Plan:
-    """The session's rank plan for this model/calibration (the default one the first time)."""
-    d = st.session_state.get("plan")
-    if d and d.get("for") == plan_owner(ctx):
-        plan = Plan.from_dict(d["plan"])
-        if S.plan_fits(plan, ctx.an):
-            return plan
-    plan = S.default_plan(ctx.an, ctx.lm.fingerprint)
-    set_plan(ctx, plan)
-    return plan
-
-
-def set_plan(ctx: Context, plan: Plan, bump: bool = True) -> None:
-    """Store the plan (durable); `bump` resets widgets that show a copy of it (editor, sliders)."""
-    st.session_state["plan"] = {"for": plan_owner(ctx), "plan": plan.to_dict()}
-    if bump:
-        st.session_state["plan_ver"] = st.session_state.get("plan_ver", 0) + 1
-
-
-def selected_module(an: Analysis) -> str:
-    """The selected fqn (durable across pages); the module with the highest ρ at first."""
-    fqn = st.session_state.get("module")
-    names = [i.fqn for i in an.modules]
-    if fqn not in names:
-        fqn = max(names, key=lambda f: an.rho(f)[0])
-        st.session_state["module"] = fqn
-    return fqn
-
-
-def select_module(fqn: str) -> None:
-    st.session_state["module"] = fqn
-
-
 # ------------------------------------------------------------------------------------------ progress
-class Progress:
+class ProgressBar:
     """A progress callback drawing `st.progress` with counts and an ETA.
 
     `lazy` seconds: the bar appears only once the work has taken that long (no flicker for cached
@@ -437,7 +391,7 @@ class Progress:
                 return None
             self.bar = self.slot.progress(0.0)
         frac = min(1.0, done / total) if total else 0.0
-        self.bar.progress(frac, text=f"{self.label}: {S.eta_text(done, total, el, self.unit)}")
+        self.bar.progress(frac, text=f"{self.label}: {eta_text(done, total, el, self.unit)}")
         return None
 
     def clear(self) -> None:
@@ -446,9 +400,3 @@ class Progress:
 
 def sha256(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()
-
-
-@st.cache_resource(show_spinner=False)
-def eval_store() -> dict:
-    """Evaluation results by (model, calibration, γ, plan, baseline, tokens): small rows, shared."""
-    return {}

@@ -1,0 +1,117 @@
+"""The app's choices without Streamlit: the sidebar model picker, per-model app defaults, the export
+folder proposed, and the training checkpoints of the last page.
+
+Environment (all optional; tests use them to point the app at tiny models):
+    FASC_APP_MODEL        model spec preselected in the sidebar (default: demo)
+    FASC_APP_CHECKPOINTS  folder of training checkpoints `ckpt-*` (default: fasc/demo/checkpoints)
+    FASC_APP_OUT          parent folder proposed for exports (default: out)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..errors import FascError
+from ..loading import DEMO_CHECKPOINTS, DEMO_DIR
+
+MODEL_CHOICES = {
+    "demo": "Embedded demo model",
+    "smollm2": "SmolLM2-135M-Instruct (real, bundled)",
+    "folder": "Local folder",
+    "hub": "Hugging Face hub id",
+}
+DEMO_MISSING = "The embedded demo model is not built yet; train it with `python -m fasc.demo.train` (a few minutes on CPU)."
+
+
+def demo_available() -> bool:
+    return (DEMO_DIR / "config.json").is_file()
+
+
+def initial_model_choice(env: dict | None = None) -> tuple[str, str]:
+    """(choice, text) preselected in the sidebar: `FASC_APP_MODEL` if set, else the demo model."""
+    spec = (env if env is not None else os.environ).get("FASC_APP_MODEL", "").strip()
+    low = spec.lower()
+    if not spec or low == "demo":
+        return "demo", ""
+    if low in ("smollm2", "smollm2-135m", "smollm2-135m-instruct"):
+        return "smollm2", ""
+    if spec.startswith(("/", ".", "~")) or Path(spec).expanduser().exists():
+        return "folder", spec
+    return "hub", spec
+
+
+def model_spec(choice: str, text: str = "") -> str:
+    """The `fasc.load_model` spec of a sidebar choice."""
+    if choice in ("demo", "smollm2"):
+        return choice
+    s = (text or "").strip()
+    if not s:
+        what = "a local model folder (with config.json)" if choice == "folder" else "a hub id such as HuggingFaceTB/SmolLM2-135M"
+        raise FascError(f"No model given; enter {what} in the sidebar, or pick the embedded demo model.")
+    return s
+
+
+def default_tokens(spec: str) -> int:
+    """A calibration budget that runs in seconds to a minute on a laptop CPU for this model."""
+    if spec == "demo":
+        return 16384  # the CLI default: `fasc calibrate --model demo` shares the cache entry
+    if spec == "smollm2":
+        return 2048
+    return 4096
+
+
+def model_label(spec: str) -> str:
+    if spec in ("demo", "smollm2"):
+        return MODEL_CHOICES[spec]
+    return Path(spec).name or spec
+
+
+def default_export_dir(spec: str, method: str, ratio: float, merged: bool, env: dict | None = None) -> str:
+    root = (env if env is not None else os.environ).get("FASC_APP_OUT", "out")
+    base = spec if spec in ("demo", "smollm2") else (Path(spec).name or "model")
+    name = "".join(c if c.isalnum() or c in "-_" else "-" for c in base.lower())
+    return str(Path(root) / f"{name}-{method}{round(100 * ratio)}{'-merged' if merged else ''}")
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def checkpoints_root(env: dict | None = None) -> Path:
+    env = env if env is not None else os.environ
+    return Path(env.get("FASC_APP_CHECKPOINTS") or DEMO_CHECKPOINTS)
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """`ckpt-*` model folders under root, in training order."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("ckpt-*") if (p / "config.json").is_file())
+
+
+def training_log(root: str | Path) -> dict | None:
+    """The demo's `training_log.json` (beside the checkpoints folder, or inside it), if readable."""
+    root = Path(root)
+    for p in (root.parent / "training_log.json", root / "training_log.json"):
+        if p.is_file():
+            try:
+                d = json.loads(p.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return None
+            return d if isinstance(d, dict) else None
+    return None
+
+
+def checkpoint_entries(log: dict | None) -> dict[str, dict]:
+    """name → {percent, step, loss, recall} from a training log."""
+    out = {}
+    for c in (log or {}).get("checkpoints", []) or []:
+        if isinstance(c, dict) and "name" in c:
+            out[str(c["name"])] = c
+    return out
+
+
+def checkpoint_label(path: Path, entry: dict | None) -> str:
+    if entry and entry.get("percent") is not None:
+        return f"{path.name} ({entry['percent']}%, step {entry.get('step', '?')})"
+    return path.name

@@ -1,0 +1,93 @@
+"""The Ranks page's editable table and the ρ map's cell selection, without Streamlit."""
+
+from __future__ import annotations
+
+from ..allocate import Plan, base_method, module_params
+from ..analysis import Analysis
+from ..config import HYBRID_FALLBACK, HYBRID_TAU, METHODS
+
+TABLE_COLUMNS = ["module", "layer", "kind", "shape", "max_rank", "rank", "method", "rho", "kept", "dl"]
+
+
+def selected_fqn(event, rows) -> str | None:
+    """The module a Plotly selection event on the layer × kind heatmap points at (None if none).
+
+    Accepts the `st.plotly_chart(on_select=...)` state (dict-like with `selection.points`); a point
+    carries the cell's fqn as `customdata`, or its (x = kind, y = layer) coordinates.
+    """
+    if not event:
+        return None
+    sel = event.get("selection") if hasattr(event, "get") else getattr(event, "selection", None)
+    points = (sel.get("points") if hasattr(sel, "get") else getattr(sel, "points", None)) or []
+    by_cell = {(r.kind, int(r.layer)): r.fqn for r in rows}
+    names = {r.fqn for r in rows}
+    for p in points:
+        cd = p.get("customdata")
+        if isinstance(cd, (list, tuple)) and cd:
+            cd = cd[0]
+        if isinstance(cd, str) and cd in names:
+            return cd
+        x, y = p.get("x"), p.get("y")
+        try:
+            hit = by_cell.get((str(x), int(y)))
+        except (TypeError, ValueError):
+            hit = None
+        if hit:
+            return hit
+    return None
+
+
+def plan_values(plan: Plan, an: Analysis) -> dict[str, float]:
+    """Predicted ΔL of every planned module at its planned rank (for the heatmap)."""
+    return {f: an.predicted(f, plan.methods[f], k) for f, k in plan.ranks.items()}
+
+
+def plan_table(plan: Plan, an: Analysis):
+    """One row per module (pandas DataFrame, index = fqn): rank and method are the editable columns."""
+    import pandas as pd
+
+    recs = []
+    for info in an.modules:
+        f = info.fqn
+        k = plan.ranks.get(f, info.max_rank)
+        m = plan.methods.get(f, "fasc") if f in plan.ranks else "—"
+        recs.append({"module": f, "layer": info.layer, "kind": info.kind,
+                     "shape": f"{info.out_features}×{info.in_features}", "max_rank": info.max_rank,
+                     "rank": int(k), "method": m, "rho": round(an.rho(f)[0], 4),
+                     "kept": module_params(info, k) / info.params if f in plan.ranks else 1.0,
+                     "dl": an.predicted(f, m, k) if f in plan.ranks else 0.0})
+    return pd.DataFrame(recs, columns=TABLE_COLUMNS).set_index("module", drop=False)
+
+
+def apply_table(plan: Plan, an: Analysis, table, tau: float = HYBRID_TAU,
+                fallback: str = HYBRID_FALLBACK) -> tuple[Plan, list[str]]:
+    """The plan with the table's ranks and methods; invalid cells are reported and left unchanged.
+
+    Returns (new plan, one-line error messages). `hybrid` in a cell is resolved with τ and `fallback`.
+    """
+    ranks, methods, errors = dict(plan.ranks), dict(plan.methods), []
+    for f, row in table.iterrows():
+        if f not in plan.ranks:
+            continue
+        info = an.info(f)
+        try:
+            k = int(row["rank"])
+            if k != row["rank"]:
+                raise ValueError
+        except (TypeError, ValueError, OverflowError):
+            errors.append(f"Rank {row['rank']!r} for {f} is not a whole number; type an integer in "
+                          f"[1, {info.max_rank}].")
+            continue
+        if not 1 <= k <= info.max_rank:
+            errors.append(f"Rank {k} for {f} is out of range; it must be in [1, {info.max_rank}].")
+            continue
+        m = str(row["method"])
+        if m not in METHODS:
+            errors.append(f"Unknown method {m!r} for {f}; choose one of {', '.join(METHODS)}.")
+            continue
+        ranks[f] = k
+        methods[f] = base_method(an, f, m, tau, fallback)
+    new = Plan(ranks=ranks, methods=methods, model_fingerprint=plan.model_fingerprint, note=dict(plan.note))
+    if new.ranks != plan.ranks or new.methods != plan.methods:
+        new.note["edited"] = True
+    return new, errors

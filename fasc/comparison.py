@@ -1,0 +1,58 @@
+"""A rank plan measured beside the uncompressed model and a variance baseline at the same budget
+(the Ranks page's *Evaluate*): held-out perplexity and fact recall of each, on deep copies."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Callable
+
+from .allocate import Plan, allocate, validate_plan
+from .analysis import Analysis
+from .data import load_probe, read_text
+from .evaluate import fact_recall, perplexity
+from .surgery import compress_
+
+
+def evaluate_model(model, tok, heldout: str | Path, probe: str | Path, max_tokens: int | None = 4096,
+                   seq_len: int = 256) -> dict:
+    """Held-out perplexity and fact recall (first token, exact match) of one model."""
+    ppl = perplexity(model, tok, read_text(heldout), seq_len=seq_len, max_tokens=max_tokens)
+    rec = fact_recall(model, tok, load_probe(probe))
+    return {"perplexity": ppl, "recall": rec.first_token, "exact_match": rec.exact, "n_facts": rec.n}
+
+
+def evaluate_plan(model, tok, an: Analysis, plan: Plan, heldout: str | Path, probe: str | Path, *,
+                  baseline: str = "asvd", max_tokens: int | None = 4096,
+                  progress: Callable[[int, int], None] | None = None) -> list[dict]:
+    """Rows for: the uncompressed model, the plan, and `baseline` allocated at the plan's budget.
+
+    Every compression happens on a deep copy; `model` is left untouched.
+    """
+    validate_plan(plan, an)
+    tot = plan.totals(an)
+    steps = 3
+    rows = []
+    if progress:
+        progress(0, steps)
+    r = evaluate_model(model, tok, heldout, probe, max_tokens)
+    rows.append({"model": "uncompressed", "params_kept": 1.0, "predicted_dl": 0.0, **r})
+    if progress:
+        progress(1, steps)
+    work = copy.deepcopy(model)
+    compress_(work, an, plan)
+    r = evaluate_model(work, tok, heldout, probe, max_tokens)
+    label = plan.note.get("method", "plan") if isinstance(plan.note, dict) else "plan"
+    rows.append({"model": f"plan ({label})", "params_kept": tot.ratio, "predicted_dl": tot.predicted, **r})
+    del work
+    if progress:
+        progress(2, steps)
+    base = allocate(an, baseline, param_ratio=min(1.0, max(tot.ratio, 1e-6)), modules=list(plan.ranks))
+    bt = base.totals(an)
+    work = copy.deepcopy(model)
+    compress_(work, an, base)
+    r = evaluate_model(work, tok, heldout, probe, max_tokens)
+    rows.append({"model": f"{baseline} (same budget)", "params_kept": bt.ratio, "predicted_dl": bt.predicted, **r})
+    if progress:
+        progress(3, steps)
+    return rows
