@@ -1,12 +1,19 @@
 """Post-processing cost: the one-time eigen-decompositions per module, by module width.
 
     python -m bench.eigen                      # widths 576 1024 1536 2816 4096, float64, 2 threads
+    python -m bench.eigen --widths 576 --wide 1536:576 2816:1024 --reps 1     # the small-side table only
+    python -m bench.eigen --widths 576 --wide 11008:4096 14336:4096 --reps 1  # Llama-7B / -3-8B down (long)
 
 For one module of input width n (output width m = n, random SPD statistics): the whitening of its
 input group (eigh of C_x, B, B⁻¹; shared by q/k/v and by gate/up), the pca basis, and the fasc
 basis (γ = 0 and γ = 1) and the two diagnostics the dashboard draws (misalignment curve, unshrunk
 Fisher spectrum; computed for reports, skipped when a basis is only compressed with). These run
 once per (statistics, damping, γ) and are then cached beside the statistics (`fasc.analysis_cached`). Ends with `eigen_seconds_4096=<fasc basis>`.
+
+`--wide n:m …` times a wide module (n inputs > m outputs: down_proj, GQA k/v; C_h = Wᵀ C_g W as
+autograd gives it) both ways: the n×n solve and the small-side m×m solve (spec §3), for fasc (γ = 1,
+the shared products B C_h B and (WB)ᵀWB included) and asvd; the whitening of the input, shared by
+both, is not in either. Ends with `wide_speedup_<n>x<m>=<fasc n×n / fasc small side>` for the last.
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from fasc.spectra import basis_fasc, basis_pca, fisher_spectrum, misalignment_curve, whitening
+from fasc.spectra import (basis_asvd, basis_asvd_wide, basis_fasc, basis_fasc_wide, basis_pca, fisher_spectrum,
+                          misalignment_curve, whitening, wide_side)
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -45,6 +53,7 @@ def main(argv=None) -> int:
     p.add_argument("--widths", type=int, nargs="+", default=[576, 1024, 1536, 2816, 4096])
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--wide", nargs="*", default=[], metavar="N:M", help="wide module shapes n:m (n > m)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     g = torch.Generator().manual_seed(0)
@@ -73,7 +82,48 @@ def main(argv=None) -> int:
         print(f"| {r['n']} | {r['whitening_s']:.2f} s | {r['pca_s']:.2f} s | {r['fasc_gamma0_s']:.2f} s | "
               f"{r['fasc_gamma1_s']:.2f} s | {r['misalignment_s']:.2f} s | {r['fisher_spectrum_s']:.2f} s |")
     print(f"eigen_seconds_{rows[-1]['n']}={rows[-1]['fasc_gamma1_s']:.2f}")
+    if a.wide:
+        wide_rows = [wide(int(x.split(":")[0]), int(x.split(":")[1]), g, a.reps) for x in a.wide]
+        (OUT / "eigen-wide.json").write_text(json.dumps(wide_rows, indent=1))
+        print("\n| module n → m | fasc γ=1, n×n | fasc γ=1, small side | speed-up | asvd, n×n | asvd, small side | speed-up |")
+        print("|---|---|---|---|---|---|---|")
+        for r in wide_rows:
+            print(f"| {r['n']} → {r['m']} | {r['fasc_full_s']:.2f} s | {r['fasc_small_s']:.2f} s | "
+                  f"**{r['fasc_full_s'] / r['fasc_small_s']:.1f}×** | {r['asvd_full_s']:.2f} s | "
+                  f"{r['asvd_small_s']:.2f} s | {r['asvd_full_s'] / r['asvd_small_s']:.1f}× |")
+        r = wide_rows[-1]
+        print(f"wide_speedup_{r['n']}x{r['m']}={r['fasc_full_s'] / r['fasc_small_s']:.2f}")
     return 0
+
+
+def wide(n: int, m: int, g: torch.Generator, reps: int) -> dict:
+    """Full vs small-side bases of one wide module (n > m); the whitening is shared, not timed."""
+    if m >= n:
+        raise SystemExit(f"--wide {n}:{m}: needs n > m")
+    Cx = spd(n, g)
+    W = torch.randn(m, n, generator=g, dtype=torch.float64) / n ** 0.5
+    Gm = torch.randn(2 * n, m, generator=g, dtype=torch.float64)
+    H = Gm @ W
+    Ch = H.T @ H / (2 * n)
+    wh = whitening(Cx, 1e-4)
+    B = wh.B
+
+    def fasc_full():
+        S = B @ Ch @ B
+        WB = W @ B
+        return basis_fasc(W, Ch, B, None, 1.0, S, WB.T @ WB)
+
+    def fasc_small():
+        return basis_fasc_wide(wide_side(W, Ch, B, wh.Cx_d), Ch, W, B, None, 1.0, n)
+
+    r = {"n": n, "m": m, "fasc_full_s": timed(fasc_full, reps), "fasc_small_s": timed(fasc_small, reps),
+         "asvd_full_s": timed(lambda: basis_asvd(W, Ch, B, None), reps),
+         "asvd_small_s": timed(lambda: basis_asvd_wide(wide_side(W, Ch, B, wh.Cx_d), B, None, n), reps)}
+    f, s = fasc_full(), fasc_small()
+    r["max_curve_diff"] = float((f.curve - s.curve).abs().max() / f.curve[0])
+    print(f"{n}→{m}: fasc {r['fasc_full_s']:.2f}s vs {r['fasc_small_s']:.2f}s, asvd {r['asvd_full_s']:.2f}s vs "
+          f"{r['asvd_small_s']:.2f}s, curve difference {r['max_curve_diff']:.1e}", file=sys.stderr)
+    return r
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ After the first decomposition of a module, any rank query (predicted ΔL, parame
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
@@ -17,11 +18,15 @@ from torch import Tensor, nn
 from . import spectra
 from .config import BASE_METHODS, CompressConfig
 from .errors import FascError
-from .linalg import LINALG_DTYPE
+from .linalg_device import LinalgConfig, Place, precision_check
 from .modules import ModuleInfo, weight_matrix
-from .spectra import (Basis, Whitening, basis_asvd, basis_fasc, basis_fwsvd, basis_pca, basis_svd,
-                      misalignment_curve, rho_from_sketch, whitening)
+from .spectra import (Basis, WideSide, Whitening, basis_asvd, basis_asvd_wide, basis_fasc, basis_fasc_wide,
+                      basis_fwsvd, basis_pca, basis_svd, fisher_spectrum, fisher_spectrum_wide, map_loss,
+                      misalignment_curve, rho_from_sketch, whitening, wide_ok, wide_side)
 from .stats import CalibStats
+
+log = logging.getLogger("fasc")
+CPU64 = (torch.device("cpu"), torch.float64)  # where summaries (O(n) per module) are kept
 
 
 @dataclass
@@ -56,21 +61,25 @@ class Summary:
 class Analysis:
     """Per-module decompositions for one model and its statistics.
 
-    Only O(n) summaries (predicted ΔL curves, spectra, misalignment) are kept for every module; the
-    O(n²) bases and whitening matrices live in small LRU caches and are recomputed when a module is
-    compressed, so memory stays bounded on large models.
+    Only O(n) summaries (predicted ΔL curves, spectra, misalignment) are kept for every module (on
+    the CPU, float64); the O(n²) bases and whitening matrices live in small LRU caches on the
+    linear-algebra device and are recomputed when a module is compressed, so memory stays bounded
+    on large models.
 
     Args:
         model: the (uncompressed) model whose weights the statistics describe; its weight tensors
-            are referenced, never modified.
+            are referenced, never modified (any device, any float dtype).
         stats: calibration statistics for (a subset of) its modules.
         cfg: damping and γ (what the bases depend on).
-        max_cached_bases: how many n×n bases to keep (LRU).
+        max_cached_bases: how many bases to keep (LRU), and at most `max_cached_bytes` of them.
+        linalg: where and in which precision bases, curves and factors are computed
+            (`fasc.linalg_device`); statistics and weights are moved there one module at a time.
     """
 
     def __init__(self, model: nn.Module, stats: CalibStats, cfg: CompressConfig = CompressConfig(),
-                 max_cached_bases: int = 16):
-        self.stats, self.cfg = stats, cfg
+                 max_cached_bases: int = 16, *, linalg: LinalgConfig = LinalgConfig(),
+                 max_cached_bytes: int = 4 << 30):
+        self.stats, self.cfg, self.linalg = stats, cfg, linalg
         mods = dict(model.named_modules())
         missing = [f for f in stats.fqns if f not in mods]
         if missing:
@@ -82,12 +91,17 @@ class Analysis:
             if tuple(W.shape) != (info.out_features, info.in_features):
                 raise FascError(f"Module {f} is {tuple(W.shape)} in the model but {info.out_features}×"
                                 f"{info.in_features} in the statistics; re-run calibration on this model.")
-        self._white: OrderedDict[str, Whitening] = OrderedDict()
+        self.place = Place.from_config(linalg)
+        self._place_by_width: dict[int, Place] = {}
+        self.precision_checks: dict[int, dict] = {}          # input width n -> float32 vs float64 errors
+        self._white: OrderedDict[tuple[str, torch.dtype], Whitening] = OrderedDict()
         self._bases: OrderedDict[tuple[str, str], Basis] = OrderedDict()
+        self._work: OrderedDict[str, dict] = OrderedDict()   # fqn -> products shared by its methods
         self.max_cached_bases = max(2, max_cached_bases)
+        self.max_cached_bytes = max_cached_bytes
         self.summaries: dict[tuple[str, str], Summary] = {}   # (fqn, method | 'fisher') -> Summary
         self.variance: dict[str, Tensor] = {}                  # group -> μ of the undamped C_x
-        self.misalignments: dict[str, Tensor] = {}             # fqn -> (n,) at k = 1..n
+        self.misalignments: dict[str, Tensor] = {}             # fqn -> (max_rank,) at k = 1..max_rank
 
     # ---------------------------------------------------------------- basic accessors
     @property
@@ -97,24 +111,81 @@ class Analysis:
     def info(self, fqn: str) -> ModuleInfo:
         return self.stats.info(fqn)
 
-    def weight(self, fqn: str) -> Tensor:
-        """W (m, n) float64."""
-        return self._weights[fqn].to(LINALG_DTYPE)
+    def module_place(self, fqn: str) -> tuple[torch.device, torch.dtype]:
+        """(device, dtype) of the module's own weight: where its factors go at surgery."""
+        W = self._weights[fqn]
+        return W.device, W.dtype
 
-    def whitening(self, fqn: str) -> Whitening:
+    def place_of(self, fqn: str) -> Place:
+        """The linear-algebra place of `fqn`: the configured one, or float64 where the float32 check
+        failed for its input width (the check runs on the first module of each width)."""
+        if self.place.dtype == torch.float64:
+            return self.place
+        n = self.info(fqn).in_features
+        if n not in self._place_by_width:
+            self._place_by_width[n] = self._check_float32(fqn)
+        return self._place_by_width[n]
+
+    def weight(self, fqn: str, place: Place | None = None) -> Tensor:
+        """W (m, n) on the linear-algebra device, in its dtype."""
+        return (place or self.place_of(fqn)).put(self._weights[fqn])
+
+    def whitening(self, fqn: str, place: Place | None = None) -> Whitening:
         """C_x,δ, its eigenpairs, B and B⁻¹ of the module's input group (LRU-cached per group)."""
+        place = place or self.place_of(fqn)
         g = self.stats.group[fqn]
-        if g in self._white:
-            self._white.move_to_end(g)
-            return self._white[g]
-        wh = whitening(self.stats.cx[g], self.cfg.damping)
+        key = (g, place.dtype)
+        if key in self._white:
+            self._white.move_to_end(key)
+            return self._white[key]
+        C_x = place.put(self.stats.cx[g])
+        wh = whitening(C_x, self.cfg.damping)
         if g not in self.variance:
-            shift = float(torch.trace(wh.Cx_d) - torch.trace(self.stats.cx[g].to(LINALG_DTYPE))) / wh.mu.numel()
-            self.variance[g] = (wh.mu - shift).clamp_min(0)
-        self._white[g] = wh
-        while len(self._white) > 4:
+            shift = float(torch.trace(wh.Cx_d) - torch.trace(C_x)) / wh.mu.numel()
+            self.variance[g] = (wh.mu - shift).clamp_min(0).to(*CPU64)
+        del C_x
+        self._white[key] = wh
+        while len(self._white) > 2:  # consecutive modules share a group (q/k/v, gate/up)
             self._white.popitem(last=False)
         return wh
+
+    def _workspace(self, fqn: str, place: Place) -> dict:
+        """W, C_h and the products its methods share (B C_h B, (WB)ᵀWB or the wide side), LRU of 2."""
+        key = (fqn, place.dtype)
+        if key in self._work:
+            self._work.move_to_end(key)
+            return self._work[key]
+        w = {"W": self.weight(fqn, place), "C_h": place.put(self.stats.ch[fqn])}
+        self._work[key] = w
+        while len(self._work) > 2:
+            self._work.popitem(last=False)
+        return w
+
+    def _wide(self, fqn: str, place: Place, wh: Whitening) -> WideSide | None:
+        """The m×m problem of a wide module (n > m), or None (narrow, disabled, or C_h not of the form WᵀC_gW)."""
+        info = self.info(fqn)
+        if not self.linalg.small_side or info.out_features >= info.in_features:
+            return None
+        w = self._workspace(fqn, place)
+        if "wide" not in w:
+            ws = wide_side(w["W"], w["C_h"], wh.B, wh.Cx_d)
+            if not wide_ok(ws) and float(torch.trace(w["C_h"])) > 0:
+                log.info("%s: only %.4f of tr(B C_h B) lies in range(B Wᵀ); solving the n×n problem",
+                         fqn, ws.captured)
+                ws = None
+            w["wide"] = ws
+        return w["wide"]
+
+    def _S(self, w: dict, wh: Whitening) -> Tensor:
+        if "S" not in w:
+            w["S"] = wh.B @ w["C_h"] @ wh.B
+        return w["S"]
+
+    def _AtA(self, w: dict, wh: Whitening) -> Tensor:
+        if "AtA" not in w:
+            WB = w["W"] @ wh.B
+            w["AtA"] = WB.T @ WB
+        return w["AtA"]
 
     @staticmethod
     def _base(method: str) -> str:
@@ -126,6 +197,29 @@ class Analysis:
             raise FascError(f"Unknown method {method!r}; choose one of {', '.join(BASE_METHODS + ('hybrid',))}.")
         return method
 
+    def _compute(self, fqn: str, method: str, place: Place, gamma: float | None = None) -> Basis:
+        """The basis of a base method, computed at `place` (not cached)."""
+        gamma = self.cfg.gamma if gamma is None else gamma
+        wh = self.whitening(fqn, place)
+        w = self._workspace(fqn, place)
+        W, C_h = w["W"], w["C_h"]
+        n = self.info(fqn).in_features
+        if method == "svd":
+            return basis_svd(W, wh.Cx_d, C_h)
+        if method == "pca":
+            return basis_pca(wh.mu, wh.V, C_h)
+        if method == "fwsvd":
+            return basis_fwsvd(W, wh.Cx_d, C_h, place.put(self.stats.fw[fqn]), self.cfg.damping)
+        ws = self._wide(fqn, place, wh)
+        if method == "asvd":
+            b = basis_asvd_wide(ws, wh.B, None, n) if ws is not None else basis_asvd(W, C_h, wh.B, None, self._S(w, wh))
+        elif ws is not None:
+            b = basis_fasc_wide(ws, C_h, W, wh.B, None, gamma, n)
+        else:
+            b = basis_fasc(W, C_h, wh.B, None, gamma, self._S(w, wh), self._AtA(w, wh) if gamma else None)
+        b.white = wh
+        return b
+
     def basis(self, fqn: str, method: str) -> Basis:
         """The ordered basis of `method` for `fqn` (LRU-cached; its summary is kept for good)."""
         method = self._base(method)
@@ -133,25 +227,39 @@ class Analysis:
         if key in self._bases:
             self._bases.move_to_end(key)
             return self._bases[key]
-        W, C_h = self.weight(fqn), self.stats.ch[fqn].to(LINALG_DTYPE)
-        wh = self.whitening(fqn)
-        if method == "svd":
-            b = basis_svd(W, wh.Cx_d, C_h)
-        elif method == "pca":
-            b = basis_pca(wh.mu, wh.V, C_h)
-        elif method == "fwsvd":
-            b = basis_fwsvd(W, wh.Cx_d, C_h, self.stats.fw[fqn], self.cfg.damping)
-        elif method == "asvd":
-            b = basis_asvd(W, C_h, wh.B, wh.B_inv)
-        else:
-            b = basis_fasc(W, C_h, wh.B, wh.B_inv, self.cfg.gamma)
-            if b.fisher_spectrum is not None:  # γ = 0: the Fisher spectrum is the basis' own
-                self.summaries[(fqn, "fisher")] = Summary(b.curve, b.fisher_spectrum)
-        self.summaries[key] = Summary(b.curve, b.values)
+        b = self._compute(fqn, method, self.place_of(fqn))
+        if method == "fasc" and b.fisher_spectrum is not None:  # γ = 0: the Fisher spectrum is the basis' own
+            self.summaries[(fqn, "fisher")] = Summary(b.curve.to(*CPU64), b.fisher_spectrum.to(*CPU64))
+        self.summaries[key] = Summary(b.curve.to(*CPU64), b.values.to(*CPU64))
         self._bases[key] = b
-        while len(self._bases) > self.max_cached_bases:
+        while len(self._bases) > 1 and (len(self._bases) > self.max_cached_bases
+                                        or sum(x.nbytes() for x in self._bases.values()) > self.max_cached_bytes):
             self._bases.popitem(last=False)
         return b
+
+    def _check_float32(self, fqn: str) -> Place:
+        """Compute `fqn`'s fasc basis in float32 and float64 on the same device and keep float32 for
+        its input width only if both the predicted ΔL curve and the loss the float32 rank-k map
+        actually achieves (evaluated in float64) are within `linalg.tol` (relative)."""
+        p32, p64 = self.place, Place(self.place.device, torch.float64)
+        info = self.info(fqn)
+        k = max(1, info.max_rank // 2)
+        b32, b64 = self._compute(fqn, "fasc", p32), self._compute(fqn, "fasc", p64)
+        w64 = self._workspace(fqn, p64)
+        wh64 = self.whitening(fqn, p64)
+        _, V32 = b32.factors(self.weight(fqn, p32), k)
+        achieved = map_loss(w64["C_h"], wh64.Cx_d, p64.put(b32.whitened(k)), p64.put(V32))
+        res = precision_check(b32.curve, b64.curve, achieved, k)
+        ok = res["curve_rel_err"] <= self.linalg.tol and res["achieved_rel_err"] <= self.linalg.tol
+        res.update(module=fqn, dtype="float32" if ok else "float64")
+        self.precision_checks[info.in_features] = res
+        if not ok:
+            log.warning("float32 linear algebra is off by %.2g (ΔL curve) / %.2g (rank-%d map) on %s; computing "
+                        "inputs of width %d in float64", res["curve_rel_err"], res["achieved_rel_err"], k, fqn,
+                        info.in_features)
+        self._white = OrderedDict((key, v) for key, v in self._white.items() if key[1] == (p32 if ok else p64).dtype)
+        self._work.clear()
+        return p32 if ok else p64
 
     def _summary(self, fqn: str, method: str) -> Summary:
         key = (fqn, method if method == "fisher" else self._base(method))
@@ -161,7 +269,13 @@ class Analysis:
             elif self.cfg.gamma == 0:
                 self.basis(fqn, "fasc")
             else:  # a diagnostic (Spectra page, report): not computed when a basis is only compressed with
-                self.summaries[key] = Summary(None, spectra.fisher_spectrum(self.stats.ch[fqn], self.whitening(fqn).B))
+                place = self.place_of(fqn)
+                wh = self.whitening(fqn, place)
+                ws = self._wide(fqn, place, wh)
+                w = self._workspace(fqn, place)
+                lam = fisher_spectrum_wide(ws, self.info(fqn).in_features) if ws is not None else \
+                    fisher_spectrum(w["C_h"], wh.B, self._S(w, wh))
+                self.summaries[key] = Summary(None, lam.to(*CPU64))
         return self.summaries[key]
 
     def precompute(self, methods: tuple[str, ...] = ("pca", "fasc"),
@@ -185,7 +299,8 @@ class Analysis:
         return float(self.curve(fqn, method)[k])
 
     def factors(self, fqn: str, method: str, k: int) -> tuple[Tensor, Tensor]:
-        """(U (m,k), V (n,k)) float64 with W' = U Vᵀ."""
+        """(U (m,k), V (n,k)) with W' = U Vᵀ, on the linear-algebra device in its dtype
+        (`module_place` says where the module itself lives)."""
         info = self.info(fqn)
         if not 1 <= k <= info.max_rank:
             raise FascError(f"Rank {k} for {fqn} is out of range; it must be in [1, {info.max_rank}].")
@@ -205,13 +320,13 @@ class Analysis:
 
     def fisher_basis(self, fqn: str) -> Basis:
         """The unshrunk (γ = 0) Fisher basis (for ρ along Fisher directions); not cached."""
-        wh = self.whitening(fqn)
-        return basis_fasc(self.weight(fqn), self.stats.ch[fqn], wh.B, wh.B_inv, 0.0)
+        return self._compute(fqn, "fasc", self.place_of(fqn), gamma=0.0)
 
     def misalignment(self, fqn: str) -> np.ndarray:
         """Subspace misalignment between pca and fasc at k = 1..n (entry k−1)."""
         if fqn not in self.misalignments:  # a diagnostic: not computed when a basis is only compressed with
-            self.misalignments[fqn] = misalignment_curve(self.whitening(fqn).V, self.basis(fqn, "fasc"))
+            b = self.basis(fqn, "fasc")
+            self.misalignments[fqn] = misalignment_curve(b.white.V, b, self.info(fqn).max_rank).to(*CPU64)
         return self.misalignments[fqn].numpy()
 
     def rho(self, fqn: str) -> tuple[float, float]:

@@ -68,6 +68,12 @@ def _compress_cfg(args) -> CompressConfig:
     return CompressConfig(damping=args.damping, gamma=args.gamma)
 
 
+def _linalg_cfg(args):
+    from .linalg_device import LinalgConfig
+
+    return LinalgConfig(device=args.linalg_device, dtype=args.linalg_dtype, small_side=not args.no_small_side)
+
+
 def _load(args):
     import torch
 
@@ -103,7 +109,7 @@ def _analysis(args, model, stats, methods: tuple[str, ...] = ("pca", "fasc")):
     bar = _progress("eigen-decompositions", args, unit="basis")
     try:
         an, _ = analysis_cached(model, stats, _compress_cfg(args), methods, progress=bar,
-                                root=Path(args.cache_dir) if args.cache_dir else None)
+                                root=Path(args.cache_dir) if args.cache_dir else None, linalg=_linalg_cfg(args))
     finally:
         bar.close()
     return an
@@ -358,13 +364,22 @@ def _common(p: argparse.ArgumentParser, calib: bool = True) -> None:
     c.add_argument("--seed", type=int, default=d.seed, help=field_help(CalibConfig, "seed"))
     c.add_argument("--layers", type=int, nargs="+", help=field_help(CalibConfig, "layers"))
     c.add_argument("--layers-per-pass", type=int, help="calibrate this many layers per pass over the data "
-                                                       "(bounds statistics memory; same result and cache key)")
+                                                       "(bounds statistics memory: each pass is offloaded to disk and read back "
+                                                       "per module; same result and cache key)")
     c.add_argument("--stats-device", default=d.device, help=field_help(CalibConfig, "device"))
     c.add_argument("--cache-dir", help="calibration cache folder (default: $FASC_CACHE or ./cache)")
     k = p.add_argument_group("subspaces (spec §3, §5)")
     dc = CompressConfig()
     k.add_argument("--damping", type=float, default=dc.damping, help=field_help(CompressConfig, "damping"))
     k.add_argument("--gamma", type=float, default=dc.gamma, help=field_help(CompressConfig, "gamma"))
+    from .linalg_device import LinalgConfig
+
+    la = p.add_argument_group("linear algebra (where the one-time decompositions run)")
+    la.add_argument("--linalg-device", default="auto", help=field_help(LinalgConfig, "device"))
+    la.add_argument("--linalg-dtype", default="auto", choices=("auto", "float64", "float32"),
+                    help=field_help(LinalgConfig, "dtype"))
+    la.add_argument("--no-small-side", action="store_true",
+                    help="solve wide modules as n×n problems (slower; for comparison)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,8 @@
-"""Pure linear-algebra helpers (tensors in, tensors out), all in float64 (spec §3)."""
+"""Pure linear-algebra helpers (tensors in, tensors out), spec §3.
+
+Every function computes in the dtype and on the device of its inputs (float64 by default, see
+`fasc.linalg_device` for where and in which precision `Analysis` runs them); new tensors are created
+beside their inputs, never on the default device."""
 
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ def eigh_desc(C: Tensor) -> tuple[Tensor, Tensor]:
     Returns (values (n,), vectors (n,n) with vectors[:, i] the i-th eigenvector). The sign of each
     eigenvector is chosen so that its largest-magnitude entry is positive (deterministic plots/caches).
     """
-    vals, vecs = torch.linalg.eigh(sym(C.to(LINALG_DTYPE)))
+    vals, vecs = torch.linalg.eigh(sym(C))
     vals, vecs = vals.flip(0), vecs.flip(1)
     return vals, flip_signs(vecs)
 
@@ -38,7 +42,7 @@ def eigh_desc(C: Tensor) -> tuple[Tensor, Tensor]:
 def flip_signs(V: Tensor) -> Tensor:
     """Flip column signs so that each column's largest-|.| entry is positive."""
     idx = V.abs().argmax(dim=0)
-    signs = torch.sign(V[idx, torch.arange(V.shape[1])])
+    signs = torch.sign(V[idx, torch.arange(V.shape[1], device=V.device)])
     signs[signs == 0] = 1
     return V * signs
 
@@ -47,22 +51,21 @@ def right_singular_vectors(A: Tensor) -> tuple[Tensor, Tensor]:
     """Singular values (desc) and right singular vectors (n,n), completed to a full basis, signs pinned.
 
     For A (m,n) with m < n the basis is completed with vectors of the null space (singular value 0).
-    Computed as eigenvectors of AᵀA when n ≤ m or from the SVD otherwise (both float64).
+    Computed as eigenvectors of AᵀA when n ≤ m or from the SVD otherwise (in A's dtype).
     """
-    A = A.to(LINALG_DTYPE)
     m, n = A.shape
     if m >= n:
         vals, vecs = eigh_desc(A.T @ A)
         return vals.clamp_min(0).sqrt(), vecs
     _, S, Vh = torch.linalg.svd(A, full_matrices=True)
-    s = torch.zeros(n, dtype=A.dtype)
+    s = torch.zeros(n, dtype=A.dtype, device=A.device)
     s[: S.shape[0]] = S
     return s, flip_signs(Vh.T.contiguous())
 
 
 def suffix_sum(x: Tensor) -> Tensor:
     """t[k] = Σ_{i≥k} x[i] for k = 0..n, with t[n] = 0. (n,) -> (n+1,)."""
-    out = torch.zeros(x.shape[0] + 1, dtype=x.dtype)
+    out = torch.zeros(x.shape[0] + 1, dtype=x.dtype, device=x.device)
     out[:-1] = x.flip(0).cumsum(0).flip(0)
     return out
 
@@ -72,6 +75,7 @@ def tail_block_sums(E: Tensor) -> Tensor:
     n = E.shape[0]
     # row_tail[i] = Σ_{j>i} E[i, j]
     row_tail = E.flip(1).cumsum(1).flip(1)
-    strict = torch.zeros(n, dtype=E.dtype)
-    strict[:-1] = row_tail[torch.arange(n - 1), torch.arange(1, n)]
+    strict = torch.zeros(n, dtype=E.dtype, device=E.device)
+    idx = torch.arange(n - 1, device=E.device)
+    strict[:-1] = row_tail[idx, idx + 1]
     return suffix_sum(E.diagonal() + 2 * strict)

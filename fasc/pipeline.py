@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -24,6 +25,7 @@ from .config import CalibConfig, CompressConfig
 from .data import Batch, data_fingerprint, load_source, make_batches
 from .errors import FascError
 from .export import folder_size, prepare_destination, save_compressed
+from .linalg_device import LinalgConfig
 from .loading import PACKAGE_DIR, model_source
 from .modules import model_fingerprint, parameter_count
 from .stats import CalibStats
@@ -73,10 +75,13 @@ def batches_from_files(tokenizer, paths: list[str | Path], cfg: CalibConfig) -> 
 
 
 def calibrate_in_passes(model: nn.Module, batches: list[Batch], cfg: CalibConfig, layers_per_pass: int,
-                        progress: ProgressFn | None = None, model_fp: str | None = None) -> CalibStats:
+                        progress: ProgressFn | None = None, model_fp: str | None = None,
+                        offload: Path | None = None) -> CalibStats:
     """Calibrate `layers_per_pass` layers at a time (one forward+backward over the data per group)
     and merge: accumulator memory during a pass is that of the group only (spec §1 statistics are
-    per module, so the result equals a single pass up to float rounding)."""
+    per module, so the result equals a single pass up to float rounding). With `offload` (a folder),
+    each pass's statistics are written there and dropped from memory; the result reads its C_x and
+    C_h from those files on access (`fasc.offload.LazyTensors`)."""
     from dataclasses import replace
 
     from .modules import find_linears
@@ -90,7 +95,12 @@ def calibrate_in_passes(model: nn.Module, batches: list[Batch], cfg: CalibConfig
     for j, g in enumerate(groups):
         done = j * total // len(groups)
         inner = None if progress is None else (lambda i, n, d=done: progress(d + i, total))
-        parts.append(calibrate(model, batches, replace(cfg, layers=g), inner, model_fp=model_fp))
+        part = calibrate(model, batches, replace(cfg, layers=g), inner, model_fp=model_fp)
+        if offload is not None:
+            (offload / f"part-{j:03d}").mkdir(parents=True)
+            part.save(offload / f"part-{j:03d}")
+            part = CalibStats.load(offload / f"part-{j:03d}", lazy=True)
+        parts.append(part)
     merged = CalibStats.merge(parts)
     merged.config = cfg
     return merged
@@ -104,21 +114,34 @@ def calibrate_cached(model: nn.Module, batches: list[Batch], cfg: CalibConfig,
     mfp = model_fp or model_fingerprint(model)
     dfp = data_fingerprint(batches)
     key = cache.cache_key(mfp, dfp, cfg)
-    if layers_per_pass:
-        return cache.get_or_compute(
-            key, lambda: calibrate_in_passes(model, batches, cfg, layers_per_pass, progress, mfp), root)
+    if layers_per_pass:  # each pass offloaded to disk, the entry written from there, then read lazily
+        import shutil
+
+        root = Path(root or cache.default_root())
+        off = root / f".{key}.{uuid.uuid4().hex[:8]}.offload.incomplete"
+        try:
+            stats, hit = cache.get_or_compute(
+                key, lambda: calibrate_in_passes(model, batches, cfg, layers_per_pass, progress, mfp, off), root)
+            if not hit:
+                stats = CalibStats.load(root / key, lazy=True)
+                stats.key = key
+        finally:
+            shutil.rmtree(off, ignore_errors=True)
+        return stats, hit
     return cache.get_or_compute(key, lambda: calibrate(model, batches, cfg, progress, model_fp=mfp), root)
 
 
 def analysis_cached(model: nn.Module, stats: CalibStats, cfg: CompressConfig = CompressConfig(),
                     methods: tuple[str, ...] = ("pca", "fasc"), progress: ProgressFn | None = None,
-                    root: Path | None = None) -> tuple[Analysis, bool]:
+                    root: Path | None = None, linalg: LinalgConfig = LinalgConfig()) -> tuple[Analysis, bool]:
     """(analysis, from_cache): the O(n) summaries (ΔL curves, spectra, misalignment) of every module
     are stored beside the statistics' cache entry, so the eigen-decompositions run once per
     (statistics, damping, γ). Bases themselves are recomputed only for modules being compressed."""
-    an = Analysis(model, stats, cfg)
+    an = Analysis(model, stats, cfg, linalg=linalg)
     folder = Path(root or cache.default_root()) / stats.key if stats.key else None
-    tag = hashlib.sha256(json.dumps([cfg.damping, cfg.gamma]).encode()).hexdigest()[:12]
+    # float32 summaries (checked against float64, see fasc.linalg_device) are stored apart
+    extra = ["float32"] if an.place.dtype != torch.float64 else []
+    tag = hashlib.sha256(json.dumps([cfg.damping, cfg.gamma] + extra).encode()).hexdigest()[:12]
     path = folder / f"summary-{tag}.safetensors" if folder is not None else None
     hit = False
     if path is not None and path.is_file():

@@ -18,12 +18,17 @@ optimal among all rank-k maps for the same objective: ΔL_var(k) ≥ ΔL_fasc(k)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from .linalg import LINALG_DTYPE, damp, eigh_desc, right_singular_vectors, suffix_sum, tail_block_sums
+from .linalg import LINALG_DTYPE, damp, eigh_desc, right_singular_vectors, suffix_sum, sym, tail_block_sums
+
+# The wide-side solve (n > m) is exact when C_h = Wᵀ C_g W, which autograd's h = Wᵀg guarantees up to
+# rounding; if less than this share of tr(B C_h B) lies in range(B Wᵀ) (e.g. synthetic statistics),
+# the full n×n problem is solved instead.
+WIDE_CAPTURE_TOL = 1e-3
 
 
 @dataclass
@@ -31,10 +36,13 @@ class Basis:
     """An ordered basis Q of input space under a whitening B; the rank-k map is B Q_k Q_kᵀ B⁻¹.
 
     Attributes:
-        Q: (n, n) orthonormal columns, most important first.
-        B, B_inv: (n, n) whitening and its inverse, or None for the identity.
+        Q: (n, r) orthonormal columns, most important first; r = n, or r = m for the wide-side
+            solve (a rank k ≤ min(m, n) never needs more).
+        B, B_inv: (n, n) whitening and its inverse, or None for the identity (B_inv may be None
+            when `white` is given: it is then formed there on first use).
         curve: (n+1,) predicted ΔL(k), k = 0..n, nats per token (decoupled surrogate).
         values: (n,) the ordering values (singular values², eigenvalues) for display.
+        BQ: (n, r) = B Q when already known (the wide-side solve gets it for free).
     """
 
     Q: Tensor
@@ -43,39 +51,67 @@ class Basis:
     curve: Tensor
     values: Tensor
     fisher_spectrum: Tensor | None = None  # fasc with γ = 0 only: λ of C_x^{1/2} C_h C_x^{1/2} (= values)
+    BQ: Tensor | None = field(default=None, repr=False)
+    white: "Whitening | None" = field(default=None, repr=False)  # supplies B⁻¹ when B_inv is None
 
     def factors(self, W: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """(U, V) with W' = U Vᵀ: U = W B Q_k (m,k), V = B⁻¹ Q_k (n,k) (B symmetric)."""
+        """(U, V) with W' = U Vᵀ: U = W B Q_k (m,k), V = B⁻¹ Q_k (n,k) (B symmetric), in Q's dtype."""
+        if k > self.Q.shape[1]:
+            raise ValueError(f"rank {k} exceeds the {self.Q.shape[1]} basis vectors computed")
         Qk = self.Q[:, :k]
-        W = W.to(LINALG_DTYPE)
+        W = W.to(self.Q.dtype)
         if self.B is None:
             return W @ Qk, Qk.clone()
-        return W @ (self.B @ Qk), self.B_inv @ Qk
+        B_inv = self.B_inv if self.B_inv is not None else self.white.B_inv
+        return W @ self.whitened(k), B_inv @ Qk
+
+    def whitened(self, k: int | None = None) -> Tensor:
+        """B Q_k (n, k) (all columns when k is None)."""
+        if self.B is None:
+            return self.Q if k is None else self.Q[:, :k]
+        if self.BQ is None and (k is None or k == self.Q.shape[1]):
+            self.BQ = self.B @ self.Q
+        if self.BQ is not None:
+            return self.BQ if k is None else self.BQ[:, :k]
+        return self.B @ self.Q[:, :k]
 
     def directions(self, s: int) -> Tensor:
         """The first s kept input directions B q_i, unit-normalised, (n, s) — for ρ along them."""
-        D = self.Q[:, :s] if self.B is None else self.B @ self.Q[:, :s]
+        D = self.whitened(s)
         return D / D.norm(dim=0, keepdim=True).clamp_min(1e-300)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.Q, self.BQ) if t is not None)
 
 
 @dataclass
 class Whitening:
-    """C_x,δ = C_x + δ tr(C_x)/n I, its eigenpairs (μ desc, V) and B = C_x,δ^{1/2}, B⁻¹ (all float64)."""
+    """C_x,δ = C_x + δ tr(C_x)/n I, its eigenpairs (μ desc, V) and B = C_x,δ^{1/2}, B⁻¹ (B⁻¹ formed
+    on first use: the analysis needs only B, the factors need B⁻¹)."""
 
     Cx_d: Tensor
     mu: Tensor
     V: Tensor
     B: Tensor
-    B_inv: Tensor
+    _B_inv: Tensor | None = field(default=None, repr=False)
+
+    @property
+    def B_inv(self) -> Tensor:
+        if self._B_inv is None:
+            self._B_inv = (self.V / self.mu.sqrt()) @ self.V.T
+        return self._B_inv
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.Cx_d, self.V, self.B, self._B_inv) if t is not None)
 
 
 def whitening(C_x: Tensor, damping: float) -> Whitening:
-    """One eigen-decomposition of the damped C_x gives the variance basis and both square roots."""
-    Cd = damp(C_x.to(LINALG_DTYPE), damping)
+    """One eigen-decomposition of the damped C_x gives the variance basis and both square roots
+    (in C_x's dtype and on its device)."""
+    Cd = damp(C_x, damping)
     mu, V = eigh_desc(Cd)
     mu = mu.clamp_min(float(mu.max().clamp_min(1e-300)) * 1e-15)
-    s = mu.sqrt()
-    return Whitening(Cd, mu, V, (V * s) @ V.T, (V / s) @ V.T)
+    return Whitening(Cd, mu, V, (V * mu.sqrt()) @ V.T)
 
 
 def predicted_curve(Cx_d: Tensor, C_h: Tensor, Q: Tensor, B: Tensor | None = None,
@@ -85,7 +121,6 @@ def predicted_curve(Cx_d: Tensor, C_h: Tensor, Q: Tensor, B: Tensor | None = Non
     The general case needs the full tail-block sums; when B = C_x,δ^{1/2} the second factor is I and
     only diag(Qᵀ B C_h B Q) matters (see `whitened_curve`).
     """
-    C_h = C_h.to(LINALG_DTYPE)
     if B is None:
         Hq, Xq = Q.T @ C_h @ Q, Q.T @ Cx_d @ Q
     else:
@@ -104,6 +139,22 @@ def whitened_curve(S: Tensor, Q: Tensor) -> Tensor:
     return diagonal_curve(((S @ Q) * Q).sum(0))
 
 
+def captured_curve(trace_S: float, d: Tensor, n: int) -> Tensor:
+    """½ (tr S − Σ_{i≤k} d_i) for k = 0..n, d_i = q_iᵀ S q_i of the r computed columns (the exact loss
+    of the map for any orthonormal Q); beyond k = r the curve stays at its value at r. (r,) -> (n+1,)."""
+    out = torch.full((n + 1,), 0.0, dtype=d.dtype, device=d.device)
+    out[1:d.shape[0] + 1] = d.clamp_min(0).cumsum(0)
+    out[d.shape[0] + 1:] = out[d.shape[0]]
+    return (0.5 * (trace_S - out)).clamp_min(0)
+
+
+def pad(values: Tensor, n: int) -> Tensor:
+    """values (r,) followed by n − r zeros, (n,)."""
+    out = torch.zeros(n, dtype=values.dtype, device=values.device)
+    out[: values.shape[0]] = values
+    return out
+
+
 def basis_svd(W: Tensor, Cx_d: Tensor, C_h: Tensor) -> Basis:
     s, Q = right_singular_vectors(W)
     return Basis(Q, None, None, predicted_curve(Cx_d, C_h, Q), s.square())
@@ -111,38 +162,41 @@ def basis_svd(W: Tensor, Cx_d: Tensor, C_h: Tensor) -> Basis:
 
 def basis_pca(mu: Tensor, V: Tensor, C_h: Tensor) -> Basis:
     """Variance basis from the eigenpairs (μ, V) of C_x,δ: ΔL_var(k) = ½ Σ_{i>k} μ_i v_iᵀ C_h v_i."""
-    hv = ((C_h.to(LINALG_DTYPE) @ V) * V).sum(0)
+    hv = ((C_h @ V) * V).sum(0)
     return Basis(V, None, None, diagonal_curve(mu * hv), mu)
 
 
 def basis_fwsvd(W: Tensor, Cx_d: Tensor, C_h: Tensor, r: Tensor, damping: float) -> Basis:
-    r = r.to(LINALG_DTYPE).clamp_min(0)
+    r = r.to(W.dtype).clamp_min(0)
     r = r + max(damping, 1e-12) * (float(r.mean()) if float(r.sum()) > 0 else 1.0)
-    s, Q = right_singular_vectors(r.sqrt()[:, None] * W.to(LINALG_DTYPE))
+    s, Q = right_singular_vectors(r.sqrt()[:, None] * W)
     return Basis(Q, None, None, predicted_curve(Cx_d, C_h, Q), s.square())
 
 
-def basis_asvd(W: Tensor, C_h: Tensor, B: Tensor, B_inv: Tensor, S: Tensor | None = None) -> Basis:
+def basis_asvd(W: Tensor, C_h: Tensor, B: Tensor, B_inv: Tensor | None, S: Tensor | None = None) -> Basis:
     """Whitened SVD: Q = right singular vectors of W B. `S` = B C_h B if already computed."""
-    s, Q = right_singular_vectors(W.to(LINALG_DTYPE) @ B)
-    S = B @ C_h.to(LINALG_DTYPE) @ B if S is None else S
+    s, Q = right_singular_vectors(W @ B)
+    S = B @ C_h @ B if S is None else S
     return Basis(Q, B, B_inv, whitened_curve(S, Q), s.square())
+
+
+def shrink_scale(C_h: Tensor, W: Tensor, gamma: float) -> float:
+    """c = γ·tr(C_h)/‖W‖_F² of the Fisher shrinkage C_h(γ) = C_h + c·WᵀW (spec §3)."""
+    return gamma * float(torch.trace(C_h)) / max(float(W.square().sum()), 1e-300)
 
 
 def shrunk_fisher(C_h: Tensor, W: Tensor, gamma: float) -> Tensor:
     """C_h(γ) = C_h + γ·tr(C_h)/‖W‖_F²·WᵀW (spec §3, Fisher shrinkage)."""
-    C_h = C_h.to(LINALG_DTYPE)
     if gamma == 0:
         return C_h
-    W = W.to(LINALG_DTYPE)
-    c = gamma * float(torch.trace(C_h)) / max(float(W.square().sum()), 1e-300)
-    return C_h + c * (W.T @ W)
+    return C_h + shrink_scale(C_h, W, gamma) * (W.T @ W)
 
 
-def basis_fasc(W: Tensor, C_h: Tensor, B: Tensor, B_inv: Tensor, gamma: float) -> Basis:
-    """Fisher-aligned basis: eigenvectors of B C_h(γ) B; falls back to asvd order when C_h = 0."""
-    C_h = C_h.to(LINALG_DTYPE)
-    S = B @ C_h @ B
+def basis_fasc(W: Tensor, C_h: Tensor, B: Tensor, B_inv: Tensor | None, gamma: float,
+               S: Tensor | None = None, AtA: Tensor | None = None) -> Basis:
+    """Fisher-aligned basis: eigenvectors of B C_h(γ) B; falls back to asvd order when C_h = 0.
+    `S` = B C_h B and `AtA` = (W B)ᵀ(W B) if already computed (shared with asvd)."""
+    S = B @ C_h @ B if S is None else S
     if float(torch.trace(C_h)) <= 0:  # no gradient reached the module: λ = 0, keep the whitened-SVD order
         b = basis_asvd(W, C_h, B, B_inv, S)
         b.values = torch.zeros_like(b.values)
@@ -152,30 +206,115 @@ def basis_fasc(W: Tensor, C_h: Tensor, B: Tensor, B_inv: Tensor, gamma: float) -
         lam, Q = eigh_desc(S)
         lam = lam.clamp_min(0)
         return Basis(Q, B, B_inv, diagonal_curve(lam), lam, lam)
-    W = W.to(LINALG_DTYPE)
-    c = gamma * float(torch.trace(C_h)) / max(float(W.square().sum()), 1e-300)
-    WB = W @ B
-    lam, Q = eigh_desc(S + c * (WB.T @ WB))                # B C_h(γ) B
+    c = shrink_scale(C_h, W, gamma)
+    if AtA is None:
+        WB = W @ B
+        AtA = WB.T @ WB
+    lam, Q = eigh_desc(S + c * AtA)                # B C_h(γ) B
     return Basis(Q, B, B_inv, whitened_curve(S, Q), lam.clamp_min(0))
 
 
-def fisher_spectrum(C_h: Tensor, B: Tensor) -> Tensor:
+# ------------------------------------------------------------------------- the small side (n > m)
+@dataclass
+class WideSide:
+    """Shared work for a module wider than tall (n > m, e.g. down_proj, GQA k/v): every
+    C_h(γ) = Wᵀ(C_g + c·I)W has rank ≤ m, so B C_h(γ) B lives in range(A ᵀ), A = W B (spec §3,
+    "whichever side is smaller"). With A ᵀ = Z R (thin QR), B C_h(γ) B = Z T(γ) Zᵀ and
+    T(γ) = Zᵀ B C_h B Z + c·R Rᵀ is m×m: the FASC and asvd bases come from m×m problems.
+
+    Attributes:
+        Z: (n, m) orthonormal basis of range(B Wᵀ);  R: (m, m) with B Wᵀ = Z R.
+        Y: (n, m) = B Z;  T0: (m, m) = Yᵀ C_h Y (the unshrunk Fisher matrix on that range).
+        trace_S: tr(B C_h B) = Σ C_h ⊙ C_x,δ; `captured` = tr T0 / tr S (1 up to rounding).
+    """
+
+    Z: Tensor
+    R: Tensor
+    Y: Tensor
+    T0: Tensor
+    trace_S: float
+    captured: float
+
+
+def wide_side(W: Tensor, C_h: Tensor, B: Tensor, Cx_d: Tensor) -> WideSide:
+    """O(n²m) instead of the O(n³) of an n×n eigen-decomposition. (m,n), (n,n), (n,n), (n,n)."""
+    Z, R = torch.linalg.qr(B @ W.T)                 # (n, m), (m, m)
+    Y = B @ Z
+    T0 = sym(Y.T @ (C_h @ Y))
+    tr_S = float((C_h * Cx_d).sum())              # tr(B C_h B) = tr(C_h C_x,δ)
+    tr_T = float(torch.trace(T0))
+    captured = tr_T / tr_S if tr_S > 0 else 1.0
+    return WideSide(Z, R, Y, T0, tr_S, captured)
+
+
+def wide_ok(ws: WideSide) -> bool:
+    """Whether the statistics have the form C_h = Wᵀ C_g W closely enough for the small side."""
+    return ws.trace_S > 0 and abs(1.0 - ws.captured) <= WIDE_CAPTURE_TOL
+
+
+def _wide_basis(ws: WideSide, V: Tensor, values: Tensor, B: Tensor, B_inv: Tensor | None, n: int) -> Basis:
+    """Basis Q = Z V from an m×m eigen/singular basis V, its curve with the unshrunk T0."""
+    Q = ws.Z @ V
+    signs = torch.sign(Q[Q.abs().argmax(0), torch.arange(Q.shape[1], device=Q.device)])  # as `flip_signs`
+    signs[signs == 0] = 1
+    Q, V = Q * signs, V * signs
+    d = ((ws.T0 @ V) * V).sum(0)                   # q_iᵀ B C_h B q_i
+    return Basis(Q, B, B_inv, captured_curve(ws.trace_S, d, n), pad(values, n), BQ=ws.Y @ V)
+
+
+def basis_asvd_wide(ws: WideSide, B: Tensor, B_inv: Tensor | None, n: int) -> Basis:
+    """Whitened SVD from the m×m factor: W B = Rᵀ Zᵀ, so its right singular vectors are Z P for
+    Rᵀ = U Σ Pᵀ."""
+    _, s, Ph = torch.linalg.svd(ws.R.T)
+    return _wide_basis(ws, Ph.T, s.square(), B, B_inv, n)
+
+
+def basis_fasc_wide(ws: WideSide, C_h: Tensor, W: Tensor, B: Tensor, B_inv: Tensor | None, gamma: float,
+                    n: int) -> Basis:
+    """FASC basis from the m×m matrix T(γ) = T0 + c R Rᵀ (same factors as `basis_fasc` up to sign
+    and ties; Q has m columns)."""
+    if float(torch.trace(C_h)) <= 0:
+        b = basis_asvd_wide(ws, B, B_inv, n)
+        b.values = torch.zeros_like(b.values)
+        b.fisher_spectrum = b.values
+        return b
+    T = ws.T0 if gamma == 0 else ws.T0 + shrink_scale(C_h, W, gamma) * (ws.R @ ws.R.T)
+    lam, V = eigh_desc(T)
+    b = _wide_basis(ws, V, lam.clamp_min(0), B, B_inv, n)
+    if gamma == 0:
+        b.fisher_spectrum = b.values
+    return b
+
+
+def fisher_spectrum_wide(ws: WideSide, n: int) -> Tensor:
+    """λ of B C_h B from the m×m T0, zero-padded to n."""
+    return pad(torch.linalg.eigvalsh(ws.T0).flip(0).clamp_min(0), n)
+
+
+def map_loss(C_h: Tensor, Cx_d: Tensor, D: Tensor, V: Tensor) -> float:
+    """½ tr(C_h (I−M) C_x (I−M)ᵀ) for M = D Vᵀ (spec §2, decoupled), by brute force. O(n³)."""
+    E = -(D @ V.T)
+    E.diagonal().add_(1.0)
+    return 0.5 * float(((C_h @ E) * (Cx_d @ E.T).T).sum())
+
+
+def fisher_spectrum(C_h: Tensor, B: Tensor, S: Tensor | None = None) -> Tensor:
     """λ: eigenvalues of B C_h B (B = C_x,δ^{1/2}; the unshrunk Fisher spectrum), descending."""
-    C_h = C_h.to(LINALG_DTYPE)
-    return torch.linalg.eigvalsh(B @ C_h @ B).flip(0).clamp_min(0)
+    S = B @ C_h @ B if S is None else S
+    return torch.linalg.eigvalsh(S).flip(0).clamp_min(0)
 
 
-def misalignment_curve(Q_var: Tensor, fasc: Basis) -> Tensor:
-    """1 − ‖P_var,k P_fasc,k‖_F² / k for k = 1..n ((n,) with entry k−1), spec §3.
+def misalignment_curve(Q_var: Tensor, fasc: Basis, k_max: int | None = None) -> Tensor:
+    """1 − ‖P_var,k P_fasc,k‖_F² / k for k = 1..r ((r,) with entry k−1), spec §3; r = min(k_max, columns of Q).
 
     P_fasc,k projects onto span(B Q_k) (the input directions FASC keeps); nested orthonormal bases
-    come from one QR, so every k costs O(1) after O(n³).
+    come from one QR, so every k costs O(1) after O(n r²).
     """
-    D = fasc.Q if fasc.B is None else fasc.B @ fasc.Q
-    O, _ = torch.linalg.qr(D)
-    G2 = (Q_var.T @ O).square()
+    r = fasc.Q.shape[1] if k_max is None else min(k_max, fasc.Q.shape[1])
+    O, _ = torch.linalg.qr(fasc.whitened(r))
+    G2 = (Q_var[:, :r].T @ O).square()
     overlap = G2.cumsum(0).cumsum(1).diagonal()
-    k = torch.arange(1, G2.shape[0] + 1, dtype=G2.dtype)
+    k = torch.arange(1, r + 1, dtype=G2.dtype, device=G2.device)
     return (1 - overlap / k).clamp(0, 1)
 
 
@@ -184,7 +323,8 @@ def rho_from_sketch(sk: Tensor) -> Tensor:
 
     Directions with no activation or no gradient energy give NaN (excluded by the caller's means).
     """
-    ex, eh, exh = sk[0].to(LINALG_DTYPE), sk[1].to(LINALG_DTYPE), sk[2].to(LINALG_DTYPE)
+    sk = sk.to(LINALG_DTYPE)
+    ex, eh, exh = sk[0], sk[1], sk[2]
     den = ex * eh
     out = torch.full_like(den, float("nan"))
     ok = den > 0

@@ -7,12 +7,16 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from . import offload
 
 from .config import CalibConfig
 from .errors import FascError
 from .modules import ModuleInfo
+from .offload import LazyTensors
 
 FORMAT_VERSION = 1
 
@@ -64,8 +68,9 @@ class CalibStats:
         return [i.fqn for i in self.modules]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for d in (self.cx, self.ch, self.fw, self.sketch, self.sketch_fisher)
-                   for t in d.values())
+        """Bytes of all statistics (those offloaded to disk counted from the files' headers)."""
+        return sum(d.nbytes() if isinstance(d, LazyTensors) else sum(t.numel() * t.element_size() for t in d.values())
+                   for d in (self.cx, self.ch, self.fw, self.sketch, self.sketch_fisher))
 
     # ---------------------------------------------------------------- serialization
     def tensors(self) -> dict[str, Tensor]:
@@ -90,17 +95,22 @@ class CalibStats:
         }
 
     def save(self, folder: str | Path) -> None:
-        """Write `stats.safetensors` + `manifest.json` (with the tensor file's sha256) into an existing folder."""
+        """Write `stats.safetensors` + `manifest.json` (with the tensor file's sha256) into an existing folder.
+        Statistics held on disk (`fasc.offload.LazyTensors`) are copied one tensor at a time."""
         folder = Path(folder)
         tpath = folder / "stats.safetensors"
-        save_file(self.tensors(), str(tpath))
+        if any(isinstance(d, LazyTensors) for d in (self.cx, self.ch)):
+            _save_streaming(self, tpath)
+        else:
+            save_file(self.tensors(), str(tpath))
         man = self.manifest()
         man["sha256"] = file_sha256(tpath)
         (folder / "manifest.json").write_text(json.dumps(man, indent=1))
 
     @classmethod
-    def load(cls, folder: str | Path) -> "CalibStats":
-        """Read a folder written by `save`; the checksum must match (else FascError)."""
+    def load(cls, folder: str | Path, lazy: bool | None = None) -> "CalibStats":
+        """Read a folder written by `save`; the checksum must match (else FascError). `lazy`: keep C_x and
+        C_h on disk, read per access (None: when the file exceeds `fasc.offload.LAZY_BYTES`)."""
         folder = Path(folder)
         mpath, tpath = folder / "manifest.json", folder / "stats.safetensors"
         if not mpath.is_file() or not tpath.is_file():
@@ -116,8 +126,13 @@ class CalibStats:
         if man.get("sha256") != file_sha256(tpath):
             raise FascError(f"{tpath} does not match its checksum (truncated or corrupted); delete it and "
                             f"re-run calibration.")
-        tensors = load_file(str(tpath))
         dicts: dict[str, dict[str, Tensor]] = {"cx": {}, "ch": {}, "fw": {}, "sketch": {}, "sketch_fisher": {}}
+        if lazy or (lazy is None and tpath.stat().st_size > offload.LAZY_BYTES):  # n×n matrices stay on disk
+            dicts["cx"], dicts["ch"] = LazyTensors.from_file(tpath, "cx"), LazyTensors.from_file(tpath, "ch")
+            with safe_open(str(tpath), "pt") as f:
+                tensors = {n: f.get_tensor(n) for n in f.keys() if n.partition("/")[0] not in ("cx", "ch")}
+        else:
+            tensors = load_file(str(tpath))
         for name, t in tensors.items():
             prefix, _, key = name.partition("/")
             dicts[prefix][key] = t
@@ -153,11 +168,28 @@ class CalibStats:
         merged = cls(modules=mods, group={}, cx={}, ch={}, fw={}, sketch={}, n_tokens=first.n_tokens,
                      config=CalibConfig(**cfg_d), model_fingerprint=first.model_fingerprint,
                      data_fingerprint=first.data_fingerprint)
+        for d_name in ("cx", "ch"):  # parts offloaded to disk stay there
+            if all(isinstance(getattr(p, d_name), LazyTensors) for p in parts):
+                setattr(merged, d_name, LazyTensors({k: v for p in parts for k, v in getattr(p, d_name).refs().items()}))
         for p in parts:
             for d_name in ("group", "cx", "ch", "fw", "sketch", "sketch_fisher"):
-                getattr(merged, d_name).update(getattr(p, d_name))
+                target = getattr(merged, d_name)
+                if not isinstance(target, LazyTensors):
+                    target.update(getattr(p, d_name))
             merged.warnings.extend(p.warnings)
         return merged
+
+
+def _save_streaming(stats: CalibStats, tpath: Path) -> None:
+    """`save_file(stats.tensors())` with one tensor in memory at a time (statistics offloaded to disk)."""
+    items = []
+    for prefix, d in (("cx", stats.cx), ("ch", stats.ch), ("fw", stats.fw), ("sketch", stats.sketch),
+                      ("sketch_fisher", stats.sketch_fisher)):
+        for k in d:
+            ref = d.refs()[k] if isinstance(d, LazyTensors) else d[k]
+            shape, code = offload.tensor_meta(ref)
+            items.append((f"{prefix}/{k}", shape, code, lambda d=d, k=k: d[k]))
+    offload.write_safetensors(tpath, items)
 
 
 def file_sha256(path: str | Path) -> str:

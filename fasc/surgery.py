@@ -16,7 +16,11 @@ from .modules import stored_weight
 
 def compute_factors(an: Analysis, plan: Plan,
                     progress: Callable[[int, int], None] | None = None) -> dict[str, tuple[Tensor, Tensor]]:
-    """{fqn: (U, V)} for the whole plan (float64); validates the plan first."""
+    """{fqn: (U, V)} for the whole plan; validates the plan first.
+
+    Factors are computed on the linear-algebra device and moved at once to each module's own device,
+    in float32 at least (the module's dtype if wider), so the linear-algebra device never holds more
+    than one module's factors."""
     validate_plan(plan, an)
     out, n = {}, len(plan.ranks)
     for i, (f, k) in enumerate(plan.ranks.items()):
@@ -24,7 +28,9 @@ def compute_factors(an: Analysis, plan: Plan,
         if not (torch.isfinite(U).all() and torch.isfinite(V).all()):
             raise FascError(f"Non-finite factors for {f} ({plan.methods[f]}, rank {k}); recalibrate with more "
                             f"tokens or raise --damping.")
-        out[f] = (U, V)
+        dev, dt = an.module_place(f)
+        keep = torch.promote_types(dt, torch.float32)
+        out[f] = (U.to(dev, keep), V.to(dev, keep))
         if progress is not None:
             progress(i + 1, n)
     return out
@@ -69,7 +75,7 @@ def compress_(model: nn.Module, an: Analysis, plan: Plan, merge: bool = False,
             if merge or not is_factored(an.info(f), k):
                 new = dense_module(old, U @ V.T)
             else:
-                new = LowRankLinear.from_factors(U.to(old.weight.device), V.to(old.weight.device),
+                new = LowRankLinear.from_factors(U, V,
                                                  None if old.bias is None else old.bias.detach(),
                                                  dtype=old.weight.dtype)
             replace_module(model, f, new)

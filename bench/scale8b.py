@@ -1,0 +1,214 @@
+"""A Llama-3-8B-shaped model end to end without a download: calibrate, analyse, compress at 80 %, export.
+
+    python -m bench.scale8b                      # 1/8 width, 1 and 2 layers in memory: a few minutes (quiet CPU)
+    python -m bench.scale8b --width-scale 1 --tokens 512 --seq-len 256        # the real layer shape
+        # (≈ 15 GB RAM; hours on 2 CPU cores: the 14336-wide whitening alone is an eigh of 14336²)
+    python -m bench.scale8b --width-scale 1 --layers 32 --tokens 524288 --seq-len 2048 \\
+        --device cuda --linalg-device cuda   # the whole model on one GPU (256 × 2048 tokens)
+
+The model is the Llama-3-8B config (32 × 4096 / 14336, 32 heads of 128, 8 KV heads, vocab 128256,
+untied embeddings) with hidden and intermediate widths and head counts multiplied by --width-scale
+(head size 128 kept) and only --layers decoder layers in memory, random seeded weights in --dtype
+(float32 on the CPU: calibrating 256 tokens at 1/16 width took 818 s in bf16 against 28 s in float32
+on this shared 2-core machine — CPU bf16 matmuls are slow).
+Calibration is a real forward+backward over random tokens (fasc.calibrate, all statistics);
+analysis is the fasc summaries every module needs for a budget (Analysis.precompute(("fasc",))
+on --linalg-device); compression allocates 80 % of the modules' parameters greedily and swaps the
+layers in place; export writes the factored folder.
+
+Times are CPU seconds of the process (time.process_time; with --threads 1 that is the work done,
+steadier than wall time on a shared machine; wall times are in the JSON). Everything runs twice,
+with L and L+1 layers, so that per-layer costs are measured as differences
+(the embedding and the 128256-wide lm_head are a fixed cost, large at reduced width). The
+whole-model figures for 32 layers are EXTRAPOLATED (fixed cost + 32 × per-layer), scaled linearly
+to --target-tokens for calibration, and labelled so. Prints `layer_seconds=…` (one decoder layer,
+all four steps, at the measured width and tokens) and `peak_rss_mb=…` as its last figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+OUT = Path(__file__).resolve().parent / "out"
+LLAMA3_8B = dict(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, vocab=128256, head_dim=128)
+
+
+def shape(scale: float) -> dict:
+    s = dict(LLAMA3_8B)
+    heads = max(1, round(s["heads"] * scale))
+    kv = max(1, round(s["kv_heads"] * scale))
+    while heads % kv:
+        kv -= 1
+    return dict(s, hidden=heads * s["head_dim"], intermediate=int(round(s["intermediate"] * scale / 64) * 64),
+                heads=heads, kv_heads=kv)
+
+
+def stats_bytes_per_layer(hidden: int, inter: int, kv: int, head_dim: int, bytes_per: int, s: int = 64) -> int:
+    """The README formula 8·(Σ_groups n_g² + Σ_modules (n² + m + 3s)) for one Llama decoder layer:
+    groups qkv (n = hidden), o (hidden), gate/up (hidden), down (inter)."""
+    kvd = kv * head_dim
+    mods = [(hidden, hidden), (kvd, hidden), (kvd, hidden), (hidden, hidden), (inter, hidden), (inter, hidden),
+            (hidden, inter)]  # (m, n)
+    groups = [hidden, hidden, hidden, inter]
+    return bytes_per * (sum(n * n for n in groups) + sum(n * n + m + 3 * s for m, n in mods))
+
+
+def build(sh: dict, layers: int, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=sh["hidden"], intermediate_size=sh["intermediate"], num_hidden_layers=layers,
+                      num_attention_heads=sh["heads"], num_key_value_heads=sh["kv_heads"], head_dim=sh["head_dim"],
+                      vocab_size=sh["vocab"], max_position_embeddings=8192, rope_theta=500000.0,
+                      tie_word_embeddings=False, attn_implementation="eager")
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # no float32 copy of the weights on the way
+    try:
+        model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    return model.eval()
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child(a) -> dict:
+    import fasc
+    from fasc.data import Batch
+    from fasc.export import save_compressed
+    from fasc.linalg_device import LinalgConfig
+
+    torch.set_num_threads(a.threads)
+    sh = shape(a.width_scale)
+    dev = torch.device(a.device)
+    t = time.perf_counter()
+    model = build(sh, a.child_layers, getattr(torch, a.dtype)).to(dev)
+    res = {"layers": a.child_layers, "shape": sh, "build_s": time.perf_counter() - t}
+    g = torch.Generator().manual_seed(0)
+    n_seq = max(1, a.tokens // a.seq_len)
+    batches = []
+    for i in range(0, n_seq, a.batch_size):
+        ids = torch.randint(0, sh["vocab"], (min(a.batch_size, n_seq - i), a.seq_len), generator=g)
+        tm = torch.ones_like(ids, dtype=torch.bool)
+        tm[:, -1] = False
+        batches.append(Batch(ids, torch.ones_like(ids), tm))
+    cfg = fasc.CalibConfig(n_tokens=a.tokens, seq_len=a.seq_len, batch_size=a.batch_size,
+                           device=a.stats_device)
+    t, c = time.perf_counter(), time.process_time()
+    stats = fasc.calibrate(model, batches, cfg, model_fp="scale8b")
+    res["calibrate_s"], res["calibrate_wall_s"] = time.process_time() - c, time.perf_counter() - t
+    res["tokens"] = stats.n_tokens
+    res["stats_bytes"] = stats.nbytes()
+    res["rss_after_calibration_mb"] = rss_mb()
+    t, c = time.perf_counter(), time.process_time()
+    an = fasc.Analysis(model, stats, fasc.CompressConfig(gamma=1.0),
+                       linalg=LinalgConfig(device=a.linalg_device, dtype=a.linalg_dtype))
+    an.precompute(("fasc",))
+    res["analysis_s"], res["analysis_wall_s"] = time.process_time() - c, time.perf_counter() - t
+    res["precision_checks"] = {str(k): v for k, v in an.precision_checks.items()}
+    t, c = time.perf_counter(), time.process_time()
+    plan = fasc.allocate(an, "fasc", param_ratio=a.param_ratio)
+    fasc.compress_(model, an, plan)  # in place: the dense original is not needed afterwards
+    res["compress_s"], res["compress_wall_s"] = time.process_time() - c, time.perf_counter() - t
+    kept, orig = plan.params(an)
+    res["param_ratio"] = kept / orig
+    del an, stats
+    t, c = time.perf_counter(), time.process_time()
+    with tempfile.TemporaryDirectory(dir=a.tmp) as d:
+        save_compressed(model, None, Path(d) / "export", meta={"method": "fasc", "bench": "scale8b"})
+    res["export_s"], res["export_wall_s"] = time.process_time() - c, time.perf_counter() - t
+    res["peak_rss_mb"] = rss_mb()
+    if dev.type == "cuda":
+        res["peak_gpu_mb"] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
+    print(json.dumps(res))
+    return res
+
+
+STEPS = ("calibrate_s", "analysis_s", "compress_s", "export_s")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.scale8b", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--width-scale", type=float, default=0.125, help="multiply widths and heads (1 = the real shape)")
+    p.add_argument("--layers", type=int, default=1, help="decoder layers in memory (measured with L and L+1)")
+    p.add_argument("--tokens", type=int, default=1024, help="calibration tokens per run")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--target-tokens", type=int, default=256 * 2048, help="tokens of the extrapolated run")
+    p.add_argument("--param-ratio", type=float, default=0.8)
+    p.add_argument("--dtype", default=None, choices=("bfloat16", "float32"),
+                   help="weights' dtype (default: bfloat16 on a GPU; float32 on the CPU, whose bf16 matmuls are slow)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--stats-device", default="auto")
+    p.add_argument("--linalg-device", default="auto")
+    p.add_argument("--linalg-dtype", default="auto", choices=("auto", "float64", "float32"))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tmp", default=None, help="folder for the temporary export")
+    p.add_argument("--child-layers", type=int, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    a.dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
+    if a.child_layers:
+        child(a)
+        return 0
+    args = sys.argv[1:] if argv is None else list(argv)
+    runs = {}
+    for L in (a.layers, a.layers + 1):  # fresh processes: each peak RSS is its own
+        r = subprocess.run([sys.executable, "-m", "bench.scale8b", *args, "--child-layers", str(L)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            print(r.stderr[-3000:], file=sys.stderr)
+            return 1
+        runs[L] = json.loads(r.stdout.strip().splitlines()[-1])
+        print(f"{L} layer(s): " + ", ".join(f"{k[:-2]} {runs[L][k]:.1f} s" for k in STEPS)
+              + f", peak RSS {runs[L]['peak_rss_mb']:.0f} MB", file=sys.stderr)
+    lo, hi = runs[a.layers], runs[a.layers + 1]
+    sh = lo["shape"]
+    per_layer = {k: max(hi[k] - lo[k], 0.0) for k in STEPS}
+    fixed = {k: max(lo[k] - a.layers * per_layer[k], 0.0) for k in STEPS}
+    tok_scale = a.target_tokens / lo["tokens"]
+    L_full = LLAMA3_8B["layers"]
+    whole = {k: (fixed[k] + L_full * per_layer[k]) * (tok_scale if k == "calibrate_s" else 1.0) for k in STEPS}
+    rss_layer = hi["peak_rss_mb"] - lo["peak_rss_mb"]
+    f64 = stats_bytes_per_layer(sh["hidden"], sh["intermediate"], sh["kv_heads"], sh["head_dim"], 8)
+    full = LLAMA3_8B
+    f64_full = stats_bytes_per_layer(full["hidden"], full["intermediate"], full["kv_heads"], full["head_dim"], 8)
+    measured_layer = hi["stats_bytes"] - lo["stats_bytes"]
+    res = {"args": vars(a), "runs": runs, "per_layer_s": per_layer, "fixed_s": fixed,
+           "whole_model_extrapolated_s": whole, "stats_bytes_per_layer": measured_layer,
+           "stats_formula_bytes_per_layer": f64, "stats_formula_bytes_per_layer_8b_float64": f64_full}
+    OUT.mkdir(exist_ok=True)
+    (OUT / f"scale8b-w{a.width_scale:g}.json").write_text(json.dumps(res, indent=1))
+    w = f"width ×{a.width_scale:g}: {sh['hidden']} / {sh['intermediate']}, {sh['heads']} heads, {sh['kv_heads']} KV"
+    print(f"Llama-3-8B-shaped ({w}, vocab {sh['vocab']}), {a.dtype} weights on {a.device}, "
+          f"linear algebra on {a.linalg_device}; measured with {a.layers} and {a.layers + 1} layers, "
+          f"{lo['tokens']} calibration tokens")
+    print("| step (CPU seconds) | per decoder layer (measured) | fixed: embeddings, lm_head (measured) | "
+          f"whole model, {L_full} layers, {a.target_tokens} calibration tokens (EXTRAPOLATED) |")
+    print("|---|---|---|---|")
+    for k in STEPS:
+        print(f"| {k[:-2]} | {per_layer[k]:.2f} s | {fixed[k]:.2f} s | {whole[k] / 60:.1f} min |")
+    print(f"| total | {sum(per_layer.values()):.2f} s | {sum(fixed.values()):.2f} s | "
+          f"{sum(whole.values()) / 60:.1f} min (extrapolated) |")
+    print(f"statistics per layer: {measured_layer / 2**20:.0f} MB measured, {f64 / 2**20:.0f} MB by the formula "
+          f"(float64); the real 8B layer: {f64_full / 2**30:.2f} GiB float64, {f64_full / 2 / 2**30:.2f} GiB float32; "
+          f"peak RSS {lo['peak_rss_mb']:.0f} MB ({a.layers} layer) / {hi['peak_rss_mb']:.0f} MB ({a.layers + 1}), "
+          f"+{rss_layer:.0f} MB per layer")
+    print(f"layer_seconds={sum(per_layer.values()):.2f}")
+    print(f"peak_rss_mb={hi['peak_rss_mb']:.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

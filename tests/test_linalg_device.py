@@ -1,0 +1,232 @@
+"""The linear-algebra device and precision (fasc.linalg_device) and the small-side solve for wide
+modules (spec §3): same results as the n×n solve, no device leaks, dtype mixes handled in one place.
+
+No GPU is available to this project's tests: the device logic is proven on the CPU by (a) running the
+whole analysis under `torch.device("meta")` as the *default* device with the linear-algebra device
+set to `cpu` explicitly — any tensor created without an explicit device (the bug class that breaks
+on CUDA) lands on meta and fails — and (b) device/dtype resolution with a mocked CUDA runtime.
+"""
+
+import copy
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+import fasc
+from fasc.errors import FascError
+from fasc.linalg_device import LinalgConfig, Place, resolve_device, resolve_dtype
+from fasc.spectra import (basis_asvd, basis_asvd_wide, basis_fasc, basis_fasc_wide, fisher_spectrum,
+                          fisher_spectrum_wide, misalignment_curve, whitening, wide_ok, wide_side)
+
+from conftest import random_batches
+
+METHODS = ("svd", "asvd", "pca", "fwsvd", "fasc")
+
+
+def wide_stats(n=40, m=12, seed=0, dead_row=False):
+    """W (m, n) with m < n and C_h = Wᵀ C_g W exactly, as autograd's h = Wᵀg gives."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(m, n, generator=g, dtype=torch.float64)
+    if dead_row:
+        W[3] = 0
+    X = torch.randn(500, n, generator=g, dtype=torch.float64) * torch.logspace(0, -2, n, dtype=torch.float64)
+    H = torch.randn(500, m, generator=g, dtype=torch.float64) @ W
+    return W, X.T @ X / 500, H.T @ H / 500
+
+
+def same_map(b1, b2, W, k):
+    U1, V1 = b1.factors(W, k)
+    U2, V2 = b2.factors(W, k)
+    return torch.allclose(U1 @ V1.T, U2 @ V2.T, atol=1e-9 * float(W.abs().max()))
+
+
+@pytest.mark.parametrize("dead_row", [False, True])
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 3.0])
+def test_small_side_fasc_equals_full_solve(gamma, dead_row):
+    W, Cx, Ch = wide_stats(dead_row=dead_row)
+    n, m = W.shape[1], W.shape[0]
+    wh = whitening(Cx, 1e-4)
+    ws = wide_side(W, Ch, wh.B, wh.Cx_d)
+    assert wide_ok(ws) and ws.Z.shape == (n, m)
+    full, small = basis_fasc(W, Ch, wh.B, wh.B_inv, gamma), basis_fasc_wide(ws, Ch, W, wh.B, wh.B_inv, gamma, n)
+    assert small.Q.shape == (n, m) and small.curve.shape == full.curve.shape and small.values.shape == (n,)
+    scale = float(full.curve[0])
+    assert torch.allclose(small.curve, full.curve, atol=1e-10 * scale, rtol=0)
+    assert torch.allclose(small.values, full.values, atol=1e-10 * float(full.values[0]), rtol=0)
+    rank = m - 1 if dead_row else m
+    for k in range(1, rank + 1):  # the same rank-k map (hence factors up to sign) wherever λ_k > λ_{k+1}
+        assert same_map(full, small, W, k)
+    q_full, q_small = full.Q[:, :rank], small.Q[:, :rank]
+    assert torch.allclose(q_full, q_small, atol=1e-8)  # signs pinned the same way by both
+    assert np.allclose(misalignment_curve(wh.V, small).numpy()[:rank],
+                       misalignment_curve(wh.V, full).numpy()[:rank], atol=1e-8)
+    if gamma == 0:
+        assert torch.allclose(small.fisher_spectrum, fisher_spectrum(Ch, wh.B), atol=1e-10 * scale)
+
+
+def test_small_side_asvd_and_fisher_spectrum_equal_full_solve():
+    W, Cx, Ch = wide_stats(seed=1)
+    n = W.shape[1]
+    wh = whitening(Cx, 1e-4)
+    ws = wide_side(W, Ch, wh.B, wh.Cx_d)
+    full, small = basis_asvd(W, Ch, wh.B, wh.B_inv), basis_asvd_wide(ws, wh.B, wh.B_inv, n)
+    assert torch.allclose(small.curve, full.curve, atol=1e-10 * float(full.curve[0]), rtol=0)
+    assert torch.allclose(small.values, full.values, atol=1e-10 * float(full.values[0]), rtol=0)
+    for k in (1, 5, W.shape[0]):
+        assert same_map(full, small, W, k)
+    lam = fisher_spectrum(Ch, wh.B)
+    assert torch.allclose(fisher_spectrum_wide(ws, n), lam, atol=1e-10 * float(lam[0]))
+
+
+def test_statistics_not_of_the_form_WtCgW_are_detected():
+    """A C_h with energy outside range(Wᵀ) (not from h = Wᵀg) must not take the small side."""
+    W, Cx, _ = wide_stats(seed=2)
+    X = torch.randn(300, W.shape[1], dtype=torch.float64)
+    wh = whitening(Cx, 1e-4)
+    assert not wide_ok(wide_side(W, X.T @ X / 300, wh.B, wh.Cx_d))
+
+
+def test_analysis_small_side_matches_full_on_a_tiny_model(llama, llama_stats):
+    """Every module and method of a tiny GQA Llama (k/v 32→16 and down 48→32 are wide): the same
+    curves, spectra, misalignment and rank-k weights with and without the small side."""
+    new = fasc.Analysis(llama, llama_stats, fasc.CompressConfig(gamma=1.0), linalg=LinalgConfig(device="cpu"))
+    old = fasc.Analysis(llama, llama_stats, fasc.CompressConfig(gamma=1.0),
+                        linalg=LinalgConfig(device="cpu", small_side=False))
+    wide = [i for i in llama_stats.modules if i.out_features < i.in_features]
+    assert {i.kind for i in wide} >= {"k", "v", "down"}
+    for an in (new, old):
+        an.precompute(METHODS)
+    for info in llama_stats.modules:
+        f = info.fqn
+        for m in METHODS:
+            c_new, c_old = new.curve(f, m), old.curve(f, m)
+            assert np.allclose(c_new, c_old, rtol=1e-6, atol=1e-6 * c_old[0]), (f, m)  # h = Wᵀg in float32
+        assert np.allclose(new.fisher_spectrum(f), old.fisher_spectrum(f), rtol=1e-6,
+                           atol=1e-6 * float(old.fisher_spectrum(f)[0]))
+        assert np.allclose(new.misalignment(f), old.misalignment(f), atol=1e-6)
+        k = max(1, info.max_rank // 2)
+        for m in ("asvd", "fasc"):
+            U1, V1 = new.factors(f, m, k)
+            U2, V2 = old.factors(f, m, k)
+            assert torch.allclose(U1 @ V1.T, U2 @ V2.T, atol=1e-8), (f, m)
+    assert new.basis(wide[0].fqn, "fasc").Q.shape[1] == wide[0].out_features  # the m-column basis was used
+    assert old.basis(wide[0].fqn, "fasc").Q.shape[1] == wide[0].in_features
+
+
+def test_no_tensor_is_created_on_the_default_device(llama, llama_stats):
+    """With the default device set to meta and the linear-algebra device to cpu, a tensor created
+    without an explicit device (what breaks on CUDA) would be meta and fail: the whole analysis,
+    every method, the diagnostics, factors and surgery run, and give the same numbers."""
+    ref = fasc.Analysis(llama, llama_stats, linalg=LinalgConfig(device="cpu"))
+    ref.precompute(METHODS)
+    small = copy.deepcopy(llama)
+    with torch.device("meta"):
+        an = fasc.Analysis(llama, llama_stats, linalg=LinalgConfig(device="cpu"))
+        an.precompute(METHODS)
+        rows = an.report(0.5)
+        plan = fasc.allocate(an, "fasc", param_ratio=0.6)
+        fasc.compress_(small, an, plan)
+        fb = an.fisher_basis(llama_stats.fqns[-1]).directions(4)
+    assert fb.device.type == "cpu" and len(rows) == len(llama_stats.modules)
+    for info in llama_stats.modules:
+        for m in METHODS:
+            assert np.array_equal(an.curve(info.fqn, m), ref.curve(info.fqn, m))
+    assert all(p.device.type == "cpu" for p in small.parameters())
+    ids = torch.randint(5, 90, (1, 12))
+    assert torch.isfinite(small(ids).logits).all()
+
+
+@pytest.fixture(scope="module")
+def bf16_llama(llama):
+    return copy.deepcopy(llama).to(torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def bf16_stats(bf16_llama):
+    """Statistics of a bf16 model: float32 products summed in float64 (the CPU default)."""
+    return fasc.calibrate(bf16_llama, random_batches(3), fasc.CalibConfig(n_tokens=10_000, seq_len=24))
+
+
+@pytest.mark.parametrize("stats_dtype", [torch.float64, torch.float32])
+def test_bf16_weights_with_float32_or_float64_statistics(bf16_llama, bf16_stats, stats_dtype):
+    """Weights bf16, statistics float32 or float64, linear algebra float32 or float64 on an explicit
+    device: one conversion point; float32 passes its measured check against float64 and agrees."""
+    stats = copy.copy(bf16_stats)
+    stats.cx = {k: v.to(stats_dtype) for k, v in bf16_stats.cx.items()}
+    stats.ch = {k: v.to(stats_dtype) for k, v in bf16_stats.ch.items()}
+    an64 = fasc.Analysis(bf16_llama, stats, linalg=LinalgConfig(device="cpu", dtype="float64"))
+    an32 = fasc.Analysis(bf16_llama, stats, linalg=LinalgConfig(device="cpu", dtype="float32"))
+    assert an32.place == Place(torch.device("cpu"), torch.float32)
+    f = "model.layers.1.mlp.down_proj"
+    k = 8
+    U64, V64 = an64.factors(f, "fasc", k)
+    U32, V32 = an32.factors(f, "fasc", k)
+    assert U64.dtype == torch.float64 and U32.dtype == torch.float32 and an32.weight(f).dtype == torch.float32
+    chk = an32.precision_checks[48]
+    assert chk["dtype"] == "float32" and chk["module"] == f and chk["curve_rel_err"] <= 1e-3
+    c32, c64 = an32.curve(f, "fasc"), an64.curve(f, "fasc")
+    assert np.allclose(c32, c64, atol=1e-3 * c64[0], rtol=0)
+    W = U64 @ V64.T
+    assert float((U32.double() @ V32.double().T - W).norm() / W.norm()) < 1e-2
+    small = copy.deepcopy(bf16_llama)
+    fasc.compress_(small, an32, fasc.allocate(an32, "fasc", rank_ratio=0.5))
+    low = [m for m in small.modules() if isinstance(m, fasc.LowRankLinear)]
+    assert low and all(m.U.dtype == torch.bfloat16 and m.U.device.type == "cpu" for m in low)
+
+
+def test_float32_failing_its_check_falls_back_to_float64(llama, llama_stats, caplog):
+    """A tolerance no float32 result can meet: the checked width is computed in float64, with a
+    one-line warning, and gives exactly the float64 numbers."""
+    an = fasc.Analysis(llama, llama_stats, linalg=LinalgConfig(device="cpu", dtype="float32", tol=1e-15))
+    ref = fasc.Analysis(llama, llama_stats, linalg=LinalgConfig(device="cpu", dtype="float64"))
+    f = "model.layers.0.mlp.down_proj"
+    with caplog.at_level(logging.WARNING, logger="fasc"):
+        c = an.curve(f, "fasc")
+    assert an.precision_checks[48]["dtype"] == "float64" and "float64" in caplog.text
+    assert an.place_of(f).dtype == torch.float64
+    assert np.array_equal(c, ref.curve(f, "fasc"))
+
+
+class FakeCuda:
+    """The torch.cuda calls `fasc.linalg_device` makes, for a machine with `count` GPUs."""
+
+    def __init__(self, count, capability):
+        self.count, self.capability = count, capability
+
+    def install(self, monkeypatch):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: self.count > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: self.count)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: self.capability)
+
+
+def test_device_and_dtype_resolution(monkeypatch):
+    FakeCuda(0, None).install(monkeypatch)
+    assert resolve_device("auto") == torch.device("cpu") and resolve_dtype("auto", torch.device("cpu")) == torch.float64
+    with pytest.raises(FascError, match="none is visible"):
+        resolve_device("cuda")
+    with pytest.raises(FascError, match="not supported|Unknown"):
+        resolve_device("tpu")
+    FakeCuda(2, (9, 0)).install(monkeypatch)  # H100/H200 class
+    assert resolve_device("auto") == torch.device("cuda", 0) and resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_dtype("auto", torch.device("cuda", 0)) == torch.float64
+    with pytest.raises(FascError, match="only 2 GPU"):
+        resolve_device("cuda:3")
+    FakeCuda(1, (8, 9)).install(monkeypatch)  # a consumer GPU: float64 at 1/64 rate
+    assert resolve_dtype("auto", torch.device("cuda", 0)) == torch.float32
+    assert resolve_dtype("float64", torch.device("cuda", 0)) == torch.float64
+    with pytest.raises(FascError, match="linalg_dtype"):
+        LinalgConfig(dtype="float16")
+
+
+def test_cli_linalg_device_without_gpu_is_one_line(capsys, saved_llama, tmp_path):
+    from fasc.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    code = main(["report", "--model", str(saved_llama / "model"), "--data", str(saved_llama / "calib.txt"),
+                 "--tokens", "256", "--seq-len", "32", "--cache-dir", str(tmp_path / "c"), "--quiet",
+                 "--linalg-device", "cuda"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "--linalg-device cpu" in err
