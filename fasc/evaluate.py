@@ -111,3 +111,29 @@ def target_loss(model: nn.Module, batches, temperature: float = 1.0) -> float:
             total += float(F.cross_entropy(logits[tm].float() / temperature, nxt[tm], reduction="sum"))
             n += int(b.stat_mask.sum())
     return total / max(n, 1)
+
+
+@torch.no_grad()
+def answer_scores(model: nn.Module, encoded: list[tuple[list[int], int]],
+                  batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per fact: −log P(answer | prompt) in nats (Σ over its answer tokens, teacher-forced) and
+    whether the answer's first token is the top-1 prediction. `encoded` from `encode_example`.
+    Returns ((n,) float32, (n,) bool)."""
+    dev = _device(model)
+    nll, first = [], []
+    with eval_mode(model):
+        for i in range(0, len(encoded), batch_size):
+            chunk = encoded[i:i + batch_size]
+            x, mask = pad_rows([ids for ids, _ in chunk])
+            logits = model(input_ids=x.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
+            logp = logits[:, :-1].float().log_softmax(-1)                         # (B, L-1, V)
+            tgt = x[:, 1:].to(dev)
+            lp = logp.gather(-1, tgt[..., None])[..., 0]                          # (B, L-1)
+            pos = torch.arange(x.shape[1] - 1, device=dev)[None]
+            start = torch.tensor([s for _, s in chunk], device=dev)[:, None]
+            end = torch.tensor([len(ids) for ids, _ in chunk], device=dev)[:, None]
+            ans = (pos >= start - 1) & (pos < end - 1)                            # answer-token targets
+            nll.extend((-(lp * ans).sum(1)).tolist())
+            rows = torch.arange(len(chunk), device=dev)
+            first.extend((logp[rows, start[:, 0] - 1].argmax(-1) == tgt[rows, start[:, 0] - 1]).tolist())
+    return torch.tensor(nll, dtype=torch.float32), torch.tensor(first, dtype=torch.bool)

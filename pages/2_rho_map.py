@@ -4,6 +4,7 @@ selects that module on every page."""
 
 import streamlit as st
 
+from fasc.app import knowledge as K
 from fasc.app import ui
 from fasc.app.format import mean_rho
 from fasc.app.state import select_module, selected_module
@@ -15,6 +16,8 @@ VIEWS = {
     "rho_fisher": "ρ along Fisher directions",
     "misalignment": "Misalignment pca ↔ fasc",
     "dl_plan": "Predicted ΔL at current ranks",
+    "knowledge": "Measured knowledge loss",
+    "fact_focus": "Facts vs general Fisher",
 }
 
 
@@ -74,11 +77,12 @@ def main() -> None:
             view = "rho"
         rows = ui.report_rows(ctx, float(ratio))
         values = plan_values(plan, an) if view == "dl_plan" else None
-        title = {"rho": "ρ = mean |ρ(u)| over random unit directions (0 = independent)",
+        view, values, label, kv = K.knowledge_view(ctx, plan, view, values, len(rows))
+        title = kv.title or {"rho": "ρ = mean |ρ(u)| over random unit directions (0 = independent)",
                  "rho_fisher": "ρ = mean |ρ(u)| over each module's top Fisher directions (the ones FASC keeps)",
                  "misalignment": f"Share of the FASC subspace missed by PCA at rank ratio {ratio:g}",
                  "dl_plan": f"Predicted ΔL per module at the current ranks (Σ = {plan.predicted(an):.4g} nats/token)"}[view]
-        fig = rho_heatmap(rows, value=view, selected=sel, values=values, title=title)
+        fig = rho_heatmap(rows, value=view, selected=sel, values=values, title=title, label=label)
 
         def on_select() -> None:
             fqn = selected_fqn(st.session_state.get("rho_chart"), rows)
@@ -90,9 +94,12 @@ def main() -> None:
         st.caption("Hover a cell for its numbers; click it to select the module for the Spectra and Ranks pages.")
     with right:
         module_panel(ctx, rows, sel, plan)
-    st.caption(f"Mean ρ over {len(rows)} modules: {mean_rho(rows):.3f}. High-ρ modules are where activations "
-               f"and gradients are coupled — where variance-only compression is most likely to lose knowledge "
-               f"and Fisher-aligned subspaces matter most.")
+        K.module_metric(kv, sel)
+    if view == "knowledge":
+        K.knowledge_details(ctx, kv, plan)
+    st.caption(f"Mean ρ over {len(rows)} modules: {mean_rho(rows):.3f}. ρ measures how far a module's activations "
+               f"and gradients are from independent (spec §4): where it is large, the decoupled predicted ΔL is "
+               f"least reliable. " + K.rho_verdict(ctx, kv.km))
 
 
 ui.run_page(main)

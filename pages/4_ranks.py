@@ -5,6 +5,7 @@ variance baseline at the same budget, and save / load as JSON."""
 import streamlit as st
 
 from fasc.allocate import Plan, allocate, base_method, base_methods, load_plan
+from fasc.app import knowledge as K
 from fasc.app import state, table, ui
 from fasc.comparison import evaluate_plan
 from fasc.config import METHODS
@@ -111,12 +112,13 @@ def evaluation(ctx: ui.Context, plan: Plan) -> None:
     rows = state.evaluation(ekey)
     if rows is None:
         st.caption("Evaluation compresses copies of the model (the plan and the baseline); results are kept per plan.")
-        return
-    st.dataframe([{"model": r["model"], "params kept": f"{r['params_kept']:.1%}",
-                   "predicted ΔL": f"{r['predicted_dl']:.3g}", "perplexity": round(r["perplexity"], 3),
-                   "fact recall": f"{r['recall']:.1%}", "exact match": f"{r['exact_match']:.1%}",
-                   "facts": r["n_facts"]} for r in rows], hide_index=True, width="stretch")
-    st.plotly_chart(eval_figure(rows), width="stretch", key="eval_fig")
+    else:
+        st.dataframe([{"model": r["model"], "params kept": f"{r['params_kept']:.1%}",
+                       "predicted ΔL": f"{r['predicted_dl']:.3g}", "perplexity": round(r["perplexity"], 3),
+                       "fact recall": f"{r['recall']:.1%}", "exact match": f"{r['exact_match']:.1%}",
+                       "facts": r["n_facts"]} for r in rows], hide_index=True, width="stretch")
+        st.plotly_chart(eval_figure(rows), width="stretch", key="eval_fig")
+    K.generation_panel(ctx, plan, baseline)
 
 
 def save_load(ctx: ui.Context, plan: Plan) -> None:

@@ -232,3 +232,29 @@ def test_calibrate_heatmap_ranks_export(server, page):
     assert "50.0%" in page.locator("[data-testid='stMetric']").filter(has_text="Fact recall").inner_text()
     _wait_text(page, "ckpt-100 (mean ρ")
     _shot(page, "6_training")
+
+
+def test_knowledge_map_and_generation(server, page):
+    """After the click-through above (calibrated, plan allocated): measure the knowledge map on the
+    built-in probe, then complete prompts side by side on the Ranks page."""
+    url, tmp = server
+    _goto(page, "ρ map")
+    page.locator("[data-testid='stButtonGroup'] button", has_text="Measured knowledge loss").click()
+    _idle(page)
+    page.get_by_role("button", name="Measure the knowledge map").click()
+    page.get_by_text("Does a statistic say where facts live?").wait_for()
+    _idle(page)
+    _no_exception(page)
+    _wait_text(page, "Measured with only this module compressed")  # the heatmap's title
+    assert list((tmp / "cache").glob("*/kmap-*.safetensors"))
+    assert page.get_by_text("One fact at a time").first.is_visible()
+    _shot(page, "7_knowledge_map")
+
+    _goto(page, "Ranks")
+    frames = page.locator("[data-testid='stDataFrame']").count()
+    page.get_by_role("button", name="Generate").click()
+    page.wait_for_function(f"() => document.querySelectorAll('[data-testid=\"stDataFrame\"]').length > {frames}",
+                           timeout=TIMEOUT_MS)
+    _idle(page)
+    _no_exception(page)
+    _shot(page, "8_generations")
