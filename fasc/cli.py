@@ -202,6 +202,12 @@ def cmd_compress(args) -> None:
                         modules=args.modules, model_fp=mfp)
     if args.save_plan:
         plan.save(args.save_plan)
+    from .speed import predicted_speedup, speed_warning
+
+    shapes = {f: (an.info(f).out_features, an.info(f).in_features) for f in plan.ranks}
+    speedup = predicted_speedup(model, shapes, plan.ranks, merge=args.merge)
+    if (warn := speed_warning(speedup, args.merge)) is not None:
+        logging.getLogger("fasc").warning(warn)
     bar = _progress("compressing", args, unit="module")
     try:
         res = compress_and_save(model, tok, an, plan, args.out, merge=args.merge, overwrite=args.overwrite,
@@ -209,7 +215,7 @@ def cmd_compress(args) -> None:
                                 model_fp=mfp, progress=bar)
     finally:
         bar.close()
-    obj = {**res, "from_cache": hit,
+    obj = {**res, "from_cache": hit, "predicted_speedup": round(speedup, 3),
            "seconds": {"load": round(t_load, 2), "calibration": round(t_cal, 2), "eigen": round(t_eig, 2), "compress_and_export": res["seconds"]}}
     _emit(args, obj, f"wrote {res['out']} ({'merged' if args.merge else 'factored'}): {res['modules']} modules, "
                      f"{res['param_ratio']:.1%} of their parameters kept, model {res['model_params_before']:,} → "
