@@ -202,11 +202,10 @@ def cmd_compress(args) -> None:
                         modules=args.modules, model_fp=mfp)
     if args.save_plan:
         plan.save(args.save_plan)
-    from .speed import predicted_speedup, speed_warning
+    from .speed import plan_speed
 
-    shapes = {f: (an.info(f).out_features, an.info(f).in_features) for f in plan.ranks}
-    speedup = predicted_speedup(model, shapes, plan.ranks, merge=args.merge)
-    if (warn := speed_warning(speedup, args.merge)) is not None:
+    speedup, warn = plan_speed(model, an, plan, merge=args.merge)
+    if warn is not None:
         logging.getLogger("fasc").warning(warn)
     bar = _progress("compressing", args, unit="module")
     try:

@@ -58,3 +58,11 @@ def speed_warning(speedup: float, merge: bool = False) -> str | None:
                 f"{1 - 1 / speedup:.0%} (predicted speed-up {speedup:.2f}×, below {MIN_SPEEDUP:.2f}×); keep fewer "
                 f"parameters (e.g. --param-ratio 0.6) if speed matters.")
     return None
+
+
+def plan_speed(model: nn.Module, an, plan, merge: bool = False) -> tuple[float, str | None]:
+    """(predicted speed-up, warning or None) of compressing `model` with `plan` (an `Analysis` gives
+    the modules' shapes): what `fasc compress` prints and the Export page shows."""
+    shapes = {f: (an.info(f).out_features, an.info(f).in_features) for f in plan.ranks}
+    speedup = predicted_speedup(model, shapes, plan.ranks, merge=merge)
+    return speedup, speed_warning(speedup, merge)
