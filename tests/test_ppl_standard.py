@@ -51,3 +51,18 @@ def test_window_capped_at_model_length_and_short_text_is_one_line(tokenizer):
     assert res["seq_len"] == 128
     with pytest.raises(fasc.FascError, match="fewer than one window"):
         perplexity_standard(model, tokenizer, "the cat sat", seq_len=64)
+
+
+def test_cli_eval_standard_protocol(saved_llama, capsys):
+    import json
+
+    from fasc.cli import main
+
+    args = ["eval", "--model", str(saved_llama / "model"), "--text", str(saved_llama / "heldout.txt"),
+            "--probe", str(saved_llama / "probe.jsonl"), "--json", "--quiet"]
+    assert main(args + ["--ppl-protocol", "standard", "--seq-len", "32"]) == 0
+    std = json.loads(capsys.readouterr().out)
+    assert std["ppl_protocol"] == "standard" and std["seq_len"] == 32 and std["windows"] >= 1
+    assert main(args) == 0
+    par = json.loads(capsys.readouterr().out)
+    assert par["ppl_protocol"] == "paragraphs" and std["perplexity"] != par["perplexity"]
