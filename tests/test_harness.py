@@ -110,3 +110,19 @@ def test_fasc_facts_on_a_compressed_demo_model_equals_fasc_eval(tmp_path):
     got = run_tasks(hf, tok, ["fasc_facts"], probe=probe, limit=300, batch_size=32)["results"]["fasc_facts"]
     assert got["recall"] == pytest.approx(ref.first_token, abs=1e-12)
     assert got["exact_match"] == pytest.approx(ref.exact, abs=1e-12)
+
+
+def test_the_shipped_yaml_loads_through_lm_eval_task_manager(saved_llama):
+    """`lm_eval --include_path TASK_DIR --tasks fasc_facts`: the YAML's task reads the probe and the
+    tokenizer named in lm-eval's metadata (`pretrained`, as `--model_args` passes it)."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    from fasc.lm_tasks import TASK_DIR
+
+    manager = TaskManager(include_path=str(TASK_DIR), include_defaults=False,
+                          metadata={"pretrained": str(saved_llama / "model"), "probe": str(saved_llama / "probe.jsonl")})
+    task = get_task_dict(["fasc_facts"], manager)["fasc_facts"]
+    docs = list(task.test_docs())
+    assert [d["answer"] for d in docs] == ["mat", "land", "apple"]
+    assert all(d["first_exact"] for d in docs) and docs[0]["first"] == " mat"
+    assert docs[0]["distractors"] == ["apple"]  # the other answer of relation r1
