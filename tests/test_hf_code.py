@@ -51,6 +51,16 @@ def test_from_pretrained_with_remote_code_holds_the_factors(exported):
         assert int(gen[0, 10]) == int(ref(input_ids=IDS[:1]).logits[0, -1].argmax())
 
 
+def test_from_config_builds_the_factored_shells(exported):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _, small, out = exported
+    cfg = AutoConfig.from_pretrained(out, trust_remote_code=True)
+    assert cfg.model_type == "fasc" and cfg.fasc_factored
+    shells = AutoModelForCausalLM.from_config(cfg, trust_remote_code=True)
+    assert n_params(shells) == n_params(small)
+
+
 def test_without_remote_code_transformers_refuses_instead_of_loading_random_weights(exported):
     from transformers import AutoModelForCausalLM
 

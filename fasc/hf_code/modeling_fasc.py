@@ -61,7 +61,17 @@ class FascForCausalLM(PreTrainedModel):
         if not isinstance(config, FascConfig):
             config = FascConfig.from_pretrained(pretrained_model_name_or_path, **{
                 k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs})
-        base = config.to_base()
-        sub = factored_class(MODEL_FOR_CAUSAL_LM_MAPPING[type(base)], config.fasc_factored)
         kwargs.pop("trust_remote_code", None)
+        sub, base = cls._factored(config)
         return sub.from_pretrained(pretrained_model_name_or_path, *args, config=base, **kwargs)
+
+    @classmethod
+    def _from_config(cls, config, **kwargs):
+        """`AutoModelForCausalLM.from_config(config, trust_remote_code=True)`: the factored shells, no weights."""
+        sub, base = cls._factored(config)
+        return sub._from_config(base, **kwargs)
+
+    @staticmethod
+    def _factored(config):
+        base = config.to_base()
+        return factored_class(MODEL_FOR_CAUSAL_LM_MAPPING[type(base)], config.fasc_factored), base
