@@ -227,6 +227,8 @@ def cmd_eval(args) -> None:
     from .evaluate import fact_recall, perplexity
     from .pipeline import default_data
 
+    if args.limit is not None and args.limit < 1:
+        raise FascError(f"--limit must be at least 1, got {args.limit}.")
     model, tok, _ = _load(args)
     defaults = default_data(args.model)
     text_path = args.text or defaults.heldout
@@ -257,6 +259,7 @@ def cmd_eval(args) -> None:
 
 def _eval_tasks(args, model, tok, probe_path, obj: dict) -> None:
     """`fasc eval --tasks`: lm-evaluation-harness on the loaded model (fasc.harness)."""
+    import contextlib
     import os
 
     from .harness import run_tasks
@@ -264,10 +267,6 @@ def _eval_tasks(args, model, tok, probe_path, obj: dict) -> None:
     if args.quiet:
         os.environ.setdefault("TQDM_DISABLE", "1")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    if args.limit is not None and args.limit < 1:
-        raise FascError(f"--limit must be at least 1, got {args.limit}.")
-    import contextlib
-
     with contextlib.redirect_stdout(sys.stderr):  # lm-eval prints tables/notes; stdout stays ours
         out = run_tasks(model, tok, tasks, probe=probe_path, limit=args.limit, batch_size=args.lm_batch_size)
     obj.pop("text")
