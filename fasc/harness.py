@@ -45,7 +45,7 @@ def _offline_unless_reachable():
     offline = any(os.environ.get(v, "0") not in ("", "0") for v in OFFLINE_VARS)
     old_env = {v: os.environ.get(v) for v in OFFLINE_VARS}
     old_flags = [getattr(mod, name, None) for mod, name in flags]
-    if not offline and not _hub_reachable():
+    if offline or not _hub_reachable():  # also when set after the libraries were imported (tests)
         os.environ.update({v: "1" for v in OFFLINE_VARS})
         for mod, name in flags:
             setattr(mod, name, True)
