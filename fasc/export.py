@@ -2,7 +2,9 @@
 
 Factored: `model.safetensors` holds each compressed module as `<fqn>.U` (out,k) and `<fqn>.V` (in,k);
 `fasc.load_compressed` rebuilds the architecture from `config.json`, swaps in `LowRankLinear` shells
-and loads strictly. Merged (`merge=True`): dense W' in the original layers, loadable by plain
+and loads strictly; the folder also carries `modeling_fasc.py` (see `fasc.hf_code`), so plain
+`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` builds the same factored
+model. Merged (`merge=True`): dense W' in the original layers, loadable by plain
 `AutoModelForCausalLM.from_pretrained`. Both are written to a temporary folder renamed into place.
 """
 
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 from .errors import FascError
+from .hf_code import base_config, write_remote_code
 from .layers import LowRankLinear
 from .quiet import quiet_transformers
 from .surgery import replace_module
@@ -97,7 +100,7 @@ def save_compressed(model: nn.Module, tokenizer, out: str | Path, *, meta: dict 
         with quiet_transformers():
             if factored:
                 from safetensors.torch import save_model
-                model.config.save_pretrained(tmp)
+                write_remote_code(tmp, model.config, factored)  # loadable by from_pretrained(trust_remote_code)
                 save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             else:
                 model.save_pretrained(tmp, safe_serialization=True)
@@ -111,17 +114,17 @@ def save_compressed(model: nn.Module, tokenizer, out: str | Path, *, meta: dict 
 def load_compressed(path: str | Path, device: str = "cpu"):
     """Rebuild a folder written by `save_compressed` exactly: (model, tokenizer)."""
     from safetensors.torch import load_model
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
     fc = read_fasc_config(path)
     dtype = getattr(torch, fc.get("dtype", "float32"), torch.float32)
     with quiet_transformers():
-        tok = AutoTokenizer.from_pretrained(path)
+        config = base_config(path)  # given to the tokenizer too: no remote-code prompt
+        tok = AutoTokenizer.from_pretrained(path, config=config)
         if fc.get("merged"):
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         else:
-            config = AutoConfig.from_pretrained(path)
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
             for fqn, (n, m, k, bias) in fc["factored"].items():
                 replace_module(model, fqn, LowRankLinear(n, m, k, bias=bias, dtype=dtype))

@@ -34,7 +34,11 @@ def show_result(res: dict) -> None:
                              mime="application/json", icon=":material/download:", key="w.dl_cfg")
         with st.expander(FASC_CONFIG):
             st.json(json.loads(cfg_path.read_text()), expanded=1)
-    st.caption(f"Evaluate it: `fasc eval --model {res['out']}` · load it: `fasc.load_model({res['out']!r})`.")
+    st.caption(f"Evaluate it: `fasc eval --model {res['out']}` (or `--tasks fasc_facts`, lm-eval) · load it: "
+               f"`fasc.load_model({res['out']!r})`"
+               + ("" if res["merged"] else f" or `AutoModelForCausalLM.from_pretrained({res['out']!r}, "
+                                           f"trust_remote_code=True)`") + ".")
+from fasc.speed import plan_speed
 
 
 def main() -> None:
@@ -54,6 +58,10 @@ def main() -> None:
                           "W′ = U Vᵀ that plain `AutoModelForCausalLM.from_pretrained` loads.")
     ui.commit("export_format", fmt)
     merged = fmt == "merged"
+    speedup, slow = plan_speed(ctx.lm.model, an, plan, merge=merged)
+    if slow:
+        st.warning(slow.replace("--merge", "merged").replace("(e.g. --param-ratio 0.6)", "on the Ranks page"),
+                   icon=":material/speed:")
     default_dir = default_export_dir(ctx.lm.spec, method, t.ratio, merged)
     out = c[1].text_input("Target folder", **ui.bind(f"export_dir.{default_dir}", default_dir),
                           help="Written atomically (a temporary folder renamed into place).")

@@ -382,6 +382,7 @@ def test_export_factored_and_merged(env):
     at.button(key="w.export").click().run()
     assert len(errors(ok(at))) == 1 and "exists and is not empty" in errors(at)[0]
     at.radio(key="w.export_format").set_value("merged").run()
+    assert any("dense model's size and speed" in w.value for w in at.warning)  # fasc.speed: merged is not faster
     at.button(key="w.export").click().run()
     res2 = ok(at).session_state["export_result"]
     assert res2["merged"] and res2["out"].endswith("-merged")

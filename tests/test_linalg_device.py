@@ -20,7 +20,7 @@ from fasc.linalg_device import LinalgConfig, Place, resolve_device, resolve_dtyp
 from fasc.spectra import (basis_asvd, basis_asvd_wide, basis_fasc, basis_fasc_wide, fisher_spectrum,
                           fisher_spectrum_wide, misalignment_curve, whitening, wide_ok, wide_side)
 
-from conftest import random_batches
+from helpers import random_batches
 
 METHODS = ("svd", "asvd", "pca", "fwsvd", "fasc")
 

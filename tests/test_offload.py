@@ -9,7 +9,7 @@ from fasc.offload import LazyTensors, tensor_meta, write_safetensors
 from fasc.pipeline import calibrate_in_passes
 from fasc.stats import CalibStats
 
-from conftest import random_batches
+from helpers import random_batches
 
 
 def test_streaming_write_is_a_normal_safetensors_file(tmp_path):

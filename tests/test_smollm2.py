@@ -96,7 +96,13 @@ def test_export_factored_and_merged_round_trip(smol, analysed, tmp_path):
     assert back.lm_head.weight is back.model.embed_tokens.weight
     assert torch.equal(logits(back, ids), ref)
     assert tok2("The capital")["input_ids"] == tok("The capital")["input_ids"]
+    n_back = sum(p.numel() for p in {id(p): p for p in back.parameters()}.values())
     del back
+    hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()  # fasc/hf_code, tied head kept
+    assert hf.lm_head.weight is hf.model.embed_tokens.weight
+    assert sum(p.numel() for p in {id(p): p for p in hf.parameters()}.values()) == n_back
+    assert torch.equal(logits(hf, ids), ref)
+    del hf
     merged = copy.deepcopy(model)
     fasc.compress_(merged, analysed, plan, merge=True)
     out = fasc.save_compressed(merged, tok, tmp_path / "merged")
