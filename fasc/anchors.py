@@ -21,13 +21,14 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+import torch
 from torch import nn
 
 from . import cache
 from .allocate import uniform_ranks
 from .analysis import Analysis
 from .config import ANCHOR_SHARE, CalibConfig
-from .data import Batch, data_fingerprint, documents, make_batches
+from .data import Batch, _pad_id, data_fingerprint, make_batches, text_rows
 from .errors import FascError
 from .evaluate import target_loss
 from .layers import LowRankLinear
@@ -73,18 +74,47 @@ def anchor_scale(predicted: float, measured: float, bounds: tuple[float, float] 
 
 
 def heldout_batches(tokenizer, sources, cfg: CalibConfig, n_tokens: int) -> list[Batch]:
-    """Batches of `n_tokens` from the *end* of each source (last paragraphs / last prompt-answer lines
-    first), while calibration reads sources from the start: disjoint as long as each source is longer
-    than its share of the calibration budget plus this slice (`overlap` checks it)."""
+    """Batches of about `n_tokens` (split evenly over the sources) taken from the *end* of each source
+    (its last token windows / last prompt-answer lines), while calibration reads sources from the
+    start: disjoint as long as each source is longer than its share of the calibration budget plus
+    this slice (`overlap` checks it)."""
     if n_tokens < 2:
         raise FascError(f"The anchor slice needs at least 2 tokens, got {n_tokens}; e.g. --anchor-tokens 2048.")
-    tails = []
-    for src in ([sources] if isinstance(sources, str) else sources):
-        if isinstance(src, str):
-            tails.append("\n\n".join(reversed(documents(src))))
-        else:
-            tails.append(list(reversed(src)))
-    return make_batches(tokenizer, tails, replace(cfg, n_tokens=n_tokens), name="anchor slice")
+    sources = [sources] if isinstance(sources, str) else list(sources)
+    share = max(2, n_tokens // len(sources))
+    out: list[Batch] = []
+    for src in sources:
+        sub = replace(cfg, n_tokens=share)
+        if not isinstance(src, str):
+            out += make_batches(tokenizer, list(reversed(src)), sub, name="anchor slice")
+            continue
+        rows, _ = text_rows(tokenizer, src, cfg.seq_len)
+        kept, n = [], 0
+        for ids in reversed(rows):
+            if n >= share:
+                break
+            kept.append(ids)
+            n += len(ids)
+        out += rows_to_batches(kept, cfg.batch_size, _pad_id(tokenizer))
+    return out
+
+
+def rows_to_batches(rows: list[list[int]], batch_size: int, pad: int) -> list[Batch]:
+    """Right-padded batches of token rows, every position but the last of a row a target."""
+    rows = sorted(rows, key=len)
+    out = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        L = max(len(r) for r in chunk)
+        ids = torch.full((len(chunk), L), pad, dtype=torch.long)
+        attn = torch.zeros((len(chunk), L), dtype=torch.long)
+        tm = torch.zeros((len(chunk), L), dtype=torch.bool)
+        for b, r in enumerate(chunk):
+            ids[b, :len(r)] = torch.tensor(r)
+            attn[b, :len(r)] = 1
+            tm[b, :len(r) - 1] = True
+        out.append(Batch(ids, attn, tm))
+    return out
 
 
 def overlap(a: list[Batch], b: list[Batch]) -> float:
