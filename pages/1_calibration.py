@@ -34,7 +34,7 @@ def main() -> None:
     left, right = st.columns([3, 2], gap="large")
     with left:
         st.subheader("Calibration")
-        builtin_name = default_data(lm.spec).calib.name
+        builtin_name = " + ".join(p.name for p in default_data(lm.spec).calib_files)
         data = st.radio("Calibration text", ["builtin", "upload"], horizontal=True,
                         format_func=lambda v: f"Built-in ({builtin_name})" if v == "builtin" else "Upload .txt / .jsonl",
                         **ui.bind("data", "builtin"))

@@ -7,10 +7,16 @@ import streamlit as st
 from fasc import app_state as S
 from fasc import app_ui as ui
 from fasc.allocate import allocate
-from fasc.config import METHODS
+from fasc.config import ALLOCATIONS, METHODS
 from fasc.pipeline import default_data
 from fasc.plots import eval_figure
 
+ALLOCATION_LABEL = {"greedy": "greedy (predicted ΔL)", "anchored": "anchored (measured)",
+                    "uniform": "uniform (same share per module)"}
+ALLOCATION_HELP = ("**greedy**: ranks chosen by predicted ΔL per parameter, free. **anchored**: each module's "
+                   "predicted curve scaled by one measured loss (only that module compressed at half its "
+                   "parameters): {n} forward passes over {t} held-out calibration tokens, cached. **uniform**: "
+                   "every module keeps the same share of its parameters, the baseline SVD-LLM / LEMS report, free.")
 METHOD_HELP = {"svd": "SVD of W (data-blind)", "asvd": "activation-whitened SVD (variance)",
                "pca": "PCA of activations (variance)", "fwsvd": "diagonal-Fisher weighted SVD",
                "fasc": "Fisher-aligned (this project)", "hybrid": "fasc where ρ ≥ τ, else asvd"}
@@ -24,7 +30,7 @@ def main() -> None:
 
     # ---------------------------------------------------------------- automatic allocation
     with st.container(border=True):
-        st.markdown("**Allocate automatically** — ranks chosen greedily by predicted ΔL per parameter (spec §6)")
+        st.markdown("**Allocate automatically** — a parameter budget spread over the modules (spec §6)")
         c = st.columns([2, 3, 2, 3, 2], vertical_alignment="bottom")
         method = c[0].selectbox("Method", METHODS, help=" · ".join(f"**{m}**: {h}" for m, h in METHOD_HELP.items()),
                                 **ui.bind("alloc_method", "fasc"))
@@ -38,10 +44,15 @@ def main() -> None:
                           **ui.bind("tau", float(an0.cfg.tau)))
         ui.commit("tau", float(tau))
         an = S.with_tau(an0, float(tau))
+        alloc = st.radio("Allocation", ALLOCATIONS, horizontal=True, format_func=ALLOCATION_LABEL.get,
+                         help=ALLOCATION_HELP.format(n=len(an.modules), t=ui.ANCHOR_TOKENS), **ui.bind("alloc_kind", "greedy"))
+        ui.commit("alloc_kind", alloc)
         if c[4].button("Allocate", type="primary", key="w.allocate", icon=":material/auto_fix_high:"):
             if method not in ("pca", "fasc"):
                 ui.get_analysis(ctx.lm, ctx.calib["key"], methods=("asvd",) if method == "hybrid" else (method,))
-            plan = allocate(an, method, param_ratio=float(ratio), modules=scope, model_fp=ctx.lm.fingerprint)
+            anchors = ui.get_anchors(ctx, an, method).scales if alloc == "anchored" else None
+            plan = allocate(an, method, param_ratio=float(ratio), modules=scope, model_fp=ctx.lm.fingerprint,
+                            allocation=alloc, anchors=anchors)
             plan.note["tau"] = float(tau) if method == "hybrid" else None
             ui.set_plan(ctx, plan)
         if method == "hybrid":
@@ -113,13 +124,16 @@ def main() -> None:
     ui.commit("eval_tokens", int(max_tok))
     go = c[2].button("Evaluate", key="w.evaluate", icon=":material/play_arrow:")
     c[3].caption(f"Perplexity on {data.heldout.name}, fact recall on {data.probe.name}.")
-    ekey = (ctx.lm.spec, ctx.calib["key"], an.cfg.gamma, S.plan_key(plan), baseline, int(max_tok))
+    plan_alloc = plan.note.get("allocation") or "greedy"   # the baseline is spread the same way
+    ekey = (ctx.lm.spec, ctx.calib["key"], an.cfg.gamma, S.plan_key(plan), baseline, int(max_tok), plan_alloc)
     store = ui.eval_store()
     if go and ekey not in store:
+        base_anchors = ui.get_anchors(ctx, an, baseline).scales if plan_alloc == "anchored" else None
         bar = ui.Progress("Evaluating", unit="models")
         try:
             store[ekey] = S.evaluate_plan(ctx.lm.model, ctx.lm.tok, an, plan, data.heldout, data.probe,
-                                          baseline=baseline, max_tokens=int(max_tok), progress=bar)
+                                          baseline=baseline, max_tokens=int(max_tok), progress=bar,
+                                          allocation=plan_alloc, baseline_anchors=base_anchors)
         finally:
             bar.clear()
     if ekey in store:
