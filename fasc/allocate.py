@@ -1,5 +1,7 @@
 """Rank plans (spec §6): per module ranks given directly, as a global rank ratio, or chosen
-under a parameter budget by greedy allocation on predicted ΔL.
+under a parameter budget — greedily on predicted ΔL (`greedy`), greedily on predicted ΔL scaled by
+one measured point per module (`anchored`, see `fasc.anchors`), or the same share of parameters in
+every module (`uniform`, the peers' baseline).
 
 A module of rank k costs min(k(m+n), mn) parameters: once k ≥ mn/(m+n) the factorization saves
 nothing, so the compressed weight is stored dense (still of rank k).
@@ -14,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .analysis import Analysis
-from .config import BASE_METHODS, HYBRID_FALLBACK, HYBRID_TAU, METHODS, check_hybrid
+from .config import ALLOCATIONS, BASE_METHODS, HYBRID_FALLBACK, HYBRID_TAU, METHODS, check_hybrid
 from .data import decode_text
 from .errors import FascError
 from .modules import ModuleInfo, select
@@ -201,7 +203,8 @@ def validate_plan(plan: Plan, an: Analysis, model_fp: str | None = None) -> None
 def allocate(an: Analysis, method: str = "fasc", *, rank_ratio: float | None = None,
              param_ratio: float | None = None, ranks: dict[str, int] | None = None,
              modules: str | list[str] | None = "all", model_fp: str = "", tau: float = HYBRID_TAU,
-             fallback: str = HYBRID_FALLBACK) -> Plan:
+             fallback: str = HYBRID_FALLBACK, allocation: str = "greedy",
+             anchors: dict[str, float] | None = None) -> Plan:
     """Make a plan: exactly one of `rank_ratio`, `param_ratio`, `ranks`.
 
     Args:
@@ -213,7 +216,20 @@ def allocate(an: Analysis, method: str = "fasc", *, rank_ratio: float | None = N
         ranks: explicit {fqn: k}.
         modules: which modules to compress ('all', 'mlp', 'attention', kinds or FQNs).
         tau, fallback: hybrid only: fasc where ρ ≥ τ, else `fallback` (see `base_method`).
+        allocation: how `param_ratio` is spread (spec §6): 'greedy' on predicted ΔL, 'anchored' =
+            greedy on predicted ΔL scaled per module by `anchors`, 'uniform' = the same share of
+            parameters in every module, k = round(c·mn/(m+n)).
+        anchors: {fqn: a_j} scale of each module's predicted curve (`fasc.anchors.Anchors.scales`);
+            needed by 'anchored', modules without one keep a_j = 1.
     """
+    if allocation not in ALLOCATIONS:
+        raise FascError(f"Unknown allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}.")
+    if allocation != "greedy" and param_ratio is None:
+        raise FascError(f"The {allocation} allocation spreads a parameter budget; give --param-ratio P "
+                        f"(e.g. 0.8) instead of a rank ratio or explicit ranks.")
+    if allocation == "anchored" and not anchors:
+        raise FascError("The anchored allocation needs measured anchors (fasc.anchors.measure_anchors); "
+                        "use --allocation anchored on the CLI, which measures them.")
     if sum(x is not None for x in (rank_ratio, param_ratio, ranks)) != 1:
         raise FascError("Give exactly one of a rank ratio, a parameter ratio or explicit ranks "
                         "(--rank-ratio 0.5, --param-ratio 0.5 or --ranks plan.json).")
@@ -231,11 +247,17 @@ def allocate(an: Analysis, method: str = "fasc", *, rank_ratio: float | None = N
     else:
         if not 0 < param_ratio <= 1:
             raise FascError(f"Parameter ratio must be in (0, 1], got {param_ratio}; e.g. 0.5 keeps half.")
-        chosen = greedy_ranks(infos, [an.curve(i.fqn, base_method(an, i.fqn, method, tau, fallback))
-                                      for i in infos], param_ratio)
+        if allocation == "uniform":
+            chosen = uniform_ranks(infos, param_ratio)
+        else:
+            curves = [an.curve(i.fqn, base_method(an, i.fqn, method, tau, fallback)) for i in infos]
+            if allocation == "anchored":
+                curves = [c * float(anchors.get(i.fqn, 1.0)) for i, c in zip(infos, curves)]
+            chosen = greedy_ranks(infos, curves, param_ratio)
     methods = {f: base_method(an, f, method, tau, fallback) for f in chosen if f in {i.fqn for i in an.modules}}
     plan = Plan(ranks=chosen, methods=methods, model_fingerprint=model_fp,
                 note={"method": method, "rank_ratio": rank_ratio, "param_ratio": param_ratio,
+                      "allocation": allocation if param_ratio is not None else None,
                       **({"tau": tau, "fallback": fallback} if method == "hybrid" else {})})
     validate_plan(plan, an)
     return plan
@@ -264,6 +286,24 @@ def load_plan(src: str | Path | bytes, an: Analysis, model_fp: str = "", *, name
     plan.note = dict(note, loaded_from=name)
     validate_plan(plan, an)
     return plan
+
+
+def uniform_ranks(infos: list[ModuleInfo], param_ratio: float) -> dict[str, int]:
+    """Every module keeps the same share c of its parameters: k = round(c·mn/(m+n)), at least 1
+    (spec §6, the baseline SVD-LLM / LEMS call "uniform"). c = 1 keeps every weight dense."""
+    out = {}
+    for i in infos:
+        m, n = i.out_features, i.in_features
+        out[i.fqn] = max(1, min(i.max_rank, round(param_ratio * m * n / (m + n))))
+    return out
+
+
+def rank_ratio_cost(infos: list[ModuleInfo], rank_ratio: float) -> float:
+    """Share of the modules' parameters that `--rank-ratio r` keeps (k = round(r·min(m,n)) costs
+    min(k(m+n), mn)): e.g. 0.5 on square modules keeps 100 %, since k(m+n) = mn."""
+    total = sum(i.params for i in infos)
+    kept = sum(module_params(i, max(1, min(i.max_rank, round(rank_ratio * i.max_rank)))) for i in infos)
+    return kept / total
 
 
 def greedy_ranks(infos: list[ModuleInfo], curves: list[np.ndarray], param_ratio: float) -> dict[str, int]:

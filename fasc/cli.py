@@ -14,14 +14,15 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from .config import (FALLBACK_HELP, FALLBACK_METHODS, HYBRID_FALLBACK, HYBRID_TAU, METHODS, TAU_HELP, CalibConfig,
-                     CompressConfig, field_help)
+from .config import (ALLOCATIONS, ANCHOR_SHARE, FALLBACK_HELP, FALLBACK_METHODS, HYBRID_FALLBACK, HYBRID_TAU, METHODS,
+                     TAU_HELP, CalibConfig, CompressConfig, field_help)
 from .errors import FascError
 
 EXAMPLES = """examples:
   fasc calibrate --model demo                                   # prints the cache key
   fasc report    --model demo --json > report.json              # per-module ρ, misalignment, spectra
   fasc compress  --model demo --method fasc --param-ratio 0.5 --out out/demo-fasc50
+  fasc compress  --model smollm2 --param-ratio 0.8 --allocation uniform --out out/s80u  # peers' baseline
   fasc eval      --model out/demo-fasc50 --json                 # perplexity and fact recall
   fasc eval      --model out/demo-fasc50 --compare demo --generate "The capital of Fadou Stimosstan is"   # side by side
   fasc report    --model demo --knowledge-map --json            # measured per-module knowledge loss
@@ -91,7 +92,7 @@ def _stats(args, model, tok):
     from .pipeline import batches_from_files, calibrate_cached, model_defaults
 
     cfg = _calib_cfg(args)
-    data = args.data or [str(model_defaults(args.model).calib)]
+    data = args.data or [str(p) for p in model_defaults(args.model).calib_files]
     batches = batches_from_files(tok, data, cfg)
     bar = _progress("calibrating", args)
     try:
@@ -277,8 +278,12 @@ def cmd_compress(args) -> None:
     if args.ranks:
         plan = load_plan(args.ranks, an, mfp, method=args.method, **hybrid)
     else:
+        anchors = None
+        if args.allocation == "anchored":
+            anchors = _anchors(args, model, tok, an, batches)
         plan = allocate(an, args.method, rank_ratio=args.rank_ratio, param_ratio=args.param_ratio,
-                        modules=args.modules, model_fp=mfp, **hybrid)
+                        modules=args.modules, model_fp=mfp, allocation=args.allocation,
+                        anchors=None if anchors is None else anchors.scales, **hybrid)
     if args.save_plan:
         plan.save(args.save_plan)
     from .speed import plan_speed
@@ -298,12 +303,41 @@ def cmd_compress(args) -> None:
         bar.close()
         if hbar is not None:
             hbar.close()
+    if args.rank_ratio is not None:  # what a rank ratio really costs (0.5 on square modules keeps them dense)
+        res["rank_ratio"] = args.rank_ratio
+    res["allocation"] = plan.note.get("allocation")
     obj = {**res, "from_cache": hit, "predicted_speedup": round(speedup, 3),
            "seconds": {"load": round(t_load, 2), "calibration": round(t_cal, 2), "eigen": round(t_eig, 2), "compress_and_export": res["seconds"]}}
     _emit(args, obj, f"wrote {res['out']} ({'merged' if args.merge else 'factored'}): {res['modules']} modules, "
-                     f"{res['param_ratio']:.1%} of their parameters kept, model {res['model_params_before']:,} → "
+                     f"{res['param_ratio']:.1%} of their parameters kept"
+                     f"{f' by --rank-ratio {args.rank_ratio}' if args.rank_ratio is not None else ''}"
+                     f"{f' ({args.allocation} allocation)' if args.param_ratio is not None else ''}, model {res['model_params_before']:,} → "
                      f"{res['model_params_after']:,} parameters, predicted ΔL {res['predicted_delta_loss']:.4f} "
                      f"nats/token")
+
+
+def _anchors(args, model, tok, an, calib_batches):
+    """Measured anchors (spec §6) on the tail of the calibration data, cached beside the statistics."""
+    import logging
+
+    from .anchors import anchors_cached, heldout_batches, overlap
+    from .pipeline import load_source, model_defaults
+
+    cfg = _calib_cfg(args)
+    data = args.data or [str(p) for p in model_defaults(args.model).calib_files]
+    held = heldout_batches(tok, [load_source(p) for p in data], cfg, args.anchor_tokens)
+    shared = overlap(held, calib_batches)
+    if shared > 0:
+        logging.getLogger("fasc").warning(f"{shared:.0%} of the anchor slice is also calibration data; give a "
+                                          f"longer text or fewer --anchor-tokens for a held-out measurement.")
+    bar = _progress("anchors (one pass per module)", args, unit="module")
+    try:
+        anchors, _ = anchors_cached(model, an, args.method, held, args.anchor_share, cfg.temperature, progress=bar,
+                                    root=Path(args.cache_dir) if args.cache_dir else None, tau=args.tau,
+                                    fallback=args.fallback)
+    finally:
+        bar.close()
+    return anchors
 
 
 def cmd_eval(args) -> None:
@@ -473,10 +507,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tau", type=float, default=HYBRID_TAU, help=TAU_HELP)
     s.add_argument("--fallback", default=HYBRID_FALLBACK, choices=FALLBACK_METHODS, help=FALLBACK_HELP)
     r = s.add_argument_group("ranks (exactly one)")
-    r.add_argument("--rank-ratio", type=float, help="k = round(R·min(m,n)) on every selected module")
-    r.add_argument("--param-ratio", type=float, help="keep this fraction of the selected modules' parameters; "
-                                                     "ranks allocated greedily by predicted ΔL (spec §6)")
+    r.add_argument("--param-ratio", type=float, help="the parameter budget: keep this fraction of the selected "
+                                                     "modules' parameters, spread by --allocation (spec §6)")
+    r.add_argument("--rank-ratio", type=float, help="k = round(R·min(m,n)) on every selected module (its real "
+                                                    "parameter cost is printed: R = 0.5 keeps square modules dense)")
     r.add_argument("--ranks", help="a plan JSON {\"ranks\": {module: k}, \"method\": …} (e.g. from the app)")
+    s.add_argument("--allocation", default="greedy", choices=ALLOCATIONS,
+                   help="how --param-ratio is spread: greedy on predicted ΔL (default), anchored (predicted ΔL "
+                        "scaled by one measured loss per module: one forward pass per module), uniform (the "
+                        "same share of parameters in every module, the peers' baseline)")
+    s.add_argument("--anchor-tokens", type=int, default=2048,
+                   help="anchored: held-out calibration tokens per measurement (taken from the data's end)")
+    s.add_argument("--anchor-share", type=float, default=ANCHOR_SHARE,
+                   help="anchored: the reference rank keeps this share of each module's parameters")
     s.add_argument("--modules", default="all", help="all, mlp, attention, or comma-separated kinds / module names")
     s.add_argument("--merge", action="store_true", help="write dense W' (loadable by plain from_pretrained)")
     s.add_argument("--out", required=True, help="export folder (written atomically)")

@@ -24,8 +24,10 @@ def evaluate_model(model, tok, heldout: str | Path, probe: str | Path, max_token
 
 def evaluate_plan(model, tok, an: Analysis, plan: Plan, heldout: str | Path, probe: str | Path, *,
                   baseline: str = "asvd", max_tokens: int | None = 4096,
-                  progress: Callable[[int, int], None] | None = None) -> list[dict]:
-    """Rows for: the uncompressed model, the plan, and `baseline` allocated at the plan's budget.
+                  progress: Callable[[int, int], None] | None = None, allocation: str = "greedy",
+                  baseline_anchors: dict[str, float] | None = None) -> list[dict]:
+    """Rows for: the uncompressed model, the plan, and `baseline` allocated at the plan's budget with
+    the same `allocation` (`baseline_anchors`: its measured anchor scales, for 'anchored').
 
     Every compression happens on a deep copy; `model` is left untouched.
     """
@@ -47,12 +49,13 @@ def evaluate_plan(model, tok, an: Analysis, plan: Plan, heldout: str | Path, pro
     del work
     if progress:
         progress(2, steps)
-    base = allocate(an, baseline, param_ratio=min(1.0, max(tot.ratio, 1e-6)), modules=list(plan.ranks))
+    base = allocate(an, baseline, param_ratio=min(1.0, max(tot.ratio, 1e-6)), modules=list(plan.ranks),
+                    allocation=allocation, anchors=baseline_anchors)
     bt = base.totals(an)
     work = copy.deepcopy(model)
     compress_(work, an, base)
     r = evaluate_model(work, tok, heldout, probe, max_tokens)
-    rows.append({"model": f"{baseline} (same budget)", "params_kept": bt.ratio, "predicted_dl": bt.predicted, **r})
+    rows.append({"model": f"{baseline} (same budget, {allocation})", "params_kept": bt.ratio, "predicted_dl": bt.predicted, **r})
     if progress:
         progress(3, steps)
     return rows

@@ -15,6 +15,8 @@ BASE_METHODS = ("svd", "asvd", "pca", "fwsvd", "fasc")  # hybrid resolves to one
 FISHER_TYPES = ("empirical", "sampled")
 TARGETS = ("all", "answers")
 STATS_DTYPES = ("auto", "float64", "float32")
+ALLOCATIONS = ("greedy", "anchored", "uniform")  # how a parameter budget is spread (spec §6, fasc.allocate)
+ANCHOR_SHARE = 0.5  # anchored allocation: the reference rank keeps this share of a module's parameters
 
 
 def _check(cond: bool, msg: str) -> None:

@@ -33,6 +33,7 @@ from .surgery import compress_
 
 DATA_DIR = PACKAGE_DIR / "data"
 DEMO_DATA = PACKAGE_DIR / "demo" / "data"
+KNOWLEDGE_TEXT = DATA_DIR / "knowledge_en.txt"  # encyclopedic facts, none of the probe's (fasc/data/README.md)
 
 
 @dataclass(frozen=True)
@@ -49,10 +50,17 @@ class ModelDefaults:
     text: Path
     temperature: float = 1.0
     seq_len: int = 256
+    calib_extra: tuple[Path, ...] = ()   # more calibration files, interleaved with `calib`
+
+    @property
+    def calib_files(self) -> list[Path]:
+        """Every default calibration file (read interleaved, row by row, by `make_batches`)."""
+        return [self.calib, *self.calib_extra]
 
 
 def model_defaults(model_spec: str | None) -> ModelDefaults:
-    """Demo data for the demo model (and anything compressed from it), general English otherwise."""
+    """Demo data for the demo model (and anything compressed from it); for real models general English
+    mixed with the knowledge text (facts in encyclopedic sentences, none of the probe's), half each."""
     builtin = None
     if model_spec:
         try:
@@ -63,7 +71,8 @@ def model_defaults(model_spec: str | None) -> ModelDefaults:
         return ModelDefaults(DEMO_DATA / "calib.txt", DEMO_DATA / "heldout.txt", DEMO_DATA / "facts.jsonl",
                          DEMO_DATA / "filler.txt", temperature=2.0, seq_len=64)
     general = DATA_DIR / "general_en.txt"
-    return ModelDefaults(general, DATA_DIR / "general_en_heldout.txt", DATA_DIR / "real_facts.jsonl", general)
+    return ModelDefaults(general, DATA_DIR / "general_en_heldout.txt", DATA_DIR / "real_facts.jsonl", general,
+                         calib_extra=(KNOWLEDGE_TEXT,))
 
 
 def batches_from_files(tokenizer, paths: list[str | Path], cfg: CalibConfig) -> list[Batch]:

@@ -55,7 +55,7 @@ def calibration_settings(spec: str) -> str:
     d, m = CalibConfig(), model_defaults(spec)
     st.subheader("Calibration")
     data = radio(st, "Calibration text", "data", ["builtin", "upload"], "builtin",
-                 format_func=lambda v: f"Built-in ({m.calib.name})" if v == "builtin" else "Upload .txt / .jsonl")
+                 format_func=lambda v: f"Built-in ({' + '.join(p.name for p in m.calib_files)})" if v == "builtin" else "Upload .txt / .jsonl")
     if data == "upload":
         upload_widget()
     a, b = st.columns(2)

@@ -8,10 +8,22 @@ from fasc.allocate import Plan, allocate, base_method, base_methods, load_plan
 from fasc.app import knowledge as K
 from fasc.app import state, table, ui
 from fasc.comparison import evaluate_plan
-from fasc.config import METHODS
+from fasc.config import ALLOCATIONS, METHODS
 from fasc.pipeline import model_defaults
 from fasc.plots import eval_figure
 
+ALLOCATION_LABEL = {"greedy": "greedy (predicted ΔL)", "anchored": "anchored (measured)",
+                    "uniform": "uniform (same share per module)"}
+ALLOCATION_HELP = ("**greedy**: ranks chosen by predicted ΔL per parameter, free. **anchored**: each module's "
+                   "predicted curve scaled by one measured loss (only that module compressed at half its "
+                   "parameters): {n} forward passes over {t} held-out calibration tokens, cached. **uniform**: "
+                   "every module keeps the same share of its parameters, the baseline SVD-LLM / LEMS report, free.")
+ALLOCATION_LABEL = {"greedy": "greedy (predicted ΔL)", "anchored": "anchored (measured)",
+                    "uniform": "uniform (same share per module)"}
+ALLOCATION_HELP = ("**greedy**: ranks chosen by predicted ΔL per parameter, free. **anchored**: each module's "
+                   "predicted curve scaled by one measured loss (only that module compressed at half its "
+                   "parameters): {n} forward passes over {t} held-out calibration tokens, cached. **uniform**: "
+                   "every module keeps the same share of its parameters, the baseline SVD-LLM / LEMS report, free.")
 METHOD_HELP = {"svd": "SVD of W (data-blind)", "asvd": "activation-whitened SVD (variance)",
                "pca": "PCA of activations (variance)", "fwsvd": "diagonal-Fisher weighted SVD",
                "fasc": "Fisher-aligned (this project)", "hybrid": "fasc where ρ ≥ τ, else asvd"}
@@ -29,7 +41,7 @@ EDITOR_COLUMNS = {
 def allocation_box(ctx: ui.Context) -> float:
     """The automatic allocation controls; stores a new plan on *Allocate*. Returns the hybrid τ."""
     an = ctx.an
-    st.markdown("**Allocate automatically** — ranks chosen greedily by predicted ΔL per parameter (spec §6)")
+    st.markdown("**Allocate automatically** — a parameter budget spread over the modules (spec §6)")
     c = st.columns([2, 3, 2, 3, 2], vertical_alignment="bottom")
     method = ui.commit("alloc_method", c[0].selectbox(
         "Method", METHODS, help=" · ".join(f"**{m}**: {h}" for m, h in METHOD_HELP.items()),
@@ -42,9 +54,14 @@ def allocation_box(ctx: ui.Context) -> float:
                                              disabled=method != "hybrid",
                                              help="hybrid uses fasc on modules with ρ ≥ τ and asvd elsewhere",
                                              **ui.bind("tau", 0.3))))
+    alloc = ui.commit("alloc_kind", st.radio("Allocation", ALLOCATIONS, horizontal=True, format_func=ALLOCATION_LABEL.get,
+                                             help=ALLOCATION_HELP.format(n=len(an.modules), t=ui.ANCHOR_TOKENS),
+                                             **ui.bind("alloc_kind", "greedy")))
     if c[4].button("Allocate", type="primary", key="w.allocate", icon=":material/auto_fix_high:"):
         ui.get_analysis(ctx.lm, ctx.calib["key"], methods=base_methods(method))
-        ctx.plans.put(allocate(an, method, param_ratio=ratio, modules=scope, model_fp=ctx.lm.fingerprint, tau=tau))
+        anchors = ui.get_anchors(ctx, an, method, tau).scales if alloc == "anchored" else None
+        ctx.plans.put(allocate(an, method, param_ratio=ratio, modules=scope, model_fp=ctx.lm.fingerprint, tau=tau,
+                               allocation=alloc, anchors=anchors))
     if method == "hybrid":
         n_f = sum(base_method(an, i.fqn, "hybrid", tau) == "fasc" for i in an.modules)
         st.caption(f"τ = {tau:.2f}: fasc on {n_f} of {len(an.modules)} modules, asvd on the rest.")
@@ -101,12 +118,15 @@ def evaluation(ctx: ui.Context, plan: Plan) -> None:
                                                                  **ui.bind("eval_tokens", 4096)))))
     go = c[2].button("Evaluate", key="w.evaluate", icon=":material/play_arrow:")
     c[3].caption(f"Perplexity on {data.heldout.name}, fact recall on {data.probe.name}.")
-    ekey = (ctx.lm.spec, ctx.calib["key"], ctx.an.cfg.gamma, plan.key(), baseline, max_tok)
+    plan_alloc = plan.note.get("allocation") or "greedy"   # the baseline is spread the same way
+    ekey = (ctx.lm.spec, ctx.calib["key"], ctx.an.cfg.gamma, plan.key(), baseline, max_tok, plan_alloc)
     if go and state.evaluation(ekey) is None:
+        base_anchors = ui.get_anchors(ctx, ctx.an, baseline, 0.0).scales if plan_alloc == "anchored" else None
         bar = ui.ProgressBar("Evaluating", unit="models")
         try:
             state.put_evaluation(ekey, evaluate_plan(ctx.lm.model, ctx.lm.tok, ctx.an, plan, data.heldout, data.probe,
-                                                     baseline=baseline, max_tokens=max_tok, progress=bar))
+                                                     baseline=baseline, max_tokens=max_tok, progress=bar,
+                                                     allocation=plan_alloc, baseline_anchors=base_anchors))
         finally:
             bar.clear()
     rows = state.evaluation(ekey)

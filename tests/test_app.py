@@ -344,7 +344,7 @@ def test_ranks_hybrid_evaluate_and_plan_roundtrip(env):
     at.button(key="w.evaluate").click().run()
     ok(at)
     table = at.dataframe[-1].value
-    assert list(table["model"]) == ["uncompressed", "plan (hybrid)", "asvd (same budget)"]
+    assert list(table["model"]) == ["uncompressed", "plan (hybrid)", "asvd (same budget, greedy)"]
     assert len(at.get("plotly_chart")) == 1
     # download then upload the plan JSON (after changing the plan): the uploaded one comes back
     assert any(d.proto.label == "Download plan JSON" for d in at.get("download_button"))
@@ -359,6 +359,27 @@ def test_ranks_hybrid_evaluate_and_plan_roundtrip(env):
     at.file_uploader(key="w.plan_up").set_value(("bad.json", b"{\"ranks\": {\"nope\": 3}}", "application/json"))
     at.run()
     assert len(errors(ok(at))) == 1 and "not in the model" in errors(at)[0]
+
+
+def test_ranks_uniform_and_anchored_allocations_and_evaluation(env):
+    at = goto(calibrated(env), "pages/4_ranks.py")
+    at.slider(key="w.alloc_ratio").set_value(0.6)
+    at.radio(key="w.alloc_kind").set_value("uniform")
+    at.button(key="w.allocate").click().run()
+    p = plan(ok(at))
+    assert p.note["allocation"] == "uniform"
+    assert 0.55 <= float(metric(at, "Parameters kept").rstrip("%")) / 100 <= 0.65
+    at.button(key="w.evaluate").click().run()
+    table = ok(at).dataframe[-1].value
+    assert list(table["model"]) == ["uncompressed", "plan (fasc)", "asvd (same budget, uniform)"]
+    at.radio(key="w.alloc_kind").set_value("anchored")
+    at.button(key="w.allocate").click().run()
+    q = plan(ok(at))
+    assert q.note["allocation"] == "anchored" and q.ranks != p.ranks
+    assert list(env["tmp"].rglob("anchors-*.json"))
+    at.button(key="w.evaluate").click().run()
+    table = ok(at).dataframe[-1].value
+    assert list(table["model"])[-1] == "asvd (same budget, anchored)"
 
 
 # ------------------------------------------------------------------------------------------ page 5

@@ -91,3 +91,24 @@ def test_closed_stdout_is_not_an_error():
             "sys.exit(c.main(['eval']))\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 141 and "Traceback" not in r.stderr and "error" not in r.stderr, r.stderr
+
+
+def test_cli_allocations_and_rank_ratio_cost(capsys, common, tmp_path):
+    plans = {}
+    for alloc in ("greedy", "uniform", "anchored"):
+        code, out, err = run(capsys, "compress", *common, "--param-ratio", "0.6", "--allocation", alloc,
+                             "--anchor-tokens", "200", "--out", str(tmp_path / alloc),
+                             "--save-plan", str(tmp_path / f"{alloc}.json"), "--json")
+        assert code == 0, err
+        res = json.loads(out)
+        assert res["allocation"] == alloc and res["param_ratio"] <= 0.62
+        plans[alloc] = json.loads((tmp_path / f"{alloc}.json").read_text())["ranks"]
+    assert plans["uniform"] != plans["greedy"]
+    # the anchors were measured once and cached beside the statistics
+    assert len(list((tmp_path / "cache").rglob("anchors-*.json"))) == 1
+    code, out, err = run(capsys, "compress", *common, "--rank-ratio", "0.5", "--out", str(tmp_path / "rr"))
+    assert code == 0 and "by --rank-ratio 0.5" in out
+    code, _, err = run(capsys, "compress", *common, "--rank-ratio", "0.5", "--allocation", "uniform",
+                       "--out", str(tmp_path / "bad"))
+    assert code == 2 and err.startswith("error:") and "--param-ratio" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()

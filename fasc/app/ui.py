@@ -205,8 +205,11 @@ def calib_request(spec: str, data_path: Path | None = None) -> CalibRequest:
         if not up:
             raise FascError("No calibration file uploaded; upload a .txt or .jsonl file, or choose the built-in text.")
         return CalibRequest(cfg, f"upload:{up['sha']}", up["name"], up["source"], None)
-    path = Path(data_path or d.calib)
-    return CalibRequest(cfg, f"builtin:{path}", path.name, None, path)
+    files = [Path(data_path)] if data_path else d.calib_files
+    if len(files) > 1:  # the built-in mix of real models: general text + knowledge text, interleaved
+        return CalibRequest(cfg, "builtin:" + "+".join(map(str, files)), " + ".join(p.name for p in files),
+                            [load_source(p) for p in files], None)
+    return CalibRequest(cfg, f"builtin:{files[0]}", files[0].name, None, files[0])
 
 
 @st.cache_resource(max_entries=8, show_spinner=False)
@@ -400,3 +403,28 @@ class ProgressBar:
 
 def sha256(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ anchors
+ANCHOR_TOKENS = 1024
+
+
+def get_anchors(ctx, an: Analysis, method: str, tau: float):
+    """Measured anchors (spec §6) of `method` on the end of the calibration data, with a progress bar;
+    cached beside the statistics. Measured on a copy: the shared model is never modified."""
+    import copy
+
+    from fasc.anchors import anchors_cached, heldout_batches
+    from fasc.data import Example
+
+    req = calib_request(ctx.lm.spec)
+    src = req.source if req.source is not None else load_source(req.path)
+    one = isinstance(src, str) or (isinstance(src, list) and src and isinstance(src[0], Example))
+    held = heldout_batches(ctx.lm.tok, [src] if one else src, req.cfg, ANCHOR_TOKENS)
+    bar = ProgressBar(f"Measuring anchors for {method} (one forward pass per module)", unit="modules", lazy=0.5)
+    try:
+        anchors, _ = anchors_cached(copy.deepcopy(ctx.lm.model), an, method, held, temperature=req.cfg.temperature,
+                                    progress=bar, tau=tau)
+    finally:
+        bar.clear()
+    return anchors

@@ -1,0 +1,358 @@
+"""Budget benchmark (issue 12): parameter budgets, allocations and calibration data, as an ablation.
+
+For each parameter budget (share of the compressed modules' parameters kept, all modules) and each
+row — dense; asvd and fasc with the uniform and the greedy allocation on general text; then each
+improvement added one at a time to fasc-greedy; then everything on (for fasc and for asvd, so the two
+are compared under the same allocation and pipeline) — measure held-out perplexity, fact recall and
+exact match on facts never used in calibration, the share of the facts the dense model gets right
+that stay right, Σ predicted ΔL vs measured ln(ppl/ppl_dense), and wall time.
+
+    python -m bench.budgets --model demo
+    python -m bench.budgets --model smollm2 --budgets 0.8          # then 0.9 0.6 0.7 with --tag
+    python -m bench.budgets --from-json bench/out/budgets-smollm2.json [more.json …]
+
+Data. SmolLM2: "general" = fasc/data/general_en.txt; "knowledge" = general + knowledge_en.txt
+(the default for real models; none of the probe's facts, tests/test_knowledge_data.py); facts scored:
+real_facts.jsonl (all 358, never in calibration). Demo: "general" = filler text; "knowledge" = filler +
+one half of the demo facts (prompt/answer lines); facts scored: the other half.
+
+Rows of other engineers' items (sequential compression, healing) are added when their modules and CLI
+flags exist (`fasc.sequential` + `--sequential`, `fasc.heal` + `--heal-tokens`); they run through
+`fasc compress` and are evaluated here like the others. Otherwise the report says they were skipped.
+Writes bench/out/budgets-<model>[-tag].{json,md}; ends with `fasc_kept_at_80=<share>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+import fasc
+from bench.knowledge import split_facts
+from fasc.anchors import anchors_cached, heldout_batches, overlap
+from fasc.data import load_source, make_batches, read_text
+from fasc.evaluate import fact_recall, perplexity
+from fasc.pipeline import DATA_DIR, KNOWLEDGE_TEXT
+
+OUT = Path(__file__).resolve().parent / "out"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the ablation. `flags` are options of other items, passed to `fasc compress`."""
+
+    name: str
+    method: str = "fasc"
+    allocation: str = "greedy"
+    data: str = "general"           # general | knowledge
+    flags: dict = field(default_factory=dict)
+    item: str = ""                  # which issue item the row adds
+
+
+def row_specs(heal_tokens: int) -> list[Row]:
+    seq, heal = {"sequential": True}, {"heal_tokens": heal_tokens}
+    everything = {**seq, **heal}
+    return [
+        Row("dense", method="dense"),
+        Row("asvd-uniform", "asvd", "uniform"),
+        Row("asvd-greedy", "asvd", "greedy"),
+        Row("fasc-uniform", "fasc", "uniform"),
+        Row("fasc-greedy", "fasc", "greedy"),
+        Row("fasc-greedy + knowledge calibration", "fasc", "greedy", "knowledge", item="2"),
+        Row("fasc-greedy + sequential", "fasc", "greedy", flags=seq, item="3"),
+        Row("fasc-anchored", "fasc", "anchored", item="4"),
+        Row("fasc-greedy + healing", "fasc", "greedy", flags=heal, item="5"),
+        Row("fasc all on", "fasc", "anchored", "knowledge", flags=everything, item="2-5"),
+        Row("asvd-greedy + knowledge calibration", "asvd", "greedy", "knowledge", item="2"),
+        Row("asvd all on", "asvd", "anchored", "knowledge", flags=everything, item="2-5"),
+    ]
+
+
+FLAG_SUPPORT = {"sequential": ("fasc.sequential", "--sequential"), "heal_tokens": ("fasc.heal", "--heal-tokens")}
+
+
+def compress_options() -> set[str]:
+    from fasc.cli import build_parser
+
+    p = build_parser()
+    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction)).choices["compress"]
+    return {o for a in sub._actions for o in a.option_strings}
+
+
+def available(flags: dict) -> tuple[bool, str]:
+    """(True, "") when every flag's module imports and its CLI option exists, else (False, why)."""
+    opts = compress_options()
+    for f in flags:
+        mod, opt = FLAG_SUPPORT[f]
+        if importlib.util.find_spec(mod) is None or opt not in opts:
+            return False, f"{mod} / {opt} not available on this branch"
+    return True, ""
+
+
+def cli_args(flags: dict) -> list[str]:
+    out = []
+    for f, v in flags.items():
+        opt = FLAG_SUPPORT[f][1]
+        out += [opt] if v is True else [opt, str(v)]
+    return out
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    model: str = "demo"
+    budgets: tuple[float, ...] = (0.9, 0.8, 0.7, 0.6)
+    tokens: int = 16384
+    ppl_tokens: int = 4096
+    anchor_tokens: int = 1024
+    heal_tokens: int = 2048
+    rows: tuple[str, ...] = ()      # names to run (default: all)
+    threads: int = 2
+
+
+def data_setup(model_name: str):
+    """({data name: calibration files}, facts scored, held-out text)."""
+    paths = fasc.model_defaults(model_name)
+    heldout = read_text(paths.heldout)
+    if fasc.model_source(model_name).builtin == "demo":
+        calib_facts, eval_facts = split_facts(fasc.load_probe(paths.probe))
+        OUT.mkdir(exist_ok=True)
+        facts_file = OUT / "demo-calibration-facts.jsonl"
+        facts_file.write_text("".join(json.dumps({"prompt": e.prompt, "answer": e.answer, "relation": e.relation})
+                                      + "\n" for e in calib_facts))
+        return {"general": [paths.text], "knowledge": [facts_file, paths.text]}, eval_facts, heldout
+    general = DATA_DIR / "general_en.txt"
+    return {"general": [general], "knowledge": [general, KNOWLEDGE_TEXT]}, fasc.load_probe(paths.probe), heldout
+
+
+def evaluate(model, tok, facts, heldout, ppl_tokens, dense=None) -> dict:
+    rec = fact_recall(model, tok, facts)
+    ppl = perplexity(model, tok, heldout, seq_len=256, max_tokens=ppl_tokens)
+    out = {"perplexity": ppl, "recall": rec.first_token, "exact_match": rec.exact, "correct": rec.correct}
+    if dense is not None:
+        known = [i for i, ok in enumerate(dense["correct"]) if ok]
+        out["kept_of_dense"] = sum(rec.correct[i] for i in known) / max(len(known), 1)
+        out["measured_dl"] = math.log(ppl / dense["perplexity"])
+    return out
+
+
+def run(cfg: BudgetConfig, log=print, sink=None) -> dict:
+    torch.set_num_threads(cfg.threads)
+    model, tok = fasc.load_model(cfg.model)
+    files, facts, heldout = data_setup(cfg.model)
+    sources = {k: [load_source(p) for p in v] for k, v in files.items()}
+    seq_len = fasc.model_defaults(cfg.model).seq_len
+    temperature = fasc.model_defaults(cfg.model).temperature
+    ccfg = fasc.CalibConfig(n_tokens=cfg.tokens, seq_len=seq_len, temperature=temperature)
+    specs = [r for r in row_specs(cfg.heal_tokens) if not cfg.rows or r.name in cfg.rows]
+    result = {"config": asdict(cfg), "n_facts": len(facts), "rows": [], "skipped": [], "timing": {},
+              "machine": "shared 2-core CPU (7 engineers)"}
+    t = time.perf_counter()
+    dense = evaluate(model, tok, facts, heldout, cfg.ppl_tokens)
+    result["timing"]["dense_eval_s"] = time.perf_counter() - t
+    result["rows"].append({"row": "dense", "budget": 1.0, **{k: v for k, v in dense.items() if k != "correct"},
+                           "kept_of_dense": 1.0, "predicted_dl": 0.0, "measured_dl": 0.0, "seconds": 0.0})
+    log(f"dense: ppl {dense['perplexity']:.2f} recall {dense['recall']:.3f} exact {dense['exact_match']:.3f}")
+    kept_specs = []
+    for r in specs:
+        if r.method == "dense":
+            continue
+        missing = {f: available({f: v})[1] for f, v in r.flags.items() if not available({f: v})[0]}
+        if missing and r.name.endswith("all on"):   # everything that exists on this branch
+            r = replace(r, flags={f: v for f, v in r.flags.items() if f not in missing})
+            result["skipped"].append({"row": r.name, "item": "+".join(sorted(missing)), "why": "; ".join(missing.values())
+                                      + " (row runs without it)"})
+        elif missing:
+            result["skipped"].append({"row": r.name, "item": r.item, "why": "; ".join(missing.values())})
+            log(f"skip {r.name}: {'; '.join(missing.values())}")
+            continue
+        kept_specs.append(r)
+    specs = kept_specs
+    result["calibration_files"] = {k: [str(p) for p in v] for k, v in files.items()}
+    state: dict[str, tuple] = {}   # data name -> (batches, stats, analysis), built on first use
+    anchors: dict[tuple[str, str], object] = {}
+
+    def setup(data: str, methods: tuple[str, ...]):
+        if data not in state:
+            batches = make_batches(tok, sources[data], ccfg, name=data)
+            t = time.perf_counter()
+            stats, hit = fasc.calibrate_cached(model, batches, ccfg)
+            result["timing"][f"calibration_{data}"] = {"seconds": time.perf_counter() - t, "from_cache": hit,
+                                                       "tokens": stats.n_tokens, "key": stats.key}
+            log(f"calibration {data}: {stats.key} ({'cache' if hit else 'computed'}, {stats.n_tokens} tokens)")
+            t = time.perf_counter()
+            an, _ = fasc.analysis_cached(model, stats, fasc.CompressConfig(), methods)
+            result["timing"][f"analysis_{data}_s"] = time.perf_counter() - t
+            state[data] = (batches, stats, an)
+        for other, (_, _, an) in state.items():      # bases of one data mix at a time (memory)
+            an.max_cached_bases = 2 * len(an.modules) + 8 if other == data else 16
+            if other != data:
+                an._bases.clear()
+        return state[data]
+
+    def get_anchors(data: str, method: str, batches, an):
+        if (data, method) not in anchors:
+            held = heldout_batches(tok, sources[data], ccfg, cfg.anchor_tokens)
+            t = time.perf_counter()
+            a, hit = anchors_cached(model, an, method, held, temperature=temperature,
+                                    progress=lambda i, n: log(f"  anchors {data} {method} {i}/{n}") if i % 30 == 0 else None)
+            anchors[(data, method)] = a
+            result["timing"][f"anchors_{data}_{method}"] = {
+                "seconds": time.perf_counter() - t, "measured_seconds": a.seconds, "from_cache": hit,
+                "tokens": a.n_tokens, "modules": len(a.ranks), "overlap_with_calibration": overlap(held, batches)}
+            log(f"anchors {data} {method}: {a.seconds:.0f} s for {len(a.ranks)} modules on {a.n_tokens} tokens")
+        return anchors[(data, method)]
+
+    # cheap rows first: plain rows on general text, then on the knowledge mix, then anchored ones
+    phases = [(d, anch) for anch in (False, True) for d in ("general", "knowledge")]
+    for budget in cfg.budgets:
+        for data, anch in phases:
+            todo = [r for r in specs if r.data == data and (r.allocation == "anchored") == anch]
+            if not todo:
+                continue
+            methods = tuple(sorted({r.method for r in specs if r.data == data}))
+            batches, stats, an = setup(data, methods)
+            for r in todo:
+                a = get_anchors(data, r.method, batches, an) if anch and not r.flags else None
+                t = time.perf_counter()
+                if r.flags:
+                    work, pred = compress_via_cli(cfg, r, budget, files, data)
+                else:
+                    plan = fasc.allocate(an, r.method, param_ratio=budget, allocation=r.allocation,
+                                         anchors=None if a is None else a.scales)
+                    work = copy.deepcopy(model)
+                    fasc.compress_(work, an, plan)
+                    pred = plan.predicted(an)
+                res = evaluate(work, tok, facts, heldout, cfg.ppl_tokens, dense)
+                del work
+                row = {"row": r.name, "item": r.item, "method": r.method, "allocation": r.allocation, "data": data,
+                       "flags": r.flags, "budget": budget, **{k: v for k, v in res.items() if k != "correct"},
+                       "predicted_dl": pred, "seconds": time.perf_counter() - t}
+                result["rows"].append(row)
+                log(f"{budget:.0%} {r.name}: ppl {row['perplexity']:.2f} recall {row['recall']:.3f} exact "
+                    f"{row['exact_match']:.3f} kept {row['kept_of_dense']:.3f} ΔL pred {pred:.3f} meas "
+                    f"{row['measured_dl']:.3f} ({row['seconds']:.0f} s)")
+                if sink is not None:
+                    sink(result)
+    return result
+
+
+def compress_via_cli(cfg: BudgetConfig, r: Row, budget: float, files, data: str):
+    """A row with other items' options: `fasc compress` into a temporary folder, loaded back here."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "m"
+        cmd = [sys.executable, "-m", "fasc", "compress", "--model", cfg.model, "--method", r.method,
+               "--param-ratio", str(budget), "--allocation", r.allocation, "--anchor-tokens", str(cfg.anchor_tokens),
+               "--tokens", str(cfg.tokens), "--out", str(out), "--json", "--quiet", *cli_args(r.flags)]
+        cmd += ["--data", *map(str, files[data])]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
+        if proc.returncode != 0:
+            raise fasc.FascError(f"fasc compress failed for row {r.name!r}: {proc.stderr.strip()[-300:]}")
+        info = json.loads(proc.stdout)
+        model, _ = fasc.load_compressed(out)
+        return model, float(info.get("predicted_delta_loss", float("nan")))
+
+
+def table(rows: list[dict], budgets) -> str:
+    cols = ["perplexity", "recall", "exact", "kept of dense-known", "Σ predicted ΔL", "measured ln(ppl/ppl₀)",
+            "seconds"]
+    lines = ["| kept | row | item | " + " | ".join(cols) + " |", "|---" * (3 + len(cols)) + "|"]
+    dense = next(r for r in rows if r["row"] == "dense")
+    lines.append(f"| 100 % | dense | – | {dense['perplexity']:.2f} | {dense['recall']:.3f} | "
+                 f"{dense['exact_match']:.3f} | 1.000 | – | – | – |")
+    for b in budgets:
+        for r in rows:
+            if r["row"] == "dense" or r["budget"] != b:
+                continue
+            lines.append(f"| {b:.0%} | {r['row']} | {r.get('item') or '–'} | {r['perplexity']:.2f} | {r['recall']:.3f} | "
+                         f"{r['exact_match']:.3f} | {r['kept_of_dense']:.3f} | {r['predicted_dl']:.3f} | "
+                         f"{r['measured_dl']:.3f} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def markdown(results: list[dict]) -> str:
+    rows, skipped, timing = [], [], {}
+    for res in results:
+        rows += [r for r in res["rows"] if r["row"] != "dense" or not any(x["row"] == "dense" for x in rows)]
+        skipped += [s for s in res["skipped"] if s not in skipped]
+        timing.update(res["timing"])
+    budgets = sorted({r["budget"] for r in rows if r["row"] != "dense"}, reverse=True)
+    cfg = results[0]["config"]
+    out = [f"Model `{cfg['model']}`, all modules, {cfg['tokens']} calibration tokens, perplexity on "
+           f"{cfg['ppl_tokens']} held-out tokens, {results[0]['n_facts']} facts never used in calibration "
+           f"(recall = first token top-1, exact = greedy whole answer, kept = share of the facts the dense model "
+           f"gets right that stay right).", "", table(rows, budgets)]
+    if skipped:
+        out += ["", "Skipped: " + "; ".join(f"{s['row']} (item {s['item']}: {s['why']})" for s in skipped)]
+    out += ["", "One-time costs: " + "; ".join(
+        f"{k} {v['seconds']:.0f} s" + (" (cache)" if v.get("from_cache") else "") if isinstance(v, dict)
+        else f"{k} {v:.0f} s" for k, v in timing.items())]
+    return "\n".join(out)
+
+
+def headline(results: list[dict]) -> float:
+    for res in results:
+        for r in res["rows"]:
+            if r["row"] == "fasc all on" and abs(r["budget"] - 0.8) < 1e-9:
+                return r["kept_of_dense"]
+        for r in res["rows"]:
+            if r["row"] == "fasc-greedy" and abs(r["budget"] - 0.8) < 1e-9:
+                return r["kept_of_dense"]
+    return float("nan")
+
+
+def main(argv=None) -> int:
+    d = BudgetConfig()
+    p = argparse.ArgumentParser(prog="python -m bench.budgets", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=d.model)
+    p.add_argument("--budgets", nargs="+", type=float, default=list(d.budgets))
+    p.add_argument("--tokens", type=int, default=d.tokens)
+    p.add_argument("--ppl-tokens", type=int, default=d.ppl_tokens)
+    p.add_argument("--anchor-tokens", type=int, default=d.anchor_tokens)
+    p.add_argument("--heal-tokens", type=int, default=d.heal_tokens)
+    p.add_argument("--rows", nargs="*", default=[], help="row names to run (default: all)")
+    p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--tag", default="")
+    p.add_argument("--from-json", nargs="+", help="render earlier runs' JSON files together and exit")
+    a = p.parse_args(argv)
+    if a.from_json:
+        results = [json.loads(Path(f).read_text()) for f in a.from_json]
+        print(markdown(results))
+        print(f"fasc_kept_at_80={headline(results):.3f}")
+        return 0
+    cfg = BudgetConfig(model=a.model, budgets=tuple(a.budgets), tokens=a.tokens, ppl_tokens=a.ppl_tokens,
+                       anchor_tokens=a.anchor_tokens, heal_tokens=a.heal_tokens, rows=tuple(a.rows),
+                       threads=a.threads)
+    OUT.mkdir(exist_ok=True)
+    stem = f"budgets-{Path(cfg.model).name}{('-' + a.tag) if a.tag else ''}"
+
+    def sink(result):
+        (OUT / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    try:
+        result = run(cfg, log=lambda s: print(s, file=sys.stderr, flush=True), sink=sink)
+    except fasc.FascError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    sink(result)
+    md = markdown([result])
+    (OUT / f"{stem}.md").write_text("Command: `python -m bench.budgets " + " ".join(argv or sys.argv[1:]) + "`\n\n"
+                                    + md + "\n")
+    print(md)
+    print(f"fasc_kept_at_80={headline([result]):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
