@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -183,5 +184,7 @@ def model_fingerprint(model: nn.Module) -> str:
                 continue
             step = max(1, flat.numel() // 4096)
             h.update(flat[::step].to(torch.float64).cpu().numpy().tobytes())
-            h.update(repr(float(flat.to(torch.float64).square().sum())).encode())
+            # numpy's pairwise sum does not depend on the thread count (torch's reduction does, which
+            # gave one model two cache keys under 1 and 2 threads)
+            h.update(repr(float(np.square(flat.to(torch.float64).cpu().numpy()).sum())).encode())
     return h.hexdigest()

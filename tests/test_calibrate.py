@@ -228,3 +228,25 @@ def test_device_map_auto_and_bfloat16_weights(saved_llama, monkeypatch):
         assert c.ch[f].dtype == torch.float64 and torch.isfinite(c.ch[f]).all()
         assert float((c.ch[f] - a.ch[f]).norm() / a.ch[f].norm()) < 0.1
         assert float((c.C_x(f) - a.C_x(f)).norm() / a.C_x(f).norm()) < 0.05
+
+
+
+def test_model_fingerprint_does_not_depend_on_thread_count():
+    """The cache key must not change with torch's thread count: a multi-threaded float64 sum over a
+    5 M-element weight rounds differently with 1 and 2 threads (it did, for this seed, before)."""
+    from fasc.modules import model_fingerprint
+
+    torch.manual_seed(0)
+    w = torch.randn(5_000_000) * 3
+    model = torch.nn.Linear(1000, 5000, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(w.view(5000, 1000))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = model_fingerprint(model)
+        torch.set_num_threads(2)
+        two = model_fingerprint(model)
+    finally:
+        torch.set_num_threads(before)
+    assert one == two
