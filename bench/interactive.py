@@ -19,7 +19,7 @@ import time
 import torch
 
 import fasc
-from fasc import app_state
+from fasc.app import table
 from fasc.analysis import Analysis, Summary
 
 
@@ -70,14 +70,14 @@ def main(argv=None) -> int:
         f = rng.choice(fqns)
         k = rng.randint(1, an.info(f).max_rank)
         t = time.perf_counter()
-        plan = app_state.set_rank(plan, an, f, k)        # one rank changed
-        totals = app_state.plan_totals(plan, an)         # parameters kept, Σ predicted ΔL
-        values = app_state.plan_values(plan, an)         # heatmap values at the current ranks
+        plan = plan.with_rank(an, f, k)        # one rank changed
+        totals = plan.totals(an)         # parameters kept, Σ predicted ΔL
+        values = table.plan_values(plan, an)         # heatmap values at the current ranks
         times.append(1000 * (time.perf_counter() - t))
         assert len(values) == len(fqns) and totals.kept > 0
     for _ in range(20):
         t = time.perf_counter()
-        app_state.plan_table(plan, an)
+        table.plan_table(plan, an)
         table_times.append(1000 * (time.perf_counter() - t))
     t = time.perf_counter()
     rows = an.report(0.5)

@@ -93,7 +93,7 @@ def test_fasc_facts_on_a_compressed_demo_model_equals_fasc_eval(tmp_path):
     from fasc.harness import run_tasks
     from fasc.layers import LowRankLinear
     from fasc.modules import find_linears
-    from fasc.pipeline import default_data
+    from fasc.pipeline import model_defaults
     from fasc.surgery import replace_module
 
     model, tok = fasc.load_model("demo")
@@ -103,7 +103,7 @@ def test_fasc_facts_on_a_compressed_demo_model_equals_fasc_eval(tmp_path):
         replace_module(model, f, LowRankLinear.from_factors(U[:, :32] * S[:32], Vh[:32].T))
     out = fasc.save_compressed(model, tok, tmp_path / "svd32")
     hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
-    probe = default_data("demo").probe
+    probe = model_defaults("demo").probe
     examples = fasc.load_probe(probe)[:300]
     ref = fact_recall(hf, tok, examples)
     assert 0.05 < ref.first_token < 0.95
