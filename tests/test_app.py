@@ -250,6 +250,30 @@ def test_rho_map_views_and_selection(env):
     assert at.selectbox(key="w.spec_module").value == target
 
 
+def test_rho_map_appears_before_any_eigen_decomposition(env, monkeypatch):
+    """ρ needs no eigen-decomposition: the ρ map is drawn straight after calibration; the decompositions
+    (misalignment, planned ΔL) run on request, with the same page then showing them."""
+    import fasc.analysis as A
+
+    def forbidden(*a, **k):
+        raise AssertionError("an eigen-decomposition ran")
+
+    at = calibrated(env)
+    with monkeypatch.context() as m:
+        for name in ("whitening", "basis_pca", "basis_fasc", "fisher_eigenvalues", "misalignment_curve"):
+            m.setattr(A, name, forbidden)
+        goto(at, "pages/2_rho_map.py")
+        assert not errors(at) and len(at.get("plotly_chart")) == 1
+        assert float(metric(at, "ρ (mean")) > 0
+        assert not any(x.label.startswith(("Misalignment", "Plan:")) for x in at.metric)
+        assert "plan" not in at.session_state
+    at.button(key="w.decompose_run").click().run()
+    ok(at)
+    assert not errors(at) and any(x.label.startswith("Misalignment") for x in at.metric)
+    assert any(x.label.startswith("Plan:") for x in at.metric) and "plan" in at.session_state
+    assert not [b for b in at.button if b.key == "w.decompose_run"]
+
+
 def test_rho_along_fisher_directions_is_measured_on_request(env):
     at = goto(calibrated(env), "pages/2_rho_map.py")
     at.button_group[0].set_value("rho_fisher").run()
@@ -404,6 +428,12 @@ def test_training_page_with_checkpoints(env):
     ok(at)
     assert metric(at, "Fact recall") == "0.0%"
     assert set(at.session_state["ckpt_rho"]) == {"ckpt-000", "ckpt-100"}
+    # ρ needs no eigen-decomposition; the misalignment view runs them for the checkpoint shown
+    assert not any(w == "misalignment" for _, w in at.session_state["ckpt_max"])
+    at.selectbox(key="w.ckpt_view").set_value("misalignment").run()
+    spec = json.loads(ok(at).get("plotly_chart")[0].proto.spec)
+    assert not errors(at) and "Misalignment" in spec["layout"]["title"]["text"]
+    assert ("ckpt-000", "misalignment") in at.session_state["ckpt_max"]
 
 
 # ------------------------------------------------------------------------------------------ app_state rules
