@@ -10,6 +10,9 @@ from fasc.errors import FascError
 from fasc.pipeline import default_data
 
 
+DATA_LABELS = {"builtin": "Built-in", "upload": "Upload .txt / .jsonl"}
+
+
 def gamma_label(g: float) -> str:
     if g == 0:
         return "0 · pure Fisher"
@@ -35,10 +38,12 @@ def main() -> None:
     with left:
         st.subheader("Calibration")
         builtin_name = default_data(lm.spec).calib.name
-        data = st.radio("Calibration text", ["builtin", "upload"], horizontal=True,
-                        format_func=lambda v: f"Built-in ({builtin_name})" if v == "builtin" else "Upload .txt / .jsonl",
-                        **ui.bind("data", "builtin"))
+        # labels the same for every model: the browser keeps the selected label across a model switch
+        data = st.radio("Calibration text", ["builtin", "upload"], horizontal=True, format_func=DATA_LABELS.get,
+                        help=f"Built-in for this model: {builtin_name}", **ui.bind("data", "builtin"))
         ui.commit("data", data)
+        if data == "builtin":
+            st.caption(f"Built-in text for this model: `{builtin_name}`.")
         if data == "upload":
             f = st.file_uploader("Calibration file", type=["txt", "jsonl", "json"], key="w.upload",
                                  help="Plain text, JSONL with a \"text\" field, or prompt/answer JSONL lines "

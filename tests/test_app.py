@@ -155,6 +155,31 @@ def test_upload_jsonl_answers_and_errors(env):
     assert info["data"] == "facts.jsonl" and info["cfg"]["targets"] == "answers"
 
 
+def test_calibration_text_choice_survives_a_model_switch(env):
+    """Switching the model in the sidebar keeps "Built-in" (or "Upload") selected on page 1. The browser
+    keeps the label it has selected while the server does not re-send the value (set_value): that label
+    must still be one of the options, or nothing shows as selected (seen in Chromium)."""
+
+    def shown(r) -> str | None:  # what the browser shows selected after a rerun
+        return r.proto.raw_value if r.proto.set_value else browser[0]
+
+    at = ok(new_app(env).run())
+    r = at.radio(key="w.data")
+    browser = [r.options[r.index]]
+    at.selectbox(key="w.model_choice").set_value("demo").run()
+    ok(at)
+    r = at.radio(key="w.data")
+    assert at.session_state["model_spec"] == "demo" and not errors(at)
+    assert r.value == "builtin" and shown(r) == r.options[0]
+    assert any("calib.txt" in c.value for c in at.caption)  # the demo's own built-in text is named
+    r.set_value("upload").run()
+    r = at.radio(key="w.data")
+    browser = [r.options[r.index]]
+    at.selectbox(key="w.model_choice").set_value("folder").run()
+    r = ok(at).radio(key="w.data")
+    assert r.value == "upload" and shown(r) == r.options[1] and at.session_state["set.data"] == "upload"
+
+
 def test_answers_on_plain_text_is_one_line_error(env):
     at = new_app(env)
     at.session_state["set.targets"] = "answers"
