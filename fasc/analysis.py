@@ -31,7 +31,11 @@ CPU64 = (torch.device("cpu"), torch.float64)  # where summaries (O(n) per module
 
 @dataclass
 class ModuleReport:
-    """One row of `fasc report`: diagnostics of a module at a reference rank."""
+    """One row of `fasc report`: diagnostics of a module at a reference rank.
+
+    ρ needs no eigen-decomposition; the fields from `misalignment` on do, and are None in a report
+    built with `decompose=False` before the module was decomposed.
+    """
 
     fqn: str
     layer: int
@@ -42,12 +46,12 @@ class ModuleReport:
     rho_signed: float          # signed mean ρ(u)
     rho_fisher: float | None   # mean |ρ| along the top Fisher directions (None until measured)
     rho_fisher_signed: float | None
-    misalignment: float        # at the reference rank
-    rank: int                  # the reference rank
-    dl_pca: float              # predicted ΔL at the reference rank, nats/token
-    dl_fasc: float
-    fisher_top_share: float    # share of Σλ in the top `rank` Fisher eigenvalues
-    variance_top_share: float  # share of Σμ in the top `rank` variance eigenvalues
+    misalignment: float | None        # at the reference rank
+    rank: int                         # the reference rank
+    dl_pca: float | None              # predicted ΔL at the reference rank, nats/token
+    dl_fasc: float | None
+    fisher_top_share: float | None    # share of Σλ in the top `rank` Fisher eigenvalues
+    variance_top_share: float | None  # share of Σμ in the top `rank` variance eigenvalues
 
 
 @dataclass
@@ -278,6 +282,18 @@ class Analysis:
                 self.summaries[key] = Summary(None, lam.to(*CPU64))
         return self.summaries[key]
 
+    def decomposed(self, methods: tuple[str, ...] = ("pca", "fasc")) -> bool:
+        """True when every module's summary for `methods` (and the diagnostics `precompute` adds) is
+        already here, i.e. `precompute(methods)` and `report()` would run no eigen-decomposition."""
+        for f in self.stats.fqns:
+            for m in methods:
+                base = self._base(m)
+                if (f, base) not in self.summaries:
+                    return False
+                if base == "fasc" and ((f, "fisher") not in self.summaries or f not in self.misalignments):
+                    return False
+        return True
+
     def precompute(self, methods: tuple[str, ...] = ("pca", "fasc"),
                    progress: Callable[[int, int], None] | None = None) -> None:
         """Decompose every module for `methods` now (with progress), so later queries are instant."""
@@ -339,25 +355,38 @@ class Analysis:
         sk = (self.stats.sketch_fisher if sketches is None else sketches).get(fqn)
         return None if sk is None else _rho_means(sk)
 
-    def report(self, ratio: float = 0.5, sketch_fisher: dict[str, Tensor] | None = None) -> list[ModuleReport]:
-        """Diagnostics of every module at rank round(ratio·min(m,n)) (ρ along Fisher directions
-        from `sketch_fisher` when given, else from the statistics)."""
+    def report(self, ratio: float = 0.5, decompose: bool = True,
+               sketch_fisher: dict[str, Tensor] | None = None) -> list[ModuleReport]:
+        """Diagnostics of every module at rank round(ratio·min(m,n)) (ρ along Fisher directions from
+        `sketch_fisher` when given, else from the statistics).
+
+        `decompose=False` runs no eigen-decomposition: ρ comes from the calibration sketch alone (spec
+        §4), and the decomposition fields are filled only for modules already decomposed (else None).
+        """
         rows = []
         for info in self.modules:
             f = info.fqn
             k = max(1, min(info.max_rank, round(ratio * info.max_rank)))
-            lam = self.fisher_spectrum(f)
-            mu = self.variance_spectrum(f)
             rf = self.rho_fisher(f, sketch_fisher)
             r_abs, r_sig = self.rho(f)
-            rows.append(ModuleReport(
+            row = ModuleReport(
                 fqn=f, layer=info.layer, kind=info.kind, out_features=info.out_features,
                 in_features=info.in_features, rho=r_abs, rho_signed=r_sig,
                 rho_fisher=None if rf is None else rf[0], rho_fisher_signed=None if rf is None else rf[1],
-                misalignment=float(self.misalignment(f)[k - 1]), rank=k,
-                dl_pca=self.predicted(f, "pca", k), dl_fasc=self.predicted(f, "fasc", k),
-                fisher_top_share=_share(lam, k), variance_top_share=_share(mu, k)))
+                misalignment=None, rank=k, dl_pca=None, dl_fasc=None, fisher_top_share=None,
+                variance_top_share=None)
+            if decompose or self._has_diagnostics(f):
+                lam, mu = self.fisher_spectrum(f), self.variance_spectrum(f)
+                row.misalignment = float(self.misalignment(f)[k - 1])
+                row.dl_pca, row.dl_fasc = self.predicted(f, "pca", k), self.predicted(f, "fasc", k)
+                row.fisher_top_share, row.variance_top_share = _share(lam, k), _share(mu, k)
+            rows.append(row)
         return rows
+
+    def _has_diagnostics(self, fqn: str) -> bool:
+        """The report's decomposition fields of `fqn` are all at hand (no eigen-decomposition needed)."""
+        return (fqn in self.misalignments and (fqn, "fisher") in self.summaries and (fqn, "pca") in self.summaries
+                and (fqn, "fasc") in self.summaries and self.stats.group[fqn] in self.variance)
 
     # ---------------------------------------------------------------- persistence (small: O(n) per module)
     def summary_tensors(self) -> dict[str, Tensor]:

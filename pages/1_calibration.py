@@ -12,6 +12,9 @@ from fasc.errors import FascError
 from fasc.pipeline import model_defaults
 
 
+DATA_LABELS = {"builtin": "Built-in", "upload": "Upload .txt / .jsonl"}
+
+
 def model_metrics(s: dict) -> None:
     c = st.columns(5)
     c[0].metric("Architecture", s["architecture"].replace("ForCausalLM", ""))
@@ -54,8 +57,12 @@ def calibration_settings(spec: str) -> str:
     """The calibration widgets (all durable); returns the data choice ('builtin' or 'upload')."""
     d, m = CalibConfig(), model_defaults(spec)
     st.subheader("Calibration")
-    data = radio(st, "Calibration text", "data", ["builtin", "upload"], "builtin",
-                 format_func=lambda v: f"Built-in ({' + '.join(p.name for p in m.calib_files)})" if v == "builtin" else "Upload .txt / .jsonl")
+    builtin_name = " + ".join(p.name for p in m.calib_files)
+    # labels the same for every model: the browser keeps the selected label across a model switch
+    data = radio(st, "Calibration text", "data", ["builtin", "upload"], "builtin", format_func=DATA_LABELS.get,
+                 help=f"Built-in for this model: {builtin_name}")
+    if data == "builtin":
+        st.caption(f"Built-in text for this model: `{builtin_name}`.")
     if data == "upload":
         upload_widget()
     a, b = st.columns(2)

@@ -1,6 +1,7 @@
 """ρ map: layers × module kind of the Dependence Violation Score ρ (spec §4), switchable to the
 subspace misalignment (spec §3) and to the predicted ΔL at the current ranks. Clicking a cell
-selects that module on every page."""
+selects that module on every page. ρ needs no eigen-decomposition, so the map appears as soon as
+the calibration is there; the decompositions run (with a progress bar) when a view needs them."""
 
 import streamlit as st
 
@@ -32,12 +33,19 @@ def module_panel(ctx: ui.Context, rows: list, sel: str, plan) -> None:
     if pick != sel:
         select_module(pick)
         st.rerun()
-    k = plan.ranks.get(sel)
+    k = plan.ranks.get(sel) if plan else None
     st.metric("ρ (mean |ρ(u)|)", f"{r.rho:.3f}", help=f"signed mean {r.rho_signed:+.3f}")
     if r.rho_fisher is not None:
         st.metric("ρ along Fisher directions", f"{r.rho_fisher:.3f}",
                   help=f"signed mean {r.rho_fisher_signed:+.3f}, over the module's top Fisher directions")
-    st.metric(f"Misalignment at k = {r.rank}", f"{r.misalignment:.1%}")
+    if r.misalignment is not None:
+        st.metric(f"Misalignment at k = {r.rank}", f"{r.misalignment:.1%}")
+    if plan is None:
+        st.caption("Misalignment and the planned ΔL need the eigen-decompositions of every module; they run "
+                   "(with a progress bar) when you pick those views, open Spectra or Ranks, or click below.")
+        if st.button("Run the decompositions", key="w.decompose_run", icon=":material/play_arrow:"):
+            ui.decompose(ctx)
+            st.rerun()
     if k is not None:
         st.metric(f"Plan: rank {k} / {an.info(sel).max_rank} ({plan.methods[sel]})",
                   f"ΔL {an.predicted(sel, plan.methods[sel], k):.3g}",
@@ -51,9 +59,8 @@ def module_panel(ctx: ui.Context, rows: list, sel: str, plan) -> None:
 
 def main() -> None:
     st.title("ρ map")
-    ctx = ui.require_analysis()
+    ctx = ui.require_analysis(decompose=False)
     an = ctx.an
-    plan = ctx.plan()
     sel = selected_module(an)
 
     left, right = st.columns([3, 1], gap="medium")
@@ -75,13 +82,18 @@ def main() -> None:
                 ui.measure_rho_fisher(ctx)
                 st.rerun()
             view = "rho"
-        rows = ui.report_rows(ctx, float(ratio))
+        if view in ("misalignment", "dl_plan", "knowledge"):
+            ui.decompose(ctx)  # with a progress bar; ρ itself needs no eigen-decomposition
+        ready = an.decomposed()
+        plan = ctx.plan() if ready else None
+        rows = ui.report_rows(ctx, float(ratio), ready)
         values = plan_values(plan, an) if view == "dl_plan" else None
         view, values, label, kv = K.knowledge_view(ctx, plan, view, values, len(rows))
         title = kv.title or {"rho": "ρ = mean |ρ(u)| over random unit directions (0 = independent)",
                  "rho_fisher": "ρ = mean |ρ(u)| over each module's top Fisher directions (the ones FASC keeps)",
                  "misalignment": f"Share of the FASC subspace missed by PCA at rank ratio {ratio:g}",
-                 "dl_plan": f"Predicted ΔL per module at the current ranks (Σ = {plan.predicted(an):.4g} nats/token)"}[view]
+                 "dl_plan": f"Predicted ΔL per module at the current ranks (Σ = {plan.predicted(an):.4g} nats/token)"
+                 if plan else ""}[view]
         fig = rho_heatmap(rows, value=view, selected=sel, values=values, title=title, label=label)
 
         def on_select() -> None:

@@ -17,8 +17,9 @@ from fasc.plots import rho_heatmap, training_figure
 VIEWS = {"rho": "ρ", "misalignment": "Misalignment pca ↔ fasc"}
 
 
-def checkpoint_stats(path, tokens: int, calibrate: bool):
-    """(Analysis, rows) of a checkpoint, calibrating it when `calibrate` (else None if not cached)."""
+def checkpoint_stats(path, tokens: int, calibrate: bool, decompose: bool = False):
+    """(Analysis, rows) of a checkpoint, calibrating it when `calibrate` (else None if not cached); the
+    eigen-decompositions (for the misalignment) only when `decompose` — ρ needs none."""
     lm = ui.get_model(str(path))
     req = ui.calib_request(lm.spec, data_path=model_defaults(lm.spec).calib)
     req.cfg = replace(req.cfg, n_tokens=int(tokens))
@@ -27,11 +28,13 @@ def checkpoint_stats(path, tokens: int, calibrate: bool):
         if not calibrate:
             return None
         info = ui.calibrate_now(lm, req, label=f"Calibrating {path.name}")
-    an = ui.get_analysis(lm, info["key"])
-    rows = ui.report_rows(ui.Context(lm, info, an), 0.5)
+    an = ui.get_analysis(lm, info["key"], methods=("pca", "fasc") if decompose else ())
+    decomposed = an.decomposed()
+    rows = ui.report_rows(ui.Context(lm, info, an), 0.5, decomposed)
     st.session_state.setdefault("ckpt_rho", {})[path.name] = mean_rho(rows)
     st.session_state.setdefault("ckpt_max", {})[(path.name, "rho")] = max(r.rho for r in rows)
-    st.session_state["ckpt_max"][(path.name, "misalignment")] = max(r.misalignment for r in rows)
+    if decomposed:
+        st.session_state["ckpt_max"][(path.name, "misalignment")] = max(r.misalignment for r in rows)
     return lm, an, rows
 
 
@@ -96,7 +99,7 @@ def main() -> None:
 
     path = ckpts[idx]
     with st.spinner(f"Loading {path.name} …"):
-        lm, an, rows = checkpoint_stats(path, tokens, calibrate=True)
+        lm, an, rows = checkpoint_stats(path, tokens, calibrate=True, decompose=view == "misalignment")
 
     recalls = checkpoint_recalls(ckpts, entries, idx, lm)
     for p in ckpts:  # checkpoints calibrated before (this or another session): their mean ρ from the cache

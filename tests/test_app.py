@@ -158,6 +158,31 @@ def test_upload_jsonl_answers_and_errors(env):
     assert info["data"] == "facts.jsonl" and info["cfg"]["targets"] == "answers"
 
 
+def test_calibration_text_choice_survives_a_model_switch(env):
+    """Switching the model in the sidebar keeps "Built-in" (or "Upload") selected on page 1. The browser
+    keeps the label it has selected while the server does not re-send the value (set_value): that label
+    must still be one of the options, or nothing shows as selected (seen in Chromium)."""
+
+    def shown(r) -> str | None:  # what the browser shows selected after a rerun
+        return r.proto.raw_value if r.proto.set_value else browser[0]
+
+    at = ok(new_app(env).run())
+    r = at.radio(key="w.data")
+    browser = [r.options[r.index]]
+    at.selectbox(key="w.model_choice").set_value("demo").run()
+    ok(at)
+    r = at.radio(key="w.data")
+    assert at.session_state["model_spec"] == "demo" and not errors(at)
+    assert r.value == "builtin" and shown(r) == r.options[0]
+    assert any("calib.txt" in c.value for c in at.caption)  # the demo's own built-in text is named
+    r.set_value("upload").run()
+    r = at.radio(key="w.data")
+    browser = [r.options[r.index]]
+    at.selectbox(key="w.model_choice").set_value("folder").run()
+    r = ok(at).radio(key="w.data")
+    assert r.value == "upload" and shown(r) == r.options[1] and at.session_state["set.data"] == "upload"
+
+
 def test_answers_on_plain_text_is_one_line_error(env):
     at = new_app(env)
     at.session_state["set.targets"] = "answers"
@@ -251,6 +276,30 @@ def test_rho_map_views_and_selection(env):
     # the selection is shared with the Spectra page
     goto(at, "pages/3_spectra.py")
     assert at.selectbox(key="w.spec_module").value == target
+
+
+def test_rho_map_appears_before_any_eigen_decomposition(env, monkeypatch):
+    """ρ needs no eigen-decomposition: the ρ map is drawn straight after calibration; the decompositions
+    (misalignment, planned ΔL) run on request, with the same page then showing them."""
+    import fasc.analysis as A
+
+    def forbidden(*a, **k):
+        raise AssertionError("an eigen-decomposition ran")
+
+    at = calibrated(env)
+    with monkeypatch.context() as m:
+        for name in ("whitening", "basis_pca", "basis_fasc", "fisher_eigenvalues", "misalignment_curve"):
+            m.setattr(A, name, forbidden)
+        goto(at, "pages/2_rho_map.py")
+        assert not errors(at) and len(at.get("plotly_chart")) == 1
+        assert float(metric(at, "ρ (mean")) > 0
+        assert not any(x.label.startswith(("Misalignment", "Plan:")) for x in at.metric)
+        assert "plan" not in at.session_state
+    at.button(key="w.decompose_run").click().run()
+    ok(at)
+    assert not errors(at) and any(x.label.startswith("Misalignment") for x in at.metric)
+    assert any(x.label.startswith("Plan:") for x in at.metric) and "plan" in at.session_state
+    assert not [b for b in at.button if b.key == "w.decompose_run"]
 
 
 def test_rho_along_fisher_directions_is_measured_on_request(env):
@@ -432,6 +481,12 @@ def test_training_page_with_checkpoints(env):
     ok(at)
     assert metric(at, "Fact recall") == "0.0%"
     assert set(at.session_state["ckpt_rho"]) == {"ckpt-000", "ckpt-100"}
+    # ρ needs no eigen-decomposition; the misalignment view runs them for the checkpoint shown
+    assert not any(w == "misalignment" for _, w in at.session_state["ckpt_max"])
+    at.selectbox(key="w.ckpt_view").set_value("misalignment").run()
+    spec = json.loads(ok(at).get("plotly_chart")[0].proto.spec)
+    assert not errors(at) and "Misalignment" in spec["layout"]["title"]["text"]
+    assert ("ckpt-000", "misalignment") in at.session_state["ckpt_max"]
 
 
 # ------------------------------------------------------------------------------------------ app_state rules

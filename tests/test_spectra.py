@@ -151,3 +151,28 @@ def test_fisher_spectrum_and_misalignment_do_not_depend_on_gamma_or_order(llama,
     an2 = fasc.Analysis(llama, llama_stats, fasc.CompressConfig(gamma=1.0))
     an2.precompute(("fasc",))
     assert np.allclose(an2.misalignment(f), lazy) and (f, "fisher") in an2.summaries
+
+
+def test_rho_report_needs_no_eigen_decomposition(llama, llama_stats, monkeypatch):
+    """ρ comes from the calibration sketch alone (spec §4): `report(decompose=False)` gives the same ρ
+    as the full report without any eigen-decomposition, and fills the rest once the modules are
+    decomposed."""
+    import fasc.analysis as A
+
+    full = fasc.Analysis(llama, llama_stats).report(0.5)
+    an = fasc.Analysis(llama, llama_stats)
+    assert not an.decomposed()
+
+    def forbidden(*a, **k):
+        raise AssertionError("an eigen-decomposition ran")
+
+    with monkeypatch.context() as m:
+        for name in ("whitening", "basis_pca", "basis_fasc", "fisher_eigenvalues", "misalignment_curve"):
+            m.setattr(A, name, forbidden)
+        lazy = an.report(0.5, decompose=False)
+    assert [(r.fqn, r.rho, r.rho_signed, r.rank) for r in lazy] == [(r.fqn, r.rho, r.rho_signed, r.rank) for r in full]
+    assert all(r.misalignment is None and r.dl_fasc is None and r.fisher_top_share is None for r in lazy)
+    assert not an.decomposed()
+    an.precompute()
+    assert an.decomposed()
+    assert an.report(0.5, decompose=False) == full

@@ -292,7 +292,7 @@ def _analysis(spec: str, key: str, gamma: float, _model, _stats) -> Analysis:
 
 def get_analysis(lm: LoadedModel, key: str, gamma: float | None = None, methods=("pca", "fasc")) -> Analysis:
     """The (shared) Analysis of a model's statistics at γ, with every decomposition of `methods` done
-    (a progress bar appears when that takes a while)."""
+    (a progress bar appears when that takes a while). `methods=()`: none yet — enough for ρ."""
     stats = get_stats(key)
     if stats is None:
         raise FascError("The calibration statistics are no longer in the cache; run the calibration again "
@@ -329,8 +329,11 @@ class Context:
         return rho_fisher(self.calib["key"])
 
 
-def require_analysis() -> Context:
-    """Model + calibration + analysis, or an explanation (with a link to page 1) and stop."""
+def require_analysis(decompose: bool = True) -> Context:
+    """Model + calibration + analysis, or an explanation (with a link to page 1) and stop.
+
+    `decompose=False` skips the eigen-decompositions (ρ needs none: the ρ map appears as soon as the
+    calibration is there); `decompose(ctx)` runs them when a view needs them."""
     lm = require_model()
     info = current_calib(lm)
     if info is None:
@@ -338,20 +341,28 @@ def require_analysis() -> Context:
                 f"first.", icon=":material/info:")
         st.page_link(PAGES["calibration"], label="Go to Model & calibration", icon=":material/tune:")
         st.stop()
-    return Context(lm, info, get_analysis(lm, info["key"]))
+    return Context(lm, info, get_analysis(lm, info["key"], methods=("pca", "fasc") if decompose else ()))
+
+
+def decompose(ctx: Context) -> None:
+    """The pca and fasc eigen-decompositions of every module (spectra, predicted ΔL, misalignment), with a
+    progress bar; instant once done (shared by every session of this server)."""
+    get_analysis(ctx.lm, ctx.calib["key"], ctx.an.cfg.gamma)
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
 def _report_rows(spec: str, key: str, gamma: float, ratio: float, _an: Analysis, n_rho_fisher: int,
-                 _sketches: dict) -> list:
-    return _an.report(ratio, sketch_fisher=_sketches)
+                 _sketches: dict, decomposed: bool) -> list:
+    return _an.report(ratio, decompose=decomposed, sketch_fisher=_sketches)
 
 
-def report_rows(ctx: Context, ratio: float) -> list:
+def report_rows(ctx: Context, ratio: float, decomposed: bool = True) -> list:
     """`Analysis.report(ratio)` rows with this session's ρ along Fisher directions (small: cached by
-    value; rebuilt once ρ along Fisher directions is measured)."""
+    value; rebuilt once ρ along Fisher directions is measured). `decomposed=False`: ρ only, no
+    eigen-decomposition (the other fields None)."""
     sk = ctx.rho_fisher
-    return _report_rows(ctx.lm.spec, ctx.calib["key"], ctx.an.cfg.gamma, float(ratio), ctx.an, len(sk), sk or None)
+    return _report_rows(ctx.lm.spec, ctx.calib["key"], ctx.an.cfg.gamma, float(ratio), ctx.an, len(sk), sk or None,
+                        decomposed)
 
 
 def measure_rho_fisher(ctx: Context) -> None:

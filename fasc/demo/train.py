@@ -102,7 +102,7 @@ class TrainConfig:
     world_seed: int = 0
     hidden_size: int = 64
     intermediate_size: int = 256
-    num_layers: int = 2
+    num_layers: int = 6
     num_heads: int = 4
     steps: int = 1500
     batch_size: int = 256
