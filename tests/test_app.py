@@ -288,7 +288,8 @@ def test_rho_map_appears_before_any_eigen_decomposition(env, monkeypatch):
 
     at = calibrated(env)
     with monkeypatch.context() as m:
-        for name in ("whitening", "basis_pca", "basis_fasc", "fisher_eigenvalues", "misalignment_curve"):
+        for name in ("whitening", "basis_pca", "basis_fasc", "basis_fasc_wide", "basis_asvd_wide", "wide_side",
+                     "fisher_spectrum", "fisher_spectrum_wide", "misalignment_curve"):
             m.setattr(A, name, forbidden)
         goto(at, "pages/2_rho_map.py")
         assert not errors(at) and len(at.get("plotly_chart")) == 1

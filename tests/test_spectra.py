@@ -167,7 +167,8 @@ def test_rho_report_needs_no_eigen_decomposition(llama, llama_stats, monkeypatch
         raise AssertionError("an eigen-decomposition ran")
 
     with monkeypatch.context() as m:
-        for name in ("whitening", "basis_pca", "basis_fasc", "fisher_eigenvalues", "misalignment_curve"):
+        for name in ("whitening", "basis_pca", "basis_fasc", "basis_fasc_wide", "basis_asvd_wide", "wide_side",
+                     "fisher_spectrum", "fisher_spectrum_wide", "misalignment_curve"):
             m.setattr(A, name, forbidden)
         lazy = an.report(0.5, decompose=False)
     assert [(r.fqn, r.rho, r.rho_signed, r.rank) for r in lazy] == [(r.fqn, r.rho, r.rho_signed, r.rank) for r in full]
