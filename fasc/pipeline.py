@@ -205,9 +205,11 @@ def compress_and_save(model, tok, an: Analysis, plan: Plan, out: str | Path, *, 
     t0 = time.perf_counter()
     if (sequential or heal_tokens) and not batches:
         raise FascError("Sequential compression and healing need the calibration batches; pass batches=.")
+    if heal_tokens < 0:
+        raise FascError(f"Healing tokens must be ≥ 0 (0 = off), got {heal_tokens}.")
     if heal_tokens and merge:
-        raise FascError("Healing trains the low-rank factors, which --merge does not keep; drop --merge or "
-                        "--heal-tokens.")
+        raise FascError("Healing trains the low-rank factors, which a merged export does not keep; export "
+                        "factored, or turn healing off (0 tokens).")
     if sequential not in (False, True, "refit", "restat"):
         raise FascError(f"sequential must be 'refit' or 'restat', got {sequential!r}.")
     work = copy.deepcopy(model)

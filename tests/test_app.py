@@ -459,6 +459,32 @@ def test_export_factored_and_merged(env):
     assert json.loads((Path(res2["out"]) / "fasc_config.json").read_text())["merged"]
 
 
+def test_export_sequential_and_healing(env):
+    """Sequential (restat) and healing on the Export page reach the export: fasc_config.json records
+    them and the summary shows the KL before/after."""
+    at = goto(calibrated(env), "pages/5_export.py")
+    at.selectbox(key="w.export_sequential").set_value("restat").run()
+    at.number_input(key="w.export_heal_tokens").set_value(64).run()
+    at.button(key="w.export").click().run()
+    res = ok(at).session_state["export_result"]
+    cfg = json.loads((Path(res["out"]) / "fasc_config.json").read_text())
+    assert cfg["sequential"] == "restat" and res["sequential"] == "restat"
+    assert cfg["heal"]["tokens"] >= 64 and cfg["heal"]["steps"] >= 1 and cfg["heal"] == res["heal"]
+    assert any("Sequential (restat)" in c.value for c in at.caption)
+    assert any("Healing:" in c.value and "→" in c.value for c in at.caption)
+    assert any("two more forward passes" in (s.help or "") for s in at.selectbox)
+
+
+def test_export_healing_merged_is_refused(env):
+    at = goto(calibrated(env), "pages/5_export.py")
+    at.radio(key="w.export_format").set_value("merged").run()
+    at.number_input(key="w.export_heal_tokens").set_value(64).run()
+    target = Path(at.text_input[0].value)
+    at.button(key="w.export").click().run()
+    assert len(errors(ok(at))) == 1 and "merged export does not keep" in errors(at)[0]
+    assert not target.exists() and "export_result" not in at.session_state
+
+
 # ------------------------------------------------------------------------------------------ page 6
 def test_training_page_without_checkpoints(env):
     at = goto(ok(new_app(env).run()), "pages/6_training.py")

@@ -365,6 +365,16 @@ def report_rows(ctx: Context, ratio: float, decomposed: bool = True) -> list:
                         decomposed)
 
 
+def calibration_batches(ctx: Context) -> tuple[list[Batch], str]:
+    """The batches the current calibration ran on (for passes that need the text again: ρ along
+    Fisher directions, sequential compression, healing), and their key."""
+    batches, key = batches_and_key(ctx.lm, calib_request(ctx.lm.spec))
+    if key != ctx.calib["key"]:
+        raise FascError("The calibration settings changed since this calibration ran; run the calibration again "
+                        "on the Model & calibration page first.")
+    return batches, key
+
+
 def measure_rho_fisher(ctx: Context) -> None:
     """ρ along each module's top Fisher directions (spec §4): one more forward+backward over the
     calibration text, with a progress bar. Kept in this session (the shared statistics are not
@@ -372,10 +382,7 @@ def measure_rho_fisher(ctx: Context) -> None:
     from ..rho import measure_rho_fisher as measure
     from .state import put_rho_fisher
 
-    batches, key = batches_and_key(ctx.lm, calib_request(ctx.lm.spec))
-    if key != ctx.calib["key"]:
-        raise FascError("The calibration settings changed since this calibration ran; run the calibration again "
-                        "on the Model & calibration page first.")
+    batches, key = calibration_batches(ctx)
     bar = ProgressBar("Measuring ρ along Fisher directions", unit="tokens")
     try:
         put_rho_fisher(key, measure(ctx.lm.model, batches, ctx.an, progress=bar))
