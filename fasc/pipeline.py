@@ -186,23 +186,13 @@ def export_meta(an: Analysis, plan: Plan, *, method: str, source_model: str, cal
             "compress_config": {**asdict(an.cfg), **hybrid}, "predicted_delta_loss": plan.predicted(an)}
 
 
-def compress_and_save(model, tok, an: Analysis, plan: Plan, out: str | Path, *, merge: bool = False,
-                      overwrite: bool = False, method: str = "fasc", source_model: str = "",
-                      calibration: str = "", model_fp: str = "",
-                      progress: Callable[[int, int], None] | None = None, batches=None,
-                      sequential: bool | str = False, heal_tokens: int = 0,
-                      heal_progress: Callable[[int, int], None] | None = None) -> dict:
-    """Compress a deep copy of `model` with `plan` and export it (what `fasc compress` and the Export
-    page do).
-
-    `sequential` ('refit' or True, or 'restat') fits each module to the partly compressed model's
-    inputs (`fasc.sequential`; 'restat' without the least-squares refit to the dense outputs) and
-    `heal_tokens` > 0 distils the dense model into the factors (`fasc.heal`); both use `batches`.
-    Returns a summary: folder, sizes, parameter counts, predicted ΔL, files (name → bytes).
-    """
-    prepare_destination(out, overwrite)  # fail before any work
-    validate_plan(plan, an, model_fp or None)
-    t0 = time.perf_counter()
+def compressed_copy(model, an: Analysis, plan: Plan, *, merge: bool = False,
+                    progress: Callable[[int, int], object] | None = None, batches=None,
+                    sequential: bool | str = False, heal_tokens: int = 0,
+                    heal_progress: Callable[[int, int], object] | None = None) -> tuple[nn.Module, dict | None]:
+    """A deep copy of `model` compressed with `plan` — sequentially ('refit'/True or 'restat',
+    `fasc.sequential`) and healed for `heal_tokens` tokens (`fasc.heal`) when asked, both on
+    `batches` — and what healing did (`HealResult.to_dict()`, or None). `model` is left untouched."""
     if (sequential or heal_tokens) and not batches:
         raise FascError("Sequential compression and healing need the calibration batches; pass batches=.")
     if heal_tokens < 0:
@@ -222,6 +212,28 @@ def compress_and_save(model, tok, an: Analysis, plan: Plan, out: str | Path, *, 
     if heal_tokens:
         from .heal import heal_
         healed = heal_(work, model, batches, tokens=heal_tokens, progress=heal_progress).to_dict()
+    return work, healed
+
+
+def compress_and_save(model, tok, an: Analysis, plan: Plan, out: str | Path, *, merge: bool = False,
+                      overwrite: bool = False, method: str = "fasc", source_model: str = "",
+                      calibration: str = "", model_fp: str = "",
+                      progress: Callable[[int, int], None] | None = None, batches=None,
+                      sequential: bool | str = False, heal_tokens: int = 0,
+                      heal_progress: Callable[[int, int], None] | None = None) -> dict:
+    """Compress a deep copy of `model` with `plan` and export it (what `fasc compress` and the Export
+    page do).
+
+    `sequential` ('refit' or True, or 'restat') fits each module to the partly compressed model's
+    inputs (`fasc.sequential`; 'restat' without the least-squares refit to the dense outputs) and
+    `heal_tokens` > 0 distils the dense model into the factors (`fasc.heal`); both use `batches`.
+    Returns a summary: folder, sizes, parameter counts, predicted ΔL, files (name → bytes).
+    """
+    prepare_destination(out, overwrite)  # fail before any work
+    validate_plan(plan, an, model_fp or None)
+    t0 = time.perf_counter()
+    work, healed = compressed_copy(model, an, plan, merge=merge, progress=progress, batches=batches,
+                                   sequential=sequential, heal_tokens=heal_tokens, heal_progress=heal_progress)
     meta = export_meta(an, plan, method=method, source_model=source_model, calibration=calibration,
                        model_fp=model_fp)
     meta.update({"sequential": sequential, "heal": healed})

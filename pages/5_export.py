@@ -46,28 +46,6 @@ def show_result(res: dict) -> None:
                + ("" if res["merged"] else f" or `AutoModelForCausalLM.from_pretrained({res['out']!r}, "
                                            f"trust_remote_code=True)`") + ".")
 
-SEQUENTIAL_HELP = ("Error-aware compression (`fasc compress --sequential`): each module is fitted to the inputs of "
-                   "the partly compressed model. Costs about two more forward passes over the calibration text plus "
-                   "one partial layer pass per input group. restat: re-measured statistics only; refit: also a "
-                   "least-squares refit to the dense outputs. Measured on the demo (BENCHMARKS.md): restat neutral, "
-                   "refit loses fact recall at 60 % — hence off by default.")
-HEAL_HELP = ("Healing (`--heal-tokens`): after compressing, train only the low-rank factors to match the dense "
-             "model (KL) on this many calibration tokens. Costs one teacher forward plus one student "
-             "forward/backward per token. Measured on the demo (BENCHMARKS.md): 16k tokens recover about 4.5 "
-             "fact-recall points at 60 % in ~40 s on CPU. 0 = off; factored exports only.")
-
-
-def refinement_options() -> tuple[bool | str, int]:
-    """Sequential compression and healing (both off by default), with their cost in the help texts."""
-    if st.session_state.get("w.export_cancel"):
-        st.warning("Export cancelled; nothing was written.", icon=":material/cancel:")
-    c = st.columns(2)
-    seq = ui.commit("export_sequential", c[0].selectbox("Sequential", ["off", "restat", "refit"], help=SEQUENTIAL_HELP,
-                                                       **ui.bind("export_sequential", "off")))
-    heal = ui.commit("export_heal_tokens", c[1].number_input("Healing tokens", 0, 10_000_000, step=1024, help=HEAL_HELP,
-                                                             **ui.bind("export_heal_tokens", 0)))
-    return (False if seq == "off" else seq), int(heal)
-
 
 def export(ctx, plan, target: Path, merged: bool, overwrite: bool, method: str, sequential, heal_tokens: int) -> dict:
     """Compress a copy and write it, with progress bars; a click on Cancel (or anywhere) interrupts it
@@ -115,7 +93,9 @@ def main() -> None:
     ui.commit(f"export_dir.{default_dir}", out)
     overwrite = c[2].checkbox("Overwrite", **ui.bind("export_overwrite", False))
     ui.commit("export_overwrite", overwrite)
-    sequential, heal_tokens = refinement_options()
+    if st.session_state.get("w.export_cancel"):
+        st.warning("Export cancelled; nothing was written.", icon=":material/cancel:")
+    sequential, heal_tokens = ui.refinement_options("export")
 
     if st.button("Export", type="primary", key="w.export", icon=":material/save:"):
         if not out.strip():

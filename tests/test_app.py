@@ -431,6 +431,24 @@ def test_ranks_uniform_and_anchored_allocations_and_evaluation(env):
     assert list(table["model"])[-1] == "asvd (same budget, anchored)"
 
 
+def test_ranks_evaluate_sequential_and_healing(env):
+    """Evaluate with restat + healing: both compressed copies (plan and baseline) get them; the
+    dense row is unchanged and the compressed rows differ from the plain evaluation."""
+    at = goto(calibrated(env), "pages/4_ranks.py")
+    at.number_input(key="w.eval_tokens").set_value(256).run()
+    at.button(key="w.evaluate").click().run()
+    plain = ok(at).dataframe[-1].value
+    assert list(plain["sequential"]) == ["off"] * 3 and list(plain["healed tokens"]) == [0] * 3
+    at.selectbox(key="w.eval_sequential").set_value("restat").run()
+    at.number_input(key="w.eval_heal_tokens").set_value(64).run()
+    at.button(key="w.evaluate").click().run()
+    t = ok(at).dataframe[-1].value
+    assert list(t["sequential"]) == ["off", "restat", "restat"]
+    assert t["healed tokens"][0] == 0 and min(t["healed tokens"][1:]) >= 64
+    assert t["perplexity"][0] == plain["perplexity"][0]
+    assert all(t["perplexity"][i] != plain["perplexity"][i] for i in (1, 2))
+
+
 # ------------------------------------------------------------------------------------------ page 5
 def test_export_factored_and_merged(env):
     at = goto(calibrated(env), "pages/5_export.py")
