@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Callable
 
@@ -11,7 +10,7 @@ from .allocate import Plan, allocate, validate_plan
 from .analysis import Analysis
 from .data import load_probe, read_text
 from .evaluate import fact_recall, perplexity
-from .surgery import compress_
+from .pipeline import compressed_copy
 
 
 def evaluate_model(model, tok, heldout: str | Path, probe: str | Path, max_tokens: int | None = 4096,
@@ -25,11 +24,14 @@ def evaluate_model(model, tok, heldout: str | Path, probe: str | Path, max_token
 def evaluate_plan(model, tok, an: Analysis, plan: Plan, heldout: str | Path, probe: str | Path, *,
                   baseline: str = "asvd", max_tokens: int | None = 4096,
                   progress: Callable[[int, int], None] | None = None, allocation: str = "greedy",
-                  baseline_anchors: dict[str, float] | None = None) -> list[dict]:
+                  baseline_anchors: dict[str, float] | None = None, batches=None,
+                  sequential: bool | str = False, heal_tokens: int = 0) -> list[dict]:
     """Rows for: the uncompressed model, the plan, and `baseline` allocated at the plan's budget with
     the same `allocation` (`baseline_anchors`: its measured anchor scales, for 'anchored').
 
-    Every compression happens on a deep copy; `model` is left untouched.
+    `sequential` and `heal_tokens` (on the calibration `batches`, `pipeline.compressed_copy`) apply
+    to both compressed copies alike; the rows carry them ("sequential", "heal"). Every compression
+    happens on a deep copy; `model` is left untouched.
     """
     validate_plan(plan, an)
     tot = plan.totals(an)
@@ -38,24 +40,26 @@ def evaluate_plan(model, tok, an: Analysis, plan: Plan, heldout: str | Path, pro
     if progress:
         progress(0, steps)
     r = evaluate_model(model, tok, heldout, probe, max_tokens)
-    rows.append({"model": "uncompressed", "params_kept": 1.0, "predicted_dl": 0.0, **r})
+    rows.append({"model": "uncompressed", "params_kept": 1.0, "predicted_dl": 0.0, "sequential": False, "heal": None,
+                 **r})
     if progress:
         progress(1, steps)
-    work = copy.deepcopy(model)
-    compress_(work, an, plan)
+    extra = {"batches": batches, "sequential": sequential, "heal_tokens": heal_tokens}
+    work, healed = compressed_copy(model, an, plan, **extra)
     r = evaluate_model(work, tok, heldout, probe, max_tokens)
     label = plan.note.get("method", "plan") if isinstance(plan.note, dict) else "plan"
-    rows.append({"model": f"plan ({label})", "params_kept": tot.ratio, "predicted_dl": tot.predicted, **r})
+    rows.append({"model": f"plan ({label})", "params_kept": tot.ratio, "predicted_dl": tot.predicted,
+                 "sequential": sequential, "heal": healed, **r})
     del work
     if progress:
         progress(2, steps)
     base = allocate(an, baseline, param_ratio=min(1.0, max(tot.ratio, 1e-6)), modules=list(plan.ranks),
                     allocation=allocation, anchors=baseline_anchors)
     bt = base.totals(an)
-    work = copy.deepcopy(model)
-    compress_(work, an, base)
+    work, healed = compressed_copy(model, an, base, **extra)
     r = evaluate_model(work, tok, heldout, probe, max_tokens)
-    rows.append({"model": f"{baseline} (same budget, {allocation})", "params_kept": bt.ratio, "predicted_dl": bt.predicted, **r})
+    rows.append({"model": f"{baseline} (same budget, {allocation})", "params_kept": bt.ratio, "predicted_dl": bt.predicted,
+                 "sequential": sequential, "heal": healed, **r})
     if progress:
         progress(3, steps)
     return rows

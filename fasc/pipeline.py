@@ -186,6 +186,35 @@ def export_meta(an: Analysis, plan: Plan, *, method: str, source_model: str, cal
             "compress_config": {**asdict(an.cfg), **hybrid}, "predicted_delta_loss": plan.predicted(an)}
 
 
+def compressed_copy(model, an: Analysis, plan: Plan, *, merge: bool = False,
+                    progress: Callable[[int, int], object] | None = None, batches=None,
+                    sequential: bool | str = False, heal_tokens: int = 0,
+                    heal_progress: Callable[[int, int], object] | None = None) -> tuple[nn.Module, dict | None]:
+    """A deep copy of `model` compressed with `plan` — sequentially ('refit'/True or 'restat',
+    `fasc.sequential`) and healed for `heal_tokens` tokens (`fasc.heal`) when asked, both on
+    `batches` — and what healing did (`HealResult.to_dict()`, or None). `model` is left untouched."""
+    if (sequential or heal_tokens) and not batches:
+        raise FascError("Sequential compression and healing need the calibration batches; pass batches=.")
+    if heal_tokens < 0:
+        raise FascError(f"Healing tokens must be ≥ 0 (0 = off), got {heal_tokens}.")
+    if heal_tokens and merge:
+        raise FascError("Healing trains the low-rank factors, which a merged export does not keep; export "
+                        "factored, or turn healing off (0 tokens).")
+    if sequential not in (False, True, "refit", "restat"):
+        raise FascError(f"sequential must be 'refit' or 'restat', got {sequential!r}.")
+    work = copy.deepcopy(model)
+    if sequential:
+        from .sequential import compress_sequential_
+        compress_sequential_(work, an, plan, batches, merge=merge, progress=progress, refit=sequential != "restat")
+    else:
+        compress_(work, an, plan, merge=merge, progress=progress)
+    healed = None
+    if heal_tokens:
+        from .heal import heal_
+        healed = heal_(work, model, batches, tokens=heal_tokens, progress=heal_progress).to_dict()
+    return work, healed
+
+
 def compress_and_save(model, tok, an: Analysis, plan: Plan, out: str | Path, *, merge: bool = False,
                       overwrite: bool = False, method: str = "fasc", source_model: str = "",
                       calibration: str = "", model_fp: str = "",
@@ -203,23 +232,8 @@ def compress_and_save(model, tok, an: Analysis, plan: Plan, out: str | Path, *, 
     prepare_destination(out, overwrite)  # fail before any work
     validate_plan(plan, an, model_fp or None)
     t0 = time.perf_counter()
-    if (sequential or heal_tokens) and not batches:
-        raise FascError("Sequential compression and healing need the calibration batches; pass batches=.")
-    if heal_tokens and merge:
-        raise FascError("Healing trains the low-rank factors, which --merge does not keep; drop --merge or "
-                        "--heal-tokens.")
-    if sequential not in (False, True, "refit", "restat"):
-        raise FascError(f"sequential must be 'refit' or 'restat', got {sequential!r}.")
-    work = copy.deepcopy(model)
-    if sequential:
-        from .sequential import compress_sequential_
-        compress_sequential_(work, an, plan, batches, merge=merge, progress=progress, refit=sequential != "restat")
-    else:
-        compress_(work, an, plan, merge=merge, progress=progress)
-    healed = None
-    if heal_tokens:
-        from .heal import heal_
-        healed = heal_(work, model, batches, tokens=heal_tokens, progress=heal_progress).to_dict()
+    work, healed = compressed_copy(model, an, plan, merge=merge, progress=progress, batches=batches,
+                                   sequential=sequential, heal_tokens=heal_tokens, heal_progress=heal_progress)
     meta = export_meta(an, plan, method=method, source_model=source_model, calibration=calibration,
                        model_fp=model_fp)
     meta.update({"sequential": sequential, "heal": healed})

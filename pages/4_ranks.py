@@ -108,6 +108,23 @@ def totals(ctx: ui.Context, plan: Plan) -> None:
     c[3].metric("Plan", plan.note.get("method", "custom") + (" (edited)" if plan.note.get("edited") else ""))
 
 
+def run_evaluation(ctx: ui.Context, plan: Plan, ekey: tuple, baseline: str, max_tok: int, plan_alloc: str,
+                   seq, heal: int) -> None:
+    """Evaluate the plan and the baseline (with a progress bar and a cancel button); kept under `ekey`."""
+    data = model_defaults(ctx.lm.spec)
+    base_anchors = ui.get_anchors(ctx, ctx.an, baseline, 0.0).scales if plan_alloc == "anchored" else None
+    batches = ui.calibration_batches(ctx)[0] if seq or heal else None
+    st.button("Cancel", key="w.eval_cancel", icon=":material/cancel:")  # a click reruns: the run stops, nothing is kept
+    bar = ui.ProgressBar("Evaluating", unit="models")
+    try:
+        state.put_evaluation(ekey, evaluate_plan(ctx.lm.model, ctx.lm.tok, ctx.an, plan, data.heldout, data.probe,
+                                                 baseline=baseline, max_tokens=max_tok, progress=bar,
+                                                 allocation=plan_alloc, baseline_anchors=base_anchors,
+                                                 batches=batches, sequential=seq, heal_tokens=heal))
+    finally:
+        bar.clear()
+
+
 def evaluation(ctx: ui.Context, plan: Plan) -> None:
     st.subheader("Evaluate")
     data = model_defaults(ctx.lm.spec)
@@ -118,22 +135,18 @@ def evaluation(ctx: ui.Context, plan: Plan) -> None:
                                                                  **ui.bind("eval_tokens", 4096)))))
     go = c[2].button("Evaluate", key="w.evaluate", icon=":material/play_arrow:")
     c[3].caption(f"Perplexity on {data.heldout.name}, fact recall on {data.probe.name}.")
+    seq, heal = ui.refinement_options("eval")
     plan_alloc = plan.note.get("allocation") or "greedy"   # the baseline is spread the same way
-    ekey = (ctx.lm.spec, ctx.calib["key"], ctx.an.cfg.gamma, plan.key(), baseline, max_tok, plan_alloc)
+    ekey = (ctx.lm.spec, ctx.calib["key"], ctx.an.cfg.gamma, plan.key(), baseline, max_tok, plan_alloc, seq, heal)
     if go and state.evaluation(ekey) is None:
-        base_anchors = ui.get_anchors(ctx, ctx.an, baseline, 0.0).scales if plan_alloc == "anchored" else None
-        bar = ui.ProgressBar("Evaluating", unit="models")
-        try:
-            state.put_evaluation(ekey, evaluate_plan(ctx.lm.model, ctx.lm.tok, ctx.an, plan, data.heldout, data.probe,
-                                                     baseline=baseline, max_tokens=max_tok, progress=bar,
-                                                     allocation=plan_alloc, baseline_anchors=base_anchors))
-        finally:
-            bar.clear()
+        run_evaluation(ctx, plan, ekey, baseline, max_tok, plan_alloc, seq, heal)
     rows = state.evaluation(ekey)
     if rows is None:
-        st.caption("Evaluation compresses copies of the model (the plan and the baseline); results are kept per plan.")
+        st.caption("Evaluation compresses copies of the model (the plan and the baseline, both with the sequential "
+                   "and healing options above); results are kept per plan and options.")
     else:
         st.dataframe([{"model": r["model"], "params kept": f"{r['params_kept']:.1%}",
+                       "sequential": r.get("sequential") or "off", "healed tokens": (r.get("heal") or {}).get("tokens", 0),
                        "predicted ΔL": f"{r['predicted_dl']:.3g}", "perplexity": round(r["perplexity"], 3),
                        "fact recall": f"{r['recall']:.1%}", "exact match": f"{r['exact_match']:.1%}",
                        "facts": r["n_facts"]} for r in rows], hide_index=True, width="stretch")

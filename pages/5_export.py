@@ -12,6 +12,7 @@ from fasc.app.format import human_bytes
 from fasc.errors import FascError
 from fasc.export import FASC_CONFIG
 from fasc.pipeline import compress_and_save
+from fasc.speed import plan_speed
 
 
 def show_result(res: dict) -> None:
@@ -34,11 +35,35 @@ def show_result(res: dict) -> None:
                              mime="application/json", icon=":material/download:", key="w.dl_cfg")
         with st.expander(FASC_CONFIG):
             st.json(json.loads(cfg_path.read_text()), expanded=1)
+    if res.get("sequential"):
+        st.caption(f"Sequential ({res['sequential']}): each module was fitted to the partly compressed model's inputs.")
+    if res.get("heal"):
+        h = res["heal"]
+        st.caption(f"Healing: {h['tokens']:,} tokens in {h['steps']} steps, {h['seconds']:.1f} s · KL to the dense "
+                   f"model {h['kl_first']:.4g} → {h['kl_last']:.4g} nats/token (first vs last step's batch).")
     st.caption(f"Evaluate it: `fasc eval --model {res['out']}` (or `--tasks fasc_facts`, lm-eval) · load it: "
                f"`fasc.load_model({res['out']!r})`"
                + ("" if res["merged"] else f" or `AutoModelForCausalLM.from_pretrained({res['out']!r}, "
                                            f"trust_remote_code=True)`") + ".")
-from fasc.speed import plan_speed
+
+
+def export(ctx, plan, target: Path, merged: bool, overwrite: bool, method: str, sequential, heal_tokens: int) -> dict:
+    """Compress a copy and write it, with progress bars; a click on Cancel (or anywhere) interrupts it
+    before anything is written."""
+    batches = ui.calibration_batches(ctx)[0] if sequential or heal_tokens else None
+    st.button("Cancel", key="w.export_cancel", icon=":material/cancel:")
+    bar = ui.ProgressBar("Compressing" + (f" (sequential, {sequential})" if sequential else ""),
+                         unit="layers" if sequential else "modules")
+    hbar = ui.ProgressBar("Healing", unit="tokens") if heal_tokens else None
+    try:
+        return compress_and_save(ctx.lm.model, ctx.lm.tok, ctx.an, plan, target, merge=merged, overwrite=overwrite,
+                                 method=method, source_model=ctx.lm.spec, calibration=ctx.calib["key"],
+                                 model_fp=ctx.lm.fingerprint, progress=bar, batches=batches, sequential=sequential,
+                                 heal_tokens=heal_tokens, heal_progress=hbar)
+    finally:
+        bar.clear()
+        if hbar:
+            hbar.clear()
 
 
 def main() -> None:
@@ -68,6 +93,9 @@ def main() -> None:
     ui.commit(f"export_dir.{default_dir}", out)
     overwrite = c[2].checkbox("Overwrite", **ui.bind("export_overwrite", False))
     ui.commit("export_overwrite", overwrite)
+    if st.session_state.get("w.export_cancel"):
+        st.warning("Export cancelled; nothing was written.", icon=":material/cancel:")
+    sequential, heal_tokens = ui.refinement_options("export")
 
     if st.button("Export", type="primary", key="w.export", icon=":material/save:"):
         if not out.strip():
@@ -75,13 +103,7 @@ def main() -> None:
         target = Path(out.strip()).expanduser()
         if target.parent == Path(default_dir).parent:  # the proposed export root (out/) is created on demand
             target.parent.mkdir(parents=True, exist_ok=True)
-        bar = ui.ProgressBar("Compressing", unit="modules")
-        try:
-            res = compress_and_save(ctx.lm.model, ctx.lm.tok, an, plan, target, merge=merged,
-                                    overwrite=overwrite, method=method, source_model=ctx.lm.spec,
-                                    calibration=ctx.calib["key"], model_fp=ctx.lm.fingerprint, progress=bar)
-        finally:
-            bar.clear()
+        res = export(ctx, plan, target, merged, overwrite, method, sequential, heal_tokens)
         res["plan"] = plan.to_json()
         st.session_state["export_result"] = res
 

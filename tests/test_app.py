@@ -432,6 +432,24 @@ def test_ranks_uniform_and_anchored_allocations_and_evaluation(env):
     assert list(table["model"])[-1] == "asvd (same budget, anchored)"
 
 
+def test_ranks_evaluate_sequential_and_healing(env):
+    """Evaluate with restat + healing: both compressed copies (plan and baseline) get them; the
+    dense row is unchanged and the compressed rows differ from the plain evaluation."""
+    at = goto(calibrated(env), "pages/4_ranks.py")
+    at.number_input(key="w.eval_tokens").set_value(256).run()
+    at.button(key="w.evaluate").click().run()
+    plain = ok(at).dataframe[-1].value
+    assert list(plain["sequential"]) == ["off"] * 3 and list(plain["healed tokens"]) == [0] * 3
+    at.selectbox(key="w.eval_sequential").set_value("restat").run()
+    at.number_input(key="w.eval_heal_tokens").set_value(64).run()
+    at.button(key="w.evaluate").click().run()
+    t = ok(at).dataframe[-1].value
+    assert list(t["sequential"]) == ["off", "restat", "restat"]
+    assert t["healed tokens"][0] == 0 and min(t["healed tokens"][1:]) >= 64
+    assert t["perplexity"][0] == plain["perplexity"][0]
+    assert all(t["perplexity"][i] != plain["perplexity"][i] for i in (1, 2))
+
+
 # ------------------------------------------------------------------------------------------ page 5
 def test_export_factored_and_merged(env):
     at = goto(calibrated(env), "pages/5_export.py")
@@ -458,6 +476,32 @@ def test_export_factored_and_merged(env):
     res2 = ok(at).session_state["export_result"]
     assert res2["merged"] and res2["out"].endswith("-merged")
     assert json.loads((Path(res2["out"]) / "fasc_config.json").read_text())["merged"]
+
+
+def test_export_sequential_and_healing(env):
+    """Sequential (restat) and healing on the Export page reach the export: fasc_config.json records
+    them and the summary shows the KL before/after."""
+    at = goto(calibrated(env), "pages/5_export.py")
+    at.selectbox(key="w.export_sequential").set_value("restat").run()
+    at.number_input(key="w.export_heal_tokens").set_value(64).run()
+    at.button(key="w.export").click().run()
+    res = ok(at).session_state["export_result"]
+    cfg = json.loads((Path(res["out"]) / "fasc_config.json").read_text())
+    assert cfg["sequential"] == "restat" and res["sequential"] == "restat"
+    assert cfg["heal"]["tokens"] >= 64 and cfg["heal"]["steps"] >= 1 and cfg["heal"] == res["heal"]
+    assert any("Sequential (restat)" in c.value for c in at.caption)
+    assert any("Healing:" in c.value and "→" in c.value for c in at.caption)
+    assert any("two more forward passes" in (s.help or "") for s in at.selectbox)
+
+
+def test_export_healing_merged_is_refused(env):
+    at = goto(calibrated(env), "pages/5_export.py")
+    at.radio(key="w.export_format").set_value("merged").run()
+    at.number_input(key="w.export_heal_tokens").set_value(64).run()
+    target = Path(at.text_input[0].value)
+    at.button(key="w.export").click().run()
+    assert len(errors(ok(at))) == 1 and "merged export does not keep" in errors(at)[0]
+    assert not target.exists() and "export_result" not in at.session_state
 
 
 # ------------------------------------------------------------------------------------------ page 6

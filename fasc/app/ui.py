@@ -365,6 +365,38 @@ def report_rows(ctx: Context, ratio: float, decomposed: bool = True) -> list:
                         decomposed)
 
 
+def calibration_batches(ctx: Context) -> tuple[list[Batch], str]:
+    """The batches the current calibration ran on (for passes that need the text again: ρ along
+    Fisher directions, sequential compression, healing), and their key."""
+    batches, key = batches_and_key(ctx.lm, calib_request(ctx.lm.spec))
+    if key != ctx.calib["key"]:
+        raise FascError("The calibration settings changed since this calibration ran; run the calibration again "
+                        "on the Model & calibration page first.")
+    return batches, key
+
+
+SEQUENTIAL_HELP = ("Error-aware compression (`fasc compress --sequential`): each module is fitted to the inputs of "
+                   "the partly compressed model. Costs about two more forward passes over the calibration text plus "
+                   "one partial layer pass per input group. restat: re-measured statistics only; refit: also a "
+                   "least-squares refit to the dense outputs. Measured on the demo (BENCHMARKS.md): restat neutral, "
+                   "refit 3.5–5.7 fact-recall points worse at 60 % kept — hence off by default.")
+HEAL_HELP = ("Healing (`--heal-tokens`): after compressing, train only the low-rank factors to match the dense "
+             "model (KL) on this many calibration tokens. Costs one teacher forward plus one student "
+             "forward/backward per token. Measured on the demo (BENCHMARKS.md): 16,384 tokens recover 4.4–4.6 "
+             "fact-recall points at 60 % kept in about 40 s on a shared CPU. 0 = off; factored models only.")
+
+
+def refinement_options(name: str) -> tuple[bool | str, int]:
+    """Sequential compression and healing (both off by default; widgets `w.<name>_sequential`,
+    `w.<name>_heal_tokens`), with their cost in the help texts."""
+    c = st.columns(2)
+    seq = commit(f"{name}_sequential", c[0].selectbox("Sequential", ["off", "restat", "refit"], help=SEQUENTIAL_HELP,
+                                                       **bind(f"{name}_sequential", "off")))
+    heal = commit(f"{name}_heal_tokens", c[1].number_input("Healing tokens", 0, 10_000_000, step=1024, help=HEAL_HELP,
+                                                             **bind(f"{name}_heal_tokens", 0)))
+    return (False if seq == "off" else seq), int(heal)
+
+
 def measure_rho_fisher(ctx: Context) -> None:
     """ρ along each module's top Fisher directions (spec §4): one more forward+backward over the
     calibration text, with a progress bar. Kept in this session (the shared statistics are not
@@ -372,10 +404,7 @@ def measure_rho_fisher(ctx: Context) -> None:
     from ..rho import measure_rho_fisher as measure
     from .state import put_rho_fisher
 
-    batches, key = batches_and_key(ctx.lm, calib_request(ctx.lm.spec))
-    if key != ctx.calib["key"]:
-        raise FascError("The calibration settings changed since this calibration ran; run the calibration again "
-                        "on the Model & calibration page first.")
+    batches, key = calibration_batches(ctx)
     bar = ProgressBar("Measuring ρ along Fisher directions", unit="tokens")
     try:
         put_rho_fisher(key, measure(ctx.lm.model, batches, ctx.an, progress=bar))
