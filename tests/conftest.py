@@ -75,3 +75,10 @@ def saved_llama(tmp_path_factory, tokenizer, text):
              {"prompt": "a big red", "answer": "apple", "relation": "r1"}]
     (root / "probe.jsonl").write_text("\n".join(json.dumps(p) for p in probe) + "\n")
     return root
+
+
+@pytest.fixture()
+def common(saved_llama, tmp_path):
+    """CLI arguments shared by the CLI tests: the tiny saved Llama, its text, a private cache."""
+    return ["--model", str(saved_llama / "model"), "--data", str(saved_llama / "calib.txt"), "--tokens", "512",
+            "--seq-len", "32", "--cache-dir", str(tmp_path / "cache"), "--quiet"]

@@ -78,3 +78,12 @@ def random_batches(n_batches: int = 2, bsz: int = 4, L: int = 24, seed: int = 0,
         tm[:, -1] = False
         out.append(Batch(ids, attn, tm))
     return out
+
+
+def run_cli(capsys, *argv):
+    """`fasc` in-process: (exit code, stdout, stderr)."""
+    from fasc.cli import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -5,21 +5,8 @@ import os
 import subprocess
 import sys
 
-import pytest
 
-from fasc.cli import main
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-@pytest.fixture()
-def common(saved_llama, tmp_path):
-    return ["--model", str(saved_llama / "model"), "--data", str(saved_llama / "calib.txt"), "--tokens", "512",
-            "--seq-len", "32", "--cache-dir", str(tmp_path / "cache"), "--quiet"]
+from helpers import run_cli as run
 
 
 def test_cli_end_to_end(capsys, common, saved_llama, tmp_path):
