@@ -18,12 +18,6 @@ ALLOCATION_HELP = ("**greedy**: ranks chosen by predicted ΔL per parameter, fre
                    "predicted curve scaled by one measured loss (only that module compressed at half its "
                    "parameters): {n} forward passes over {t} held-out calibration tokens, cached. **uniform**: "
                    "every module keeps the same share of its parameters, the baseline SVD-LLM / LEMS report, free.")
-ALLOCATION_LABEL = {"greedy": "greedy (predicted ΔL)", "anchored": "anchored (measured)",
-                    "uniform": "uniform (same share per module)"}
-ALLOCATION_HELP = ("**greedy**: ranks chosen by predicted ΔL per parameter, free. **anchored**: each module's "
-                   "predicted curve scaled by one measured loss (only that module compressed at half its "
-                   "parameters): {n} forward passes over {t} held-out calibration tokens, cached. **uniform**: "
-                   "every module keeps the same share of its parameters, the baseline SVD-LLM / LEMS report, free.")
 METHOD_HELP = {"svd": "SVD of W (data-blind)", "asvd": "activation-whitened SVD (variance)",
                "pca": "PCA of activations (variance)", "fwsvd": "diagonal-Fisher weighted SVD",
                "fasc": "Fisher-aligned (this project)", "hybrid": "fasc where ρ ≥ τ, else asvd"}
