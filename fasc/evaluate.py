@@ -69,6 +69,18 @@ def perplexity(model: nn.Module, tokenizer, text: str, seq_len: int = 256, batch
     return math.exp(nll / count)
 
 
+def _probe_logits(model: nn.Module, encoded: list[tuple[list[int], int]], batch_size: int):
+    """The one batched, padded forward over encoded probe facts: yields (facts done so far, chunk,
+    padded ids (B, L) on the CPU, logits (B, L, V) on the model's device), in eval mode."""
+    dev = _device(model)
+    with eval_mode(model):
+        for i in range(0, len(encoded), batch_size):
+            chunk = encoded[i:i + batch_size]
+            x, mask = pad_rows([ids for ids, _ in chunk])
+            logits = model(input_ids=x.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
+            yield min(i + batch_size, len(encoded)), chunk, x, logits
+
+
 @torch.no_grad()
 def fact_recall(model: nn.Module, tokenizer, examples: list[Example], batch_size: int = 32,
                 progress: Callable[[int, int], None] | None = None) -> RecallResult:
@@ -76,19 +88,15 @@ def fact_recall(model: nn.Module, tokenizer, examples: list[Example], batch_size
     if not examples:
         raise FascError("The probe has no facts; give a JSONL file with prompt/answer lines.")
     encoded = [encode_example(tokenizer, ex) for ex in examples]
-    dev = _device(model)
     first, exact = [], []
-    with eval_mode(model):
-        for i in range(0, len(encoded), batch_size):
-            chunk = encoded[i:i + batch_size]
-            x, mask = pad_rows([ids for ids, _ in chunk])
-            pred = model(input_ids=x.to(dev), attention_mask=mask.to(dev), use_cache=False).logits.argmax(-1).cpu()
-            for b, (ids, start) in enumerate(chunk):
-                hits = pred[b, start - 1: len(ids) - 1] == torch.tensor(ids[start:])
-                first.append(bool(hits[0]))
-                exact.append(bool(hits.all()))
-            if progress is not None:
-                progress(min(i + batch_size, len(encoded)), len(encoded))
+    for done, chunk, _, logits in _probe_logits(model, encoded, batch_size):
+        pred = logits.argmax(-1).cpu()
+        for b, (ids, start) in enumerate(chunk):
+            hits = pred[b, start - 1: len(ids) - 1] == torch.tensor(ids[start:])
+            first.append(bool(hits[0]))
+            exact.append(bool(hits.all()))
+        if progress is not None:
+            progress(done, len(encoded))
     by_rel: dict[str, list[bool]] = defaultdict(list)
     for ex, ok in zip(examples, first):
         by_rel[ex.relation or "all"].append(ok)
@@ -119,21 +127,17 @@ def answer_scores(model: nn.Module, encoded: list[tuple[list[int], int]],
     """Per fact: −log P(answer | prompt) in nats (Σ over its answer tokens, teacher-forced) and
     whether the answer's first token is the top-1 prediction. `encoded` from `encode_example`.
     Returns ((n,) float32, (n,) bool)."""
-    dev = _device(model)
     nll, first = [], []
-    with eval_mode(model):
-        for i in range(0, len(encoded), batch_size):
-            chunk = encoded[i:i + batch_size]
-            x, mask = pad_rows([ids for ids, _ in chunk])
-            logits = model(input_ids=x.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
-            logp = logits[:, :-1].float().log_softmax(-1)                         # (B, L-1, V)
-            tgt = x[:, 1:].to(dev)
-            lp = logp.gather(-1, tgt[..., None])[..., 0]                          # (B, L-1)
-            pos = torch.arange(x.shape[1] - 1, device=dev)[None]
-            start = torch.tensor([s for _, s in chunk], device=dev)[:, None]
-            end = torch.tensor([len(ids) for ids, _ in chunk], device=dev)[:, None]
-            ans = (pos >= start - 1) & (pos < end - 1)                            # answer-token targets
-            nll.extend((-(lp * ans).sum(1)).tolist())
-            rows = torch.arange(len(chunk), device=dev)
-            first.extend((logp[rows, start[:, 0] - 1].argmax(-1) == tgt[rows, start[:, 0] - 1]).tolist())
+    for _, chunk, x, logits in _probe_logits(model, encoded, batch_size):
+        dev = logits.device
+        logp = logits[:, :-1].float().log_softmax(-1)                             # (B, L-1, V)
+        tgt = x[:, 1:].to(dev)
+        lp = logp.gather(-1, tgt[..., None])[..., 0]                              # (B, L-1)
+        pos = torch.arange(x.shape[1] - 1, device=dev)[None]
+        start = torch.tensor([s for _, s in chunk], device=dev)[:, None]
+        end = torch.tensor([len(ids) for ids, _ in chunk], device=dev)[:, None]
+        ans = (pos >= start - 1) & (pos < end - 1)                                # answer-token targets
+        nll.extend((-(lp * ans).sum(1)).tolist())
+        rows = torch.arange(len(chunk), device=dev)
+        first.extend((logp[rows, start[:, 0] - 1].argmax(-1) == tgt[rows, start[:, 0] - 1]).tolist())
     return torch.tensor(nll, dtype=torch.float32), torch.tensor(first, dtype=torch.bool)
