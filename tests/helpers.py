@@ -87,3 +87,19 @@ def run_cli(capsys, *argv):
     code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def compress_tiny(arch: str, rank_ratio: float = 0.25):
+    """A tiny model of `arch`, calibrated on random batches and compressed with fasc at `rank_ratio`:
+    (dense model, analysis, plan, compressed copy)."""
+    import copy
+
+    import fasc
+
+    model = tiny_model(arch)
+    st = fasc.calibrate(model, random_batches(2), fasc.CalibConfig(n_tokens=10_000, seq_len=24))
+    an = fasc.Analysis(model, st)
+    plan = fasc.allocate(an, "fasc", rank_ratio=rank_ratio)
+    small = copy.deepcopy(model)
+    fasc.compress_(small, an, plan)
+    return model, an, plan, small

@@ -8,18 +8,12 @@ import torch
 import fasc
 from fasc.layers import LowRankLinear
 
-from helpers import VOCAB, random_batches, tiny_model
+from helpers import VOCAB, compress_tiny
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
 def compressed(request, tokenizer):
-    model = tiny_model(request.param)
-    st = fasc.calibrate(model, random_batches(2), fasc.CalibConfig(n_tokens=10_000, seq_len=24))
-    an = fasc.Analysis(model, st)
-    plan = fasc.allocate(an, "fasc", rank_ratio=0.25)
-    m2 = copy.deepcopy(model)
-    fasc.compress_(m2, an, plan)
-    return model, an, plan, m2
+    return compress_tiny(request.param)
 
 
 IDS = torch.randint(5, VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))

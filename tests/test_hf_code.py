@@ -1,6 +1,5 @@
 """The factored export loads with plain transformers (`trust_remote_code=True`) into the small model."""
 
-import copy
 
 import pytest
 import torch
@@ -8,19 +7,14 @@ import torch
 import fasc
 from fasc.layers import LowRankLinear
 
-from helpers import VOCAB, random_batches, tiny_model
+from helpers import VOCAB, compress_tiny
 
 LOGITS_ATOL = 1e-6  # same factors, same two matmuls: equal up to float32 rounding (measured 0.0)
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2", "opt"])
 def exported(request, tokenizer, tmp_path_factory):
-    model = tiny_model(request.param)
-    st = fasc.calibrate(model, random_batches(2), fasc.CalibConfig(n_tokens=10_000, seq_len=24))
-    an = fasc.Analysis(model, st)
-    plan = fasc.allocate(an, "fasc", rank_ratio=0.25)
-    small = copy.deepcopy(model)
-    fasc.compress_(small, an, plan)
+    model, an, plan, small = compress_tiny(request.param)
     out = fasc.save_compressed(small, tokenizer, tmp_path_factory.mktemp("exp") / "out")
     return model, small, out
 
