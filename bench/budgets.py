@@ -77,6 +77,8 @@ def row_specs(heal_tokens: int) -> list[Row]:
         Row("fasc all on", "fasc", "anchored", "knowledge", flags=everything, item="2-5"),
         Row("asvd-greedy + knowledge calibration", "asvd", "greedy", "knowledge", item="2"),
         Row("asvd all on", "asvd", "anchored", "knowledge", flags=everything, item="2-5"),
+        Row("fasc-greedy + knowledge + healing", "fasc", "greedy", "knowledge", flags=heal, item="2+5"),
+        Row("asvd-greedy + knowledge + healing", "asvd", "greedy", "knowledge", flags=heal, item="2+5"),
     ]
 
 

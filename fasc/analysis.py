@@ -6,8 +6,10 @@ After the first decomposition of a module, any rank query (predicted ΔL, parame
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Callable
 
@@ -18,7 +20,7 @@ from torch import Tensor, nn
 from . import spectra
 from .config import BASE_METHODS, CompressConfig
 from .errors import FascError
-from .linalg_device import LinalgConfig, Place, precision_check
+from .linalg_device import LinalgConfig, Place, precision_check, single_threaded_ops
 from .modules import ModuleInfo, weight_matrix
 from .spectra import (Basis, WideSide, Whitening, basis_asvd, basis_asvd_wide, basis_fasc, basis_fasc_wide,
                       basis_fwsvd, basis_pca, basis_svd, fisher_spectrum, fisher_spectrum_wide, map_loss,
@@ -295,17 +297,79 @@ class Analysis:
         return True
 
     def precompute(self, methods: tuple[str, ...] = ("pca", "fasc"),
-                   progress: Callable[[int, int], None] | None = None) -> None:
-        """Decompose every module for `methods` now (with progress), so later queries are instant."""
+                   progress: Callable[[int, int], None] | None = None, workers: int | None = None) -> None:
+        """Decompose every module for `methods` now (with progress), so later queries are instant.
+
+        On the CPU the layers are shared out over `workers` threads (default: `default_workers`), each
+        running its eigen-decompositions single-threaded: for matrices of a few thousand rows that
+        keeps every core busy, where one multi-threaded LAPACK call does not. Results are the same as
+        a serial run (each module's arithmetic is unchanged); `progress` is called from this thread.
+        """
         fqns = sorted(self.stats.fqns, key=lambda f: self.stats.group[f])  # group order: whitening LRU hits
         todo = [(f, m) for f in fqns for m in methods if (f, self._base(m)) not in self.summaries]
-        for i, (f, m) in enumerate(todo):
-            self._summary(f, m)
-            if m == "fasc":  # the diagnostics, while basis and whitening are LRU-cached
-                self.fisher_spectrum(f)
-                self.misalignment(f)
-            if progress is not None:
-                progress(i + 1, len(todo))
+        if not todo:
+            return
+        for f in {self.info(f).in_features: f for f, _ in todo}.values():
+            self.place_of(f)  # the float32 check, once per input width, before any worker starts
+        units: OrderedDict[int, list[tuple[str, str]]] = OrderedDict()
+        for f, m in todo:
+            units.setdefault(self.info(f).layer, []).append((f, m))
+        workers = min(len(units), self.default_workers() if workers is None else max(1, workers))
+        if workers <= 1:
+            for i, (f, m) in enumerate(todo):
+                self._decompose(f, m)
+                if progress is not None:
+                    progress(i + 1, len(todo))
+            return
+        done = 0
+        with single_threaded_ops(), ThreadPoolExecutor(workers, thread_name_prefix="fasc-eigh") as pool:
+            futures = [pool.submit(self._fork()._decompose_all, items) for items in units.values()]
+            try:
+                for fut in as_completed(futures):
+                    res = fut.result()
+                    self._merge(res)
+                    done += res["n"]
+                    if progress is not None:
+                        progress(done, len(todo))
+            except BaseException:  # cancelled (the progress callback raised) or failed: stop the queue
+                for fut in futures:
+                    fut.cancel()
+                raise
+
+    def default_workers(self) -> int:
+        """Threads for `precompute`: one per intra-op thread on the CPU (at most 8), as many as ~8 GiB of
+        per-thread workspace (≈ 10 n×n matrices of the widest input) allows; 1 on a GPU."""
+        if self.place.device.type != "cpu":
+            return 1
+        n = max((i.in_features for i in self.modules), default=1)
+        per_worker = 10 * n * n * torch.empty((), dtype=self.place.dtype).element_size()
+        return max(1, min(torch.get_num_threads(), 8, (8 << 30) // per_worker))
+
+    def _decompose(self, fqn: str, method: str) -> None:
+        self._summary(fqn, method)
+        if self._base(method) == "fasc":  # the diagnostics, while basis and whitening are LRU-cached
+            self.fisher_spectrum(fqn)
+            self.misalignment(fqn)
+
+    def _fork(self) -> "Analysis":
+        """A worker's view: the same weights, statistics and places, its own caches and results."""
+        w = copy.copy(self)
+        w._white, w._bases, w._work = OrderedDict(), OrderedDict(), OrderedDict()
+        w.summaries, w.variance, w.misalignments = {}, {}, {}
+        w.max_cached_bases = 2
+        return w
+
+    def _decompose_all(self, items: list[tuple[str, str]]) -> dict:
+        for f, m in items:
+            self._decompose(f, m)
+        return {"summaries": self.summaries, "variance": self.variance, "misalignments": self.misalignments,
+                "n": len(items)}
+
+    def _merge(self, res: dict) -> None:
+        self.summaries.update(res["summaries"])
+        self.misalignments.update(res["misalignments"])
+        for g, v in res["variance"].items():
+            self.variance.setdefault(g, v)
 
     def curve(self, fqn: str, method: str) -> np.ndarray:
         """Predicted ΔL(k), k = 0..min(m,n), nats per token."""

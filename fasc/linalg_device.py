@@ -13,6 +13,7 @@ curves or the rank-k weights differ by more than `tol`, that width is computed i
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -119,3 +120,15 @@ def precision_check(curve32: Tensor, curve64: Tensor, achieved32: float, k: int)
     ref = float(c64[k])
     return {"curve_rel_err": float((c32[:r] - c64[:r]).abs().max()) / max(float(c64[0]), 1e-300),
             "achieved_rel_err": abs(achieved32 - ref) / max(ref, 1e-300 + 1e-12 * float(c64[0])), "k": k}
+
+
+@contextlib.contextmanager
+def single_threaded_ops():
+    """Torch's intra-op threads set to 1 for the duration (restored after): for thread pools that run
+    one decomposition per core, where nested multi-threaded LAPACK calls would oversubscribe it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

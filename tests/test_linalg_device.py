@@ -9,6 +9,7 @@ on CUDA) lands on meta and fails — and (b) device/dtype resolution with a mock
 
 import copy
 import logging
+import threading
 
 import numpy as np
 import pytest
@@ -122,9 +123,9 @@ def test_no_tensor_is_created_on_the_default_device(llama, llama_stats):
     ref = fasc.Analysis(llama, llama_stats, linalg=LinalgConfig(device="cpu"))
     ref.precompute(METHODS)
     small = copy.deepcopy(llama)
-    with torch.device("meta"):
+    with torch.device("meta"):  # a thread-local default: the serial path, so every call runs under it
         an = fasc.Analysis(llama, llama_stats, linalg=LinalgConfig(device="cpu"))
-        an.precompute(METHODS)
+        an.precompute(METHODS, workers=1)
         rows = an.report(0.5)
         plan = fasc.allocate(an, "fasc", param_ratio=0.6)
         fasc.compress_(small, an, plan)
@@ -230,3 +231,59 @@ def test_cli_linalg_device_without_gpu_is_one_line(capsys, saved_llama, tmp_path
                  "--linalg-device", "cuda"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "--linalg-device cpu" in err
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_parallel_precompute_equals_serial(llama, llama_stats, dtype):
+    """Layers shared out over worker threads give bit-for-bit the serial results (every curve,
+    spectrum, variance and misalignment), progress counts up to the total from the calling thread,
+    and the intra-op thread count is restored."""
+    threads = torch.get_num_threads()
+    serial = fasc.Analysis(llama, llama_stats, linalg=LinalgConfig(device="cpu", dtype=dtype))
+    serial.precompute(METHODS, workers=1)
+    par = fasc.Analysis(llama, llama_stats, linalg=LinalgConfig(device="cpu", dtype=dtype))
+    seen = []
+    par.precompute(METHODS, workers=3, progress=lambda i, n: seen.append((i, n, threading.current_thread())))
+    assert torch.get_num_threads() == threads
+    assert set(par.summaries) == set(serial.summaries) and set(par.variance) == set(serial.variance)
+    for key, s in serial.summaries.items():
+        assert torch.equal(par.summaries[key].values, s.values), key
+        assert (s.curve is None and par.summaries[key].curve is None) or torch.equal(par.summaries[key].curve, s.curve)
+    for f, v in serial.misalignments.items():
+        assert torch.equal(par.misalignments[f], v)
+    for g, v in serial.variance.items():
+        assert torch.equal(par.variance[g], v)
+    total = len(llama_stats.fqns) * len(METHODS)
+    assert [i for i, _, _ in seen] == sorted(i for i, _, _ in seen) and seen[-1][:2] == (total, total)
+    assert len(seen) == len({i.layer for i in llama_stats.modules})  # one call per layer
+    assert all(t is threading.main_thread() for _, _, t in seen)
+    assert par.decomposed(METHODS)
+
+
+def test_cancelled_parallel_precompute_stops_and_keeps_what_finished(llama, llama_stats):
+    """A progress callback that raises (the dashboard's cancel) ends precompute with that error; the
+    threads are restored and a later precompute completes the rest."""
+    threads = torch.get_num_threads()
+    an = fasc.Analysis(llama, llama_stats, linalg=LinalgConfig(device="cpu"))
+
+    def cancel(i, n):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        an.precompute(METHODS, workers=2, progress=cancel)
+    assert torch.get_num_threads() == threads
+    assert 0 < len(an.summaries) < len(llama_stats.fqns) * len(METHODS) + len(llama_stats.fqns)
+    an.precompute(METHODS, workers=2)
+    assert an.decomposed(METHODS)
+
+
+def test_default_workers_follow_threads_and_memory(llama, llama_stats):
+    an = fasc.Analysis(llama, llama_stats, linalg=LinalgConfig(device="cpu"))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert an.default_workers() == 1
+        torch.set_num_threads(2)
+        assert an.default_workers() == 2
+    finally:
+        torch.set_num_threads(threads)
