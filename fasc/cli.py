@@ -400,14 +400,16 @@ def cmd_eval(args) -> None:
 def _eval_tasks(args, model, tok, probe_path, obj: dict) -> None:
     """`fasc eval --tasks`: lm-evaluation-harness on the loaded model (fasc.harness)."""
     import contextlib
-    import os
+    import io
 
     from .harness import run_tasks
 
-    if args.quiet:
-        os.environ.setdefault("TQDM_DISABLE", "1")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    with contextlib.redirect_stdout(sys.stderr):  # lm-eval prints tables/notes; stdout stays ours
+    # lm-eval prints tables and notes (stdout stays ours: to stderr) and draws its own tqdm bars, which
+    # read TQDM_DISABLE only when tqdm is first imported: with --quiet its whole output is dropped
+    # (an error still ends in our one line, raised after the redirection)
+    sink = io.StringIO() if args.quiet else sys.stderr
+    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
         out = run_tasks(model, tok, tasks, probe=probe_path, limit=args.limit, batch_size=args.lm_batch_size)
     obj.pop("text")
     obj.update(lm_eval=out["results"], n_samples=out["n_samples"], limit=args.limit)

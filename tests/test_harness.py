@@ -80,7 +80,9 @@ def test_cli_eval_tasks_json(saved_llama, capsys):
     rc = main(["eval", "--model", str(saved_llama / "model"), "--probe", str(saved_llama / "probe.jsonl"),
                "--tasks", "fasc_facts", "--limit", "2", "--json", "--quiet"])
     assert rc == 0
-    obj = json.loads(capsys.readouterr().out)
+    out, err = capsys.readouterr()
+    obj = json.loads(out)
+    assert err == ""  # --quiet: lm-eval's own progress bars and notes are dropped too
     assert obj["n_samples"]["fasc_facts"] == 2 and set(obj["lm_eval"]["fasc_facts"]) == {"recall", "exact_match", "acc"}
 
 
