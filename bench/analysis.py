@@ -24,8 +24,8 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,14 +39,18 @@ VARIANTS = ("old", "full64", "small64", "small32", "par64", "par32")
 
 
 def child(a) -> None:
+    import importlib
+
     import torch
 
-    import fasc
-    from fasc.pipeline import calibrate_cached
-    try:
-        from fasc.pipeline import model_defaults
-    except ImportError:  # the old code (OLD_REV) named it default_data
-        from fasc.pipeline import default_data as model_defaults
+    if a.child == "old":  # imported under another name: the editable install would shadow PYTHONPATH
+        sys.path.insert(0, a.old_tree)
+        fasc = importlib.import_module("fasc_old")
+        pipeline = importlib.import_module("fasc_old.pipeline")
+        calibrate_cached, model_defaults = pipeline.calibrate_cached, pipeline.default_data
+    else:
+        import fasc
+        from fasc.pipeline import calibrate_cached, model_defaults
 
     torch.set_num_threads(a.threads)
     model, tok = fasc.load_model(a.model)
@@ -100,7 +104,6 @@ def interleaved(a) -> dict:
     """One process, one model load: per sampled layer, old / small64 / small32 in turn (CPU seconds),
     so that the machine's load hits every variant alike. The old code is imported as `fasc_old`."""
     import importlib
-    import shutil
 
     import torch
 
@@ -179,6 +182,7 @@ def main(argv=None) -> int:
     p.add_argument("--interleave", action="store_true", help="one process, variants in turn per layer "
                                                               "(CPU seconds; for a loaded machine)")
     p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--old-tree", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
         child(a)
@@ -193,11 +197,12 @@ def main(argv=None) -> int:
             "--gamma", str(a.gamma), "--threads", str(a.threads), "--sample-layers", str(a.sample_layers)]
     res = {}
     for v in a.variants:
-        path = str(ROOT)
+        extra = []
         if v == "old":
-            path = f"{old_tree(a.old_rev)}{os.pathsep}{ROOT}"
-        env = dict(os.environ, PYTHONPATH=path)
-        r = subprocess.run(base + ["--child", v], capture_output=True, text=True, env=env, cwd=str(ROOT))
+            tree = old_tree(a.old_rev)
+            shutil.move(str(tree / "fasc"), str(tree / "fasc_old"))
+            extra = ["--old-tree", str(tree)]
+        r = subprocess.run(base + ["--child", v, *extra], capture_output=True, text=True, cwd=str(ROOT))
         if r.returncode != 0:
             print(r.stderr[-3000:], file=sys.stderr)
             return 1

@@ -272,8 +272,9 @@ def _compress_layer(model, an: Analysis, plan: Plan, streams: _Streams, l: int, 
             if k >= info.max_rank:
                 continue                                             # kept whole: nothing to fit
             U, V = sub_an.factors(f, plan.methods[f], k)
-            if refit:
+            if refit:  # float64, whatever the analysis' linear-algebra dtype (`--linalg-dtype float32`)
                 U = refit_left(an.weight(f), V, C_cross, C_tt, an.cfg.damping)
+                V = V.to(U.dtype)
             if not (torch.isfinite(U).all() and torch.isfinite(V).all()):
                 raise FascError(f"Non-finite factors for {f} in sequential compression; raise --damping or "
                                 f"compress without --sequential.")

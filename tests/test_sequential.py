@@ -4,6 +4,7 @@ per-token inputs, module by module, on tiny models (spec §5)."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -204,3 +205,28 @@ def test_restat_uses_the_method_on_the_compressed_inputs(llama):
         torch.testing.assert_close(U, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
     with pytest.raises(fasc.FascError, match="one-shot"):
         compress_sequential_(copy.deepcopy(llama), an, plan, batches, rebasis=False, refit=False)
+
+
+def test_refit_with_float32_linear_algebra(llama):
+    """`--linalg-dtype float32 --sequential`: the float32 right factor meets the float64 refit (this
+    mixed dtypes and failed before); the result is as good as the float64 run's (the loss on the
+    calibration batches; single factors may differ where the tiny random model's spectrum has ties)."""
+    from fasc.linalg_device import LinalgConfig
+
+    batches = padded_batches(seed=5)
+    stats = fasc.calibrate(llama, batches, fasc.CalibConfig(n_tokens=10_000, seq_len=20))
+
+    def loss(model):
+        with torch.no_grad():
+            return sum(float(model(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                                   labels=b.input_ids.masked_fill(b.attention_mask == 0, -100)).loss) for b in batches)
+    out = {}
+    for dtype in ("float32", "float64"):
+        an = fasc.Analysis(llama, stats, fasc.CompressConfig(), linalg=LinalgConfig(device="cpu", dtype=dtype))
+        plan = fasc.allocate(an, "fasc", rank_ratio=0.5)
+        work = copy.deepcopy(llama)
+        compress_sequential_(work, an, plan, batches)
+        out[dtype] = loss(work)
+    dense = loss(llama)
+    assert math.isfinite(out["float32"]) and out["float32"] != dense
+    assert abs(out["float32"] - out["float64"]) <= 0.01 * abs(out["float64"] - dense) + 1e-6 * dense
