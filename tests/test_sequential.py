@@ -38,6 +38,14 @@ def padded_batches(n_batches: int = 3, bsz: int = 4, L: int = 20, seed: int = 0)
     return out
 
 
+def planned(model, method: str, rank_ratio: float, seed: int = 0, cfg: fasc.CompressConfig = fasc.CompressConfig()):
+    """(batches, analysis, plan): `model` calibrated on padded batches and allocated at `rank_ratio`."""
+    batches = padded_batches(seed=seed)
+    stats = fasc.calibrate(model, batches, fasc.CalibConfig(n_tokens=10_000, seq_len=20))
+    an = fasc.Analysis(model, stats, cfg)
+    return batches, an, fasc.allocate(an, method, rank_ratio=rank_ratio)
+
+
 def test_refit_matches_lstsq():
     g = torch.Generator().manual_seed(1)
     m, n, k, T = 7, 9, 4, 200
@@ -85,10 +93,7 @@ def _inputs(model, fqns, batches) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("rebasis", [False, True])
 def test_every_module_is_the_least_squares_fit_to_its_real_inputs(arch, rebasis):
     model = tiny_model(arch)
-    batches = padded_batches()
-    stats = fasc.calibrate(model, batches, fasc.CalibConfig(n_tokens=10_000, seq_len=20))
-    an = fasc.Analysis(model, stats, fasc.CompressConfig(damping=0.0, gamma=1.0))
-    plan = fasc.allocate(an, "fasc", rank_ratio=0.4)
+    batches, an, plan = planned(model, "fasc", 0.4, cfg=fasc.CompressConfig(damping=0.0, gamma=1.0))
     work = copy.deepcopy(model)
     compress_sequential_(work, an, plan, batches, rebasis=rebasis)
     mods = dict(work.named_modules())
@@ -114,10 +119,7 @@ def test_every_module_is_the_least_squares_fit_to_its_real_inputs(arch, rebasis)
 def test_sequential_fits_the_calibration_outputs_better(llama):
     """Sum over modules of the output error ‖W x − W' x̃‖² on the calibration tokens: sequential
     (fitted to x̃) is below one-shot compression of the same plan."""
-    batches = padded_batches(seed=3)
-    stats = fasc.calibrate(llama, batches, fasc.CalibConfig(n_tokens=10_000, seq_len=20))
-    an = fasc.Analysis(llama, stats, fasc.CompressConfig())
-    plan = fasc.allocate(an, "asvd", rank_ratio=0.3)
+    batches, an, plan = planned(llama, "asvd", 0.3, seed=3)
     one, seq = copy.deepcopy(llama), copy.deepcopy(llama)
     fasc.compress_(one, an, plan)
     compress_sequential_(seq, an, plan, batches, rebasis=False)
@@ -131,10 +133,7 @@ def test_sequential_fits_the_calibration_outputs_better(llama):
 
 
 def test_cancel_and_errors_leave_the_model_as_it_was(llama):
-    batches = padded_batches()
-    stats = fasc.calibrate(llama, batches, fasc.CalibConfig(n_tokens=10_000, seq_len=20))
-    an = fasc.Analysis(llama, stats, fasc.CompressConfig())
-    plan = fasc.allocate(an, "fasc", rank_ratio=0.5)
+    batches, an, plan = planned(llama, "fasc", 0.5)
     work = copy.deepcopy(llama)
     work.train()
     ref = llama(input_ids=batches[0].input_ids).logits
@@ -153,10 +152,7 @@ def test_cancel_and_errors_leave_the_model_as_it_was(llama):
 
 
 def test_full_rank_plan_changes_nothing(llama):
-    batches = padded_batches()
-    stats = fasc.calibrate(llama, batches, fasc.CalibConfig(n_tokens=10_000, seq_len=20))
-    an = fasc.Analysis(llama, stats, fasc.CompressConfig())
-    plan = fasc.allocate(an, "fasc", rank_ratio=1.0)
+    batches, an, plan = planned(llama, "fasc", 1.0)
     work = copy.deepcopy(llama)
     compress_sequential_(work, an, plan, batches)
     with torch.no_grad():
@@ -191,10 +187,7 @@ def test_cli_sequential_and_heal(capsys, saved_llama, tmp_path):
 
 def test_restat_uses_the_method_on_the_compressed_inputs(llama):
     """refit=False: each module is the method's own factorization on C_x̃x̃ (W C̃ V (VᵀC̃V)⁻¹ = U for asvd)."""
-    batches = padded_batches(seed=4)
-    stats = fasc.calibrate(llama, batches, fasc.CalibConfig(n_tokens=10_000, seq_len=20))
-    an = fasc.Analysis(llama, stats, fasc.CompressConfig(damping=0.0))
-    plan = fasc.allocate(an, "asvd", rank_ratio=0.4)
+    batches, an, plan = planned(llama, "asvd", 0.4, seed=4, cfg=fasc.CompressConfig(damping=0.0))
     work = copy.deepcopy(llama)
     compress_sequential_(work, an, plan, batches, refit=False)
     Xt = _inputs(work, list(plan.ranks), batches)
