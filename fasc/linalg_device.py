@@ -5,8 +5,9 @@ and weights moved there by `Place.put` — the one place where devices (statisti
 on a GPU or spread over several) and dtypes (bf16/fp16 weights, float32 or float64 statistics) meet.
 Factors go back to each module's own device and dtype at surgery (`fasc.surgery`).
 
-Precision: float64 wherever the device computes it fast (CPU; A100/H100/H200/B200-class GPUs),
-float32 elsewhere (consumer GPUs run float64 at 1/32–1/64 of float32). A float32 choice is checked
+Precision (`auto`): float64 on GPUs that compute it at full rate (A100/H100/H200/B200 class), float32
+elsewhere — consumer GPUs run float64 at 1/32–1/64 of float32, and on the CPU float32 halves the
+eigen-decompositions' time (SmolLM2's analysis: 34.5 s → 19.8 s, `bench.analysis`). A float32 choice is checked
 against float64 on the first module of each input width (`precision_check`): if the predicted ΔL
 curves or the rank-k weights differ by more than `tol`, that width is computed in float64.
 """
@@ -35,8 +36,8 @@ class LinalgConfig:
         "help": "device for bases, curves and factors: auto (the first GPU if there is one, else the CPU), "
                 "cpu, cuda or cuda:i"})
     dtype: str = field(default="auto", metadata={
-        "help": "auto (float64 where the device does it fast: CPU, A100/H100/H200; float32 elsewhere, checked "
-                "against float64), float64 or float32 (checked)"})
+        "help": "auto (float64 on A100/H100/H200-class GPUs; float32 on the CPU and other GPUs, checked "
+                "against float64 per input width), float64 or float32 (checked)"})
     small_side: bool = field(default=True, metadata={
         "help": "solve wide modules (n > m: down_proj, GQA k/v) as m×m problems (spec §3); off = n×n as before"})
     tol: float = field(default=1e-3, metadata={
@@ -74,13 +75,15 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def fast_float64(device: torch.device) -> bool:
-    """Whether `device` computes float64 at a useful rate (the CPU does; most GPUs do not)."""
+    """Whether `device` is a GPU that computes float64 at full rate (A100/H100/H200/B200 class). The CPU
+    computes float64 at half the float32 rate, most GPUs at 1/32–1/64: float32 (checked) there."""
     if device.type != "cuda":
-        return True
+        return False
     return tuple(torch.cuda.get_device_capability(device)) in FAST_FLOAT64_CAPABILITIES
 
 
 def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """float64 / float32 as asked; `auto` → float64 on full-rate-float64 GPUs, float32 elsewhere."""
     if spec == "float64":
         return torch.float64
     if spec == "float32":

@@ -92,9 +92,10 @@ def test_statistics_not_of_the_form_WtCgW_are_detected():
 def test_analysis_small_side_matches_full_on_a_tiny_model(llama, llama_stats):
     """Every module and method of a tiny GQA Llama (k/v 32→16 and down 48→32 are wide): the same
     curves, spectra, misalignment and rank-k weights with and without the small side."""
-    new = fasc.Analysis(llama, llama_stats, fasc.CompressConfig(gamma=1.0), linalg=LinalgConfig(device="cpu"))
+    new = fasc.Analysis(llama, llama_stats, fasc.CompressConfig(gamma=1.0),
+                        linalg=LinalgConfig(device="cpu", dtype="float64"))
     old = fasc.Analysis(llama, llama_stats, fasc.CompressConfig(gamma=1.0),
-                        linalg=LinalgConfig(device="cpu", small_side=False))
+                        linalg=LinalgConfig(device="cpu", dtype="float64", small_side=False))
     wide = [i for i in llama_stats.modules if i.out_features < i.in_features]
     assert {i.kind for i in wide} >= {"k", "v", "down"}
     for an in (new, old):
@@ -204,7 +205,9 @@ class FakeCuda:
 
 def test_device_and_dtype_resolution(monkeypatch):
     FakeCuda(0, None).install(monkeypatch)
-    assert resolve_device("auto") == torch.device("cpu") and resolve_dtype("auto", torch.device("cpu")) == torch.float64
+    # the CPU: float32 (checked against float64) halves the eigen-decompositions' time
+    assert resolve_device("auto") == torch.device("cpu") and resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("float64", torch.device("cpu")) == torch.float64
     with pytest.raises(FascError, match="none is visible"):
         resolve_device("cuda")
     with pytest.raises(FascError, match="not supported|Unknown"):

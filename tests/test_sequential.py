@@ -13,6 +13,7 @@ import fasc
 from fasc.calibrate import Cancelled
 from fasc.data import Batch
 from fasc.layers import LowRankLinear
+from fasc.linalg_device import LinalgConfig
 from fasc.sequential import compress_sequential_, refit_left
 
 from helpers import VOCAB, tiny_model
@@ -39,10 +40,11 @@ def padded_batches(n_batches: int = 3, bsz: int = 4, L: int = 20, seed: int = 0)
 
 
 def planned(model, method: str, rank_ratio: float, seed: int = 0, cfg: fasc.CompressConfig = fasc.CompressConfig()):
-    """(batches, analysis, plan): `model` calibrated on padded batches and allocated at `rank_ratio`."""
+    """(batches, analysis, plan): `model` calibrated on padded batches and allocated at `rank_ratio`;
+    float64 linear algebra (the tests check least-squares identities to 1e-8)."""
     batches = padded_batches(seed=seed)
     stats = fasc.calibrate(model, batches, fasc.CalibConfig(n_tokens=10_000, seq_len=20))
-    an = fasc.Analysis(model, stats, cfg)
+    an = fasc.Analysis(model, stats, cfg, linalg=LinalgConfig(dtype="float64"))
     return batches, an, fasc.allocate(an, method, rank_ratio=rank_ratio)
 
 

@@ -6,6 +6,7 @@ import torch
 
 import fasc
 from fasc.linalg import damp, tail_block_sums
+from fasc.linalg_device import LinalgConfig
 from fasc.spectra import (basis_asvd, basis_fasc, basis_pca, basis_svd, misalignment_curve, rho_from_sketch, whitening)
 
 FLOAT64_SUM_ATOL = 1e-9  # float64 rounding of a sum of ~50 unit-size entries
@@ -141,8 +142,9 @@ def test_fisher_spectrum_and_misalignment_do_not_depend_on_gamma_or_order(llama,
     """The diagnostics are computed lazily (not when a basis is only compressed with); they must
     be the γ = 0 Fisher spectrum whatever γ is, and the same whether or not precompute ran."""
     f = "model.layers.1.mlp.down_proj"
-    an0 = fasc.Analysis(llama, llama_stats, fasc.CompressConfig(gamma=0.0))
-    an1 = fasc.Analysis(llama, llama_stats, fasc.CompressConfig(gamma=1.0))
+    f64 = LinalgConfig(dtype="float64")    # a 1e-8 identity: float64 on every device
+    an0 = fasc.Analysis(llama, llama_stats, fasc.CompressConfig(gamma=0.0), linalg=f64)
+    an1 = fasc.Analysis(llama, llama_stats, fasc.CompressConfig(gamma=1.0), linalg=f64)
     lam0 = an0.basis(f, "fasc").values
     assert torch.allclose(an1.fisher_spectrum(f), lam0, rtol=1e-8, atol=1e-12 * float(lam0.max()))
     an1.factors(f, "fasc", 4)  # compressing computes neither diagnostic
