@@ -228,8 +228,9 @@ def run(cfg: BudgetConfig, log=print, sink=None) -> dict:
             for r in todo:
                 a = get_anchors(data, r.method, batches, an) if anch and not r.flags else None
                 t = time.perf_counter()
+                heal = None
                 if r.flags:
-                    work, pred = compress_via_cli(cfg, r, budget, files, data)
+                    work, pred, heal = compress_via_cli(cfg, r, budget, files, data)
                 else:
                     plan = fasc.allocate(an, r.method, param_ratio=budget, allocation=r.allocation,
                                          anchors=None if a is None else a.scales)
@@ -241,10 +242,13 @@ def run(cfg: BudgetConfig, log=print, sink=None) -> dict:
                 row = {"row": r.name, "item": r.item, "method": r.method, "allocation": r.allocation, "data": data,
                        "flags": r.flags, "budget": budget, **{k: v for k, v in res.items() if k != "correct"},
                        "predicted_dl": pred, "seconds": time.perf_counter() - t}
+                if heal:
+                    row["heal"] = heal
                 result["rows"].append(row)
                 log(f"{budget:.0%} {r.name}: ppl {row['perplexity']:.2f} recall {row['recall']:.3f} exact "
                     f"{row['exact_match']:.3f} kept {row['kept_of_dense']:.3f} ΔL pred {pred:.3f} meas "
-                    f"{row['measured_dl']:.3f} ({row['seconds']:.0f} s)")
+                    f"{row['measured_dl']:.3f} ({row['seconds']:.0f} s)"
+                    + (f"\n  healing: {heal['summary']}" if heal and "summary" in heal else ""))
                 if sink is not None:
                     sink(result)
     return result
@@ -263,7 +267,7 @@ def compress_via_cli(cfg: BudgetConfig, r: Row, budget: float, files, data: str)
             raise fasc.FascError(f"fasc compress failed for row {r.name!r}: {proc.stderr.strip()[-300:]}")
         info = json.loads(proc.stdout)
         model, _ = fasc.load_compressed(out)
-        return model, float(info.get("predicted_delta_loss", float("nan")))
+        return model, float(info.get("predicted_delta_loss", float("nan"))), info.get("heal")
 
 
 def table(rows: list[dict], budgets) -> str:

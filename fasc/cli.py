@@ -264,6 +264,8 @@ def cmd_compress(args) -> None:
     if args.heal_tokens < 0 or (args.heal_tokens and args.merge):
         raise FascError("--heal-tokens must be ≥ 0 (0 = off) and needs a factored export (no --merge); got "
                         f"{args.heal_tokens}{' with --merge' if args.merge else ''}.")
+    if args.heal_check_tokens < 0 or args.heal_check_tokens == 1:
+        raise FascError(f"--heal-check-tokens must be 0 (no checks) or at least 2, got {args.heal_check_tokens}.")
     model, tok, t_load = _load(args)
     t0 = time.perf_counter()
     stats, hit, batches = _stats(args, model, tok)
@@ -293,12 +295,16 @@ def cmd_compress(args) -> None:
         logging.getLogger("fasc").warning(warn)
     bar = _progress("compressing (sequential)" if args.sequential else "compressing", args,
                     unit="layer" if args.sequential else "module")
+    heal_heldout = None
+    if args.heal_tokens and args.heal_check_tokens:
+        heal_heldout = _heldout(args, tok, batches, args.heal_check_tokens, "healing's held-out check",
+                                "--heal-check-tokens")
     hbar = _progress("healing", args) if args.heal_tokens else None
     try:
         res = compress_and_save(model, tok, an, plan, args.out, merge=args.merge, overwrite=args.overwrite,
                                 method=args.method, source_model=args.model, calibration=stats.key,
                                 model_fp=mfp, progress=bar, batches=batches, sequential=args.sequential or False,
-                                heal_tokens=args.heal_tokens, heal_progress=hbar)
+                                heal_tokens=args.heal_tokens, heal_progress=hbar, heal_heldout=heal_heldout)
     finally:
         bar.close()
         if hbar is not None:
@@ -313,23 +319,32 @@ def cmd_compress(args) -> None:
                      f"{f' by --rank-ratio {args.rank_ratio}' if args.rank_ratio is not None else ''}"
                      f"{f' ({args.allocation} allocation)' if args.param_ratio is not None else ''}, model {res['model_params_before']:,} → "
                      f"{res['model_params_after']:,} parameters, predicted ΔL {res['predicted_delta_loss']:.4f} "
-                     f"nats/token")
+                     f"nats/token" + (f"\nhealing: {res['heal']['summary']}" if res.get("heal") else ""))
+
+
+def _heldout(args, tok, calib_batches, n_tokens: int, what: str, option: str):
+    """About `n_tokens` from the tail of the calibration sources (`fasc.anchors.heldout_batches`),
+    with a warning when they overlap the calibration rows."""
+    import logging
+
+    from .anchors import heldout_batches, overlap
+    from .pipeline import load_source, model_defaults
+
+    data = args.data or [str(p) for p in model_defaults(args.model).calib_files]
+    held = heldout_batches(tok, [load_source(p) for p in data], _calib_cfg(args), n_tokens)
+    shared = overlap(held, calib_batches)
+    if shared > 0:
+        logging.getLogger("fasc").warning(f"{shared:.0%} of {what} is also calibration data; give a longer text or "
+                                          f"fewer {option} for a held-out measurement.")
+    return held
 
 
 def _anchors(args, model, tok, an, calib_batches):
     """Measured anchors (spec §6) on the tail of the calibration data, cached beside the statistics."""
-    import logging
-
-    from .anchors import anchors_cached, heldout_batches, overlap
-    from .pipeline import load_source, model_defaults
+    from .anchors import anchors_cached
 
     cfg = _calib_cfg(args)
-    data = args.data or [str(p) for p in model_defaults(args.model).calib_files]
-    held = heldout_batches(tok, [load_source(p) for p in data], cfg, args.anchor_tokens)
-    shared = overlap(held, calib_batches)
-    if shared > 0:
-        logging.getLogger("fasc").warning(f"{shared:.0%} of the anchor slice is also calibration data; give a "
-                                          f"longer text or fewer --anchor-tokens for a held-out measurement.")
+    held = _heldout(args, tok, calib_batches, args.anchor_tokens, "the anchor slice", "--anchor-tokens")
     bar = _progress("anchors (one pass per module)", args, unit="module")
     try:
         anchors, _ = anchors_cached(model, an, args.method, held, args.anchor_share, cfg.temperature, progress=bar,
@@ -532,6 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "more forward passes); 'refit' (default) also refits U to the dense outputs, 'restat' does not")
     s.add_argument("--heal-tokens", type=int, default=0, help="after compressing, distil the dense model into the "
                    "low-rank factors for N calibration tokens (0 = off; factored exports only)")
+    s.add_argument("--heal-check-tokens", type=int, default=2048, help="healing measures the KL to the dense model on "
+                   "this many held-out tokens (the tail of the calibration sources) before, 8 times during and after "
+                   "training, and keeps the factors of the lowest (early stopping; 0 = no checks, keep the last)")
     s.set_defaults(func=cmd_compress)
 
     s = sub.add_parser("eval", help="held-out perplexity and fact recall", formatter_class=fmt,

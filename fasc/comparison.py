@@ -25,7 +25,7 @@ def evaluate_plan(model, tok, an: Analysis, plan: Plan, heldout: str | Path, pro
                   baseline: str = "asvd", max_tokens: int | None = 4096,
                   progress: Callable[[int, int], None] | None = None, allocation: str = "greedy",
                   baseline_anchors: dict[str, float] | None = None, batches=None,
-                  sequential: bool | str = False, heal_tokens: int = 0) -> list[dict]:
+                  sequential: bool | str = False, heal_tokens: int = 0, heal_heldout=None) -> list[dict]:
     """Rows for: the uncompressed model, the plan, and `baseline` allocated at the plan's budget with
     the same `allocation` (`baseline_anchors`: its measured anchor scales, for 'anchored').
 
@@ -44,7 +44,7 @@ def evaluate_plan(model, tok, an: Analysis, plan: Plan, heldout: str | Path, pro
                  **r})
     if progress:
         progress(1, steps)
-    extra = {"batches": batches, "sequential": sequential, "heal_tokens": heal_tokens}
+    extra = {"batches": batches, "sequential": sequential, "heal_tokens": heal_tokens, "heal_heldout": heal_heldout}
     work, healed = compressed_copy(model, an, plan, **extra)
     r = evaluate_model(work, tok, heldout, probe, max_tokens)
     label = plan.note.get("method", "plan") if isinstance(plan.note, dict) else "plan"

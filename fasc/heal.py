@@ -5,6 +5,12 @@ frozen, to minimise KL(dense ‖ compressed) of the next-token distributions ove
 the calibration text (never a probe). Before training, each factor pair is rebalanced
 (U ← U S, V ← V S⁻¹ with equal column norms), which leaves U Vᵀ unchanged and puts both factors
 on one scale for Adam.
+
+With `heldout` batches (text the healing does not train on: by default the tail of the calibration
+sources, disjoint from the calibration rows), the KL is measured there before training, at
+`checks` evenly spaced points and at the end, and the factors of the lowest held-out KL are kept —
+early stopping, so healing never leaves the model further from the dense one on unseen text than
+it found it.
 """
 
 from __future__ import annotations
@@ -26,17 +32,37 @@ from .layers import LowRankLinear
 @dataclass
 class HealResult:
     """What healing did: tokens trained on, optimizer steps, KL (nats/token) over the first and the
-    last step's batch, and wall time."""
+    last step's batch, and wall time. With held-out batches also: the held-out KL before healing and
+    of the factors kept, the tokens at which those factors were reached (0: healing did not help on
+    held-out text and the factors are as they were), and the (tokens, held-out KL) curve."""
 
     tokens: int
     steps: int
     kl_first: float
     kl_last: float
     seconds: float
+    heldout_kl_before: float | None = None
+    heldout_kl_after: float | None = None
+    kept_tokens: int | None = None
+    heldout_curve: list[tuple[int, float]] | None = None
 
     def to_dict(self) -> dict:
-        return {"tokens": self.tokens, "steps": self.steps, "kl_first": self.kl_first, "kl_last": self.kl_last,
-                "seconds": self.seconds}
+        out = {"tokens": self.tokens, "steps": self.steps, "kl_first": self.kl_first, "kl_last": self.kl_last,
+               "seconds": self.seconds}
+        if self.heldout_curve is not None:
+            out.update({"heldout_kl_before": self.heldout_kl_before, "heldout_kl_after": self.heldout_kl_after,
+                        "kept_tokens": self.kept_tokens, "heldout_curve": [list(x) for x in self.heldout_curve]})
+        return out
+
+    def summary(self) -> str:
+        """One line for logs, the CLI and the dashboard."""
+        s = (f"{self.tokens:,} tokens in {self.steps} steps, {self.seconds:.1f} s; KL to the dense model "
+             f"{self.kl_first:.4g} → {self.kl_last:.4g} nats/token (first vs last step's batch)")
+        if self.heldout_curve is not None:
+            kept = ("the unhealed factors kept: no check beat them" if not self.kept_tokens
+                    else f"factors after {self.kept_tokens:,} tokens kept")
+            s += (f"; held-out KL {self.heldout_kl_before:.4g} → {self.heldout_kl_after:.4g} nats/token ({kept})")
+        return s
 
 
 def balance_factors_(layer: LowRankLinear) -> None:
@@ -55,8 +81,27 @@ def kl_per_token(teacher_logits, student_logits, mask) -> torch.Tensor:
     return (t.exp() * (t - s)).sum()
 
 
+def heldout_kl(model: nn.Module, dense_model: nn.Module, batches: list[Batch], micro_batch: int = 2) -> float:
+    """Mean KL(dense ‖ model) per real token over `batches` (no gradients)."""
+    dev = next(model.parameters()).device
+    tot, n = 0.0, 0
+    with torch.no_grad():
+        for b in batches:
+            for r in range(0, b.input_ids.shape[0], micro_batch):
+                ids, am = b.input_ids[r:r + micro_batch].to(dev), b.attention_mask[r:r + micro_batch].to(dev)
+                mask = am.bool()
+                if not mask.any():
+                    continue
+                tl = dense_model(input_ids=ids, attention_mask=am, use_cache=False).logits
+                sl = model(input_ids=ids, attention_mask=am, use_cache=False).logits
+                tot += float(kl_per_token(tl, sl, mask))
+                n += int(mask.sum())
+    return tot / max(n, 1)
+
+
 def heal_(model: nn.Module, dense_model: nn.Module, batches: list[Batch], tokens: int, lr: float = 1e-4,
-          micro_batch: int = 2, progress: Callable[[int, int], object] | None = None) -> HealResult:
+          micro_batch: int = 2, progress: Callable[[int, int], object] | None = None,
+          heldout: list[Batch] | None = None, checks: int = 8) -> HealResult:
     """Distil `dense_model` into the low-rank factors of `model`, in place, for `tokens` real tokens.
 
     Args:
@@ -68,12 +113,22 @@ def heal_(model: nn.Module, dense_model: nn.Module, batches: list[Batch], tokens
         micro_batch: rows per forward/backward (bounds the logits' memory); one step per batch.
         progress: progress(tokens_done, tokens); returning False cancels (`Cancelled`) and restores
             the factors as they were before healing.
+        heldout: batches healing does not train on; when given, the held-out KL is measured before
+            training, after every `tokens / checks` tokens and at the end, and the factors with the
+            lowest held-out KL are kept (possibly the unhealed ones).
+        checks: number of evenly spaced held-out checks during training (≥ 1).
     """
     if not isinstance(tokens, int) or tokens <= 0:
         raise FascError(f"The healing token budget must be a positive integer, got {tokens!r}; e.g. 16384.")
     batches = [b for b in batches if int(b.attention_mask.sum()) > 0]
     if not batches:
         raise FascError("Healing needs calibration text; give a longer calibration text.")
+    heldout = [b for b in heldout if int(b.attention_mask.sum()) > 0] if heldout is not None else None
+    if heldout is not None and not heldout:
+        raise FascError("The held-out text for healing's checks is empty; give longer calibration sources or turn "
+                        "the checks off (--heal-check-tokens 0).")
+    if not isinstance(checks, int) or checks < 1:
+        raise FascError(f"Healing needs at least one held-out check, got checks={checks!r}.")
     layers = [m for m in model.modules() if isinstance(m, LowRankLinear)]
     if not layers:
         raise FascError("The model has no low-rank factors to heal (merged or not compressed); heal a factored "
@@ -85,6 +140,8 @@ def heal_(model: nn.Module, dense_model: nn.Module, batches: list[Batch], tokens
     dev = next(model.parameters()).device
     t0 = time.perf_counter()
     done, steps, kl_first, kl_last = 0, 0, float("nan"), float("nan")
+    curve: list[tuple[int, float]] | None = None
+    best = None  # (held-out KL, tokens, factors on the CPU or None = the saved, unhealed ones)
     try:
         for m in layers:
             balance_factors_(m)
@@ -98,6 +155,10 @@ def heal_(model: nn.Module, dense_model: nn.Module, batches: list[Batch], tokens
         dense_model.eval()
         if progress is not None and progress(0, tokens) is False:
             raise Cancelled("Healing cancelled; the factors are as they were.")
+        if heldout is not None:
+            curve = [(0, heldout_kl(model, dense_model, heldout, micro_batch))]
+            best = (curve[0][1], 0, None)
+        next_check = tokens / checks
         i = 0
         while done < tokens:
             b = batches[i % len(batches)]
@@ -125,8 +186,20 @@ def heal_(model: nn.Module, dense_model: nn.Module, batches: list[Batch], tokens
             kl_first = total if steps == 1 else kl_first
             kl_last = total
             done += n_b
+            if heldout is not None and (done >= next_check or done >= tokens):
+                while next_check <= done:
+                    next_check += tokens / checks
+                curve.append((done, heldout_kl(model, dense_model, heldout, micro_batch)))
+                if curve[-1][1] < best[0]:
+                    best = (curve[-1][1], done, [(m.U.detach().to("cpu", copy=True), m.V.detach().to("cpu", copy=True))
+                                                 for m in layers])
             if progress is not None and progress(min(done, tokens), tokens) is False:
                 raise Cancelled("Healing cancelled; the factors are as they were.")
+        if best is not None and best[1] != done:   # an earlier point (or no healing) did better on held-out text
+            with torch.no_grad():
+                for m, (U, V) in zip(layers, best[2] if best[2] is not None else saved):
+                    m.U.copy_(U)
+                    m.V.copy_(V)
     except BaseException:
         with torch.no_grad():
             for m, (U, V) in zip(layers, saved):
@@ -141,5 +214,7 @@ def heal_(model: nn.Module, dense_model: nn.Module, batches: list[Batch], tokens
             if n in training:
                 m.training = training[n]
         dense_model.train(t_training)
-    return HealResult(tokens=done, steps=steps, kl_first=kl_first, kl_last=kl_last,
-                      seconds=time.perf_counter() - t0)
+    res = HealResult(tokens=done, steps=steps, kl_first=kl_first, kl_last=kl_last, seconds=time.perf_counter() - t0)
+    if curve is not None:
+        res.heldout_kl_before, res.heldout_kl_after, res.kept_tokens, res.heldout_curve = curve[0][1], best[0], best[1], curve
+    return res

@@ -189,10 +189,13 @@ def export_meta(an: Analysis, plan: Plan, *, method: str, source_model: str, cal
 def compressed_copy(model, an: Analysis, plan: Plan, *, merge: bool = False,
                     progress: Callable[[int, int], object] | None = None, batches=None,
                     sequential: bool | str = False, heal_tokens: int = 0,
-                    heal_progress: Callable[[int, int], object] | None = None) -> tuple[nn.Module, dict | None]:
+                    heal_progress: Callable[[int, int], object] | None = None,
+                    heal_heldout=None) -> tuple[nn.Module, dict | None]:
     """A deep copy of `model` compressed with `plan` — sequentially ('refit'/True or 'restat',
     `fasc.sequential`) and healed for `heal_tokens` tokens (`fasc.heal`) when asked, both on
-    `batches` — and what healing did (`HealResult.to_dict()`, or None). `model` is left untouched."""
+    `batches`; healing keeps the factors of the lowest KL on `heal_heldout` batches when given —
+    and what healing did (`HealResult.to_dict()` with its `summary`, or None). `model` is left
+    untouched."""
     if (sequential or heal_tokens) and not batches:
         raise FascError("Sequential compression and healing need the calibration batches; pass batches=.")
     if heal_tokens < 0:
@@ -211,7 +214,8 @@ def compressed_copy(model, an: Analysis, plan: Plan, *, merge: bool = False,
     healed = None
     if heal_tokens:
         from .heal import heal_
-        healed = heal_(work, model, batches, tokens=heal_tokens, progress=heal_progress).to_dict()
+        res = heal_(work, model, batches, tokens=heal_tokens, progress=heal_progress, heldout=heal_heldout)
+        healed = {**res.to_dict(), "summary": res.summary()}
     return work, healed
 
 
@@ -220,20 +224,22 @@ def compress_and_save(model, tok, an: Analysis, plan: Plan, out: str | Path, *, 
                       calibration: str = "", model_fp: str = "",
                       progress: Callable[[int, int], None] | None = None, batches=None,
                       sequential: bool | str = False, heal_tokens: int = 0,
-                      heal_progress: Callable[[int, int], None] | None = None) -> dict:
+                      heal_progress: Callable[[int, int], None] | None = None, heal_heldout=None) -> dict:
     """Compress a deep copy of `model` with `plan` and export it (what `fasc compress` and the Export
     page do).
 
     `sequential` ('refit' or True, or 'restat') fits each module to the partly compressed model's
     inputs (`fasc.sequential`; 'restat' without the least-squares refit to the dense outputs) and
-    `heal_tokens` > 0 distils the dense model into the factors (`fasc.heal`); both use `batches`.
+    `heal_tokens` > 0 distils the dense model into the factors (`fasc.heal`); both use `batches`
+    (healing checked on `heal_heldout`, see `compressed_copy`).
     Returns a summary: folder, sizes, parameter counts, predicted ΔL, files (name → bytes).
     """
     prepare_destination(out, overwrite)  # fail before any work
     validate_plan(plan, an, model_fp or None)
     t0 = time.perf_counter()
     work, healed = compressed_copy(model, an, plan, merge=merge, progress=progress, batches=batches,
-                                   sequential=sequential, heal_tokens=heal_tokens, heal_progress=heal_progress)
+                                   sequential=sequential, heal_tokens=heal_tokens, heal_progress=heal_progress,
+                                   heal_heldout=heal_heldout)
     meta = export_meta(an, plan, method=method, source_model=source_model, calibration=calibration,
                        model_fp=model_fp)
     meta.update({"sequential": sequential, "heal": healed})

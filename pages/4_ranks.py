@@ -108,15 +108,24 @@ def run_evaluation(ctx: ui.Context, plan: Plan, ekey: tuple, baseline: str, max_
     data = model_defaults(ctx.lm.spec)
     base_anchors = ui.get_anchors(ctx, ctx.an, baseline, 0.0).scales if plan_alloc == "anchored" else None
     batches = ui.calibration_batches(ctx)[0] if seq or heal else None
+    held = ui.heldout_tail(ctx, ui.HEAL_CHECK_TOKENS) if heal else None
     st.button("Cancel", key="w.eval_cancel", icon=":material/cancel:")  # a click reruns: the run stops, nothing is kept
     bar = ui.ProgressBar("Evaluating", unit="models")
     try:
         state.put_evaluation(ekey, evaluate_plan(ctx.lm.model, ctx.lm.tok, ctx.an, plan, data.heldout, data.probe,
                                                  baseline=baseline, max_tokens=max_tok, progress=bar,
                                                  allocation=plan_alloc, baseline_anchors=base_anchors,
-                                                 batches=batches, sequential=seq, heal_tokens=heal))
+                                                 batches=batches, sequential=seq, heal_tokens=heal,
+                                                 heal_heldout=held))
     finally:
         bar.clear()
+
+
+def _heal_kl(h: dict | None) -> str:
+    """'before → kept' held-out KL of a healed row ('' when not healed or not checked)."""
+    if not h or h.get("heldout_kl_before") is None:
+        return ""
+    return f"{h['heldout_kl_before']:.3g} → {h['heldout_kl_after']:.3g}" + ("" if h["kept_tokens"] else " (unhealed kept)")
 
 
 def evaluation(ctx: ui.Context, plan: Plan) -> None:
@@ -141,6 +150,7 @@ def evaluation(ctx: ui.Context, plan: Plan) -> None:
     else:
         st.dataframe([{"model": r["model"], "params kept": f"{r['params_kept']:.1%}",
                        "sequential": r.get("sequential") or "off", "healed tokens": (r.get("heal") or {}).get("tokens", 0),
+                       "held-out KL (healing)": _heal_kl(r.get("heal")),
                        "predicted ΔL": f"{r['predicted_dl']:.3g}", "perplexity": round(r["perplexity"], 3),
                        "fact recall": f"{r['recall']:.1%}", "exact match": f"{r['exact_match']:.1%}",
                        "facts": r["n_facts"]} for r in rows], hide_index=True, width="stretch")

@@ -38,9 +38,7 @@ def show_result(res: dict) -> None:
     if res.get("sequential"):
         st.caption(f"Sequential ({res['sequential']}): each module was fitted to the partly compressed model's inputs.")
     if res.get("heal"):
-        h = res["heal"]
-        st.caption(f"Healing: {h['tokens']:,} tokens in {h['steps']} steps, {h['seconds']:.1f} s · KL to the dense "
-                   f"model {h['kl_first']:.4g} → {h['kl_last']:.4g} nats/token (first vs last step's batch).")
+        st.caption(f"Healing: {res['heal']['summary']}.")
     st.caption(f"Evaluate it: `fasc eval --model {res['out']}` (or `--tasks fasc_facts`, lm-eval) · load it: "
                f"`fasc.load_model({res['out']!r})`"
                + ("" if res["merged"] else f" or `AutoModelForCausalLM.from_pretrained({res['out']!r}, "
@@ -51,6 +49,7 @@ def export(ctx, plan, target: Path, merged: bool, overwrite: bool, method: str, 
     """Compress a copy and write it, with progress bars; a click on Cancel (or anywhere) interrupts it
     before anything is written."""
     batches = ui.calibration_batches(ctx)[0] if sequential or heal_tokens else None
+    held = ui.heldout_tail(ctx, ui.HEAL_CHECK_TOKENS) if heal_tokens else None
     st.button("Cancel", key="w.export_cancel", icon=":material/cancel:")
     bar = ui.ProgressBar("Compressing" + (f" (sequential, {sequential})" if sequential else ""),
                          unit="layers" if sequential else "modules")
@@ -59,7 +58,7 @@ def export(ctx, plan, target: Path, merged: bool, overwrite: bool, method: str, 
         return compress_and_save(ctx.lm.model, ctx.lm.tok, ctx.an, plan, target, merge=merged, overwrite=overwrite,
                                  method=method, source_model=ctx.lm.spec, calibration=ctx.calib["key"],
                                  model_fp=ctx.lm.fingerprint, progress=bar, batches=batches, sequential=sequential,
-                                 heal_tokens=heal_tokens, heal_progress=hbar)
+                                 heal_tokens=heal_tokens, heal_progress=hbar, heal_heldout=held)
     finally:
         bar.clear()
         if hbar:

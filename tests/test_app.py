@@ -446,6 +446,7 @@ def test_ranks_evaluate_sequential_and_healing(env):
     t = ok(at).dataframe[-1].value
     assert list(t["sequential"]) == ["off", "restat", "restat"]
     assert t["healed tokens"][0] == 0 and min(t["healed tokens"][1:]) >= 64
+    assert t["held-out KL (healing)"][0] == "" and all("→" in x for x in t["held-out KL (healing)"][1:])
     assert t["perplexity"][0] == plain["perplexity"][0]
     assert all(t["perplexity"][i] != plain["perplexity"][i] for i in (1, 2))
 
@@ -489,6 +490,7 @@ def test_export_sequential_and_healing(env):
     cfg = json.loads((Path(res["out"]) / "fasc_config.json").read_text())
     assert cfg["sequential"] == "restat" and res["sequential"] == "restat"
     assert cfg["heal"]["tokens"] >= 64 and cfg["heal"]["steps"] >= 1 and cfg["heal"] == res["heal"]
+    assert cfg["heal"]["heldout_kl_after"] <= cfg["heal"]["heldout_kl_before"]   # checked on held-out text
     assert any("Sequential (restat)" in c.value for c in at.caption)
     assert any("Healing:" in c.value and "→" in c.value for c in at.caption)
     assert any("two more forward passes" in (s.help or "") for s in at.selectbox)

@@ -9,7 +9,7 @@ import torch
 
 import fasc
 from fasc.calibrate import Cancelled
-from fasc.heal import balance_factors_, heal_, kl_per_token
+from fasc.heal import balance_factors_, heal_, heldout_kl, kl_per_token
 from fasc.layers import LowRankLinear
 
 from helpers import random_batches
@@ -66,3 +66,32 @@ def test_cancel_restores_factors_and_bad_input(llama, compressed):
         heal_(compressed, llama, batches, tokens=0)
     with pytest.raises(fasc.FascError, match="no low-rank factors"):
         heal_(copy.deepcopy(llama), llama, batches, tokens=10)
+
+
+def test_heldout_checks_keep_the_factors_of_the_lowest_heldout_kl(llama, compressed):
+    """The held-out KL is measured before, at `checks` points and at the end; what is kept is the
+    best of them, and the model really has that held-out KL afterwards."""
+    train, held = random_batches(3, seed=5), random_batches(2, seed=9)
+    res = heal_(compressed, llama, train, tokens=3000, lr=3e-3, heldout=held, checks=4)
+    xs = [t for t, _ in res.heldout_curve]
+    assert xs[0] == 0 and xs[-1] == res.tokens and len(xs) == len(set(xs)) >= 4
+    assert res.heldout_kl_after == min(kl for _, kl in res.heldout_curve) < res.heldout_kl_before
+    assert res.kept_tokens > 0
+    assert heldout_kl(compressed, llama, held) == pytest.approx(res.heldout_kl_after, rel=1e-5)
+    d = res.to_dict()
+    assert d["kept_tokens"] == res.kept_tokens and "held-out KL" in res.summary()
+
+
+def test_healing_that_hurts_heldout_text_is_undone(llama, compressed):
+    """A step size that makes the model worse on held-out text: the unhealed factors are kept."""
+    train, held = random_batches(3, seed=5), random_batches(2, seed=9)
+    before = {n: m.to_dense().detach().clone() for n, m in compressed.named_modules() if isinstance(m, LowRankLinear)}
+    res = heal_(compressed, llama, train, tokens=2000, lr=0.5, heldout=held, checks=2)
+    assert res.kept_tokens == 0 and res.heldout_kl_after == res.heldout_kl_before
+    assert max(kl for _, kl in res.heldout_curve[1:]) > res.heldout_kl_before
+    for n, m in compressed.named_modules():
+        if isinstance(m, LowRankLinear):
+            torch.testing.assert_close(m.to_dense(), before[n], rtol=1e-5, atol=1e-6)
+    assert "unhealed factors kept" in res.summary()
+    with pytest.raises(fasc.FascError, match="held-out"):
+        heal_(compressed, llama, train, tokens=10, heldout=[])

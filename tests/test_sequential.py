@@ -170,14 +170,26 @@ def test_cli_sequential_and_heal(capsys, saved_llama, tmp_path):
     common = ["--model", str(saved_llama / "model"), "--data", str(saved_llama / "calib.txt"), "--tokens", "512",
               "--seq-len", "32", "--cache-dir", str(tmp_path / "cache"), "--quiet"]
     out_dir = tmp_path / "seq"
-    code = main(["compress", *common, "--param-ratio", "0.6", "--heal-tokens", "256", "--sequential", "--out",
-                 str(out_dir), "--json"])
+    code = main(["compress", *common, "--param-ratio", "0.6", "--heal-tokens", "256", "--heal-check-tokens", "64",
+                 "--sequential", "--out", str(out_dir), "--json"])
     out, err = capsys.readouterr()
     assert code == 0, err
     res = json.loads(out)
     assert res["sequential"] == "refit" and res["heal"]["tokens"] >= 256
+    h = res["heal"]   # checked on held-out tokens: the kept factors are the best point of the curve
+    assert h["heldout_curve"][0] == [0, h["heldout_kl_before"]] and len(h["heldout_curve"]) >= 2
+    assert h["heldout_kl_after"] == min(kl for _, kl in h["heldout_curve"]) and "held-out KL" in h["summary"]
     fc = json.loads((out_dir / "fasc_config.json").read_text())
-    assert fc["sequential"] == "refit" and fc["heal"]["steps"] >= 1
+    assert fc["sequential"] == "refit" and fc["heal"]["steps"] >= 1 and fc["heal"]["kept_tokens"] == h["kept_tokens"]
+    code = main(["compress", *common, "--param-ratio", "0.6", "--heal-tokens", "64", "--heal-check-tokens", "0",
+                 "--out", str(tmp_path / "unchecked"), "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "heldout_curve" not in json.loads(out)["heal"]
+    code = main(["compress", *common, "--param-ratio", "0.6", "--heal-tokens", "64", "--heal-check-tokens", "1",
+                 "--out", str(tmp_path / "bad")])
+    _, err = capsys.readouterr()
+    assert code == 2 and "--heal-check-tokens" in err and len(err.strip().splitlines()) == 1
     model, _ = fasc.load_model(str(out_dir))
     assert any(isinstance(m, LowRankLinear) for m in model.modules())
     code = main(["compress", *common, "--param-ratio", "0.6", "--heal-tokens", "64", "--merge", "--out",

@@ -382,8 +382,10 @@ SEQUENTIAL_HELP = ("Error-aware compression (`fasc compress --sequential`): each
                    "refit 3.5–5.7 fact-recall points worse at 60 % kept — hence off by default.")
 HEAL_HELP = ("Healing (`--heal-tokens`): after compressing, train only the low-rank factors to match the dense "
              "model (KL) on this many calibration tokens. Costs one teacher forward plus one student "
-             "forward/backward per token. Measured on the demo (BENCHMARKS.md): 16,384 tokens recover 4.4–4.6 "
-             "fact-recall points at 60 % kept in about 40 s on a shared CPU. 0 = off; factored models only.")
+             "forward/backward per token. The KL is checked on 2,048 held-out tokens (the end of the calibration "
+             "text) 8 times, and the factors of the lowest held-out KL are kept. Measured on the demo "
+             "(BENCHMARKS.md): 16,384 tokens recover 4.4–4.6 fact-recall points at 60 % kept in about 40 s on a "
+             "shared CPU. 0 = off; factored models only.")
 
 
 def refinement_options(name: str) -> tuple[bool | str, int]:
@@ -447,6 +449,19 @@ def sha256(raw: bytes) -> str:
 
 # ------------------------------------------------------------------------------------------ anchors
 ANCHOR_TOKENS = 1024
+HEAL_CHECK_TOKENS = 2048   # the CLI's --heal-check-tokens default
+
+
+def heldout_tail(ctx, n_tokens: int) -> list[Batch]:
+    """About `n_tokens` from the end of the calibration sources (`fasc.anchors.heldout_batches`):
+    text the calibration rows do not use, for anchors and healing's checks."""
+    from fasc.anchors import heldout_batches
+    from fasc.data import Example
+
+    req = calib_request(ctx.lm.spec)
+    src = req.source if req.source is not None else load_source(req.path)
+    one = isinstance(src, str) or (isinstance(src, list) and src and isinstance(src[0], Example))
+    return heldout_batches(ctx.lm.tok, [src] if one else src, req.cfg, n_tokens)
 
 
 def get_anchors(ctx, an: Analysis, method: str, tau: float):
@@ -454,13 +469,10 @@ def get_anchors(ctx, an: Analysis, method: str, tau: float):
     cached beside the statistics. Measured on a copy: the shared model is never modified."""
     import copy
 
-    from fasc.anchors import anchors_cached, heldout_batches
-    from fasc.data import Example
+    from fasc.anchors import anchors_cached
 
     req = calib_request(ctx.lm.spec)
-    src = req.source if req.source is not None else load_source(req.path)
-    one = isinstance(src, str) or (isinstance(src, list) and src and isinstance(src[0], Example))
-    held = heldout_batches(ctx.lm.tok, [src] if one else src, req.cfg, ANCHOR_TOKENS)
+    held = heldout_tail(ctx, ANCHOR_TOKENS)
     bar = ProgressBar(f"Measuring anchors for {method} (one forward pass per module)", unit="modules", lazy=0.5)
     try:
         anchors, _ = anchors_cached(copy.deepcopy(ctx.lm.model), an, method, held, temperature=req.cfg.temperature,
