@@ -12,11 +12,11 @@ the diagnostics (Fisher spectrum, misalignment) — split by module kind:
   small64    this code, small-side solve for wide modules, float64
   small32    the same in float32, checked against float64 on one module per input width
   par64      small64 through `Analysis.precompute`, layers shared out over one worker thread per core
-             (each decomposition single-threaded, as the library does on the CPU)
-  par32      the same in float32 (checked): the library's CPU default (`--linalg-dtype auto`)
+             (each decomposition single-threaded; the library's default on the CPU)
+  par32      the same in float32 (checked; `--linalg-dtype float32`)
 Wall time and CPU time (both threads; steadier than wall time on a shared machine) are reported;
-the split by module kind and method is CPU time. Ends with `analysis_seconds=<par32 wall>` (the default;
-else par64, small64) and `speedup=<old / that CPU time>`.
+the split by module kind and method is CPU time. Ends with `analysis_seconds=<par64 wall>` (the default;
+else small64) and `speedup=<old / that CPU time>`.
 """
 
 from __future__ import annotations
@@ -234,7 +234,7 @@ def report(a, res: dict) -> int:
             print(f"{v}: {ref['cpu_seconds'] / r['cpu_seconds']:.2f}× less CPU time, {ref['seconds'] / r['seconds']:.2f}× "
                   f"less wall time (nan: not measured) than {'old' if 'old' in res else 'full64'}; max curve difference {diff:.1e} of "
                   f"ΔL(0); precision checks {r['precision_checks'] or '-'}")
-    best = res.get("par32") or res.get("par64") or res.get("small64") or next(iter(res.values()))
+    best = res.get("par64") or res.get("small64") or next(iter(res.values()))
     secs = best["seconds"] if best["seconds"] == best["seconds"] else best["cpu_seconds"]  # interleaved: CPU
     print(f"analysis_seconds={secs:.1f}")
     if ref is not None and ref is not best:

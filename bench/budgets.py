@@ -223,7 +223,8 @@ def run(cfg: BudgetConfig, log=print, sink=None) -> dict:
             todo = [r for r in specs if r.data == data and (r.allocation == "anchored") == anch]
             if not todo:
                 continue
-            methods = tuple(sorted({r.method for r in specs if r.data == data}))
+            # rows with flags run in a `fasc compress` subprocess: only the in-process rows need bases here
+            methods = tuple(sorted({r.method for r in specs if r.data == data and not r.flags}))
             batches, stats, an = setup(data, methods)
             for r in todo:
                 a = get_anchors(data, r.method, batches, an) if anch and not r.flags else None

@@ -5,9 +5,12 @@ and weights moved there by `Place.put` — the one place where devices (statisti
 on a GPU or spread over several) and dtypes (bf16/fp16 weights, float32 or float64 statistics) meet.
 Factors go back to each module's own device and dtype at surgery (`fasc.surgery`).
 
-Precision (`auto`): float64 on GPUs that compute it at full rate (A100/H100/H200/B200 class), float32
-elsewhere — consumer GPUs run float64 at 1/32–1/64 of float32, and on the CPU float32 halves the
-eigen-decompositions' time (SmolLM2's analysis: 34.5 s → 19.8 s, `bench.analysis`). A float32 choice is checked
+Precision (`auto`): float64 on the CPU and on GPUs that compute it at full rate (A100/H100/H200/B200
+class), float32 on other GPUs (float64 at 1/32–1/64 of the float32 rate). On the CPU float32 would
+halve the eigen-decompositions' time (SmolLM2's analysis 34.5 s → 19.8 s, `bench.analysis`) but is
+not the default: on SmolLM2 it made some rank-k maps up to 15 % worse in ΔL (modules whose C_x has a
+condition number of 1e6–1e7), which the one-module-per-width check below did not see (BENCHMARKS.md).
+A float32 choice is checked
 against float64 on the first module of each input width (`precision_check`): if the predicted ΔL
 curves or the rank-k weights differ by more than `tol`, that width is computed in float64.
 """
@@ -36,8 +39,9 @@ class LinalgConfig:
         "help": "device for bases, curves and factors: auto (the first GPU if there is one, else the CPU), "
                 "cpu, cuda or cuda:i"})
     dtype: str = field(default="auto", metadata={
-        "help": "auto (float64 on A100/H100/H200-class GPUs; float32 on the CPU and other GPUs, checked "
-                "against float64 per input width), float64 or float32 (checked)"})
+        "help": "auto (float64 on the CPU and A100/H100/H200-class GPUs; float32 on other GPUs, checked "
+                "against float64 on one module per input width), float64 or float32 (faster, checked; can be "
+                "worse on ill-conditioned inputs)"})
     small_side: bool = field(default=True, metadata={
         "help": "solve wide modules (n > m: down_proj, GQA k/v) as m×m problems (spec §3); off = n×n as before"})
     tol: float = field(default=1e-3, metadata={
@@ -75,15 +79,15 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def fast_float64(device: torch.device) -> bool:
-    """Whether `device` is a GPU that computes float64 at full rate (A100/H100/H200/B200 class). The CPU
-    computes float64 at half the float32 rate, most GPUs at 1/32–1/64: float32 (checked) there."""
+    """Whether `device` computes float64 at a useful rate: the CPU (half the float32 rate) and
+    A100/H100/H200/B200-class GPUs; most GPUs run it at 1/32–1/64 (float32, checked, there)."""
     if device.type != "cuda":
-        return False
+        return True
     return tuple(torch.cuda.get_device_capability(device)) in FAST_FLOAT64_CAPABILITIES
 
 
 def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
-    """float64 / float32 as asked; `auto` → float64 on full-rate-float64 GPUs, float32 elsewhere."""
+    """float64 / float32 as asked; `auto` → float64 on the CPU and full-rate-float64 GPUs, else float32."""
     if spec == "float64":
         return torch.float64
     if spec == "float32":
