@@ -290,3 +290,28 @@ def test_default_workers_follow_threads_and_memory(llama, llama_stats):
         assert an.default_workers() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+def test_float32_condition_gate_sends_ill_conditioned_groups_to_float64(llama, llama_stats):
+    """With almost no damping some inputs' C_x are ill-conditioned: float32 whitening would lose
+    their weak directions, so those groups (and only those) are computed in float64, and their
+    rank-k maps then match float64's; well-conditioned groups stay float32."""
+    cfg = fasc.CompressConfig(damping=1e-9)
+    a32 = fasc.Analysis(llama, llama_stats, cfg, linalg=LinalgConfig(device="cpu", dtype="float32"))
+    a64 = fasc.Analysis(llama, llama_stats, cfg, linalg=LinalgConfig(device="cpu", dtype="float64"))
+    a32.precompute(("fasc",), workers=2)
+    bound = a32.linalg.tol / torch.finfo(torch.float32).eps
+    conds = a32.group_conditions
+    assert set(conds) == set(llama_stats.group.values())
+    assert a32.float64_groups == {g for g, c in conds.items() if c > bound}
+    assert a32.float64_groups and len(a32.float64_groups) < len(conds), conds   # the test needs both kinds
+    for f in llama_stats.fqns:
+        g = llama_stats.group[f]
+        width_ok = a32._place_by_width[llama_stats.info(f).in_features].dtype == torch.float32
+        want = torch.float32 if width_ok and g not in a32.float64_groups else torch.float64
+        assert a32.place_of(f).dtype == want, f
+        if want == torch.float64:   # the same computation as float64's
+            k = max(1, llama_stats.info(f).max_rank // 2)
+            U1, V1 = a32.factors(f, "fasc", k)
+            U2, V2 = a64.factors(f, "fasc", k)
+            torch.testing.assert_close(U1 @ V1.T, U2 @ V2.T, rtol=1e-9, atol=1e-12)
