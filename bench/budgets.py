@@ -76,6 +76,7 @@ def row_specs(heal_tokens: int) -> list[Row]:
         Row("fasc-greedy + healing", "fasc", "greedy", flags=heal, item="5"),
         Row("fasc all on", "fasc", "anchored", "knowledge", flags=everything, item="2-5"),
         Row("asvd-greedy + knowledge calibration", "asvd", "greedy", "knowledge", item="2"),
+        Row("fasc-anchored + knowledge calibration", "fasc", "anchored", "knowledge", item="2+4"),
         Row("asvd all on", "asvd", "anchored", "knowledge", flags=everything, item="2-5"),
         Row("fasc-greedy + knowledge + healing", "fasc", "greedy", "knowledge", flags=heal, item="2+5"),
         Row("asvd-greedy + knowledge + healing", "asvd", "greedy", "knowledge", flags=heal, item="2+5"),
