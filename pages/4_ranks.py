@@ -16,7 +16,8 @@ ALLOCATION_LABEL = {"greedy": "greedy (predicted ΔL)", "anchored": "anchored (m
                     "uniform": "uniform (same share per module)"}
 ALLOCATION_HELP = ("**greedy**: ranks chosen by predicted ΔL per parameter, free. **anchored**: each module's "
                    "predicted curve scaled by one measured loss (only that module compressed at half its "
-                   "parameters): {n} forward passes over {t} held-out calibration tokens, cached. **uniform**: "
+                   "parameters): {n} forward passes over {t} held-out calibration tokens, cached; measured worse than "
+                   "greedy on SmolLM2 (80 %: 1.89× vs 1.31× perplexity). **uniform**: "
                    "every module keeps the same share of its parameters, the baseline SVD-LLM / LEMS report, free.")
 METHOD_HELP = {"svd": "SVD of W (data-blind)", "asvd": "activation-whitened SVD (variance)",
                "pca": "PCA of activations (variance)", "fwsvd": "diagonal-Fisher weighted SVD",
