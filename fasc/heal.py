@@ -47,8 +47,9 @@ class HealResult:
     heldout_curve: list[tuple[int, float]] | None = None
 
     def to_dict(self) -> dict:
+        """The fields and the `summary` line (what fasc_config.json, the CLI and the dashboard show)."""
         out = {"tokens": self.tokens, "steps": self.steps, "kl_first": self.kl_first, "kl_last": self.kl_last,
-               "seconds": self.seconds}
+               "seconds": self.seconds, "summary": self.summary()}
         if self.heldout_curve is not None:
             out.update({"heldout_kl_before": self.heldout_kl_before, "heldout_kl_after": self.heldout_kl_after,
                         "kept_tokens": self.kept_tokens, "heldout_curve": [list(x) for x in self.heldout_curve]})
@@ -81,20 +82,30 @@ def kl_per_token(teacher_logits, student_logits, mask) -> torch.Tensor:
     return (t.exp() * (t - s)).sum()
 
 
+def _micro_batches(b: Batch, micro_batch: int, dev):
+    """(input_ids, attention_mask, mask) of each slice of `micro_batch` rows of `b` that has real tokens, on `dev`."""
+    for r in range(0, b.input_ids.shape[0], micro_batch):
+        ids, am = b.input_ids[r:r + micro_batch].to(dev), b.attention_mask[r:r + micro_batch].to(dev)
+        mask = am.bool()
+        if mask.any():
+            yield ids, am, mask
+
+
+def _kl_sum(model: nn.Module, dense_model: nn.Module, ids, am, mask) -> torch.Tensor:
+    """Σ KL(dense ‖ model) over the real tokens of one micro-batch; gradients flow into `model` only."""
+    with torch.no_grad():
+        tl = dense_model(input_ids=ids, attention_mask=am, use_cache=False).logits
+    return kl_per_token(tl, model(input_ids=ids, attention_mask=am, use_cache=False).logits, mask)
+
+
 def heldout_kl(model: nn.Module, dense_model: nn.Module, batches: list[Batch], micro_batch: int = 2) -> float:
     """Mean KL(dense ‖ model) per real token over `batches` (no gradients)."""
     dev = next(model.parameters()).device
     tot, n = 0.0, 0
     with torch.no_grad():
         for b in batches:
-            for r in range(0, b.input_ids.shape[0], micro_batch):
-                ids, am = b.input_ids[r:r + micro_batch].to(dev), b.attention_mask[r:r + micro_batch].to(dev)
-                mask = am.bool()
-                if not mask.any():
-                    continue
-                tl = dense_model(input_ids=ids, attention_mask=am, use_cache=False).logits
-                sl = model(input_ids=ids, attention_mask=am, use_cache=False).logits
-                tot += float(kl_per_token(tl, sl, mask))
+            for ids, am, mask in _micro_batches(b, micro_batch, dev):
+                tot += float(_kl_sum(model, dense_model, ids, am, mask))
                 n += int(mask.sum())
     return tot / max(n, 1)
 
@@ -167,16 +178,8 @@ def heal_(model: nn.Module, dense_model: nn.Module, batches: list[Batch], tokens
             n_b = int(mask_all.sum())
             opt.zero_grad(set_to_none=True)
             total = 0.0
-            for r in range(0, b.input_ids.shape[0], micro_batch):
-                ids = b.input_ids[r:r + micro_batch].to(dev)
-                am = b.attention_mask[r:r + micro_batch].to(dev)
-                mask = am.bool()
-                if not mask.any():
-                    continue
-                with torch.no_grad():
-                    tl = dense_model(input_ids=ids, attention_mask=am, use_cache=False).logits
-                sl = model(input_ids=ids, attention_mask=am, use_cache=False).logits
-                loss = kl_per_token(tl, sl, mask) / n_b
+            for ids, am, mask in _micro_batches(b, micro_batch, dev):
+                loss = _kl_sum(model, dense_model, ids, am, mask) / n_b
                 loss.backward()
                 total += float(loss.detach())
             if not torch.isfinite(torch.tensor(total)):

@@ -12,7 +12,8 @@ not the default: on SmolLM2 it made some rank-k maps up to 15 % worse in ΔL (mo
 condition number of 1e6–1e7), which the one-module-per-width check below did not see (BENCHMARKS.md).
 A float32 choice is checked
 against float64 on the first module of each input width (`precision_check`): if the predicted ΔL
-curves or the rank-k weights differ by more than `tol`, that width is computed in float64.
+curves or the rank-k weights differ by more than `tol`, that width is computed in float64; and each
+input group whose C_x has eps₃₂·cond > `tol` is computed in float64 (`Analysis._condition_gate`).
 """
 
 from __future__ import annotations

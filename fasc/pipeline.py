@@ -194,7 +194,7 @@ def compressed_copy(model, an: Analysis, plan: Plan, *, merge: bool = False,
     """A deep copy of `model` compressed with `plan` — sequentially ('refit'/True or 'restat',
     `fasc.sequential`) and healed for `heal_tokens` tokens (`fasc.heal`) when asked, both on
     `batches`; healing keeps the factors of the lowest KL on `heal_heldout` batches when given —
-    and what healing did (`HealResult.to_dict()` with its `summary`, or None). `model` is left
+    and what healing did (`HealResult.to_dict()`, with its `summary` line, or None). `model` is left
     untouched."""
     if (sequential or heal_tokens) and not batches:
         raise FascError("Sequential compression and healing need the calibration batches; pass batches=.")
@@ -214,8 +214,8 @@ def compressed_copy(model, an: Analysis, plan: Plan, *, merge: bool = False,
     healed = None
     if heal_tokens:
         from .heal import heal_
-        res = heal_(work, model, batches, tokens=heal_tokens, progress=heal_progress, heldout=heal_heldout)
-        healed = {**res.to_dict(), "summary": res.summary()}
+        healed = heal_(work, model, batches, tokens=heal_tokens, progress=heal_progress,
+                       heldout=heal_heldout).to_dict()
     return work, healed
 
 
