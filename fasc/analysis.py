@@ -207,7 +207,7 @@ class Analysis:
             return None
         w = self._workspace(fqn, place)
         if "wide" not in w:
-            ws = wide_side(w["W"], w["C_h"], wh.B, wh.Cx_d)
+            ws = wide_side(w["W"], w["C_h"], wh, wh.Cx_d)   # B applied, not formed (2n²m, not n³)
             if not wide_ok(ws) and float(torch.trace(w["C_h"])) > 0:
                 log.info("%s: only %.4f of tr(B C_h B) lies in range(B Wᵀ); solving the n×n problem",
                          fqn, ws.captured)
@@ -250,10 +250,11 @@ class Analysis:
         if method == "fwsvd":
             return basis_fwsvd(W, wh.Cx_d, C_h, place.put(self.stats.fw[fqn]), self.cfg.damping)
         ws = self._wide(fqn, place, wh)
-        if method == "asvd":
-            b = basis_asvd_wide(ws, wh.B, None, n) if ws is not None else basis_asvd(W, C_h, wh.B, None, self._S(w, wh))
+        if method == "asvd":  # wide bases take B and B⁻¹ from the whitening (b.white), formed only if asked for
+            b = basis_asvd_wide(ws, None, None, n) if ws is not None else \
+                basis_asvd(W, C_h, wh.B, None, self._S(w, wh), self._AtA(w, wh) if W.shape[0] >= W.shape[1] else None)
         elif ws is not None:
-            b = basis_fasc_wide(ws, C_h, W, wh.B, None, gamma, n)
+            b = basis_fasc_wide(ws, C_h, W, None, None, gamma, n)
         else:
             b = basis_fasc(W, C_h, wh.B, None, gamma, self._S(w, wh), self._AtA(w, wh) if gamma else None)
         b.white = wh

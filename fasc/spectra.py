@@ -38,8 +38,9 @@ class Basis:
     Attributes:
         Q: (n, r) orthonormal columns, most important first; r = n, or r = m for the wide-side
             solve (a rank k ≤ min(m, n) never needs more).
-        B, B_inv: (n, n) whitening and its inverse, or None for the identity (B_inv may be None
-            when `white` is given: it is then formed there on first use).
+        B, B_inv: (n, n) whitening and its inverse, or None for the identity — unless `white` is
+            given: then a None B or B_inv is the whitening's own, formed there on first use (the
+            wide-side solve never needs B itself).
         curve: (n+1,) predicted ΔL(k), k = 0..n, nats per token (decoupled surrogate).
         values: (n,) the ordering values (singular values², eigenvalues) for display.
         BQ: (n, r) = B Q when already known (the wide-side solve gets it for free).
@@ -52,7 +53,15 @@ class Basis:
     values: Tensor
     fisher_spectrum: Tensor | None = None  # fasc with γ = 0 only: λ of C_x^{1/2} C_h C_x^{1/2} (= values)
     BQ: Tensor | None = field(default=None, repr=False)
-    white: "Whitening | None" = field(default=None, repr=False)  # supplies B⁻¹ when B_inv is None
+    white: "Whitening | None" = field(default=None, repr=False)  # supplies B, B⁻¹ when they are None
+
+    @property
+    def identity(self) -> bool:
+        """True for an unwhitened basis (B = I: svd, pca, fwsvd)."""
+        return self.B is None and self.white is None
+
+    def _B(self) -> Tensor:
+        return self.B if self.B is not None else self.white.B
 
     def factors(self, W: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """(U, V) with W' = U Vᵀ: U = W B Q_k (m,k), V = B⁻¹ Q_k (n,k) (B symmetric), in Q's dtype."""
@@ -60,20 +69,20 @@ class Basis:
             raise ValueError(f"rank {k} exceeds the {self.Q.shape[1]} basis vectors computed")
         Qk = self.Q[:, :k]
         W = W.to(self.Q.dtype)
-        if self.B is None:
+        if self.identity:
             return W @ Qk, Qk.clone()
         B_inv = self.B_inv if self.B_inv is not None else self.white.B_inv
         return W @ self.whitened(k), B_inv @ Qk
 
     def whitened(self, k: int | None = None) -> Tensor:
         """B Q_k (n, k) (all columns when k is None)."""
-        if self.B is None:
+        if self.identity:
             return self.Q if k is None else self.Q[:, :k]
         if self.BQ is None and (k is None or k == self.Q.shape[1]):
-            self.BQ = self.B @ self.Q
+            self.BQ = self._B() @ self.Q
         if self.BQ is not None:
             return self.BQ if k is None else self.BQ[:, :k]
-        return self.B @ self.Q[:, :k]
+        return self._B() @ self.Q[:, :k]
 
     def directions(self, s: int) -> Tensor:
         """The first s kept input directions B q_i, unit-normalised, (n, s) — for ρ along them."""
@@ -86,14 +95,27 @@ class Basis:
 
 @dataclass
 class Whitening:
-    """C_x,δ = C_x + δ tr(C_x)/n I, its eigenpairs (μ desc, V) and B = C_x,δ^{1/2}, B⁻¹ (B⁻¹ formed
-    on first use: the analysis needs only B, the factors need B⁻¹)."""
+    """C_x,δ = C_x + δ tr(C_x)/n I, its eigenpairs (μ desc, V) and B = C_x,δ^{1/2}, B⁻¹, both formed
+    on first use (narrow modules' analysis needs B, the factors B⁻¹; a wide module needs only B
+    applied to n×m matrices, `apply`, which costs 2n²m instead of the n³ of forming B)."""
 
     Cx_d: Tensor
     mu: Tensor
     V: Tensor
-    B: Tensor
+    _B: Tensor | None = field(default=None, repr=False)
     _B_inv: Tensor | None = field(default=None, repr=False)
+
+    @property
+    def B(self) -> Tensor:
+        if self._B is None:
+            self._B = (self.V * self.mu.sqrt()) @ self.V.T
+        return self._B
+
+    def apply(self, X: Tensor) -> Tensor:
+        """B X, through the eigenpairs unless B is already formed. (n, c) -> (n, c)."""
+        if self._B is not None:
+            return self._B @ X
+        return self.V @ (self.mu.sqrt()[:, None] * (self.V.T @ X))
 
     @property
     def B_inv(self) -> Tensor:
@@ -102,7 +124,7 @@ class Whitening:
         return self._B_inv
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.Cx_d, self.V, self.B, self._B_inv) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.Cx_d, self.V, self._B, self._B_inv) if t is not None)
 
 
 def whitening(C_x: Tensor, damping: float) -> Whitening:
@@ -111,7 +133,7 @@ def whitening(C_x: Tensor, damping: float) -> Whitening:
     Cd = damp(C_x, damping)
     mu, V = eigh_desc(Cd)
     mu = mu.clamp_min(float(mu.max().clamp_min(1e-300)) * 1e-15)
-    return Whitening(Cd, mu, V, (V * mu.sqrt()) @ V.T)
+    return Whitening(Cd, mu, V)
 
 
 def predicted_curve(Cx_d: Tensor, C_h: Tensor, Q: Tensor, B: Tensor | None = None,
@@ -173,9 +195,15 @@ def basis_fwsvd(W: Tensor, Cx_d: Tensor, C_h: Tensor, r: Tensor, damping: float)
     return Basis(Q, None, None, predicted_curve(Cx_d, C_h, Q), s.square())
 
 
-def basis_asvd(W: Tensor, C_h: Tensor, B: Tensor, B_inv: Tensor | None, S: Tensor | None = None) -> Basis:
-    """Whitened SVD: Q = right singular vectors of W B. `S` = B C_h B if already computed."""
-    s, Q = right_singular_vectors(W @ B)
+def basis_asvd(W: Tensor, C_h: Tensor, B: Tensor, B_inv: Tensor | None, S: Tensor | None = None,
+               AtA: Tensor | None = None) -> Basis:
+    """Whitened SVD: Q = right singular vectors of W B. `S` = B C_h B and, for m ≥ n, `AtA` =
+    (W B)ᵀ(W B) if already computed (shared with fasc)."""
+    if AtA is not None and W.shape[0] >= W.shape[1]:   # what `right_singular_vectors` computes for m ≥ n
+        vals, Q = eigh_desc(AtA)
+        s = vals.clamp_min(0).sqrt()
+    else:
+        s, Q = right_singular_vectors(W @ B)
     S = B @ C_h @ B if S is None else S
     return Basis(Q, B, B_inv, whitened_curve(S, Q), s.square())
 
@@ -236,10 +264,12 @@ class WideSide:
     captured: float
 
 
-def wide_side(W: Tensor, C_h: Tensor, B: Tensor, Cx_d: Tensor) -> WideSide:
-    """O(n²m) instead of the O(n³) of an n×n eigen-decomposition. (m,n), (n,n), (n,n), (n,n)."""
-    Z, R = torch.linalg.qr(B @ W.T)                 # (n, m), (m, m)
-    Y = B @ Z
+def wide_side(W: Tensor, C_h: Tensor, B: "Tensor | Whitening", Cx_d: Tensor) -> WideSide:
+    """O(n²m) instead of the O(n³) of an n×n eigen-decomposition. (m,n), (n,n), (n,n), (n,n).
+    B is the whitening matrix, or the `Whitening` itself (B applied without being formed)."""
+    mul = B.apply if isinstance(B, Whitening) else B.__matmul__
+    Z, R = torch.linalg.qr(mul(W.T))                # (n, m), (m, m)
+    Y = mul(Z)
     T0 = sym(Y.T @ (C_h @ Y))
     tr_S = float((C_h * Cx_d).sum())              # tr(B C_h B) = tr(C_h C_x,δ)
     tr_T = float(torch.trace(T0))
@@ -264,9 +294,9 @@ def _wide_basis(ws: WideSide, V: Tensor, values: Tensor, B: Tensor, B_inv: Tenso
 
 def basis_asvd_wide(ws: WideSide, B: Tensor, B_inv: Tensor | None, n: int) -> Basis:
     """Whitened SVD from the m×m factor: W B = Rᵀ Zᵀ, so its right singular vectors are Z P for
-    Rᵀ = U Σ Pᵀ."""
-    _, s, Ph = torch.linalg.svd(ws.R.T)
-    return _wide_basis(ws, Ph.T, s.square(), B, B_inv, n)
+    Rᵀ = U Σ Pᵀ, i.e. the eigenvectors of R Rᵀ = P Σ² Pᵀ (as `right_singular_vectors` for m ≥ n)."""
+    s2, P = eigh_desc(ws.R @ ws.R.T)
+    return _wide_basis(ws, P, s2.clamp_min(0), B, B_inv, n)
 
 
 def basis_fasc_wide(ws: WideSide, C_h: Tensor, W: Tensor, B: Tensor, B_inv: Tensor | None, gamma: float,

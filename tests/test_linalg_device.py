@@ -81,6 +81,35 @@ def test_small_side_asvd_and_fisher_spectrum_equal_full_solve():
     assert torch.allclose(fisher_spectrum_wide(ws, n), lam, atol=1e-10 * float(lam[0]))
 
 
+def test_wide_modules_apply_the_whitening_without_forming_it(llama, llama_stats):
+    """B = C_x,δ^{1/2} (an n³ product) is formed only where a narrow module needs it: the small side
+    applies it through the eigenpairs, with the same result; asvd on the shared (W B)ᵀ(W B) of a
+    narrow module equals asvd from W B."""
+    W, Cx, Ch = wide_stats(seed=3)
+    wh = whitening(Cx, 1e-4)
+    lazy = wide_side(W, Ch, wh, wh.Cx_d)
+    assert wh._B is None
+    formed = wide_side(W, Ch, wh.B, wh.Cx_d)
+    for a, b in ((lazy.Z, formed.Z), (lazy.Y, formed.Y), (lazy.T0, formed.T0)):
+        assert torch.allclose(a, b, atol=1e-10 * float(b.abs().max()))
+    Wn = W[:, :10].contiguous()      # 12 × 10 (m ≥ n)
+    whn = whitening(Cx[:10, :10], 1e-4)
+    Chn = Ch[:10, :10]
+    WB = Wn @ whn.B
+    a, b = basis_asvd(Wn, Chn, whn.B, whn.B_inv, AtA=WB.T @ WB), basis_asvd(Wn, Chn, whn.B, whn.B_inv)
+    assert torch.equal(a.Q, b.Q) and torch.equal(a.curve, b.curve)
+
+    an = fasc.Analysis(llama, llama_stats, fasc.CompressConfig(gamma=1.0), linalg=LinalgConfig(device="cpu"))
+    down = next(i.fqn for i in llama_stats.modules if i.kind == "down")
+    for m in ("pca", "asvd", "fasc"):
+        an.basis(down, m)
+    an.misalignment(down)
+    an.fisher_spectrum(down)
+    assert an.whitening(down)._B is None      # the down projection's input is read by no narrow module
+    U, V = an.factors(down, "fasc", 4)        # factors use B⁻¹, formed on first use
+    assert U.shape[1] == V.shape[1] == 4
+
+
 def test_statistics_not_of_the_form_WtCgW_are_detected():
     """A C_h with energy outside range(Wᵀ) (not from h = Wᵀg) must not take the small side."""
     W, Cx, _ = wide_stats(seed=2)
