@@ -14,6 +14,9 @@ the diagnostics (Fisher spectrum, misalignment) — split by module kind:
   par64      small64 through `Analysis.precompute`, layers shared out over one worker thread per core
              (each decomposition single-threaded; the library's default on the CPU)
   par32      the same in float32 (checked; `--linalg-dtype float32`)
+  oldpar64   par64 with the code at --old-rev (a revision that already has the linear-algebra device):
+             two revisions of the default path side by side, e.g. `--old-rev 418a362 --variants oldpar64
+             par64 oldpar64 par64` (alternated, so that drift in the machine's speed hits both)
 Wall time and CPU time (both threads; steadier than wall time on a shared machine) are reported;
 the split by module kind and method is CPU time. Ends with `analysis_seconds=<par64 wall>` (the default;
 else small64) and `speedup=<old / that CPU time>`.
@@ -35,7 +38,7 @@ from pathlib import Path
 OUT = Path(__file__).resolve().parent / "out"
 ROOT = Path(__file__).resolve().parent.parent
 OLD_REV = "cb0ab0b"  # the last commit before the small-side solve and the linear-algebra device
-VARIANTS = ("old", "full64", "small64", "small32", "par64", "par32")
+VARIANTS = ("old", "full64", "small64", "small32", "par64", "par32", "oldpar64")
 
 
 def child(a) -> None:
@@ -43,11 +46,12 @@ def child(a) -> None:
 
     import torch
 
-    if a.child == "old":  # imported under another name: the editable install would shadow PYTHONPATH
+    if a.child in ("old", "oldpar64"):  # imported under another name: the editable install would shadow PYTHONPATH
         sys.path.insert(0, a.old_tree)
         fasc = importlib.import_module("fasc_old")
         pipeline = importlib.import_module("fasc_old.pipeline")
-        calibrate_cached, model_defaults = pipeline.calibrate_cached, pipeline.default_data
+        calibrate_cached = pipeline.calibrate_cached
+        model_defaults = getattr(pipeline, "model_defaults", None) or pipeline.default_data
     else:
         import fasc
         from fasc.pipeline import calibrate_cached, model_defaults
@@ -60,7 +64,7 @@ def child(a) -> None:
     if a.child == "old":
         an = fasc.Analysis(model, stats, fasc.CompressConfig(gamma=a.gamma))
     else:
-        from fasc.linalg_device import LinalgConfig
+        LinalgConfig = importlib.import_module(fasc.__name__ + ".linalg_device").LinalgConfig
 
         lc = LinalgConfig(device="cpu", dtype="float32" if a.child.endswith("32") else "float64",
                           small_side=a.child != "full64")
@@ -73,7 +77,7 @@ def child(a) -> None:
         fqns = [f for f in fqns if stats.info(f).layer < a.sample_layers]
     scale = n_layers / len({stats.info(f).layer for f in fqns})
     t0, c0 = time.perf_counter(), time.process_time()
-    if a.child.startswith("par"):  # the library's own loop: whole layers per worker thread, not split by kind
+    if "par" in a.child:  # the library's own loop: whole layers per worker thread, not split by kind
         import dataclasses
 
         an.stats = dataclasses.replace(stats, modules=[stats.info(f) for f in fqns])
@@ -90,7 +94,7 @@ def child(a) -> None:
             by_kind[f"{kind}/{m}"] += time.process_time() - t
     total = time.perf_counter() - t0
     fqns = sorted(an.stats.fqns, key=lambda f: stats.group[f])
-    out = {"variant": a.child, "seconds": total * scale, "workers": an.default_workers() if a.child.startswith("par") else 1, "cpu_seconds": (time.process_time() - c0) * scale,
+    out = {"variant": a.child, "seconds": total * scale, "workers": an.default_workers() if "par" in a.child else 1, "cpu_seconds": (time.process_time() - c0) * scale,
            "measured_layers": n_layers / scale, "layers": n_layers, "modules": len(fqns),
            "by_kind": dict(by_kind),
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -198,7 +202,7 @@ def main(argv=None) -> int:
     res = {}
     for v in a.variants:
         extra = []
-        if v == "old":
+        if v in ("old", "oldpar64"):
             tree = old_tree(a.old_rev)
             shutil.move(str(tree / "fasc"), str(tree / "fasc_old"))
             extra = ["--old-tree", str(tree)]

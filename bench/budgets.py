@@ -122,9 +122,21 @@ class BudgetConfig:
     heal_tokens: int = 2048
     rows: tuple[str, ...] = ()      # names to run (default: all)
     threads: int = 2
+    knowledge_weight: int = 1       # the knowledge source counted this many times in the knowledge mix
 
 
-def data_setup(model_name: str):
+def knowledge_tail(chars: int = 3000) -> str:
+    """The last paragraphs (≈ `chars` characters, ≈ 750 SmolLM2 tokens) of the knowledge text: a
+    held-out check of how well knowledge-bearing *text* survives (beyond the calibration rows of
+    up to 32k-token budgets), never the scored facts."""
+    paras = read_text(KNOWLEDGE_TEXT).strip().split("\n\n")
+    out: list[str] = []
+    while paras and sum(map(len, out)) < chars:
+        out.insert(0, paras.pop())
+    return "\n\n".join(out)
+
+
+def data_setup(model_name: str, knowledge_weight: int = 1):
     """({data name: calibration files}, facts scored, held-out text)."""
     paths = fasc.model_defaults(model_name)
     heldout = read_text(paths.heldout)
@@ -136,13 +148,16 @@ def data_setup(model_name: str):
                                       + "\n" for e in calib_facts))
         return {"general": [paths.text], "knowledge": [facts_file, paths.text]}, eval_facts, heldout
     general = DATA_DIR / "general_en.txt"
-    return {"general": [general], "knowledge": [general, KNOWLEDGE_TEXT]}, fasc.load_probe(paths.probe), heldout
+    return ({"general": [general], "knowledge": [general] + [KNOWLEDGE_TEXT] * knowledge_weight},
+            fasc.load_probe(paths.probe), heldout)
 
 
-def evaluate(model, tok, facts, heldout, ppl_tokens, dense=None) -> dict:
+def evaluate(model, tok, facts, heldout, ppl_tokens, dense=None, tail: str | None = None) -> dict:
     rec = fact_recall(model, tok, facts)
     ppl = perplexity(model, tok, heldout, seq_len=256, max_tokens=ppl_tokens)
     out = {"perplexity": ppl, "recall": rec.first_token, "exact_match": rec.exact, "correct": rec.correct}
+    if tail is not None:
+        out["ppl_knowledge_tail"] = perplexity(model, tok, tail, seq_len=256)
     if dense is not None:
         known = [i for i, ok in enumerate(dense["correct"]) if ok]
         out["kept_of_dense"] = sum(rec.correct[i] for i in known) / max(len(known), 1)
@@ -153,7 +168,8 @@ def evaluate(model, tok, facts, heldout, ppl_tokens, dense=None) -> dict:
 def run(cfg: BudgetConfig, log=print, sink=None) -> dict:
     torch.set_num_threads(cfg.threads)
     model, tok = fasc.load_model(cfg.model)
-    files, facts, heldout = data_setup(cfg.model)
+    files, facts, heldout = data_setup(cfg.model, cfg.knowledge_weight)
+    tail = None if fasc.model_source(cfg.model).builtin == "demo" else knowledge_tail()
     sources = {k: [load_source(p) for p in v] for k, v in files.items()}
     seq_len = fasc.model_defaults(cfg.model).seq_len
     temperature = fasc.model_defaults(cfg.model).temperature
@@ -162,11 +178,12 @@ def run(cfg: BudgetConfig, log=print, sink=None) -> dict:
     result = {"config": asdict(cfg), "n_facts": len(facts), "rows": [], "skipped": [], "timing": {},
               "machine": "shared 2-core CPU (7 engineers)"}
     t = time.perf_counter()
-    dense = evaluate(model, tok, facts, heldout, cfg.ppl_tokens)
+    dense = evaluate(model, tok, facts, heldout, cfg.ppl_tokens, tail=tail)
     result["timing"]["dense_eval_s"] = time.perf_counter() - t
     result["rows"].append({"row": "dense", "budget": 1.0, **{k: v for k, v in dense.items() if k != "correct"},
                            "kept_of_dense": 1.0, "predicted_dl": 0.0, "measured_dl": 0.0, "seconds": 0.0})
-    log(f"dense: ppl {dense['perplexity']:.2f} recall {dense['recall']:.3f} exact {dense['exact_match']:.3f}")
+    log(f"dense: ppl {dense['perplexity']:.2f}" + (f" (knowledge tail {dense['ppl_knowledge_tail']:.2f})" if tail else "")
+        + f" recall {dense['recall']:.3f} exact {dense['exact_match']:.3f}")
     kept_specs = []
     for r in specs:
         if r.method == "dense":
@@ -239,7 +256,7 @@ def run(cfg: BudgetConfig, log=print, sink=None) -> dict:
                     work = copy.deepcopy(model)
                     fasc.compress_(work, an, plan)
                     pred = plan.predicted(an)
-                res = evaluate(work, tok, facts, heldout, cfg.ppl_tokens, dense)
+                res = evaluate(work, tok, facts, heldout, cfg.ppl_tokens, dense, tail)
                 del work
                 row = {"row": r.name, "item": r.item, "method": r.method, "allocation": r.allocation, "data": data,
                        "flags": r.flags, "budget": budget, **{k: v for k, v in res.items() if k != "correct"},
@@ -248,7 +265,8 @@ def run(cfg: BudgetConfig, log=print, sink=None) -> dict:
                     row["heal"] = heal
                 result["rows"].append(row)
                 log(f"{budget:.0%} {r.name}: ppl {row['perplexity']:.2f} recall {row['recall']:.3f} exact "
-                    f"{row['exact_match']:.3f} kept {row['kept_of_dense']:.3f} ΔL pred {pred:.3f} meas "
+                    f"{row['exact_match']:.3f} kept {row['kept_of_dense']:.3f}"
+                    + (f" knowledge-tail ppl {row['ppl_knowledge_tail']:.2f}" if tail else "") + f" ΔL pred {pred:.3f} meas "
                     f"{row['measured_dl']:.3f} ({row['seconds']:.0f} s)"
                     + (f"\n  healing: {heal['summary']}" if heal and "summary" in heal else ""))
                 if sink is not None:
@@ -332,6 +350,8 @@ def main(argv=None) -> int:
     p.add_argument("--heal-tokens", type=int, default=d.heal_tokens)
     p.add_argument("--rows", nargs="*", default=[], help="row names to run (default: all)")
     p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--knowledge-weight", type=int, default=d.knowledge_weight,
+                   help="count the knowledge text this many times in the knowledge mix (rows repeated)")
     p.add_argument("--tag", default="")
     p.add_argument("--from-json", nargs="+", help="render earlier runs' JSON files together and exit")
     a = p.parse_args(argv)
@@ -342,7 +362,7 @@ def main(argv=None) -> int:
         return 0
     cfg = BudgetConfig(model=a.model, budgets=tuple(a.budgets), tokens=a.tokens, ppl_tokens=a.ppl_tokens,
                        anchor_tokens=a.anchor_tokens, heal_tokens=a.heal_tokens, rows=tuple(a.rows),
-                       threads=a.threads)
+                       threads=a.threads, knowledge_weight=a.knowledge_weight)
     OUT.mkdir(exist_ok=True)
     stem = f"budgets-{Path(cfg.model).name}{('-' + a.tag) if a.tag else ''}"
 
