@@ -60,7 +60,7 @@ def _calib_cfg(args) -> CalibConfig:
     from .pipeline import model_defaults
 
     d = model_defaults(args.model)  # per-model defaults where the option is not given
-    return CalibConfig(n_tokens=args.tokens, seq_len=args.seq_len or d.seq_len, batch_size=args.batch_size,
+    return CalibConfig(n_tokens=d.tokens if args.tokens is None else args.tokens, seq_len=args.seq_len or d.seq_len, batch_size=args.batch_size,
                        fisher=args.fisher, temperature=args.temperature or d.temperature, targets=args.targets,
                        seed=args.seed,
                        layers=tuple(args.layers) if args.layers else None, device=args.stats_device)
@@ -451,7 +451,8 @@ def _common(p: argparse.ArgumentParser, calib: bool = True) -> None:
     c = p.add_argument_group("calibration (spec §1)")
     c.add_argument("--data", nargs="+", help="calibration text (.txt) or JSONL (text / prompt+answer lines); "
                                              "default: the model's built-in calibration text")
-    c.add_argument("--tokens", type=int, default=d.n_tokens, help=field_help(CalibConfig, "n_tokens"))
+    c.add_argument("--tokens", type=int, help=field_help(CalibConfig, "n_tokens")
+                   + " (default: 32768 for real models — the built-in calibration mix but its held-out tail; demo 16384)")
     c.add_argument("--seq-len", type=int, help=field_help(CalibConfig, "seq_len") + " (default: 256; demo 64)")
     c.add_argument("--batch-size", type=int, default=d.batch_size, help=field_help(CalibConfig, "batch_size"))
     c.add_argument("--fisher", choices=("empirical", "sampled"), default=d.fisher, help=field_help(CalibConfig, "fisher"))
