@@ -14,8 +14,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from .config import (ALLOCATIONS, ANCHOR_SHARE, FALLBACK_HELP, FALLBACK_METHODS, HYBRID_FALLBACK, HYBRID_TAU, METHODS,
-                     TAU_HELP, CalibConfig, CompressConfig, field_help)
+from .config import (ALLOCATIONS, ANCHOR_SHARE, FALLBACK_HELP, FALLBACK_METHODS, HEAL_CHECK_TOKENS, HYBRID_FALLBACK,
+                     HYBRID_TAU, METHODS, TAU_HELP, CalibConfig, CompressConfig, field_help)
 from .errors import FascError
 
 EXAMPLES = """examples:
@@ -60,9 +60,9 @@ def _calib_cfg(args) -> CalibConfig:
     from .pipeline import model_defaults
 
     d = model_defaults(args.model)  # per-model defaults where the option is not given
-    return CalibConfig(n_tokens=d.tokens if args.tokens is None else args.tokens, seq_len=args.seq_len or d.seq_len, batch_size=args.batch_size,
-                       fisher=args.fisher, temperature=args.temperature or d.temperature, targets=args.targets,
-                       seed=args.seed,
+    return CalibConfig(n_tokens=d.tokens if args.tokens is None else args.tokens, seq_len=args.seq_len or d.seq_len,
+                       batch_size=args.batch_size, fisher=args.fisher, temperature=args.temperature or d.temperature,
+                       targets=args.targets, seed=args.seed,
                        layers=tuple(args.layers) if args.layers else None, device=args.stats_device)
 
 
@@ -548,7 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "more forward passes); 'refit' (default) also refits U to the dense outputs, 'restat' does not")
     s.add_argument("--heal-tokens", type=int, default=0, help="after compressing, distil the dense model into the "
                    "low-rank factors for N calibration tokens (0 = off; factored exports only)")
-    s.add_argument("--heal-check-tokens", type=int, default=2048, help="healing measures the KL to the dense model on "
+    s.add_argument("--heal-check-tokens", type=int, default=HEAL_CHECK_TOKENS, help="healing measures the KL to the dense model on "
                    "this many held-out tokens (the tail of the calibration sources) before, 8 times during and after "
                    "training, and keeps the factors of the lowest (early stopping; 0 = no checks, keep the last)")
     s.set_defaults(func=cmd_compress)

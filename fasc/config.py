@@ -17,6 +17,7 @@ TARGETS = ("all", "answers")
 STATS_DTYPES = ("auto", "float64", "float32")
 ALLOCATIONS = ("greedy", "anchored", "uniform")  # how a parameter budget is spread (spec §6, fasc.allocate)
 ANCHOR_SHARE = 0.5  # anchored allocation: the reference rank keeps this share of a module's parameters
+HEAL_CHECK_TOKENS = 2048  # healing's held-out check: tokens from the end of the calibration sources
 
 
 def _check(cond: bool, msg: str) -> None:

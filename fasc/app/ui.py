@@ -25,7 +25,7 @@ import streamlit as st
 
 from .. import cache
 from ..analysis import Analysis
-from ..config import CalibConfig, CompressConfig
+from ..config import HEAL_CHECK_TOKENS, CalibConfig, CompressConfig
 from ..data import Batch, data_fingerprint, load_source, make_batches
 from ..errors import FascError
 from ..loading import model_summary
@@ -449,7 +449,6 @@ def sha256(raw: bytes) -> str:
 
 # ------------------------------------------------------------------------------------------ anchors
 ANCHOR_TOKENS = 1024
-HEAL_CHECK_TOKENS = 2048   # the CLI's --heal-check-tokens default
 
 
 def heldout_tail(ctx, n_tokens: int) -> list[Batch]:
