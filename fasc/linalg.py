@@ -23,8 +23,8 @@ def damp(C: Tensor, delta: float) -> Tensor:
     scale = float(torch.trace(C)) / n
     if not scale > 0:
         scale = 1.0
-    out = sym(C).clone()
-    out.diagonal().add_(max(delta, 1e-12) * scale)
+    out = C + C.T          # one new n×n tensor: symmetrized and damped in place
+    out.mul_(0.5).diagonal().add_(max(delta, 1e-12) * scale)
     return out
 
 
@@ -33,18 +33,23 @@ def eigh_desc(C: Tensor) -> tuple[Tensor, Tensor]:
 
     Returns (values (n,), vectors (n,n) with vectors[:, i] the i-th eigenvector). The sign of each
     eigenvector is chosen so that its largest-magnitude entry is positive (deterministic plots/caches).
+    `eigh` reads one triangle of C only, so C is not symmetrized first (a product such as B C_h B is
+    symmetric up to rounding; its lower triangle is what is decomposed).
     """
-    vals, vecs = torch.linalg.eigh(sym(C))
-    vals, vecs = vals.flip(0), vecs.flip(1)
-    return vals, flip_signs(vecs)
+    vals, vecs = torch.linalg.eigh(C)
+    return vals.flip(0), flip_signs_(vecs.flip(1))
 
 
-def flip_signs(V: Tensor) -> Tensor:
-    """Flip column signs so that each column's largest-|.| entry is positive."""
-    idx = V.abs().argmax(dim=0)
-    signs = torch.sign(V[idx, torch.arange(V.shape[1], device=V.device)])
-    signs[signs == 0] = 1
-    return V * signs
+def column_signs(V: Tensor) -> Tensor:
+    """±1 per column: the sign of its largest-|.| entry (+1 on an exact tie of max and −min, or a zero column)."""
+    lo, hi = torch.aminmax(V, dim=0)
+    return torch.where(-lo > hi, -1.0, 1.0).to(V.dtype)
+
+
+def flip_signs_(V: Tensor) -> Tensor:
+    """Flip column signs in place so that each column's largest-|.| entry is positive; returns V."""
+    return V.mul_(column_signs(V))
+
 
 
 def right_singular_vectors(A: Tensor) -> tuple[Tensor, Tensor]:
@@ -60,7 +65,7 @@ def right_singular_vectors(A: Tensor) -> tuple[Tensor, Tensor]:
     _, S, Vh = torch.linalg.svd(A, full_matrices=True)
     s = torch.zeros(n, dtype=A.dtype, device=A.device)
     s[: S.shape[0]] = S
-    return s, flip_signs(Vh.T.contiguous())
+    return s, flip_signs_(Vh.T.contiguous())
 
 
 def suffix_sum(x: Tensor) -> Tensor:

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .linalg import LINALG_DTYPE, damp, eigh_desc, right_singular_vectors, suffix_sum, sym, tail_block_sums
+from .linalg import (LINALG_DTYPE, column_signs, damp, eigh_desc, right_singular_vectors, suffix_sum, sym,
+                     tail_block_sums)
 
 # The wide-side solve (n > m) is exact when C_h = Wᵀ C_g W, which autograd's h = Wᵀg guarantees up to
 # rounding; if less than this share of tr(B C_h B) lies in range(B Wᵀ) (e.g. synthetic statistics),
@@ -158,7 +159,7 @@ def diagonal_curve(weights: Tensor) -> Tensor:
 
 def whitened_curve(S: Tensor, Q: Tensor) -> Tensor:
     """Curve of B Q_k Q_kᵀ B⁻¹ with B = C_x,δ^{1/2} and S = B C_h B: ½ Σ_{i>k} q_iᵀ S q_i."""
-    return diagonal_curve(((S @ Q) * Q).sum(0))
+    return diagonal_curve((S @ Q).mul_(Q).sum(0))
 
 
 def captured_curve(trace_S: float, d: Tensor, n: int) -> Tensor:
@@ -184,7 +185,7 @@ def basis_svd(W: Tensor, Cx_d: Tensor, C_h: Tensor) -> Basis:
 
 def basis_pca(mu: Tensor, V: Tensor, C_h: Tensor) -> Basis:
     """Variance basis from the eigenpairs (μ, V) of C_x,δ: ΔL_var(k) = ½ Σ_{i>k} μ_i v_iᵀ C_h v_i."""
-    hv = ((C_h @ V) * V).sum(0)
+    hv = (C_h @ V).mul_(V).sum(0)
     return Basis(V, None, None, diagonal_curve(mu * hv), mu)
 
 
@@ -271,7 +272,7 @@ def wide_side(W: Tensor, C_h: Tensor, B: "Tensor | Whitening", Cx_d: Tensor) -> 
     Z, R = torch.linalg.qr(mul(W.T))                # (n, m), (m, m)
     Y = mul(Z)
     T0 = sym(Y.T @ (C_h @ Y))
-    tr_S = float((C_h * Cx_d).sum())              # tr(B C_h B) = tr(C_h C_x,δ)
+    tr_S = float(torch.dot(C_h.reshape(-1), Cx_d.reshape(-1)))   # tr(B C_h B) = tr(C_h C_x,δ)
     tr_T = float(torch.trace(T0))
     captured = tr_T / tr_S if tr_S > 0 else 1.0
     return WideSide(Z, R, Y, T0, tr_S, captured)
@@ -285,10 +286,10 @@ def wide_ok(ws: WideSide) -> bool:
 def _wide_basis(ws: WideSide, V: Tensor, values: Tensor, B: Tensor, B_inv: Tensor | None, n: int) -> Basis:
     """Basis Q = Z V from an m×m eigen/singular basis V, its curve with the unshrunk T0."""
     Q = ws.Z @ V
-    signs = torch.sign(Q[Q.abs().argmax(0), torch.arange(Q.shape[1], device=Q.device)])  # as `flip_signs`
-    signs[signs == 0] = 1
-    Q, V = Q * signs, V * signs
-    d = ((ws.T0 @ V) * V).sum(0)                   # q_iᵀ B C_h B q_i
+    signs = column_signs(Q)                        # as `flip_signs`, on Q rather than V
+    Q.mul_(signs)
+    V = V * signs
+    d = (ws.T0 @ V).mul_(V).sum(0)                 # q_iᵀ B C_h B q_i
     return Basis(Q, B, B_inv, captured_curve(ws.trace_S, d, n), pad(values, n), BQ=ws.Y @ V)
 
 
