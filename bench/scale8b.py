@@ -83,6 +83,11 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
 def child(a) -> dict:
     import fasc
     from fasc.data import Batch
@@ -93,7 +98,11 @@ def child(a) -> dict:
     sh = shape(a.width_scale)
     dev = torch.device(a.device)
     t = time.perf_counter()
-    model = build(sh, a.child_layers, getattr(torch, a.dtype)).to(dev)
+    if dev.type == "cuda":   # weights initialised on the GPU: no 16 GB detour through the CPU
+        with torch.device(dev):
+            model = build(sh, a.child_layers, getattr(torch, a.dtype))
+    else:
+        model = build(sh, a.child_layers, getattr(torch, a.dtype))
     res = {"layers": a.child_layers, "shape": sh, "build_s": time.perf_counter() - t}
     g = torch.Generator().manual_seed(0)
     n_seq = max(1, a.tokens // a.seq_len)
@@ -107,6 +116,7 @@ def child(a) -> dict:
                            device=a.stats_device)
     t, c = time.perf_counter(), time.process_time()
     stats = fasc.calibrate(model, batches, cfg, model_fp="scale8b")
+    _sync(dev)
     res["calibrate_s"], res["calibrate_wall_s"] = time.process_time() - c, time.perf_counter() - t
     res["tokens"] = stats.n_tokens
     res["stats_bytes"] = stats.nbytes()
@@ -115,11 +125,13 @@ def child(a) -> dict:
     an = fasc.Analysis(model, stats, fasc.CompressConfig(gamma=1.0),
                        linalg=LinalgConfig(device=a.linalg_device, dtype=a.linalg_dtype))
     an.precompute(("fasc",))
+    _sync(dev)
     res["analysis_s"], res["analysis_wall_s"] = time.process_time() - c, time.perf_counter() - t
     res["precision_checks"] = {str(k): v for k, v in an.precision_checks.items()}
     t, c = time.perf_counter(), time.process_time()
     plan = fasc.allocate(an, "fasc", param_ratio=a.param_ratio)
     fasc.compress_(model, an, plan)  # in place: the dense original is not needed afterwards
+    _sync(dev)
     res["compress_s"], res["compress_wall_s"] = time.process_time() - c, time.perf_counter() - t
     kept, orig = plan.params(an)
     res["param_ratio"] = kept / orig
@@ -136,6 +148,44 @@ def child(a) -> dict:
 
 
 STEPS = ("calibrate_s", "analysis_s", "compress_s", "export_s")
+
+
+def run_child(args: list[str], layers: int) -> dict | None:
+    r = subprocess.run([sys.executable, "-m", "bench.scale8b", *args, "--child-layers", str(layers)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        print(r.stderr[-3000:], file=sys.stderr)
+        return None
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def whole_model(a, args: list[str], steps: tuple[str, ...], unit: str) -> int:
+    """One run with all `--layers` in memory: every step measured, nothing extrapolated but calibration,
+    which is scaled linearly from the tokens run to `--target-tokens` when fewer were run (labelled)."""
+    r = run_child(args, a.layers)
+    if r is None:
+        return 1
+    scale = a.target_tokens / r["tokens"]
+    OUT.mkdir(exist_ok=True)
+    (OUT / f"scale8b-whole-w{a.width_scale:g}-L{a.layers}.json").write_text(json.dumps({"args": vars(a), "run": r}, indent=1))
+    sh = r["shape"]
+    print(f"Llama-3-8B-shaped ({sh['hidden']} / {sh['intermediate']}, {sh['heads']} heads, {sh['kv_heads']} KV, "
+          f"vocab {sh['vocab']}), {a.layers} layers, {a.dtype} weights on {a.device}, linear algebra on "
+          f"{a.linalg_device}; {r['tokens']} calibration tokens, kept {r['param_ratio']:.1%} of the modules' parameters")
+    print(f"| step ({unit}) | measured | at {a.target_tokens} calibration tokens |")
+    print("|---|---|---|")
+    total = 0.0
+    for k in steps:
+        at = r[k] * (scale if k.startswith("calibrate") else 1.0)
+        total += at
+        label = " (calibration scaled linearly: EXTRAPOLATED)" if k.startswith("calibrate") and scale != 1 else ""
+        print(f"| {k.split('_')[0]} | {r[k]:.1f} s | {at:.1f} s{label} |")
+    print(f"| total | {sum(r[k] for k in steps):.1f} s | {total / 60:.1f} min |")
+    print(f"whole_model_minutes={total / 60:.1f}")
+    if "peak_gpu_mb" in r:
+        print(f"peak_gpu_mb={r['peak_gpu_mb']:.0f}")
+    print(f"peak_rss_mb={r['peak_rss_mb']:.0f}")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -156,6 +206,8 @@ def main(argv=None) -> int:
     p.add_argument("--linalg-dtype", default="auto", choices=("auto", "float64", "float32"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tmp", default=None, help="folder for the temporary export")
+    p.add_argument("--whole", action="store_true",
+                   help="one run with --layers layers (e.g. 32: the whole model on a GPU), every step measured")
     p.add_argument("--child-layers", type=int, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     a.dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
@@ -163,23 +215,27 @@ def main(argv=None) -> int:
         child(a)
         return 0
     args = sys.argv[1:] if argv is None else list(argv)
+    gpu = a.device.startswith("cuda")
+    # the CPU's work is its process time (steady on a shared machine); a GPU's is wall time (synchronized)
+    steps = tuple(k.replace("_s", "_wall_s") for k in STEPS) if gpu else STEPS
+    unit = "wall seconds" if gpu else "CPU seconds"
+    if a.whole:
+        return whole_model(a, args, steps, unit)
     runs = {}
     for L in (a.layers, a.layers + 1):  # fresh processes: each peak RSS is its own
-        r = subprocess.run([sys.executable, "-m", "bench.scale8b", *args, "--child-layers", str(L)],
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            print(r.stderr[-3000:], file=sys.stderr)
+        runs[L] = run_child(args, L)
+        if runs[L] is None:
             return 1
-        runs[L] = json.loads(r.stdout.strip().splitlines()[-1])
-        print(f"{L} layer(s): " + ", ".join(f"{k[:-2]} {runs[L][k]:.1f} s" for k in STEPS)
-              + f", peak RSS {runs[L]['peak_rss_mb']:.0f} MB", file=sys.stderr)
+        print(f"{L} layer(s): " + ", ".join(f"{k.split('_')[0]} {runs[L][k]:.1f} s" for k in steps)
+              + f", peak RSS {runs[L]['peak_rss_mb']:.0f} MB"
+              + (f", peak GPU {runs[L]['peak_gpu_mb']:.0f} MB" if gpu else ""), file=sys.stderr)
     lo, hi = runs[a.layers], runs[a.layers + 1]
     sh = lo["shape"]
-    per_layer = {k: max(hi[k] - lo[k], 0.0) for k in STEPS}
-    fixed = {k: max(lo[k] - a.layers * per_layer[k], 0.0) for k in STEPS}
+    per_layer = {k: max(hi[k] - lo[k], 0.0) for k in steps}
+    fixed = {k: max(lo[k] - a.layers * per_layer[k], 0.0) for k in steps}
     tok_scale = a.target_tokens / lo["tokens"]
     L_full = LLAMA3_8B["layers"]
-    whole = {k: (fixed[k] + L_full * per_layer[k]) * (tok_scale if k == "calibrate_s" else 1.0) for k in STEPS}
+    whole = {k: (fixed[k] + L_full * per_layer[k]) * (tok_scale if k.startswith("calibrate") else 1.0) for k in steps}
     rss_layer = hi["peak_rss_mb"] - lo["peak_rss_mb"]
     f64 = stats_bytes_per_layer(sh["hidden"], sh["intermediate"], sh["kv_heads"], sh["head_dim"], 8)
     full = LLAMA3_8B
@@ -189,22 +245,23 @@ def main(argv=None) -> int:
            "whole_model_extrapolated_s": whole, "stats_bytes_per_layer": measured_layer,
            "stats_formula_bytes_per_layer": f64, "stats_formula_bytes_per_layer_8b_float64": f64_full}
     OUT.mkdir(exist_ok=True)
-    (OUT / f"scale8b-w{a.width_scale:g}.json").write_text(json.dumps(res, indent=1))
+    (OUT / f"scale8b-w{a.width_scale:g}{'-' + a.device.replace(':', '') if gpu else ''}.json").write_text(
+        json.dumps(res, indent=1))
     w = f"width ×{a.width_scale:g}: {sh['hidden']} / {sh['intermediate']}, {sh['heads']} heads, {sh['kv_heads']} KV"
     print(f"Llama-3-8B-shaped ({w}, vocab {sh['vocab']}), {a.dtype} weights on {a.device}, "
           f"linear algebra on {a.linalg_device}; measured with {a.layers} and {a.layers + 1} layers, "
           f"{lo['tokens']} calibration tokens")
-    print("| step (CPU seconds) | per decoder layer (measured) | fixed: embeddings, lm_head (measured) | "
+    print(f"| step ({unit}) | per decoder layer (measured) | fixed: embeddings, lm_head (measured) | "
           f"whole model, {L_full} layers, {a.target_tokens} calibration tokens (EXTRAPOLATED) |")
     print("|---|---|---|---|")
-    for k in STEPS:
-        print(f"| {k[:-2]} | {per_layer[k]:.2f} s | {fixed[k]:.2f} s | {whole[k] / 60:.1f} min |")
+    for k in steps:
+        print(f"| {k.split('_')[0]} | {per_layer[k]:.2f} s | {fixed[k]:.2f} s | {whole[k] / 60:.1f} min |")
     print(f"| total | {sum(per_layer.values()):.2f} s | {sum(fixed.values()):.2f} s | "
           f"{sum(whole.values()) / 60:.1f} min (extrapolated) |")
     print(f"statistics per layer: {measured_layer / 2**20:.0f} MB measured, {f64 / 2**20:.0f} MB by the formula "
           f"(float64); the real 8B layer: {f64_full / 2**30:.2f} GiB float64, {f64_full / 2 / 2**30:.2f} GiB float32; "
           f"peak RSS {lo['peak_rss_mb']:.0f} MB ({a.layers} layer) / {hi['peak_rss_mb']:.0f} MB ({a.layers + 1}), "
-          f"+{rss_layer:.0f} MB per layer")
+          f"+{rss_layer:.0f} MB per layer" + (f"; peak GPU {hi['peak_gpu_mb']:.0f} MB" if gpu else ""))
     print(f"layer_seconds={sum(per_layer.values()):.2f}")
     print(f"peak_rss_mb={hi['peak_rss_mb']:.0f}")
     return 0
