@@ -123,6 +123,8 @@ class BudgetConfig:
     rows: tuple[str, ...] = ()      # names to run (default: all)
     threads: int = 2
     knowledge_weight: int = 1       # the knowledge source counted this many times in the knowledge mix
+    gamma: float | None = None      # Fisher shrinkage γ (None: the model's default, as `fasc compress`)
+    fisher: str = "empirical"       # Fisher type of the calibration (spec §1)
 
 
 def knowledge_tail(chars: int = 3000) -> str:
@@ -173,7 +175,8 @@ def run(cfg: BudgetConfig, log=print, sink=None) -> dict:
     sources = {k: [load_source(p) for p in v] for k, v in files.items()}
     seq_len = fasc.model_defaults(cfg.model).seq_len
     temperature = fasc.model_defaults(cfg.model).temperature
-    ccfg = fasc.CalibConfig(n_tokens=cfg.tokens, seq_len=seq_len, temperature=temperature)
+    gamma = fasc.model_defaults(cfg.model).gamma if cfg.gamma is None else cfg.gamma
+    ccfg = fasc.CalibConfig(n_tokens=cfg.tokens, seq_len=seq_len, temperature=temperature, fisher=cfg.fisher)
     specs = [r for r in row_specs(cfg.heal_tokens) if not cfg.rows or r.name in cfg.rows]
     result = {"config": asdict(cfg), "n_facts": len(facts), "rows": [], "skipped": [], "timing": {},
               "machine": "shared 2-core CPU (7 engineers)"}
@@ -212,7 +215,7 @@ def run(cfg: BudgetConfig, log=print, sink=None) -> dict:
                                                        "tokens": stats.n_tokens, "key": stats.key}
             log(f"calibration {data}: {stats.key} ({'cache' if hit else 'computed'}, {stats.n_tokens} tokens)")
             t = time.perf_counter()
-            an, _ = fasc.analysis_cached(model, stats, fasc.CompressConfig(), methods)
+            an, _ = fasc.analysis_cached(model, stats, fasc.CompressConfig(gamma=gamma), methods)
             result["timing"][f"analysis_{data}_s"] = time.perf_counter() - t
             state[data] = (batches, stats, an)
         for other, (_, _, an) in state.items():      # bases of one data mix at a time (memory)
@@ -280,7 +283,8 @@ def compress_via_cli(cfg: BudgetConfig, r: Row, budget: float, files, data: str)
         out = Path(tmp) / "m"
         cmd = [sys.executable, "-m", "fasc", "compress", "--model", cfg.model, "--method", r.method,
                "--param-ratio", str(budget), "--allocation", r.allocation, "--anchor-tokens", str(cfg.anchor_tokens),
-               "--tokens", str(cfg.tokens), "--out", str(out), "--json", "--quiet", *cli_args(r.flags)]
+               "--tokens", str(cfg.tokens), "--out", str(out), "--json", "--quiet", *cli_args(r.flags),
+               "--fisher", cfg.fisher] + (["--gamma", str(cfg.gamma)] if cfg.gamma is not None else [])
         cmd += ["--data", *map(str, files[data])]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
         if proc.returncode != 0:
@@ -315,7 +319,9 @@ def markdown(results: list[dict]) -> str:
         timing.update(res["timing"])
     budgets = sorted({r["budget"] for r in rows if r["row"] != "dense"}, reverse=True)
     cfg = results[0]["config"]
-    out = [f"Model `{cfg['model']}`, all modules, {cfg['tokens']} calibration tokens, perplexity on "
+    gamma = cfg.get("gamma")
+    out = [f"Model `{cfg['model']}`, all modules, {cfg['tokens']} calibration tokens ({cfg.get('fisher', 'empirical')} "
+           f"Fisher, γ {'= the model default' if gamma is None else f'= {gamma:g}'}), perplexity on "
            f"{cfg['ppl_tokens']} held-out tokens, {results[0]['n_facts']} facts never used in calibration "
            f"(recall = first token top-1, exact = greedy whole answer, kept = share of the facts the dense model "
            f"gets right that stay right).", "", table(rows, budgets)]
@@ -352,6 +358,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--knowledge-weight", type=int, default=d.knowledge_weight,
                    help="count the knowledge text this many times in the knowledge mix (rows repeated)")
+    p.add_argument("--gamma", type=float, default=d.gamma, help="Fisher shrinkage γ (default: the model's, "
+                   "as fasc compress: 0 for real models, 1 for the demo)")
+    p.add_argument("--fisher", choices=("empirical", "sampled"), default=d.fisher)
     p.add_argument("--tag", default="")
     p.add_argument("--from-json", nargs="+", help="render earlier runs' JSON files together and exit")
     a = p.parse_args(argv)
@@ -362,7 +371,7 @@ def main(argv=None) -> int:
         return 0
     cfg = BudgetConfig(model=a.model, budgets=tuple(a.budgets), tokens=a.tokens, ppl_tokens=a.ppl_tokens,
                        anchor_tokens=a.anchor_tokens, heal_tokens=a.heal_tokens, rows=tuple(a.rows),
-                       threads=a.threads, knowledge_weight=a.knowledge_weight)
+                       threads=a.threads, knowledge_weight=a.knowledge_weight, gamma=a.gamma, fisher=a.fisher)
     OUT.mkdir(exist_ok=True)
     stem = f"budgets-{Path(cfg.model).name}{('-' + a.tag) if a.tag else ''}"
 

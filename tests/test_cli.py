@@ -115,3 +115,21 @@ def test_calibration_token_default_is_per_model(tmp_path):
     assert model_defaults(str(folder)).tokens == 32768
     assert _calib_cfg(p.parse_args(["calibrate", "--model", str(folder)])).n_tokens == 32768
     assert _calib_cfg(p.parse_args(["calibrate", "--model", "demo", "--tokens", "512"])).n_tokens == 512
+
+
+def test_gamma_default_is_per_model(capsys, saved_llama, tmp_path):
+    """Real models analyse with γ = 0 by default (measured best on held-out text with their 32k calibration
+    tokens), the demo with γ = 1; --gamma overrides both, and the export records the γ used."""
+    from fasc.cli import _compress_cfg, build_parser
+
+    p = build_parser()
+    assert _compress_cfg(p.parse_args(["report", "--model", "demo"])).gamma == 1.0
+    assert _compress_cfg(p.parse_args(["report", "--model", str(saved_llama / "model")])).gamma == 0.0
+    assert _compress_cfg(p.parse_args(["report", "--model", "demo", "--gamma", "0.3"])).gamma == 0.3
+    common = ["--model", str(saved_llama / "model"), "--data", str(saved_llama / "calib.txt"), "--tokens", "256",
+              "--seq-len", "32", "--cache-dir", str(tmp_path / "c"), "--quiet", "--method", "fasc", "--param-ratio", "0.6"]
+    for extra, want in (([], 0.0), (["--gamma", "2"], 2.0)):
+        out = tmp_path / f"out{want}"
+        code, _, err = run(capsys, "compress", *common, *extra, "--out", str(out))
+        assert code == 0, err
+        assert json.loads((out / "fasc_config.json").read_text())["compress_config"]["gamma"] == want

@@ -161,7 +161,7 @@ def model_picker() -> str | None:
                        f"{loaded['parameters'] / 1e6:.2f} M parameters")
         calib = calib_info(spec)
         if calib:
-            st.caption(f"Calibrated: {calib['n_tokens']:,} tokens · γ = {setting('gamma', 1.0):g} · key "
+            st.caption(f"Calibrated: {calib['n_tokens']:,} tokens · γ = {gamma_setting(spec):g} · key "
                        f"`{calib['key'][:10]}…`")
     return spec
 
@@ -290,6 +290,12 @@ def _analysis(spec: str, key: str, gamma: float, _model, _stats) -> Analysis:
     return Analysis(_model, _stats, CompressConfig(gamma=gamma))
 
 
+def gamma_setting(spec: str) -> float:
+    """This model's Fisher shrinkage γ: the Model & calibration page's slider, else the model's default
+    (`ModelDefaults.gamma`: 0 for real models, 1 for the demo)."""
+    return float(setting(f"gamma@{spec}", model_defaults(spec).gamma))
+
+
 def get_analysis(lm: LoadedModel, key: str, gamma: float | None = None, methods=("pca", "fasc")) -> Analysis:
     """The (shared) Analysis of a model's statistics at γ, with every decomposition of `methods` done
     (a progress bar appears when that takes a while). `methods=()`: none yet — enough for ρ."""
@@ -297,7 +303,7 @@ def get_analysis(lm: LoadedModel, key: str, gamma: float | None = None, methods=
     if stats is None:
         raise FascError("The calibration statistics are no longer in the cache; run the calibration again "
                         "on the Model & calibration page.")
-    gamma = float(setting("gamma", 1.0) if gamma is None else gamma)
+    gamma = gamma_setting(lm.spec) if gamma is None else float(gamma)
     an = _analysis(lm.spec, key, gamma, lm.model, stats)
     bar = ProgressBar("Eigen-decompositions", unit="steps", lazy=0.3)
     try:
@@ -318,7 +324,7 @@ class Context:
     @property
     def plans(self) -> PlanStore:
         """The session's plan store for this model, calibration and γ."""
-        return PlanStore([self.lm.spec, self.calib["key"], float(setting("gamma", 1.0))])
+        return PlanStore([self.lm.spec, self.calib["key"], gamma_setting(self.lm.spec)])
 
     def plan(self):
         return self.plans.get(self.an, self.lm.fingerprint)
