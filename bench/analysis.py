@@ -177,7 +177,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smollm2")
     p.add_argument("--tokens", type=int, default=4096, help="calibration tokens (the analysis cost does not "
                                                             "depend on them)")
-    p.add_argument("--gamma", type=float, default=1.0)
+    p.add_argument("--gamma", type=float, default=None,
+                   help="Fisher shrinkage γ (default: the model's, as `fasc report`: 0 for real models, 1 for the demo)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--old-rev", default=OLD_REV)
@@ -188,6 +189,10 @@ def main(argv=None) -> int:
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--old-tree", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.gamma is None:
+        from fasc.pipeline import model_defaults
+
+        a.gamma = model_defaults(a.model).gamma
     if a.child:
         child(a)
         return 0

@@ -23,8 +23,8 @@ from .errors import FascError
 from .linalg_device import LinalgConfig, Place, precision_check, single_threaded_ops
 from .modules import ModuleInfo, weight_matrix
 from .spectra import (Basis, WideSide, Whitening, basis_asvd, basis_asvd_wide, basis_fasc, basis_fasc_wide,
-                      basis_fwsvd, basis_pca, basis_svd, fisher_spectrum, fisher_spectrum_wide, map_loss,
-                      misalignment_curve, rho_from_sketch, whitening, wide_ok, wide_side)
+                      basis_fwsvd, basis_pca, basis_pca_wide, basis_svd, fisher_spectrum, fisher_spectrum_wide,
+                      map_loss, misalignment_curve, rho_from_sketch, whitening, wide_ok, wide_side)
 from .stats import CalibStats
 
 log = logging.getLogger("fasc")
@@ -246,7 +246,8 @@ class Analysis:
         if method == "svd":
             return basis_svd(W, wh.Cx_d, C_h)
         if method == "pca":
-            return basis_pca(wh.mu, wh.V, C_h)
+            ws = self._wide(fqn, place, wh)
+            return basis_pca_wide(wh.mu, wh.V, ws) if ws is not None else basis_pca(wh.mu, wh.V, C_h)
         if method == "fwsvd":
             return basis_fwsvd(W, wh.Cx_d, C_h, place.put(self.stats.fw[fqn]), self.cfg.damping)
         ws = self._wide(fqn, place, wh)

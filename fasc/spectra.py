@@ -189,6 +189,13 @@ def basis_pca(mu: Tensor, V: Tensor, C_h: Tensor) -> Basis:
     return Basis(V, None, None, diagonal_curve(mu * hv), mu)
 
 
+def basis_pca_wide(mu: Tensor, V: Tensor, ws: "WideSide") -> Basis:
+    """`basis_pca` of a wide module from its small side: B C_h B = Z T0 Zᵀ and B v_i = μ_i^{1/2} v_i give
+    μ_i v_iᵀ C_h v_i = (Zt T0 Ztᵀ)_ii with Zt = Vᵀ Z — O(n m²) instead of the O(n³) product C_h V."""
+    Zt = ws.Zt if ws.Zt is not None else V.T @ ws.Z
+    return Basis(V, None, None, diagonal_curve((Zt @ ws.T0).mul_(Zt).sum(1)), mu)
+
+
 def basis_fwsvd(W: Tensor, Cx_d: Tensor, C_h: Tensor, r: Tensor, damping: float) -> Basis:
     r = r.to(W.dtype).clamp_min(0)
     r = r + max(damping, 1e-12) * (float(r.mean()) if float(r.sum()) > 0 else 1.0)
@@ -255,6 +262,8 @@ class WideSide:
         Z: (n, m) orthonormal basis of range(B Wᵀ);  R: (m, m) with B Wᵀ = Z R.
         Y: (n, m) = B Z;  T0: (m, m) = Yᵀ C_h Y (the unshrunk Fisher matrix on that range).
         trace_S: tr(B C_h B) = Σ C_h ⊙ C_x,δ; `captured` = tr T0 / tr S (1 up to rounding).
+        Zt: (n, m) = Vᵀ Z, Z in the eigenbasis V of C_x,δ, when the whitening was applied through its
+            eigenpairs (else None). R has a non-negative diagonal, so Z is the same either way.
     """
 
     Z: Tensor
@@ -263,19 +272,34 @@ class WideSide:
     T0: Tensor
     trace_S: float
     captured: float
+    Zt: Tensor | None = None
+
+
+def qr_positive(X: Tensor) -> tuple[Tensor, Tensor]:
+    """Thin QR with a non-negative diagonal of R (the unique factorization of a full-rank X). (n,m) -> (n,m), (m,m)."""
+    Q, R = torch.linalg.qr(X)
+    d = torch.where(R.diagonal() < 0, -1.0, 1.0).to(R.dtype)
+    return Q.mul_(d), R.mul_(d[:, None])
 
 
 def wide_side(W: Tensor, C_h: Tensor, B: "Tensor | Whitening", Cx_d: Tensor) -> WideSide:
     """O(n²m) instead of the O(n³) of an n×n eigen-decomposition. (m,n), (n,n), (n,n), (n,n).
-    B is the whitening matrix, or the `Whitening` itself (B applied without being formed)."""
-    mul = B.apply if isinstance(B, Whitening) else B.__matmul__
-    Z, R = torch.linalg.qr(mul(W.T))                # (n, m), (m, m)
-    Y = mul(Z)
+    B is the whitening matrix, or the `Whitening` itself: if B is not formed, the work is done in
+    C_x's eigenbasis V, where B is diag(μ^{1/2}) (three n²m products: VᵀWᵀ, Z = V Zt, Y = V μ^{1/2} Zt)."""
+    Zt = None
+    if isinstance(B, Whitening) and B._B is None:
+        s = B.mu.sqrt()[:, None]
+        Zt, R = qr_positive(s * (B.V.T @ W.T))        # Vᵀ B Wᵀ = Zt R
+        Z, Y = B.V @ Zt, B.V @ (s * Zt)
+    else:
+        mul = B.apply if isinstance(B, Whitening) else B.__matmul__
+        Z, R = qr_positive(mul(W.T))                   # (n, m), (m, m)
+        Y = mul(Z)
     T0 = sym(Y.T @ (C_h @ Y))
     tr_S = float(torch.dot(C_h.reshape(-1), Cx_d.reshape(-1)))   # tr(B C_h B) = tr(C_h C_x,δ)
     tr_T = float(torch.trace(T0))
     captured = tr_T / tr_S if tr_S > 0 else 1.0
-    return WideSide(Z, R, Y, T0, tr_S, captured)
+    return WideSide(Z, R, Y, T0, tr_S, captured, Zt)
 
 
 def wide_ok(ws: WideSide) -> bool:

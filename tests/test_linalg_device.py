@@ -18,8 +18,8 @@ import torch
 import fasc
 from fasc.errors import FascError
 from fasc.linalg_device import LinalgConfig, Place, resolve_device, resolve_dtype
-from fasc.spectra import (basis_asvd, basis_asvd_wide, basis_fasc, basis_fasc_wide, fisher_spectrum,
-                          fisher_spectrum_wide, misalignment_curve, whitening, wide_ok, wide_side)
+from fasc.spectra import (basis_asvd, basis_asvd_wide, basis_fasc, basis_fasc_wide, basis_pca, basis_pca_wide,
+                          fisher_spectrum, fisher_spectrum_wide, misalignment_curve, whitening, wide_ok, wide_side)
 
 from helpers import random_batches
 
@@ -79,6 +79,28 @@ def test_small_side_asvd_and_fisher_spectrum_equal_full_solve():
         assert same_map(full, small, W, k)
     lam = fisher_spectrum(Ch, wh.B)
     assert torch.allclose(fisher_spectrum_wide(ws, n), lam, atol=1e-10 * float(lam[0]))
+
+
+def test_small_side_pca_curve_equals_full_solve(llama, llama_stats):
+    """pca's predicted curve of a wide module from the m×m side (Zt T0 Ztᵀ, no n³ product C_h V) equals
+    the n×n one, whether the whitening is applied through its eigenpairs or formed; so does a whole
+    analysis with and without the small side."""
+    W, Cx, Ch = wide_stats(seed=4)
+    wh = whitening(Cx, 1e-4)
+    full = basis_pca(wh.mu, wh.V, Ch)
+    lazy = wide_side(W, Ch, wh, wh.Cx_d)
+    assert lazy.Zt is not None and wh._B is None
+    for ws in (lazy, wide_side(W, Ch, wh.B, wh.Cx_d)):
+        small = basis_pca_wide(wh.mu, wh.V, ws)
+        assert torch.equal(small.Q, full.Q) and torch.equal(small.values, full.values)
+        assert torch.allclose(small.curve, full.curve, atol=1e-10 * float(full.curve[0]), rtol=0)
+    on = fasc.Analysis(llama, llama_stats, linalg=LinalgConfig(device="cpu", dtype="float64"))
+    off = fasc.Analysis(llama, llama_stats, linalg=LinalgConfig(device="cpu", dtype="float64", small_side=False))
+    wide = [i.fqn for i in llama_stats.modules if i.out_features < i.in_features]
+    assert wide
+    for f in wide:  # real statistics: h = Wᵀg in float32, so C_h = Wᵀ C_g W up to float32 rounding
+        a, b = on.curve(f, "pca"), off.curve(f, "pca")
+        assert np.allclose(a, b, atol=1e-6 * b[0], rtol=0), f
 
 
 def test_wide_modules_apply_the_whitening_without_forming_it(llama, llama_stats):
