@@ -98,10 +98,7 @@ def child(a) -> dict:
     sh = shape(a.width_scale)
     dev = torch.device(a.device)
     t = time.perf_counter()
-    if dev.type == "cuda":   # weights initialised on the GPU: no 16 GB detour through the CPU
-        with torch.device(dev):
-            model = build(sh, a.child_layers, getattr(torch, a.dtype))
-    else:
+    with dev:   # weights initialised where they run: on a GPU, no 16 GB detour through the CPU
         model = build(sh, a.child_layers, getattr(torch, a.dtype))
     res = {"layers": a.child_layers, "shape": sh, "build_s": time.perf_counter() - t}
     g = torch.Generator().manual_seed(0)

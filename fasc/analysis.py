@@ -245,12 +245,11 @@ class Analysis:
         n = self.info(fqn).in_features
         if method == "svd":
             return basis_svd(W, wh.Cx_d, C_h)
-        if method == "pca":
-            ws = self._wide(fqn, place, wh)
-            return basis_pca_wide(wh.mu, wh.V, ws) if ws is not None else basis_pca(wh.mu, wh.V, C_h)
         if method == "fwsvd":
             return basis_fwsvd(W, wh.Cx_d, C_h, place.put(self.stats.fw[fqn]), self.cfg.damping)
         ws = self._wide(fqn, place, wh)
+        if method == "pca":
+            return basis_pca_wide(wh.mu, wh.V, ws) if ws is not None else basis_pca(wh.mu, wh.V, C_h)
         if method == "asvd":  # wide bases take B and B⁻¹ from the whitening (b.white), formed only if asked for
             b = basis_asvd_wide(ws, None, None, n) if ws is not None else \
                 basis_asvd(W, C_h, wh.B, None, self._S(w, wh), self._AtA(w, wh) if W.shape[0] >= W.shape[1] else None)

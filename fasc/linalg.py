@@ -51,7 +51,6 @@ def flip_signs_(V: Tensor) -> Tensor:
     return V.mul_(column_signs(V))
 
 
-
 def right_singular_vectors(A: Tensor) -> tuple[Tensor, Tensor]:
     """Singular values (desc) and right singular vectors (n,n), completed to a full basis, signs pinned.
 

@@ -77,8 +77,7 @@ def model_defaults(model_spec: str | None) -> ModelDefaults:
             builtin = None
     if builtin == "demo":
         return ModelDefaults(DEMO_DATA / "calib.txt", DEMO_DATA / "heldout.txt", DEMO_DATA / "facts.jsonl",
-                         DEMO_DATA / "filler.txt", temperature=2.0, seq_len=64, tokens=16384,
-                             gamma=1.0)
+                         DEMO_DATA / "filler.txt", temperature=2.0, seq_len=64, tokens=16384, gamma=1.0)
     general = DATA_DIR / "general_en.txt"
     return ModelDefaults(general, DATA_DIR / "general_en_heldout.txt", DATA_DIR / "real_facts.jsonl", general,
                          calib_extra=(KNOWLEDGE_TEXT,))

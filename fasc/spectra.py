@@ -310,7 +310,7 @@ def wide_ok(ws: WideSide) -> bool:
 def _wide_basis(ws: WideSide, V: Tensor, values: Tensor, B: Tensor, B_inv: Tensor | None, n: int) -> Basis:
     """Basis Q = Z V from an m×m eigen/singular basis V, its curve with the unshrunk T0."""
     Q = ws.Z @ V
-    signs = column_signs(Q)                        # as `flip_signs`, on Q rather than V
+    signs = column_signs(Q)                        # as `flip_signs_`, on Q rather than V
     Q.mul_(signs)
     V = V * signs
     d = (ws.T0 @ V).mul_(V).sum(0)                 # q_iᵀ B C_h B q_i
