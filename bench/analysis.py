@@ -77,7 +77,11 @@ def child(a) -> None:
         fqns = [f for f in fqns if stats.info(f).layer < a.sample_layers]
     scale = n_layers / len({stats.info(f).layer for f in fqns})
     t0, c0 = time.perf_counter(), time.process_time()
-    if "par" in a.child:  # the library's own loop: whole layers per worker thread, not split by kind
+    if a.stage == "compress":  # what `fasc compress` does after a summary-cache hit: every module's fasc
+        for f in fqns:         # basis and rank-k factors (the surgery's an.factors loop), one thread pool
+            an.factors(f, "fasc", max(1, stats.info(f).max_rank // 2))
+        fqns = []
+    elif "par" in a.child:  # the library's own loop: whole layers per worker thread, not split by kind
         import dataclasses
 
         an.stats = dataclasses.replace(stats, modules=[stats.info(f) for f in fqns])
@@ -186,6 +190,10 @@ def main(argv=None) -> int:
                                                                  "totals to all layers (EXTRAPOLATED; 0 = all)")
     p.add_argument("--interleave", action="store_true", help="one process, variants in turn per layer "
                                                               "(CPU seconds; for a loaded machine)")
+    p.add_argument("--stage", choices=("analysis", "compress"), default="analysis",
+                   help="analysis: every module's pca, asvd and fasc summaries with diagnostics (the one-time "
+                        "analysis); compress: every module's fasc basis and half-rank factors, as `fasc compress` "
+                        "after the summaries come from the cache")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--old-tree", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -203,7 +211,8 @@ def main(argv=None) -> int:
         (OUT / f"analysis-{a.model}-interleaved.json").write_text(json.dumps(res, indent=1))
         return report(a, res)
     base = [sys.executable, "-m", "bench.analysis", "--model", a.model, "--tokens", str(a.tokens),
-            "--gamma", str(a.gamma), "--threads", str(a.threads), "--sample-layers", str(a.sample_layers)]
+            "--gamma", str(a.gamma), "--threads", str(a.threads), "--sample-layers", str(a.sample_layers),
+            "--stage", a.stage]
     res = {}
     for v in a.variants:
         extra = []

@@ -80,6 +80,8 @@ def row_specs(heal_tokens: int) -> list[Row]:
         Row("asvd all on", "asvd", "anchored", "knowledge", flags=everything, item="2-5"),
         Row("fasc-greedy + knowledge + healing", "fasc", "greedy", "knowledge", flags=heal, item="2+5"),
         Row("asvd-greedy + knowledge + healing", "asvd", "greedy", "knowledge", flags=heal, item="2+5"),
+        Row("fasc-greedy + knowledge + sequential", "fasc", "greedy", "knowledge", flags=seq, item="2+3"),
+        Row("asvd-greedy + knowledge + sequential", "asvd", "greedy", "knowledge", flags=seq, item="2+3"),
     ]
 
 

@@ -170,26 +170,26 @@ class Analysis:
         return (place or self.place_of(fqn)).put(self._weights[fqn])
 
     def whitening(self, fqn: str, place: Place | None = None) -> Whitening:
-        """C_x,δ, its eigenpairs, B and B⁻¹ of the module's input group (LRU-cached per group)."""
+        """C_x,δ, its whitening factor and (on first use) eigenpairs, of the module's input group (LRU-cached per group)."""
         place = place or self.place_of(fqn)
         g = self.stats.group[fqn]
         key = (g, place.dtype)
         if key in self._white:
             self._white.move_to_end(key)
             return self._white[key]
-        C_x = place.put(self.stats.cx[g])
-        wh = whitening(C_x, self.cfg.damping)
-        if g not in self.variance:
-            shift = float(torch.trace(wh.Cx_d) - torch.trace(C_x)) / wh.mu.numel()
-            self.variance[g] = (wh.mu - shift).clamp_min(0).to(*CPU64)
-        del C_x
+        wh = whitening(place.put(self.stats.cx[g]), self.cfg.damping)
         self._white[key] = wh
         while len(self._white) > 2:  # consecutive modules share a group (q/k/v, gate/up)
             self._white.popitem(last=False)
         return wh
 
+    def _note_variance(self, g: str, wh: Whitening) -> None:
+        """μ of the undamped C_x of group `g` (the damping's shift taken off), kept on the CPU."""
+        if g not in self.variance:
+            self.variance[g] = (wh.mu - wh.shift).clamp_min(0).to(*CPU64)
+
     def _workspace(self, fqn: str, place: Place) -> dict:
-        """W, C_h and the products its methods share (B C_h B, (WB)ᵀWB or the wide side), LRU of 2."""
+        """W, C_h and the products its methods share (Bᵀ C_h B, (WB)ᵀWB or the wide side), LRU of 2."""
         key = (fqn, place.dtype)
         if key in self._work:
             self._work.move_to_end(key)
@@ -209,7 +209,7 @@ class Analysis:
         if "wide" not in w:
             ws = wide_side(w["W"], w["C_h"], wh, wh.Cx_d)   # B applied, not formed (2n²m, not n³)
             if not wide_ok(ws) and float(torch.trace(w["C_h"])) > 0:
-                log.info("%s: only %.4f of tr(B C_h B) lies in range(B Wᵀ); solving the n×n problem",
+                log.info("%s: only %.4f of tr(Bᵀ C_h B) lies in range(Bᵀ Wᵀ); solving the n×n problem",
                          fqn, ws.captured)
                 ws = None
             w["wide"] = ws
@@ -217,7 +217,7 @@ class Analysis:
 
     def _S(self, w: dict, wh: Whitening) -> Tensor:
         if "S" not in w:
-            w["S"] = wh.B @ w["C_h"] @ wh.B
+            w["S"] = wh.B.T @ w["C_h"] @ wh.B
         return w["S"]
 
     def _AtA(self, w: dict, wh: Whitening) -> Tensor:
@@ -249,7 +249,8 @@ class Analysis:
             return basis_fwsvd(W, wh.Cx_d, C_h, place.put(self.stats.fw[fqn]), self.cfg.damping)
         ws = self._wide(fqn, place, wh)
         if method == "pca":
-            return basis_pca_wide(wh.mu, wh.V, ws) if ws is not None else basis_pca(wh.mu, wh.V, C_h)
+            self._note_variance(self.stats.group[fqn], wh)
+            return basis_pca_wide(wh.mu, wh.V, ws, wh.right(ws.Z)) if ws is not None else basis_pca(wh.mu, wh.V, C_h)
         if method == "asvd":  # wide bases take B and B⁻¹ from the whitening (b.white), formed only if asked for
             b = basis_asvd_wide(ws, None, None, n) if ws is not None else \
                 basis_asvd(W, C_h, wh.B, None, self._S(w, wh), self._AtA(w, wh) if W.shape[0] >= W.shape[1] else None)
@@ -425,7 +426,7 @@ class Analysis:
         """μ: eigenvalues of C_x (undamped), descending."""
         g = self.stats.group[fqn]
         if g not in self.variance:
-            self.whitening(fqn)
+            self._note_variance(g, self.whitening(fqn))
         return self.variance[g]
 
     def fisher_spectrum(self, fqn: str) -> Tensor:

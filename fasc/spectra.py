@@ -1,17 +1,20 @@
 """Subspaces, spectra and predicted loss (spec §2, §3, §5) as pure functions, float64.
 
 Every method of spec §5 keeps an input-side map of the same form,
-    W' = W M,   M = B Q_k Q_kᵀ B⁻¹   (B = I or C_x^{1/2}, Q orthonormal, Q_k its first k columns),
+    W' = W M,   M = B Q_k Q_kᵀ B⁻¹   (B = I or a whitening factor, B Bᵀ = C_x; Q orthonormal, Q_k its first k columns),
 so W' = U Vᵀ with U = W B Q_k (m,k) and V = B⁻ᵀ Q_k (n,k), and the decoupled loss of spec §2 for
 every k follows from one n×n matrix:
     ΔL(k) = ½ tr(C_h (I−M) C_x (I−M)ᵀ) = ½ Σ_{i,j>k} (Qᵀ Bᵀ C_h B Q)_{ij} (Qᵀ B⁻¹ C_x B⁻ᵀ Q)_{ij}.
-| method | B          | Q (right singular / eigen vectors of) |
-| svd    | I          | W                                     |
-| pca    | I          | C_x                                   |
-| fwsvd  | I          | diag(r)^{1/2} W                       |
-| asvd   | C_x^{1/2}  | W B                                   |
-| fasc   | C_x^{1/2}  | B C_h(γ) B, C_h(γ) = C_h + γ tr(C_h)/‖W‖² WᵀW |
+| method | B                    | Q (right singular / eigen vectors of)         |
+| svd    | I                    | W                                             |
+| pca    | I                    | C_x                                           |
+| fwsvd  | I                    | diag(r)^{1/2} W                               |
+| asvd   | L, L Lᵀ = C_x        | W B                                           |
+| fasc   | L                    | Bᵀ C_h(γ) B, C_h(γ) = C_h + γ tr(C_h)/‖W‖² WᵀW |
 For fasc at γ = 0 the two factors are diag(λ) and I, hence ΔL_fasc(k) = ½ Σ_{i>k} λ_i exactly.
+The spec writes B = C_x^{1/2}; any factor with B Bᵀ = C_x gives the same maps M, curves and spectra
+(B = C_x^{1/2} U for an orthogonal U, and Q turns into Uᵀ Q), so the analysis uses the Cholesky factor
+L of C_x,δ (n³/3, as SVD-LLM does) instead of an n×n eigen-decomposition (`Whitening`).
 C_x is damped (C + δ tr(C)/n I) wherever it appears, C_h never (spec §3), so that fasc is exactly
 optimal among all rank-k maps for the same objective: ΔL_var(k) ≥ ΔL_fasc(k).
 """
@@ -27,21 +30,21 @@ from .linalg import (LINALG_DTYPE, column_signs, damp, eigh_desc, right_singular
                      tail_block_sums)
 
 # The wide-side solve (n > m) is exact when C_h = Wᵀ C_g W, which autograd's h = Wᵀg guarantees up to
-# rounding; if less than this share of tr(B C_h B) lies in range(B Wᵀ) (e.g. synthetic statistics),
+# rounding; if less than this share of tr(Bᵀ C_h B) lies in range(Bᵀ Wᵀ) (e.g. synthetic statistics),
 # the full n×n problem is solved instead.
 WIDE_CAPTURE_TOL = 1e-3
 
 
 @dataclass
 class Basis:
-    """An ordered basis Q of input space under a whitening B; the rank-k map is B Q_k Q_kᵀ B⁻¹.
+    """An ordered basis Q of input space under a whitening factor B (B Bᵀ = C_x,δ); the rank-k map is B Q_k Q_kᵀ B⁻¹.
 
     Attributes:
         Q: (n, r) orthonormal columns, most important first; r = n, or r = m for the wide-side
             solve (a rank k ≤ min(m, n) never needs more).
-        B, B_inv: (n, n) whitening and its inverse, or None for the identity — unless `white` is
-            given: then a None B or B_inv is the whitening's own, formed there on first use (the
-            wide-side solve never needs B itself).
+        B, B_inv: (n, n) whitening factor and B⁻ᵀ (= B⁻¹ for the symmetric square root), or None for
+            the identity — unless `white` is given: then a None B or B_inv is the whitening's own
+            (B⁻ᵀ applied by a triangular solve, never formed there).
         curve: (n+1,) predicted ΔL(k), k = 0..n, nats per token (decoupled surrogate).
         values: (n,) the ordering values (singular values², eigenvalues) for display.
         BQ: (n, r) = B Q when already known (the wide-side solve gets it for free).
@@ -65,15 +68,15 @@ class Basis:
         return self.B if self.B is not None else self.white.B
 
     def factors(self, W: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """(U, V) with W' = U Vᵀ: U = W B Q_k (m,k), V = B⁻¹ Q_k (n,k) (B symmetric), in Q's dtype."""
+        """(U, V) with W' = U Vᵀ: U = W B Q_k (m,k), V = B⁻ᵀ Q_k (n,k), in Q's dtype."""
         if k > self.Q.shape[1]:
             raise ValueError(f"rank {k} exceeds the {self.Q.shape[1]} basis vectors computed")
         Qk = self.Q[:, :k]
         W = W.to(self.Q.dtype)
         if self.identity:
             return W @ Qk, Qk.clone()
-        B_inv = self.B_inv if self.B_inv is not None else self.white.B_inv
-        return W @ self.whitened(k), B_inv @ Qk
+        right = self.B_inv @ Qk if self.B_inv is not None else self.white.right(Qk)
+        return W @ self.whitened(k), right
 
     def whitened(self, k: int | None = None) -> Tensor:
         """B Q_k (n, k) (all columns when k is None)."""
@@ -96,53 +99,92 @@ class Basis:
 
 @dataclass
 class Whitening:
-    """C_x,δ = C_x + δ tr(C_x)/n I, its eigenpairs (μ desc, V) and B = C_x,δ^{1/2}, B⁻¹, both formed
-    on first use (narrow modules' analysis needs B, the factors B⁻¹; a wide module needs only B
-    applied to n×m matrices, `apply`, which costs 2n²m instead of the n³ of forming B)."""
+    """C_x,δ = C_x + δ tr(C_x)/n I and a whitening factor B with B Bᵀ = C_x,δ: its Cholesky factor L
+    (lower-triangular, n³/3), or — where Cholesky fails in this precision — the symmetric square root
+    from the eigenpairs. The eigenpairs (μ desc, V) of C_x,δ — pca's basis, the variance spectrum,
+    misalignment — are computed on first use, in `eig_dtype` (float32 on the CPU only where
+    `Analysis` has checked it against float64), so a fasc- or asvd-only analysis needs no n×n eigh."""
 
     Cx_d: Tensor
-    mu: Tensor
-    V: Tensor
+    L: Tensor | None = None
+    eig_dtype: torch.dtype | None = None
+    shift: float = 0.0          # the damping added to the diagonal: μ − shift are C_x's own eigenvalues
+    _mu: Tensor | None = field(default=None, repr=False)
+    _V: Tensor | None = field(default=None, repr=False)
     _B: Tensor | None = field(default=None, repr=False)
     _B_inv: Tensor | None = field(default=None, repr=False)
 
+    def _eig(self) -> None:
+        dt = self.eig_dtype or self.Cx_d.dtype
+        mu, V = eigh_desc(self.Cx_d if dt == self.Cx_d.dtype else self.Cx_d.to(dt))
+        mu = mu.to(self.Cx_d.dtype)
+        self._mu = mu.clamp_min(float(mu.max().clamp_min(1e-300)) * 1e-15)
+        self._V = V.to(self.Cx_d.dtype)
+
+    @property
+    def mu(self) -> Tensor:
+        if self._mu is None:
+            self._eig()
+        return self._mu
+
+    @property
+    def V(self) -> Tensor:
+        if self._V is None:
+            self._eig()
+        return self._V
+
     @property
     def B(self) -> Tensor:
+        """The whitening factor (L, or C_x,δ^{1/2} where Cholesky failed)."""
+        if self.L is not None:
+            return self.L
         if self._B is None:
             self._B = (self.V * self.mu.sqrt()) @ self.V.T
         return self._B
 
     def apply(self, X: Tensor) -> Tensor:
-        """B X, through the eigenpairs unless B is already formed. (n, c) -> (n, c)."""
-        if self._B is not None:
-            return self._B @ X
-        return self.V @ (self.mu.sqrt()[:, None] * (self.V.T @ X))
+        """B X. (n, c) -> (n, c)."""
+        return self.B @ X
+
+    def right(self, X: Tensor) -> Tensor:
+        """B⁻ᵀ X (the right factor of a map): a triangular solve with L, else through the eigenpairs."""
+        if self._B_inv is not None:
+            return self._B_inv @ X
+        if self.L is not None:
+            return torch.linalg.solve_triangular(self.L.T, X, upper=True)
+        return self.V @ ((self.V.T @ X) / self.mu.sqrt()[:, None])
 
     @property
     def B_inv(self) -> Tensor:
+        """B⁻ᵀ, formed (n×n)."""
         if self._B_inv is None:
-            self._B_inv = (self.V / self.mu.sqrt()) @ self.V.T
+            n = self.Cx_d.shape[0]
+            self._B_inv = self.right(torch.eye(n, dtype=self.Cx_d.dtype, device=self.Cx_d.device))
         return self._B_inv
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.Cx_d, self.V, self._B, self._B_inv) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.Cx_d, self.L, self._V, self._B, self._B_inv)
+                   if t is not None)
 
 
-def whitening(C_x: Tensor, damping: float) -> Whitening:
-    """One eigen-decomposition of the damped C_x gives the variance basis and both square roots
-    (in C_x's dtype and on its device)."""
+def whitening(C_x: Tensor, damping: float, eig_dtype: torch.dtype | None = None) -> Whitening:
+    """The damped C_x and its Cholesky factor (in C_x's dtype and on its device); the eigenpairs,
+    in `eig_dtype` (default C_x's), on first use. Falls back to the symmetric square root from the
+    eigenpairs (in C_x's dtype) when Cholesky fails — a C_x,δ not positive definite in this precision."""
     Cd = damp(C_x, damping)
-    mu, V = eigh_desc(Cd)
-    mu = mu.clamp_min(float(mu.max().clamp_min(1e-300)) * 1e-15)
-    return Whitening(Cd, mu, V)
+    shift = float(torch.trace(Cd) - torch.trace(C_x)) / Cd.shape[0]
+    L, info = torch.linalg.cholesky_ex(Cd)
+    if int(info) == 0 and bool(torch.isfinite(L.diagonal()).all()) and float(L.diagonal().min()) > 0:
+        return Whitening(Cd, L, eig_dtype, shift)
+    return Whitening(Cd, None, None, shift)
 
 
 def predicted_curve(Cx_d: Tensor, C_h: Tensor, Q: Tensor, B: Tensor | None = None,
                     B_inv: Tensor | None = None) -> Tensor:
     """ΔL(k) for k = 0..n of the map B Q_k Q_kᵀ B⁻¹ (spec §2 decoupled), (n+1,). O(n³) once, O(1) per k.
 
-    The general case needs the full tail-block sums; when B = C_x,δ^{1/2} the second factor is I and
-    only diag(Qᵀ B C_h B Q) matters (see `whitened_curve`).
+    The general case needs the full tail-block sums; when B Bᵀ = C_x,δ the second factor is I and
+    only diag(Qᵀ Bᵀ C_h B Q) matters (see `whitened_curve`).
     """
     if B is None:
         Hq, Xq = Q.T @ C_h @ Q, Q.T @ Cx_d @ Q
@@ -158,7 +200,7 @@ def diagonal_curve(weights: Tensor) -> Tensor:
 
 
 def whitened_curve(S: Tensor, Q: Tensor) -> Tensor:
-    """Curve of B Q_k Q_kᵀ B⁻¹ with B = C_x,δ^{1/2} and S = B C_h B: ½ Σ_{i>k} q_iᵀ S q_i."""
+    """Curve of B Q_k Q_kᵀ B⁻¹ with B Bᵀ = C_x,δ and S = Bᵀ C_h B: ½ Σ_{i>k} q_iᵀ S q_i."""
     return diagonal_curve((S @ Q).mul_(Q).sum(0))
 
 
@@ -189,10 +231,11 @@ def basis_pca(mu: Tensor, V: Tensor, C_h: Tensor) -> Basis:
     return Basis(V, None, None, diagonal_curve(mu * hv), mu)
 
 
-def basis_pca_wide(mu: Tensor, V: Tensor, ws: "WideSide") -> Basis:
-    """`basis_pca` of a wide module from its small side: B C_h B = Z T0 Zᵀ and B v_i = μ_i^{1/2} v_i give
-    μ_i v_iᵀ C_h v_i = (Zt T0 Ztᵀ)_ii with Zt = Vᵀ Z — O(n m²) instead of the O(n³) product C_h V."""
-    Zt = ws.Zt if ws.Zt is not None else V.T @ ws.Z
+def basis_pca_wide(mu: Tensor, V: Tensor, ws: "WideSide", BiZ: Tensor) -> Basis:
+    """`basis_pca` of a wide module from its small side: Bᵀ C_h B = Z T0 Zᵀ gives
+    μ_i v_iᵀ C_h v_i = (Zt T0 Ztᵀ)_ii with Zt = diag(μ^{1/2}) Vᵀ B⁻ᵀ Z (`BiZ` = B⁻ᵀ Z, (n, m); = Vᵀ Z
+    for the symmetric square root) — O(n² m) instead of the O(n³) product C_h V."""
+    Zt = mu.sqrt()[:, None] * (V.T @ BiZ)
     return Basis(V, None, None, diagonal_curve((Zt @ ws.T0).mul_(Zt).sum(1)), mu)
 
 
@@ -205,14 +248,14 @@ def basis_fwsvd(W: Tensor, Cx_d: Tensor, C_h: Tensor, r: Tensor, damping: float)
 
 def basis_asvd(W: Tensor, C_h: Tensor, B: Tensor, B_inv: Tensor | None, S: Tensor | None = None,
                AtA: Tensor | None = None) -> Basis:
-    """Whitened SVD: Q = right singular vectors of W B. `S` = B C_h B and, for m ≥ n, `AtA` =
+    """Whitened SVD: Q = right singular vectors of W B. `S` = Bᵀ C_h B and, for m ≥ n, `AtA` =
     (W B)ᵀ(W B) if already computed (shared with fasc)."""
     if AtA is not None and W.shape[0] >= W.shape[1]:   # what `right_singular_vectors` computes for m ≥ n
         vals, Q = eigh_desc(AtA)
         s = vals.clamp_min(0).sqrt()
     else:
         s, Q = right_singular_vectors(W @ B)
-    S = B @ C_h @ B if S is None else S
+    S = B.T @ C_h @ B if S is None else S
     return Basis(Q, B, B_inv, whitened_curve(S, Q), s.square())
 
 
@@ -230,9 +273,9 @@ def shrunk_fisher(C_h: Tensor, W: Tensor, gamma: float) -> Tensor:
 
 def basis_fasc(W: Tensor, C_h: Tensor, B: Tensor, B_inv: Tensor | None, gamma: float,
                S: Tensor | None = None, AtA: Tensor | None = None) -> Basis:
-    """Fisher-aligned basis: eigenvectors of B C_h(γ) B; falls back to asvd order when C_h = 0.
-    `S` = B C_h B and `AtA` = (W B)ᵀ(W B) if already computed (shared with asvd)."""
-    S = B @ C_h @ B if S is None else S
+    """Fisher-aligned basis: eigenvectors of Bᵀ C_h(γ) B; falls back to asvd order when C_h = 0.
+    `S` = Bᵀ C_h B and `AtA` = (W B)ᵀ(W B) if already computed (shared with asvd)."""
+    S = B.T @ C_h @ B if S is None else S
     if float(torch.trace(C_h)) <= 0:  # no gradient reached the module: λ = 0, keep the whitened-SVD order
         b = basis_asvd(W, C_h, B, B_inv, S)
         b.values = torch.zeros_like(b.values)
@@ -246,7 +289,7 @@ def basis_fasc(W: Tensor, C_h: Tensor, B: Tensor, B_inv: Tensor | None, gamma: f
     if AtA is None:
         WB = W @ B
         AtA = WB.T @ WB
-    lam, Q = eigh_desc(S + c * AtA)                # B C_h(γ) B
+    lam, Q = eigh_desc(S + c * AtA)                # Bᵀ C_h(γ) B
     return Basis(Q, B, B_inv, whitened_curve(S, Q), lam.clamp_min(0))
 
 
@@ -254,16 +297,14 @@ def basis_fasc(W: Tensor, C_h: Tensor, B: Tensor, B_inv: Tensor | None, gamma: f
 @dataclass
 class WideSide:
     """Shared work for a module wider than tall (n > m, e.g. down_proj, GQA k/v): every
-    C_h(γ) = Wᵀ(C_g + c·I)W has rank ≤ m, so B C_h(γ) B lives in range(A ᵀ), A = W B (spec §3,
-    "whichever side is smaller"). With A ᵀ = Z R (thin QR), B C_h(γ) B = Z T(γ) Zᵀ and
-    T(γ) = Zᵀ B C_h B Z + c·R Rᵀ is m×m: the FASC and asvd bases come from m×m problems.
+    C_h(γ) = Wᵀ(C_g + c·I)W has rank ≤ m, so Bᵀ C_h(γ) B lives in range(Aᵀ), A = W B (spec §3,
+    "whichever side is smaller"). With Aᵀ = Z R (thin QR), Bᵀ C_h(γ) B = Z T(γ) Zᵀ and
+    T(γ) = Zᵀ Bᵀ C_h B Z + c·R Rᵀ is m×m: the FASC and asvd bases come from m×m problems.
 
     Attributes:
-        Z: (n, m) orthonormal basis of range(B Wᵀ);  R: (m, m) with B Wᵀ = Z R.
+        Z: (n, m) orthonormal basis of range(Bᵀ Wᵀ);  R: (m, m) with Bᵀ Wᵀ = Z R (non-negative diagonal).
         Y: (n, m) = B Z;  T0: (m, m) = Yᵀ C_h Y (the unshrunk Fisher matrix on that range).
-        trace_S: tr(B C_h B) = Σ C_h ⊙ C_x,δ; `captured` = tr T0 / tr S (1 up to rounding).
-        Zt: (n, m) = Vᵀ Z, Z in the eigenbasis V of C_x,δ, when the whitening was applied through its
-            eigenpairs (else None). R has a non-negative diagonal, so Z is the same either way.
+        trace_S: tr(Bᵀ C_h B) = Σ C_h ⊙ C_x,δ; `captured` = tr T0 / tr S (1 up to rounding).
     """
 
     Z: Tensor
@@ -272,7 +313,6 @@ class WideSide:
     T0: Tensor
     trace_S: float
     captured: float
-    Zt: Tensor | None = None
 
 
 def qr_positive(X: Tensor) -> tuple[Tensor, Tensor]:
@@ -283,23 +323,16 @@ def qr_positive(X: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def wide_side(W: Tensor, C_h: Tensor, B: "Tensor | Whitening", Cx_d: Tensor) -> WideSide:
-    """O(n²m) instead of the O(n³) of an n×n eigen-decomposition. (m,n), (n,n), (n,n), (n,n).
-    B is the whitening matrix, or the `Whitening` itself: if B is not formed, the work is done in
-    C_x's eigenbasis V, where B is diag(μ^{1/2}) (three n²m products: VᵀWᵀ, Z = V Zt, Y = V μ^{1/2} Zt)."""
-    Zt = None
-    if isinstance(B, Whitening) and B._B is None:
-        s = B.mu.sqrt()[:, None]
-        Zt, R = qr_positive(s * (B.V.T @ W.T))        # Vᵀ B Wᵀ = Zt R
-        Z, Y = B.V @ Zt, B.V @ (s * Zt)
-    else:
-        mul = B.apply if isinstance(B, Whitening) else B.__matmul__
-        Z, R = qr_positive(mul(W.T))                   # (n, m), (m, m)
-        Y = mul(Z)
+    """O(n²m) instead of the O(n³) of an n×n eigen-decomposition: two n²m products (Bᵀ Wᵀ, B Z) and
+    C_h Y. (m,n), (n,n), (n,n) or its `Whitening`, (n,n)."""
+    B = B.B if isinstance(B, Whitening) else B
+    Z, R = qr_positive((W @ B).T)                  # (n, m), (m, m)
+    Y = B @ Z
     T0 = sym(Y.T @ (C_h @ Y))
-    tr_S = float(torch.dot(C_h.reshape(-1), Cx_d.reshape(-1)))   # tr(B C_h B) = tr(C_h C_x,δ)
+    tr_S = float(torch.dot(C_h.reshape(-1), Cx_d.reshape(-1)))   # tr(Bᵀ C_h B) = tr(C_h C_x,δ)
     tr_T = float(torch.trace(T0))
     captured = tr_T / tr_S if tr_S > 0 else 1.0
-    return WideSide(Z, R, Y, T0, tr_S, captured, Zt)
+    return WideSide(Z, R, Y, T0, tr_S, captured)
 
 
 def wide_ok(ws: WideSide) -> bool:
@@ -313,7 +346,7 @@ def _wide_basis(ws: WideSide, V: Tensor, values: Tensor, B: Tensor, B_inv: Tenso
     signs = column_signs(Q)                        # as `flip_signs_`, on Q rather than V
     Q.mul_(signs)
     V = V * signs
-    d = (ws.T0 @ V).mul_(V).sum(0)                 # q_iᵀ B C_h B q_i
+    d = (ws.T0 @ V).mul_(V).sum(0)                 # q_iᵀ Bᵀ C_h B q_i
     return Basis(Q, B, B_inv, captured_curve(ws.trace_S, d, n), pad(values, n), BQ=ws.Y @ V)
 
 
@@ -342,7 +375,7 @@ def basis_fasc_wide(ws: WideSide, C_h: Tensor, W: Tensor, B: Tensor, B_inv: Tens
 
 
 def fisher_spectrum_wide(ws: WideSide, n: int) -> Tensor:
-    """λ of B C_h B from the m×m T0, zero-padded to n."""
+    """λ of Bᵀ C_h B from the m×m T0, zero-padded to n."""
     return pad(torch.linalg.eigvalsh(ws.T0).flip(0).clamp_min(0), n)
 
 
@@ -354,8 +387,8 @@ def map_loss(C_h: Tensor, Cx_d: Tensor, D: Tensor, V: Tensor) -> float:
 
 
 def fisher_spectrum(C_h: Tensor, B: Tensor, S: Tensor | None = None) -> Tensor:
-    """λ: eigenvalues of B C_h B (B = C_x,δ^{1/2}; the unshrunk Fisher spectrum), descending."""
-    S = B @ C_h @ B if S is None else S
+    """λ: eigenvalues of Bᵀ C_h B (B Bᵀ = C_x,δ; the unshrunk Fisher spectrum), descending."""
+    S = B.T @ C_h @ B if S is None else S
     return torch.linalg.eigvalsh(S).flip(0).clamp_min(0)
 
 

@@ -19,7 +19,7 @@ import fasc
 from fasc.errors import FascError
 from fasc.linalg_device import LinalgConfig, Place, resolve_device, resolve_dtype
 from fasc.spectra import (basis_asvd, basis_asvd_wide, basis_fasc, basis_fasc_wide, basis_pca, basis_pca_wide,
-                          fisher_spectrum, fisher_spectrum_wide, misalignment_curve, whitening, wide_ok, wide_side)
+                          fisher_spectrum, fisher_spectrum_wide, misalignment_curve, whitening, wide_ok, wide_side, Whitening)
 
 from helpers import random_batches
 
@@ -81,17 +81,22 @@ def test_small_side_asvd_and_fisher_spectrum_equal_full_solve():
     assert torch.allclose(fisher_spectrum_wide(ws, n), lam, atol=1e-10 * float(lam[0]))
 
 
+def symmetric(wh: Whitening) -> Whitening:
+    """The same C_x,δ whitened by its symmetric square root (the spec's B = C_x^{1/2}) instead of Cholesky."""
+    return Whitening(wh.Cx_d, None, None, wh.shift)
+
+
 def test_small_side_pca_curve_equals_full_solve(llama, llama_stats):
     """pca's predicted curve of a wide module from the m×m side (Zt T0 Ztᵀ, no n³ product C_h V) equals
-    the n×n one, whether the whitening is applied through its eigenpairs or formed; so does a whole
-    analysis with and without the small side."""
+    the n×n one, whether the small side was whitened by the Cholesky factor or by the symmetric square
+    root; so does a whole analysis with and without the small side."""
     W, Cx, Ch = wide_stats(seed=4)
     wh = whitening(Cx, 1e-4)
+    assert wh.L is not None and wh._mu is None     # Cholesky; no eigen-decomposition until one is asked for
     full = basis_pca(wh.mu, wh.V, Ch)
-    lazy = wide_side(W, Ch, wh, wh.Cx_d)
-    assert lazy.Zt is not None and wh._B is None
-    for ws in (lazy, wide_side(W, Ch, wh.B, wh.Cx_d)):
-        small = basis_pca_wide(wh.mu, wh.V, ws)
+    for w in (wh, symmetric(wh)):
+        ws = wide_side(W, Ch, w, w.Cx_d)
+        small = basis_pca_wide(wh.mu, wh.V, ws, w.right(ws.Z))
         assert torch.equal(small.Q, full.Q) and torch.equal(small.values, full.values)
         assert torch.allclose(small.curve, full.curve, atol=1e-10 * float(full.curve[0]), rtol=0)
     on = fasc.Analysis(llama, llama_stats, linalg=LinalgConfig(device="cpu", dtype="float64"))
@@ -103,33 +108,45 @@ def test_small_side_pca_curve_equals_full_solve(llama, llama_stats):
         assert np.allclose(a, b, atol=1e-6 * b[0], rtol=0), f
 
 
-def test_wide_modules_apply_the_whitening_without_forming_it(llama, llama_stats):
-    """B = C_x,δ^{1/2} (an n³ product) is formed only where a narrow module needs it: the small side
-    applies it through the eigenpairs, with the same result; asvd on the shared (W B)ᵀ(W B) of a
-    narrow module equals asvd from W B."""
+@pytest.mark.parametrize("gamma", [0.0, 1.0])
+def test_any_whitening_factor_gives_the_same_maps(gamma, llama, llama_stats):
+    """B = L (Cholesky) and B = C_x,δ^{1/2} (spec) differ by a rotation, B = C^{1/2} U: asvd and fasc
+    give the same curves, spectra and rank-k weights with either, for narrow (n×n) and wide (m×m)
+    modules; asvd on the shared (W B)ᵀ(W B) equals asvd from W B; and an asvd/fasc-only analysis does
+    no n×n eigen-decomposition of C_x."""
     W, Cx, Ch = wide_stats(seed=3)
     wh = whitening(Cx, 1e-4)
-    lazy = wide_side(W, Ch, wh, wh.Cx_d)
-    assert wh._B is None
-    formed = wide_side(W, Ch, wh.B, wh.Cx_d)
-    for a, b in ((lazy.Z, formed.Z), (lazy.Y, formed.Y), (lazy.T0, formed.T0)):
-        assert torch.allclose(a, b, atol=1e-10 * float(b.abs().max()))
-    Wn = W[:, :10].contiguous()      # 12 × 10 (m ≥ n)
+    sq = symmetric(wh)
+    assert torch.allclose(wh.B @ wh.B.T, wh.Cx_d, atol=1e-12 * float(wh.Cx_d.abs().max()))
+    assert torch.allclose(wh.B_inv, torch.linalg.inv(wh.B).T, atol=1e-8 * float(wh.B_inv.abs().max()))
+    n = W.shape[1]
+    Wn, Chn = W[:, :10].contiguous(), Ch[:10, :10]        # 12 × 10 (m ≥ n)
     whn = whitening(Cx[:10, :10], 1e-4)
-    Chn = Ch[:10, :10]
-    WB = Wn @ whn.B
-    a, b = basis_asvd(Wn, Chn, whn.B, whn.B_inv, AtA=WB.T @ WB), basis_asvd(Wn, Chn, whn.B, whn.B_inv)
-    assert torch.equal(a.Q, b.Q) and torch.equal(a.curve, b.curve)
+    pairs = []
+    for w in (wh, sq):
+        ws = wide_side(W, Ch, w, w.Cx_d)
+        pairs.append((basis_asvd_wide(ws, w.B, w.B_inv, n), basis_fasc_wide(ws, Ch, W, w.B, w.B_inv, gamma, n),
+                      basis_asvd(W, Ch, w.B, w.B_inv), basis_fasc(W, Ch, w.B, w.B_inv, gamma)))
+    for a, b in zip(*pairs):
+        scale = float(a.curve[0])
+        assert torch.allclose(a.curve, b.curve, atol=1e-9 * scale, rtol=0)
+        assert torch.allclose(a.values, b.values, atol=1e-9 * float(a.values[0]), rtol=0)
+        for k in (1, 4, W.shape[0] - 1):
+            assert same_map(a, b, W, k)
+    for w in (whn, symmetric(whn)):
+        WB = Wn @ w.B
+        a, b = basis_asvd(Wn, Chn, w.B, w.B_inv, AtA=WB.T @ WB), basis_asvd(Wn, Chn, w.B, w.B_inv)
+        assert torch.allclose(a.curve, b.curve, atol=1e-12 * float(a.curve[0])) and same_map(a, b, Wn, 5)
+    fn, sn = basis_fasc(Wn, Chn, whn.B, whn.B_inv, gamma), basis_fasc(Wn, Chn, symmetric(whn).B, symmetric(whn).B_inv, gamma)
+    assert torch.allclose(fn.curve, sn.curve, atol=1e-9 * float(fn.curve[0]), rtol=0) and same_map(fn, sn, Wn, 5)
 
-    an = fasc.Analysis(llama, llama_stats, fasc.CompressConfig(gamma=1.0), linalg=LinalgConfig(device="cpu"))
+    an = fasc.Analysis(llama, llama_stats, fasc.CompressConfig(gamma=gamma), linalg=LinalgConfig(device="cpu"))
     down = next(i.fqn for i in llama_stats.modules if i.kind == "down")
-    for m in ("pca", "asvd", "fasc"):
+    for m in ("asvd", "fasc"):
         an.basis(down, m)
-    an.misalignment(down)
-    an.fisher_spectrum(down)
-    assert an.whitening(down)._B is None      # the down projection's input is read by no narrow module
-    U, V = an.factors(down, "fasc", 4)        # factors use B⁻¹, formed on first use
-    assert U.shape[1] == V.shape[1] == 4
+    assert an.whitening(down)._mu is None      # Cholesky only: no eigen-decomposition of C_x
+    U, V = an.factors(down, "fasc", 4)        # V = B⁻ᵀ Q_k by a triangular solve
+    assert U.shape[1] == V.shape[1] == 4 and an.whitening(down)._B_inv is None
 
 
 def test_statistics_not_of_the_form_WtCgW_are_detected():

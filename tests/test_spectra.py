@@ -43,7 +43,7 @@ def test_fasc_exact_tail_sum_identity(seed):
     Cxd, B, Bi = wh.Cx_d, wh.B, wh.B_inv
     b = basis_fasc(W, Ch, B, Bi, gamma=0.0)
     for k in range(0, 13):
-        M = B @ b.Q[:, :k] @ b.Q[:, :k].T @ Bi
+        M = B @ b.Q[:, :k] @ b.Q[:, :k].T @ Bi.T
         assert brute_dl(Ch, Cxd, M) == pytest.approx(float(b.curve[k]), rel=1e-8, abs=1e-14)
         assert float(b.curve[k]) == pytest.approx(0.5 * float(b.values[k:].sum()), rel=1e-8, abs=1e-14)
 
@@ -59,7 +59,7 @@ def test_predicted_curve_equals_brute_force_for_every_method(builder):
     for k in (1, 4, 8):
         U, V = b.factors(W, k)
         P = b.Q[:, :k] @ b.Q[:, :k].T
-        M = P if b.B is None else b.B @ P @ b.B_inv
+        M = P if b.B is None else b.B @ P @ b.B_inv.T
         assert torch.allclose(W @ M, U @ V.T, atol=1e-10)
         assert brute_dl(Ch, Cxd, M) == pytest.approx(float(b.curve[k]), rel=1e-8, abs=1e-14)
 
