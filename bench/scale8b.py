@@ -13,7 +13,8 @@ untied embeddings) with hidden and intermediate widths and head counts multiplie
 on this shared 2-core machine — CPU bf16 matmuls are slow).
 Calibration is a real forward+backward over random tokens (fasc.calibrate, all statistics);
 analysis is the fasc summaries every module needs for a budget (Analysis.precompute(("fasc",))
-on --linalg-device); compression allocates 80 % of the modules' parameters greedily and swaps the
+on --linalg-device, as `fasc compress` runs it: whitened by Cholesky, no eigh of C_x; --diagnostics
+adds the misalignment curves the dashboard draws, i.e. an eigh of every C_x); compression allocates 80 % of the modules' parameters greedily and swaps the
 layers in place; export writes the factored folder.
 
 Times are CPU seconds of the process (time.process_time; with --threads 1 that is the work done,
@@ -121,7 +122,7 @@ def child(a) -> dict:
     t, c = time.perf_counter(), time.process_time()
     an = fasc.Analysis(model, stats, fasc.CompressConfig(gamma=1.0),
                        linalg=LinalgConfig(device=a.linalg_device, dtype=a.linalg_dtype))
-    an.precompute(("fasc",))
+    an.precompute(("fasc",), diagnostics=a.diagnostics)
     _sync(dev)
     res["analysis_s"], res["analysis_wall_s"] = time.process_time() - c, time.perf_counter() - t
     res["precision_checks"] = {str(k): v for k, v in an.precision_checks.items()}
@@ -195,6 +196,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--target-tokens", type=int, default=256 * 2048, help="tokens of the extrapolated run")
     p.add_argument("--param-ratio", type=float, default=0.8)
+    p.add_argument("--diagnostics", action="store_true",
+                   help="also the misalignment curves (an eigh of every C_x; `fasc compress` skips them)")
     p.add_argument("--dtype", default=None, choices=("bfloat16", "float32"),
                    help="weights' dtype (default: bfloat16 on a GPU; float32 on the CPU, whose bf16 matmuls are slow)")
     p.add_argument("--device", default="cpu")

@@ -322,18 +322,16 @@ class Analysis:
     def decomposed(self, methods: tuple[str, ...] = ("pca", "fasc")) -> bool:
         """True when every module's summary for `methods` (and the diagnostics `precompute` adds) is
         already here, i.e. `precompute(methods)` and `report()` would run no eigen-decomposition."""
-        for f in self.stats.fqns:
-            for m in methods:
-                base = self._base(m)
-                if (f, base) not in self.summaries:
-                    return False
-                if base == "fasc" and ((f, "fisher") not in self.summaries or f not in self.misalignments):
-                    return False
-        return True
+        return all(self._done(f, m, True) for f in self.stats.fqns for m in methods)
 
     def precompute(self, methods: tuple[str, ...] = ("pca", "fasc"),
-                   progress: Callable[[int, int], None] | None = None, workers: int | None = None) -> None:
+                   progress: Callable[[int, int], None] | None = None, workers: int | None = None,
+                   diagnostics: bool = True) -> None:
         """Decompose every module for `methods` now (with progress), so later queries are instant.
+
+        With `diagnostics` (the default) fasc also gets its Fisher spectrum and misalignment — what the
+        dashboard and `fasc report` draw; the misalignment needs the eigen-decomposition of C_x, which
+        fasc's own basis (whitened by Cholesky) does not, so `fasc compress` passes False.
 
         On the CPU the layers are shared out over `workers` threads (default: `default_workers`), each
         running its eigen-decompositions single-threaded: for matrices of a few thousand rows that
@@ -341,7 +339,7 @@ class Analysis:
         a serial run (each module's arithmetic is unchanged); `progress` is called from this thread.
         """
         fqns = sorted(self.stats.fqns, key=lambda f: self.stats.group[f])  # group order: whitening LRU hits
-        todo = [(f, m) for f in fqns for m in methods if (f, self._base(m)) not in self.summaries]
+        todo = [(f, m) for f in fqns for m in methods if not self._done(f, m, diagnostics)]
         if not todo:
             return
         for f in {self.info(f).in_features: f for f, _ in todo}.values():
@@ -352,13 +350,13 @@ class Analysis:
         workers = min(len(units), self.default_workers() if workers is None else max(1, workers))
         if workers <= 1:
             for i, (f, m) in enumerate(todo):
-                self._decompose(f, m)
+                self._decompose(f, m, diagnostics)
                 if progress is not None:
                     progress(i + 1, len(todo))
             return
         done = 0
         with single_threaded_ops(), ThreadPoolExecutor(workers, thread_name_prefix="fasc-eigh") as pool:
-            futures = [pool.submit(self._fork()._decompose_all, items) for items in units.values()]
+            futures = [pool.submit(self._fork()._decompose_all, items, diagnostics) for items in units.values()]
             try:
                 for fut in as_completed(futures):
                     res = fut.result()
@@ -380,9 +378,16 @@ class Analysis:
         per_worker = 10 * n * n * torch.empty((), dtype=self.place.dtype).element_size()
         return max(1, min(torch.get_num_threads(), 8, (8 << 30) // per_worker))
 
-    def _decompose(self, fqn: str, method: str) -> None:
+    def _done(self, fqn: str, method: str, diagnostics: bool) -> bool:
+        base = self._base(method)
+        if (fqn, base) not in self.summaries:
+            return False
+        return not (diagnostics and base == "fasc"
+                    and ((fqn, "fisher") not in self.summaries or fqn not in self.misalignments))
+
+    def _decompose(self, fqn: str, method: str, diagnostics: bool = True) -> None:
         self._summary(fqn, method)
-        if self._base(method) == "fasc":  # the diagnostics, while basis and whitening are LRU-cached
+        if diagnostics and self._base(method) == "fasc":  # while basis and whitening are LRU-cached
             self.fisher_spectrum(fqn)
             self.misalignment(fqn)
 
@@ -394,9 +399,9 @@ class Analysis:
         w.max_cached_bases = 2
         return w
 
-    def _decompose_all(self, items: list[tuple[str, str]]) -> dict:
+    def _decompose_all(self, items: list[tuple[str, str]], diagnostics: bool = True) -> dict:
         for f, m in items:
-            self._decompose(f, m)
+            self._decompose(f, m, diagnostics)
         return {"summaries": self.summaries, "variance": self.variance, "misalignments": self.misalignments,
                 "n": len(items)}
 

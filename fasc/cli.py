@@ -107,14 +107,16 @@ def _stats(args, model, tok):
     return stats, hit, batches
 
 
-def _analysis(args, model, stats, methods: tuple[str, ...] = ("pca", "fasc")):
-    """Analysis with the summaries of `methods` (loaded from the cache or decomposed now, with progress)."""
+def _analysis(args, model, stats, methods: tuple[str, ...] = ("pca", "fasc"), diagnostics: bool = True):
+    """Analysis with the summaries of `methods` (loaded from the cache or decomposed now, with progress);
+    without `diagnostics` (compression only) fasc's misalignment, and with it C_x's eigh, is skipped."""
     from .pipeline import analysis_cached
 
     bar = _progress("eigen-decompositions", args, unit="basis")
     try:
         an, _ = analysis_cached(model, stats, _compress_cfg(args), methods, progress=bar,
-                                root=Path(args.cache_dir) if args.cache_dir else None, linalg=_linalg_cfg(args))
+                                root=Path(args.cache_dir) if args.cache_dir else None, linalg=_linalg_cfg(args),
+                                diagnostics=diagnostics)
     finally:
         bar.close()
     return an
@@ -276,7 +278,8 @@ def cmd_compress(args) -> None:
     t0 = time.perf_counter()
     # a budget allocation reads every module's ΔL curve first; fixed ranks decompose each module once,
     # while its factors are computed
-    an = _analysis(args, model, stats, base_methods(args.method, args.fallback) if args.param_ratio is not None else ())
+    an = _analysis(args, model, stats, base_methods(args.method, args.fallback) if args.param_ratio is not None else (),
+                   diagnostics=False)
     t_eig = time.perf_counter() - t0
     mfp = stats.model_fingerprint or model_fingerprint(model)
     hybrid = {"tau": args.tau, "fallback": args.fallback}

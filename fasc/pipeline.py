@@ -150,10 +150,13 @@ def calibrate_cached(model: nn.Module, batches: list[Batch], cfg: CalibConfig,
 
 def analysis_cached(model: nn.Module, stats: CalibStats, cfg: CompressConfig = CompressConfig(),
                     methods: tuple[str, ...] = ("pca", "fasc"), progress: ProgressFn | None = None,
-                    root: Path | None = None, linalg: LinalgConfig = LinalgConfig()) -> tuple[Analysis, bool]:
+                    root: Path | None = None, linalg: LinalgConfig = LinalgConfig(),
+                    diagnostics: bool = True) -> tuple[Analysis, bool]:
     """(analysis, from_cache): the O(n) summaries (ΔL curves, spectra, misalignment) of every module
     are stored beside the statistics' cache entry, so the eigen-decompositions run once per
-    (statistics, damping, γ). Bases themselves are recomputed only for modules being compressed."""
+    (statistics, damping, γ). Bases themselves are recomputed only for modules being compressed.
+    `diagnostics=False` (compression only) skips fasc's misalignment and its eigh of C_x; a later
+    run that wants them computes the missing ones and stores them too."""
     an = Analysis(model, stats, cfg, linalg=linalg)
     folder = Path(root or cache.default_root()) / stats.key if stats.key else None
     # float32 summaries (checked against float64, see fasc.linalg_device) are stored apart
@@ -167,16 +170,16 @@ def analysis_cached(model: nn.Module, stats: CalibStats, cfg: CompressConfig = C
             hit = True
         except Exception:  # noqa: BLE001 - a damaged summary is simply recomputed
             path.unlink(missing_ok=True)
-    before = len(an.summaries)
-    an.precompute(methods, progress=progress)
-    if path is not None and folder.is_dir() and len(an.summaries) != before:
+    before = (len(an.summaries), len(an.misalignments))
+    an.precompute(methods, progress=progress, diagnostics=diagnostics)
+    if path is not None and folder.is_dir() and (len(an.summaries), len(an.misalignments)) != before:
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.incomplete")
         try:
             save_file(an.summary_tensors(), str(tmp))
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
-    return an, hit and len(an.summaries) == before
+    return an, hit and (len(an.summaries), len(an.misalignments)) == before
 
 
 def export_meta(an: Analysis, plan: Plan, *, method: str, source_model: str, calibration: str,

@@ -1,5 +1,6 @@
 """The content-addressed calibration cache: hits, corruption, atomicity."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -70,3 +71,29 @@ def test_spectra_summaries_are_cached_beside_the_statistics(llama, tmp_path):
     assert not an2._bases
     _, hit3 = fasc.analysis_cached(llama, st, fasc.CompressConfig(gamma=0.0), root=tmp_path)
     assert not hit3  # another γ, another summary
+
+
+def test_compression_only_analysis_skips_the_eigh_of_C_x_and_a_later_run_adds_the_diagnostics(llama, tmp_path,
+                                                                                             monkeypatch):
+    """`fasc compress` (diagnostics=False): fasc summaries whitened by Cholesky, no eigen-decomposition of
+    any C_x and no misalignment; a later analysis that wants the diagnostics computes only those, stores
+    them, and a third run is a full cache hit with the same numbers as a run that had them from the start."""
+    import fasc.spectra
+
+    st, _ = fasc.calibrate_cached(llama, random_batches(1), fasc.CalibConfig(n_tokens=1000, seq_len=24), root=tmp_path)
+    cfg = fasc.CompressConfig(gamma=0.0)
+    eighs = []
+    real = fasc.spectra.Whitening._eig
+    monkeypatch.setattr(fasc.spectra.Whitening, "_eig", lambda self: (eighs.append(self.Cx_d.shape[0]), real(self)))
+    an1, hit1 = fasc.analysis_cached(llama, st, cfg, ("fasc",), root=tmp_path, diagnostics=False)
+    assert not hit1 and eighs == [] and not an1.misalignments
+    assert not an1.decomposed(("fasc",))
+    an2, hit2 = fasc.analysis_cached(llama, st, cfg, ("fasc",), root=tmp_path)
+    assert not hit2 and eighs and set(an2.misalignments) == set(st.fqns)
+    eighs.clear()
+    an3, hit3 = fasc.analysis_cached(llama, st, cfg, ("fasc",), root=tmp_path)
+    assert hit3 and eighs == [] and an3.decomposed(("fasc",))
+    ref = fasc.Analysis(llama, st, cfg)
+    for f in st.fqns:
+        assert np.array_equal(an3.curve(f, "fasc"), an1.curve(f, "fasc"))
+        assert np.allclose(an3.misalignment(f), ref.misalignment(f), rtol=0, atol=1e-12)
