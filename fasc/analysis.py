@@ -207,7 +207,7 @@ class Analysis:
             return None
         w = self._workspace(fqn, place)
         if "wide" not in w:
-            ws = wide_side(w["W"], w["C_h"], wh, wh.Cx_d)   # B applied, not formed (2n²m, not n³)
+            ws = wide_side(w["W"], w["C_h"], wh, wh.Cx_d)   # two n²m products, not an n×n eigh
             if not wide_ok(ws) and float(torch.trace(w["C_h"])) > 0:
                 log.info("%s: only %.4f of tr(Bᵀ C_h B) lies in range(Bᵀ Wᵀ); solving the n×n problem",
                          fqn, ws.captured)
@@ -251,7 +251,7 @@ class Analysis:
         if method == "pca":
             self._note_variance(self.stats.group[fqn], wh)
             return basis_pca_wide(wh.mu, wh.V, ws, wh.right(ws.Z)) if ws is not None else basis_pca(wh.mu, wh.V, C_h)
-        if method == "asvd":  # wide bases take B and B⁻¹ from the whitening (b.white), formed only if asked for
+        if method == "asvd":  # wide bases take B and B⁻ᵀ from the whitening (b.white)
             b = basis_asvd_wide(ws, None, None, n) if ws is not None else \
                 basis_asvd(W, C_h, wh.B, None, self._S(w, wh), self._AtA(w, wh) if W.shape[0] >= W.shape[1] else None)
         elif ws is not None:

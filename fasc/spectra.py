@@ -102,12 +102,11 @@ class Whitening:
     """C_x,δ = C_x + δ tr(C_x)/n I and a whitening factor B with B Bᵀ = C_x,δ: its Cholesky factor L
     (lower-triangular, n³/3), or — where Cholesky fails in this precision — the symmetric square root
     from the eigenpairs. The eigenpairs (μ desc, V) of C_x,δ — pca's basis, the variance spectrum,
-    misalignment — are computed on first use, in `eig_dtype` (float32 on the CPU only where
-    `Analysis` has checked it against float64), so a fasc- or asvd-only analysis needs no n×n eigh."""
+    misalignment — are computed on first use, so a fasc- or asvd-only analysis needs no n×n eigh.
+    (float32 eigenpairs on the CPU were measured and rejected: pca maps up to 1.6 % off, BENCHMARKS.md.)"""
 
     Cx_d: Tensor
     L: Tensor | None = None
-    eig_dtype: torch.dtype | None = None
     shift: float = 0.0          # the damping added to the diagonal: μ − shift are C_x's own eigenvalues
     _mu: Tensor | None = field(default=None, repr=False)
     _V: Tensor | None = field(default=None, repr=False)
@@ -115,11 +114,8 @@ class Whitening:
     _B_inv: Tensor | None = field(default=None, repr=False)
 
     def _eig(self) -> None:
-        dt = self.eig_dtype or self.Cx_d.dtype
-        mu, V = eigh_desc(self.Cx_d if dt == self.Cx_d.dtype else self.Cx_d.to(dt))
-        mu = mu.to(self.Cx_d.dtype)
+        mu, self._V = eigh_desc(self.Cx_d)
         self._mu = mu.clamp_min(float(mu.max().clamp_min(1e-300)) * 1e-15)
-        self._V = V.to(self.Cx_d.dtype)
 
     @property
     def mu(self) -> Tensor:
@@ -142,10 +138,6 @@ class Whitening:
             self._B = (self.V * self.mu.sqrt()) @ self.V.T
         return self._B
 
-    def apply(self, X: Tensor) -> Tensor:
-        """B X. (n, c) -> (n, c)."""
-        return self.B @ X
-
     def right(self, X: Tensor) -> Tensor:
         """B⁻ᵀ X (the right factor of a map): a triangular solve with L, else through the eigenpairs."""
         if self._B_inv is not None:
@@ -167,16 +159,16 @@ class Whitening:
                    if t is not None)
 
 
-def whitening(C_x: Tensor, damping: float, eig_dtype: torch.dtype | None = None) -> Whitening:
-    """The damped C_x and its Cholesky factor (in C_x's dtype and on its device); the eigenpairs,
-    in `eig_dtype` (default C_x's), on first use. Falls back to the symmetric square root from the
+def whitening(C_x: Tensor, damping: float) -> Whitening:
+    """The damped C_x and its Cholesky factor (in C_x's dtype and on its device); the eigenpairs on
+    first use. Falls back to the symmetric square root from the
     eigenpairs (in C_x's dtype) when Cholesky fails — a C_x,δ not positive definite in this precision."""
     Cd = damp(C_x, damping)
     shift = float(torch.trace(Cd) - torch.trace(C_x)) / Cd.shape[0]
     L, info = torch.linalg.cholesky_ex(Cd)
     if int(info) == 0 and bool(torch.isfinite(L.diagonal()).all()) and float(L.diagonal().min()) > 0:
-        return Whitening(Cd, L, eig_dtype, shift)
-    return Whitening(Cd, None, None, shift)
+        return Whitening(Cd, L, shift)
+    return Whitening(Cd, None, shift)
 
 
 def predicted_curve(Cx_d: Tensor, C_h: Tensor, Q: Tensor, B: Tensor | None = None,

@@ -83,7 +83,7 @@ def test_small_side_asvd_and_fisher_spectrum_equal_full_solve():
 
 def symmetric(wh: Whitening) -> Whitening:
     """The same C_x,δ whitened by its symmetric square root (the spec's B = C_x^{1/2}) instead of Cholesky."""
-    return Whitening(wh.Cx_d, None, None, wh.shift)
+    return Whitening(wh.Cx_d, None, wh.shift)
 
 
 def test_small_side_pca_curve_equals_full_solve(llama, llama_stats):

@@ -93,6 +93,17 @@ def test_singular_fisher_gives_no_nan():
     assert torch.isfinite(zero.Q).all() and float(zero.curve.abs().max()) == 0.0
 
 
+def test_whitening_falls_back_to_the_square_root_where_cholesky_fails():
+    """A damped C_x that is not positive definite (here: an invalid, negative one) gets the symmetric
+    square root from its (clamped) eigenpairs instead of a failed Cholesky: finite factors, B⁻ᵀ = B⁻¹."""
+    wh = whitening(-torch.eye(5, dtype=torch.float64), 1e-4)
+    assert wh.L is None
+    assert torch.isfinite(wh.B).all() and torch.isfinite(wh.B_inv).all()
+    assert torch.allclose(wh.B, wh.B.T) and torch.allclose(wh.B_inv @ wh.B, torch.eye(5, dtype=torch.float64))
+    good = whitening(torch.eye(5, dtype=torch.float64), 1e-4)
+    assert good.L is not None and torch.allclose(good.B @ good.B.T, good.Cx_d)
+
+
 def test_large_gamma_gives_asvd():
     """γ → ∞: the shrunk FASC map equals whitened SVD (spec §3)."""
     W, Cx, Ch = random_stats(seed=4)
