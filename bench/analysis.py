@@ -3,6 +3,9 @@
     FASC_CACHE=/work/cache-shared python -m bench.analysis --model smollm2        # ≈ 5 min, 2 cores
     FASC_CACHE=/work/cache-shared python -m bench.analysis --interleave --sample-layers 3 --threads 1
         # one process, variants in turn per layer, CPU seconds: for a loaded machine
+    FASC_CACHE=/work/cache-shared python -m bench.analysis --stage compress --old-rev 1ad2bb0 --threads 1 \
+        --variants oldpar64 par64 oldpar64 par64
+        # what `fasc compress` recomputes after a summary-cache hit: every module's fasc basis and factors
 
 Each variant runs in a fresh process on the same cached calibration statistics and times
 `Analysis.precompute(("pca", "asvd", "fasc"))` — every module's pca, asvd and fasc summaries with
@@ -205,6 +208,8 @@ def main(argv=None) -> int:
         child(a)
         return 0
     if a.interleave:
+        if a.stage != "analysis":
+            p.error("--interleave times the analysis only; run --stage compress without it")
         a.variants = [v for v in a.variants if v != "full64"]
         res = interleaved(a)
         OUT.mkdir(exist_ok=True)
