@@ -9,6 +9,8 @@ nothing, so the compressed weight is stored dense (still of rank k).
 
 from __future__ import annotations
 
+import heapq
+
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -306,12 +308,20 @@ def rank_ratio_cost(infos: list[ModuleInfo], rank_ratio: float) -> float:
     return kept / total
 
 
+def _step_ratio(info: ModuleInfo, curve: np.ndarray, k: int) -> float:
+    """Predicted loss saved per parameter by rank k → k+1 (a factored step costs m + n)."""
+    return max(float(curve[k] - curve[k + 1]), 0.0) / (info.out_features + info.in_features)
+
+
 def greedy_ranks(infos: list[ModuleInfo], curves: list[np.ndarray], param_ratio: float) -> dict[str, int]:
     """Minimise Σ ΔL_j(k_j) subject to Σ params_j(k_j) ≤ ratio·Σ m_j n_j (spec §6).
 
     Each module's options are ranks 1..K (factored, K = largest factored rank) and "full" (dense,
     ΔL = 0). Steps are merged into the upper concave hull of (cost, gain) per module (so that the
-    greedy order within a module is preserved), then taken globally by gain per parameter.
+    greedy order within a module is preserved), then taken globally by gain per parameter; a hull step
+    that does not fit is skipped (with that module's later ones), not the end of the allocation, and
+    what budget is left is filled one rank at a time (best gain per parameter first), so that a few
+    coarse hull steps — a plan of a handful of modules — do not leave the budget unused.
     """
     total = sum(i.params for i in infos)
     budget = param_ratio * total
@@ -336,9 +346,28 @@ def greedy_ranks(infos: list[ModuleInfo], curves: list[np.ndarray], param_ratio:
     items.sort(key=lambda t: -t[0])
     ranks = [1] * len(infos)
     spent = base
+    blocked: set[int] = set()
     for ratio, cost, j, k in items:
+        if j in blocked:
+            continue
         if spent + cost > budget + 1e-9:
-            break
+            blocked.add(j)      # this module's later hull steps build on this one
+            continue
         spent += cost
         ranks[j] = k
+    heap = []   # the fill: single factored rank steps k → k+1 inside the segments not taken
+    for j, (info, c) in enumerate(zip(infos, curves)):
+        K = max(1, min(info.max_rank, (info.params - 1) // (info.out_features + info.in_features)))
+        if ranks[j] < K:
+            heapq.heappush(heap, (-_step_ratio(info, c, ranks[j]), j, K))
+    while heap:
+        _, j, K = heapq.heappop(heap)
+        info, c = infos[j], curves[j]
+        step = module_params(info, ranks[j] + 1) - module_params(info, ranks[j])
+        if spent + step > budget + 1e-9:
+            continue            # every step of this module costs the same: none fits any more
+        spent += step
+        ranks[j] += 1
+        if ranks[j] < K:
+            heapq.heappush(heap, (-_step_ratio(info, c, ranks[j]), j, K))
     return {info.fqn: r for info, r in zip(infos, ranks)}

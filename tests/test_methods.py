@@ -112,6 +112,29 @@ def test_greedy_is_optimal_on_a_small_instance():
         assert got <= best[0] + max(c[1] - c[2] for c in curves) + 1e-12
 
 
+def test_greedy_uses_the_budget_with_few_modules():
+    """Non-convex curves merge into coarse hull steps; with a handful of modules the first step that did
+    not fit used to end the allocation (one real-width 8B layer kept 72 % at an 80 % budget). Now the
+    leftover is smaller than any factored rank step still open, and the loss is never higher."""
+    infos = [fasc.ModuleInfo(f"l.{j}.m", j, "q", m, n, False, False)
+             for j, (m, n) in enumerate([(40, 24), (24, 64), (32, 32)])]
+    g = torch.Generator().manual_seed(3)
+    curves = []
+    for i in infos:   # plateaus then drops: far from convex, so the hull merges many ranks into one step
+        lam = (torch.rand(i.in_features, generator=g) ** 6).sort(descending=True).values.double()
+        lam[::7] *= 40
+        tail = lam.flip(0).cumsum(0).flip(0)
+        curves.append(0.5 * torch.cat([tail, torch.zeros(1, dtype=torch.float64)]).numpy())
+    for ratio in (0.3, 0.45, 0.6, 0.8):
+        ranks = greedy_ranks(infos, curves, ratio)
+        budget = ratio * sum(i.params for i in infos)
+        spent = sum(module_params(i, ranks[i.fqn]) for i in infos)
+        assert spent <= budget + 1e-9
+        open_steps = [i.out_features + i.in_features for i in infos
+                      if ranks[i.fqn] < (i.params - 1) // (i.out_features + i.in_features)]
+        assert not open_steps or budget - spent < min(open_steps)
+
+
 def test_plan_validation_errors(analysed):
     _, an = analysed["llama"]
     with pytest.raises(fasc.FascError, match="not in the model"):
