@@ -2,7 +2,8 @@
 
     python -m bench.scale8b                      # 1/8 width, 1 and 2 layers in memory: a few minutes (quiet CPU)
     python -m bench.scale8b --width-scale 1 --tokens 512 --seq-len 256        # the real layer shape
-        # (≈ 15 GB RAM; hours on 2 CPU cores: the 14336-wide whitening alone is an eigh of 14336²)
+        # (≈ 17 GB RAM; one layer ≈ 8 min on one CPU thread with --layers 1 --whole, no eigh of 14336²;
+        #  --diagnostics adds it: tens of minutes)
     python -m bench.scale8b --width-scale 1 --layers 32 --tokens 524288 --seq-len 2048 \\
         --device cuda --linalg-device cuda   # the whole model on one GPU (256 × 2048 tokens)
 
