@@ -15,8 +15,8 @@ on this shared 2-core machine — CPU bf16 matmuls are slow).
 Calibration is a real forward+backward over random tokens (fasc.calibrate, all statistics);
 analysis is the fasc summaries every module needs for a budget (Analysis.precompute(("fasc",))
 on --linalg-device, as `fasc compress` runs it: whitened by Cholesky, no eigh of C_x; --diagnostics
-adds the misalignment curves the dashboard draws, i.e. an eigh of every C_x); compression allocates 80 % of the modules' parameters greedily and swaps the
-layers in place; export writes the factored folder.
+adds the misalignment curves the dashboard draws, i.e. an eigh of every C_x); compression allocates
+80 % of the modules' parameters greedily and swaps the layers in place; export writes the factored folder.
 
 Times are CPU seconds of the process (time.process_time; with --threads 1 that is the work done,
 steadier than wall time on a shared machine; wall times are in the JSON). Everything runs twice,

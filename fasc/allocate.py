@@ -10,7 +10,6 @@ nothing, so the compressed weight is stored dense (still of rank k).
 from __future__ import annotations
 
 import heapq
-
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,11 @@ def module_params(info: ModuleInfo, k: int) -> int:
 def is_factored(info: ModuleInfo, k: int) -> bool:
     """True when two factors are smaller than the dense weight (spec §6)."""
     return k * (info.out_features + info.in_features) < info.params
+
+
+def max_factored_rank(info: ModuleInfo) -> int:
+    """K: the largest rank still stored as two factors (at least 1)."""
+    return max(1, min(info.max_rank, (info.params - 1) // (info.out_features + info.in_features)))
 
 
 def base_method(an: Analysis, fqn: str, method: str, tau: float = HYBRID_TAU,
@@ -331,7 +335,7 @@ def greedy_ranks(infos: list[ModuleInfo], curves: list[np.ndarray], param_ratio:
                         f"everywhere); raise --param-ratio.")
     items = []  # (ratio, cost, module index, rank reached)
     for j, (info, c) in enumerate(zip(infos, curves)):
-        K = max(1, min(info.max_rank, (info.params - 1) // (info.out_features + info.in_features)))
+        K = max_factored_rank(info)
         pts = [(module_params(info, k), float(c[k]), k) for k in range(1, K + 1)]
         pts.append((info.params, 0.0, info.max_rank))      # full: original weight, no loss
         hull: list[tuple[float, float, int]] = []           # steps (cost, gain, rank reached)
@@ -357,7 +361,7 @@ def greedy_ranks(infos: list[ModuleInfo], curves: list[np.ndarray], param_ratio:
         ranks[j] = k
     heap = []   # the fill: single factored rank steps k → k+1 inside the segments not taken
     for j, (info, c) in enumerate(zip(infos, curves)):
-        K = max(1, min(info.max_rank, (info.params - 1) // (info.out_features + info.in_features)))
+        K = max_factored_rank(info)
         if ranks[j] < K:
             heapq.heappush(heap, (-_step_ratio(info, c, ranks[j]), j, K))
     while heap:

@@ -172,14 +172,15 @@ def analysis_cached(model: nn.Module, stats: CalibStats, cfg: CompressConfig = C
             path.unlink(missing_ok=True)
     before = (len(an.summaries), len(an.misalignments))
     an.precompute(methods, progress=progress, diagnostics=diagnostics)
-    if path is not None and folder.is_dir() and (len(an.summaries), len(an.misalignments)) != before:
+    changed = (len(an.summaries), len(an.misalignments)) != before
+    if path is not None and folder.is_dir() and changed:
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.incomplete")
         try:
             save_file(an.summary_tensors(), str(tmp))
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
-    return an, hit and (len(an.summaries), len(an.misalignments)) == before
+    return an, hit and not changed
 
 
 def export_meta(an: Analysis, plan: Plan, *, method: str, source_model: str, calibration: str,
