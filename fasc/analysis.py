@@ -24,7 +24,8 @@ from .linalg_device import LinalgConfig, Place, precision_check, single_threaded
 from .modules import ModuleInfo, weight_matrix
 from .spectra import (Basis, WideSide, Whitening, basis_asvd, basis_asvd_wide, basis_fasc, basis_fasc_wide,
                       basis_fwsvd, basis_pca, basis_pca_wide, basis_svd, fisher_spectrum, fisher_spectrum_wide,
-                      map_loss, misalignment_curve, rho_from_sketch, whitening, wide_ok, wide_side)
+                      map_loss, misalignment_curve, misalignment_curve_eigen, pca_coordinates, rho_from_sketch,
+                      whitening, wide_ok, wide_side)
 from .stats import CalibStats
 
 log = logging.getLogger("fasc")
@@ -111,6 +112,9 @@ class Analysis:
         self.summaries: dict[tuple[str, str], Summary] = {}   # (fqn, method | 'fisher') -> Summary
         self.variance: dict[str, Tensor] = {}                  # group -> μ of the undamped C_x
         self.misalignments: dict[str, Tensor] = {}             # fqn -> (max_rank,) at k = 1..max_rank
+        # Whiten by B = V diag(μ^{1/2}) instead of Cholesky: set by `precompute` when C_x's eigenpairs
+        # are needed anyway (pca, misalignment); the maps, curves and spectra are the same either way.
+        self.eigen_whitening = False
 
     # ---------------------------------------------------------------- basic accessors
     @property
@@ -177,7 +181,7 @@ class Analysis:
         if key in self._white:
             self._white.move_to_end(key)
             return self._white[key]
-        wh = whitening(place.put(self.stats.cx[g]), self.cfg.damping)
+        wh = whitening(place.put(self.stats.cx[g]), self.cfg.damping, eigen=self.eigen_whitening)
         self._white[key] = wh
         while len(self._white) > 2:  # consecutive modules share a group (q/k/v, gate/up)
             self._white.popitem(last=False)
@@ -250,7 +254,10 @@ class Analysis:
         ws = self._wide(fqn, place, wh)
         if method == "pca":
             self._note_variance(self.stats.group[fqn], wh)
-            return basis_pca_wide(wh.mu, wh.V, ws, wh.right(ws.Z)) if ws is not None else basis_pca(wh.mu, wh.V, C_h)
+            if ws is not None:
+                return basis_pca_wide(wh.mu, wh.V, ws, pca_coordinates(wh, ws.Z))
+            shared = wh.L is None and wh.eigen and "S" in w    # Bᵀ C_h B of asvd/fasc, in pca's coordinates
+            return basis_pca(wh.mu, wh.V, C_h, w["S"] if shared else None)
         if method == "asvd":  # wide bases take B and B⁻ᵀ from the whitening (b.white)
             b = basis_asvd_wide(ws, None, None, n) if ws is not None else \
                 basis_asvd(W, C_h, wh.B, None, self._S(w, wh), self._AtA(w, wh) if W.shape[0] >= W.shape[1] else None)
@@ -269,9 +276,11 @@ class Analysis:
             self._bases.move_to_end(key)
             return self._bases[key]
         b = self._compute(fqn, method, self.place_of(fqn))
+        # a summary already here (e.g. from the cache) is kept: a basis recomputed under another
+        # whitening factor has the same curve up to rounding, and cached numbers should not drift
         if method == "fasc" and b.fisher_spectrum is not None:  # γ = 0: the Fisher spectrum is the basis' own
-            self.summaries[(fqn, "fisher")] = Summary(b.curve.to(*CPU64), b.fisher_spectrum.to(*CPU64))
-        self.summaries[key] = Summary(b.curve.to(*CPU64), b.values.to(*CPU64))
+            self.summaries.setdefault((fqn, "fisher"), Summary(b.curve.to(*CPU64), b.fisher_spectrum.to(*CPU64)))
+        self.summaries.setdefault(key, Summary(b.curve.to(*CPU64), b.values.to(*CPU64)))
         self._bases[key] = b
         while len(self._bases) > 1 and (len(self._bases) > self.max_cached_bases
                                         or sum(x.nbytes() for x in self._bases.values()) > self.max_cached_bytes):
@@ -331,7 +340,10 @@ class Analysis:
 
         With `diagnostics` (the default) fasc also gets its Fisher spectrum and misalignment — what the
         dashboard and `fasc report` draw; the misalignment needs the eigen-decomposition of C_x, which
-        fasc's own basis (whitened by Cholesky) does not, so `fasc compress` passes False.
+        fasc's own basis (whitened by Cholesky) does not, so `fasc compress` passes False. When pca or
+        the diagnostics will eigen-decompose C_x anyway, the analysis whitens by B = V diag(μ^{1/2})
+        from those eigenpairs instead (`eigen_whitening`: no Cholesky, and pca's curve and the
+        misalignment reuse asvd/fasc's products; same maps and curves up to rounding).
 
         On the CPU the layers are shared out over `workers` threads (default: `default_workers`), each
         running its eigen-decompositions single-threaded: for matrices of a few thousand rows that
@@ -339,9 +351,12 @@ class Analysis:
         a serial run (each module's arithmetic is unchanged); `progress` is called from this thread.
         """
         fqns = sorted(self.stats.fqns, key=lambda f: self.stats.group[f])  # group order: whitening LRU hits
-        todo = [(f, m) for f in fqns for m in methods if not self._done(f, m, diagnostics)]
+        order = sorted(methods, key=lambda m: m == "pca")   # pca last: it reads asvd/fasc's Bᵀ C_h B
+        todo = [(f, m) for f in fqns for m in order if not self._done(f, m, diagnostics)]
         if not todo:
             return
+        if "pca" in methods or (diagnostics and "fasc" in methods):   # C_x's eigenpairs will be needed
+            self._use_eigen_whitening()
         for f in {self.info(f).in_features: f for f, _ in todo}.values():
             self.place_of(f)  # the float32 check, once per input width, before any worker starts
         units: OrderedDict[int, list[tuple[str, str]]] = OrderedDict()
@@ -368,6 +383,13 @@ class Analysis:
                 for fut in futures:
                     fut.cancel()
                 raise
+
+    def _use_eigen_whitening(self) -> None:
+        """Whiten by C_x's eigenpairs from now on (their work is shared with pca and misalignment)."""
+        if not self.eigen_whitening:
+            self.eigen_whitening = True
+            self._white.clear()
+            self._work.clear()
 
     def default_workers(self) -> int:
         """Threads for `precompute`: one per intra-op thread on the CPU (at most 8), as many as ~8 GiB of
@@ -445,8 +467,11 @@ class Analysis:
     def misalignment(self, fqn: str) -> np.ndarray:
         """Subspace misalignment between pca and fasc at k = 1..n (entry k−1)."""
         if fqn not in self.misalignments:  # a diagnostic: not computed when a basis is only compressed with
-            b = self.basis(fqn, "fasc")
-            self.misalignments[fqn] = misalignment_curve(b.white.V, b, self.info(fqn).max_rank).to(*CPU64)
+            b, k = self.basis(fqn, "fasc"), self.info(fqn).max_rank
+            wh = b.white
+            mis = misalignment_curve_eigen(wh.mu, b, k) if wh.L is None and wh.eigen else \
+                misalignment_curve(wh.V, b, k)
+            self.misalignments[fqn] = mis.to(*CPU64)
         return self.misalignments[fqn].numpy()
 
     def rho(self, fqn: str) -> tuple[float, float]:
@@ -467,6 +492,8 @@ class Analysis:
         `decompose=False` runs no eigen-decomposition: ρ comes from the calibration sketch alone (spec
         §4), and the decomposition fields are filled only for modules already decomposed (else None).
         """
+        if decompose and not all(self._has_diagnostics(i.fqn) for i in self.modules):
+            self._use_eigen_whitening()   # pca and misalignment eigen-decompose C_x anyway
         rows = []
         for info in self.modules:
             f = info.fqn

@@ -103,11 +103,16 @@ class Whitening:
     (lower-triangular, n³/3), or — where Cholesky fails in this precision — the symmetric square root
     from the eigenpairs. The eigenpairs (μ desc, V) of C_x,δ — pca's basis, the variance spectrum,
     misalignment — are computed on first use, so a fasc- or asvd-only analysis needs no n×n eigh.
-    (float32 eigenpairs on the CPU were measured and rejected: pca maps up to 1.6 % off, BENCHMARKS.md.)"""
+    (float32 eigenpairs on the CPU were measured and rejected: pca maps up to 1.6 % off, BENCHMARKS.md.)
+
+    With `eigen` (an analysis that needs the eigenpairs anyway: pca, misalignment) B = V diag(μ^{1/2})
+    instead: no Cholesky, B⁻ᵀ = V diag(μ^{-1/2}), and the whitened coordinates are pca's own, so pca's
+    curve is diag(Bᵀ C_h B) and misalignment needs no n×n product (`misalignment_curve_eigen`)."""
 
     Cx_d: Tensor
     L: Tensor | None = None
     shift: float = 0.0          # the damping added to the diagonal: μ − shift are C_x's own eigenvalues
+    eigen: bool = False         # B = V diag(μ^{1/2}) (used when L is None)
     _mu: Tensor | None = field(default=None, repr=False)
     _V: Tensor | None = field(default=None, repr=False)
     _B: Tensor | None = field(default=None, repr=False)
@@ -135,7 +140,7 @@ class Whitening:
         if self.L is not None:
             return self.L
         if self._B is None:
-            self._B = (self.V * self.mu.sqrt()) @ self.V.T
+            self._B = self.V * self.mu.sqrt() if self.eigen else (self.V * self.mu.sqrt()) @ self.V.T
         return self._B
 
     def right(self, X: Tensor) -> Tensor:
@@ -144,14 +149,19 @@ class Whitening:
             return self._B_inv @ X
         if self.L is not None:
             return torch.linalg.solve_triangular(self.L.T, X, upper=True)
+        if self.eigen:
+            return self.V @ (X / self.mu.sqrt()[:, None])
         return self.V @ ((self.V.T @ X) / self.mu.sqrt()[:, None])
 
     @property
     def B_inv(self) -> Tensor:
         """B⁻ᵀ, formed (n×n)."""
         if self._B_inv is None:
-            n = self.Cx_d.shape[0]
-            self._B_inv = self.right(torch.eye(n, dtype=self.Cx_d.dtype, device=self.Cx_d.device))
+            if self.L is None and self.eigen:
+                self._B_inv = self.V / self.mu.sqrt()
+            else:
+                n = self.Cx_d.shape[0]
+                self._B_inv = self.right(torch.eye(n, dtype=self.Cx_d.dtype, device=self.Cx_d.device))
         return self._B_inv
 
     def nbytes(self) -> int:
@@ -159,12 +169,15 @@ class Whitening:
                    if t is not None)
 
 
-def whitening(C_x: Tensor, damping: float) -> Whitening:
+def whitening(C_x: Tensor, damping: float, eigen: bool = False) -> Whitening:
     """The damped C_x and its Cholesky factor (in C_x's dtype and on its device); the eigenpairs on
     first use. Falls back to the symmetric square root from the
-    eigenpairs (in C_x's dtype) when Cholesky fails — a C_x,δ not positive definite in this precision."""
+    eigenpairs (in C_x's dtype) when Cholesky fails — a C_x,δ not positive definite in this precision.
+    With `eigen`, no Cholesky: B = V diag(μ^{1/2}) from the eigenpairs (computed on first use)."""
     Cd = damp(C_x, damping)
     shift = float(torch.trace(Cd) - torch.trace(C_x)) / Cd.shape[0]
+    if eigen:
+        return Whitening(Cd, None, shift, eigen=True)
     L, info = torch.linalg.cholesky_ex(Cd)
     if int(info) == 0 and bool(torch.isfinite(L.diagonal()).all()) and float(L.diagonal().min()) > 0:
         return Whitening(Cd, L, shift)
@@ -217,18 +230,26 @@ def basis_svd(W: Tensor, Cx_d: Tensor, C_h: Tensor) -> Basis:
     return Basis(Q, None, None, predicted_curve(Cx_d, C_h, Q), s.square())
 
 
-def basis_pca(mu: Tensor, V: Tensor, C_h: Tensor) -> Basis:
-    """Variance basis from the eigenpairs (μ, V) of C_x,δ: ΔL_var(k) = ½ Σ_{i>k} μ_i v_iᵀ C_h v_i."""
-    hv = (C_h @ V).mul_(V).sum(0)
-    return Basis(V, None, None, diagonal_curve(mu * hv), mu)
+def basis_pca(mu: Tensor, V: Tensor, C_h: Tensor, S: Tensor | None = None) -> Basis:
+    """Variance basis from the eigenpairs (μ, V) of C_x,δ: ΔL_var(k) = ½ Σ_{i>k} μ_i v_iᵀ C_h v_i.
+    `S` = Bᵀ C_h B for the eigen factor B = V diag(μ^{1/2}) if already computed: its diagonal is
+    exactly those weights (no n³ product C_h V)."""
+    w = S.diagonal() if S is not None else mu * (C_h @ V).mul_(V).sum(0)
+    return Basis(V, None, None, diagonal_curve(w), mu)
 
 
-def basis_pca_wide(mu: Tensor, V: Tensor, ws: "WideSide", BiZ: Tensor) -> Basis:
+def basis_pca_wide(mu: Tensor, V: Tensor, ws: "WideSide", Zt: Tensor) -> Basis:
     """`basis_pca` of a wide module from its small side: Bᵀ C_h B = Z T0 Zᵀ gives
-    μ_i v_iᵀ C_h v_i = (Zt T0 Ztᵀ)_ii with Zt = diag(μ^{1/2}) Vᵀ B⁻ᵀ Z (`BiZ` = B⁻ᵀ Z, (n, m); = Vᵀ Z
-    for the symmetric square root) — O(n² m) instead of the O(n³) product C_h V."""
-    Zt = mu.sqrt()[:, None] * (V.T @ BiZ)
+    μ_i v_iᵀ C_h v_i = (Zt T0 Ztᵀ)_ii with Zt = diag(μ^{1/2}) Vᵀ B⁻ᵀ Z, (n, m) (`pca_coordinates`) —
+    O(n m²) instead of the O(n³) product C_h V."""
     return Basis(V, None, None, diagonal_curve((Zt @ ws.T0).mul_(Zt).sum(1)), mu)
+
+
+def pca_coordinates(wh: Whitening, Z: Tensor) -> Tensor:
+    """Zt = diag(μ^{1/2}) Vᵀ B⁻ᵀ Z of `basis_pca_wide`: Z itself for the eigen factor, O(n² m) otherwise."""
+    if wh.L is None and wh.eigen:
+        return Z
+    return wh.mu.sqrt()[:, None] * (wh.V.T @ wh.right(Z))
 
 
 def basis_fwsvd(W: Tensor, Cx_d: Tensor, C_h: Tensor, r: Tensor, damping: float) -> Basis:
@@ -392,7 +413,21 @@ def misalignment_curve(Q_var: Tensor, fasc: Basis, k_max: int | None = None) -> 
     """
     r = fasc.Q.shape[1] if k_max is None else min(k_max, fasc.Q.shape[1])
     O, _ = torch.linalg.qr(fasc.whitened(r))
-    G2 = (Q_var[:, :r].T @ O).square()
+    return _misalignment((Q_var[:, :r].T @ O).square())
+
+
+def misalignment_curve_eigen(mu: Tensor, fasc: Basis, k_max: int | None = None) -> Tensor:
+    """`misalignment_curve` for a basis whitened by the eigen factor B = V diag(μ^{1/2}): B Q_k = V (D Q_k),
+    and an orthogonal V neither changes the QR nor the overlaps, so Vᵀ O is the QR of D Q_r itself —
+    no n×n product. (n,), (n, r) -> (r,)."""
+    r = fasc.Q.shape[1] if k_max is None else min(k_max, fasc.Q.shape[1])
+    O, _ = torch.linalg.qr(mu.sqrt()[:, None] * fasc.Q[:, :r])
+    return _misalignment(O[:r].square())
+
+
+def _misalignment(G2: Tensor) -> Tensor:
+    """1 − (Σ_{i,j≤k} G2_ij) / k for k = 1..r from the squared overlaps G2 (r, r) of the two bases."""
+    r = G2.shape[0]
     overlap = G2.cumsum(0).cumsum(1).diagonal()
     k = torch.arange(1, r + 1, dtype=G2.dtype, device=G2.device)
     return (1 - overlap / k).clamp(0, 1)

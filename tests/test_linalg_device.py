@@ -19,7 +19,8 @@ import fasc
 from fasc.errors import FascError
 from fasc.linalg_device import LinalgConfig, Place, resolve_device, resolve_dtype
 from fasc.spectra import (basis_asvd, basis_asvd_wide, basis_fasc, basis_fasc_wide, basis_pca, basis_pca_wide,
-                          fisher_spectrum, fisher_spectrum_wide, misalignment_curve, whitening, wide_ok, wide_side, Whitening)
+                          fisher_spectrum, fisher_spectrum_wide, misalignment_curve, misalignment_curve_eigen, pca_coordinates, whitening, wide_ok,
+                          wide_side, Whitening)
 
 from helpers import random_batches
 
@@ -86,6 +87,11 @@ def symmetric(wh: Whitening) -> Whitening:
     return Whitening(wh.Cx_d, None, wh.shift)
 
 
+def eigen(wh: Whitening) -> Whitening:
+    """The same C_x,δ whitened by B = V diag(μ^{1/2}) from its eigenpairs (an analysis that needs them anyway)."""
+    return Whitening(wh.Cx_d, None, wh.shift, eigen=True)
+
+
 def test_small_side_pca_curve_equals_full_solve(llama, llama_stats):
     """pca's predicted curve of a wide module from the m×m side (Zt T0 Ztᵀ, no n³ product C_h V) equals
     the n×n one, whether the small side was whitened by the Cholesky factor or by the symmetric square
@@ -94,9 +100,9 @@ def test_small_side_pca_curve_equals_full_solve(llama, llama_stats):
     wh = whitening(Cx, 1e-4)
     assert wh.L is not None and wh._mu is None     # Cholesky; no eigen-decomposition until one is asked for
     full = basis_pca(wh.mu, wh.V, Ch)
-    for w in (wh, symmetric(wh)):
+    for w in (wh, symmetric(wh), eigen(wh)):
         ws = wide_side(W, Ch, w, w.Cx_d)
-        small = basis_pca_wide(wh.mu, wh.V, ws, w.right(ws.Z))
+        small = basis_pca_wide(wh.mu, wh.V, ws, pca_coordinates(w, ws.Z))
         assert torch.equal(small.Q, full.Q) and torch.equal(small.values, full.values)
         assert torch.allclose(small.curve, full.curve, atol=1e-10 * float(full.curve[0]), rtol=0)
     on = fasc.Analysis(llama, llama_stats, linalg=LinalgConfig(device="cpu", dtype="float64"))
@@ -122,18 +128,24 @@ def test_any_whitening_factor_gives_the_same_maps(gamma, llama, llama_stats):
     n = W.shape[1]
     Wn, Chn = W[:, :10].contiguous(), Ch[:10, :10]        # 12 × 10 (m ≥ n)
     whn = whitening(Cx[:10, :10], 1e-4)
+    ev = eigen(wh)
+    assert torch.allclose(ev.B @ ev.B.T, ev.Cx_d, atol=1e-12 * float(ev.Cx_d.abs().max()))
+    assert torch.allclose(ev.B_inv, torch.linalg.inv(ev.B).T, atol=1e-8 * float(ev.B_inv.abs().max()))
+    X = torch.randn(n, 3, dtype=torch.float64)
+    assert torch.allclose(eigen(wh).right(X), ev.B_inv @ X, atol=1e-10 * float(ev.B_inv.abs().max()))
     pairs = []
-    for w in (wh, sq):
+    for w in (wh, sq, ev):
         ws = wide_side(W, Ch, w, w.Cx_d)
         pairs.append((basis_asvd_wide(ws, w.B, w.B_inv, n), basis_fasc_wide(ws, Ch, W, w.B, w.B_inv, gamma, n),
                       basis_asvd(W, Ch, w.B, w.B_inv), basis_fasc(W, Ch, w.B, w.B_inv, gamma)))
-    for a, b in zip(*pairs):
-        scale = float(a.curve[0])
-        assert torch.allclose(a.curve, b.curve, atol=1e-9 * scale, rtol=0)
-        assert torch.allclose(a.values, b.values, atol=1e-9 * float(a.values[0]), rtol=0)
-        for k in (1, 4, W.shape[0] - 1):
-            assert same_map(a, b, W, k)
-    for w in (whn, symmetric(whn)):
+    for other in pairs[1:]:
+        for a, b in zip(pairs[0], other):
+            scale = float(a.curve[0])
+            assert torch.allclose(a.curve, b.curve, atol=1e-9 * scale, rtol=0)
+            assert torch.allclose(a.values, b.values, atol=1e-9 * float(a.values[0]), rtol=0)
+            for k in (1, 4, W.shape[0] - 1):
+                assert same_map(a, b, W, k)
+    for w in (whn, symmetric(whn), eigen(whn)):
         WB = Wn @ w.B
         a, b = basis_asvd(Wn, Chn, w.B, w.B_inv, AtA=WB.T @ WB), basis_asvd(Wn, Chn, w.B, w.B_inv)
         assert torch.allclose(a.curve, b.curve, atol=1e-12 * float(a.curve[0])) and same_map(a, b, Wn, 5)
@@ -147,6 +159,49 @@ def test_any_whitening_factor_gives_the_same_maps(gamma, llama, llama_stats):
     assert an.whitening(down)._mu is None      # Cholesky only: no eigen-decomposition of C_x
     U, V = an.factors(down, "fasc", 4)        # V = B⁻ᵀ Q_k by a triangular solve
     assert U.shape[1] == V.shape[1] == 4 and an.whitening(down)._B_inv is None
+
+
+@pytest.mark.parametrize("gamma", [0.0, 1.0])
+def test_eigen_whitening_shares_the_eigenpairs_and_changes_no_result(gamma, llama, llama_stats, monkeypatch):
+    """An analysis that needs C_x's eigenpairs anyway (pca, misalignment) whitens by B = V diag(μ^{1/2}):
+    it runs no Cholesky, and its pca / asvd / fasc curves, Fisher spectra and misalignments equal those of
+    the Cholesky-whitened analysis computed method by method; so do its rank-k maps. The shortcuts
+    (pca's curve from diag(Bᵀ C_h B), misalignment from the QR of diag(μ^{1/2}) Q) equal the general formulas."""
+    cfg = fasc.CompressConfig(gamma=gamma)
+    chol = fasc.Analysis(llama, llama_stats, cfg, linalg=LinalgConfig(device="cpu"))
+    for f in llama_stats.fqns:
+        for m in ("pca", "asvd", "fasc"):
+            chol.basis(f, m)
+        chol.fisher_spectrum(f), chol.misalignment(f)
+    assert not chol.eigen_whitening
+    calls = []
+    real = torch.linalg.cholesky_ex
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    an = fasc.Analysis(llama, llama_stats, cfg, linalg=LinalgConfig(device="cpu"))
+    an.precompute(("pca", "asvd", "fasc"), workers=1)
+    assert an.eigen_whitening and not calls
+    for key, s in chol.summaries.items():
+        t = an.summaries[key]
+        scale = max(float(s.values.abs().max()), 1e-300)
+        assert torch.allclose(t.values, s.values, atol=1e-9 * scale, rtol=0), key
+        if s.curve is not None:
+            assert torch.allclose(t.curve, s.curve, atol=1e-9 * float(s.curve[0]), rtol=0), key
+    for f in llama_stats.fqns:
+        assert np.allclose(an.misalignment(f), chol.misalignment(f), atol=1e-7), f
+        k = max(1, llama_stats.info(f).max_rank // 2)
+        for m in ("asvd", "fasc"):
+            U1, V1 = an.factors(f, m, k)
+            U2, V2 = chol.factors(f, m, k)
+            W = an.weight(f)
+            assert torch.allclose(U1 @ V1.T, U2 @ V2.T, atol=1e-8 * float(W.abs().max())), (f, m)
+    f = next(i.fqn for i in llama_stats.modules if i.out_features >= i.in_features)
+    wh, b = an.whitening(f), an.basis(f, "fasc")
+    assert wh.eigen and wh.L is None
+    assert torch.allclose(misalignment_curve_eigen(wh.mu, b), misalignment_curve(wh.V, b), atol=1e-10)
+    S = wh.B.T @ an.stats.ch[f].to(torch.float64) @ wh.B
+    C_h = an.stats.ch[f].to(torch.float64)
+    assert torch.allclose(basis_pca(wh.mu, wh.V, C_h, S).curve, basis_pca(wh.mu, wh.V, C_h).curve,
+                          atol=1e-10 * float(S.diagonal().sum()), rtol=0)
 
 
 def test_statistics_not_of_the_form_WtCgW_are_detected():

@@ -181,7 +181,8 @@ def test_rho_report_needs_no_eigen_decomposition(llama, llama_stats, monkeypatch
 
     with monkeypatch.context() as m:
         for name in ("whitening", "basis_pca", "basis_fasc", "basis_fasc_wide", "basis_asvd_wide", "wide_side",
-                     "fisher_spectrum", "fisher_spectrum_wide", "misalignment_curve"):
+                     "fisher_spectrum", "fisher_spectrum_wide", "misalignment_curve", "misalignment_curve_eigen",
+                     "pca_coordinates"):
             m.setattr(A, name, forbidden)
         lazy = an.report(0.5, decompose=False)
     assert [(r.fqn, r.rho, r.rho_signed, r.rank) for r in lazy] == [(r.fqn, r.rho, r.rho_signed, r.rank) for r in full]
