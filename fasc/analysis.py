@@ -256,7 +256,7 @@ class Analysis:
             self._note_variance(self.stats.group[fqn], wh)
             if ws is not None:
                 return basis_pca_wide(wh.mu, wh.V, ws, pca_coordinates(wh, ws.Z))
-            shared = wh.L is None and wh.eigen and "S" in w    # Bᵀ C_h B of asvd/fasc, in pca's coordinates
+            shared = wh.by_eigenpairs and "S" in w    # Bᵀ C_h B of asvd/fasc, in pca's coordinates
             return basis_pca(wh.mu, wh.V, C_h, w["S"] if shared else None)
         if method == "asvd":  # wide bases take B and B⁻ᵀ from the whitening (b.white)
             b = basis_asvd_wide(ws, None, None, n) if ws is not None else \
@@ -469,7 +469,7 @@ class Analysis:
         if fqn not in self.misalignments:  # a diagnostic: not computed when a basis is only compressed with
             b, k = self.basis(fqn, "fasc"), self.info(fqn).max_rank
             wh = b.white
-            mis = misalignment_curve_eigen(wh.mu, b, k) if wh.L is None and wh.eigen else \
+            mis = misalignment_curve_eigen(wh.mu, b, k) if wh.by_eigenpairs else \
                 misalignment_curve(wh.V, b, k)
             self.misalignments[fqn] = mis.to(*CPU64)
         return self.misalignments[fqn].numpy()

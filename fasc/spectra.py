@@ -14,7 +14,8 @@ every k follows from one n×n matrix:
 For fasc at γ = 0 the two factors are diag(λ) and I, hence ΔL_fasc(k) = ½ Σ_{i>k} λ_i exactly.
 The spec writes B = C_x^{1/2}; any factor with B Bᵀ = C_x gives the same maps M, curves and spectra
 (B = C_x^{1/2} U for an orthogonal U, and Q turns into Uᵀ Q), so the analysis uses the Cholesky factor
-L of C_x,δ (n³/3, as SVD-LLM does) instead of an n×n eigen-decomposition (`Whitening`).
+L of C_x,δ (n³/3, as SVD-LLM does) instead of an n×n eigen-decomposition (`Whitening`) — or, when it
+eigen-decomposes C_x anyway (pca, misalignment), B = V diag(μ^{1/2}) from those eigenpairs.
 C_x is damped (C + δ tr(C)/n I) wherever it appears, C_h never (spec §3), so that fasc is exactly
 optimal among all rank-k maps for the same objective: ΔL_var(k) ≥ ΔL_fasc(k).
 """
@@ -118,6 +119,11 @@ class Whitening:
     _B: Tensor | None = field(default=None, repr=False)
     _B_inv: Tensor | None = field(default=None, repr=False)
 
+    @property
+    def by_eigenpairs(self) -> bool:
+        """B = V diag(μ^{1/2}): the whitened coordinates are pca's, scaled (the shortcuts below apply)."""
+        return self.L is None and self.eigen
+
     def _eig(self) -> None:
         mu, self._V = eigh_desc(self.Cx_d)
         self._mu = mu.clamp_min(float(mu.max().clamp_min(1e-300)) * 1e-15)
@@ -157,7 +163,7 @@ class Whitening:
     def B_inv(self) -> Tensor:
         """B⁻ᵀ, formed (n×n)."""
         if self._B_inv is None:
-            if self.L is None and self.eigen:
+            if self.by_eigenpairs:
                 self._B_inv = self.V / self.mu.sqrt()
             else:
                 n = self.Cx_d.shape[0]
@@ -247,7 +253,7 @@ def basis_pca_wide(mu: Tensor, V: Tensor, ws: "WideSide", Zt: Tensor) -> Basis:
 
 def pca_coordinates(wh: Whitening, Z: Tensor) -> Tensor:
     """Zt = diag(μ^{1/2}) Vᵀ B⁻ᵀ Z of `basis_pca_wide`: Z itself for the eigen factor, O(n² m) otherwise."""
-    if wh.L is None and wh.eigen:
+    if wh.by_eigenpairs:
         return Z
     return wh.mu.sqrt()[:, None] * (wh.V.T @ wh.right(Z))
 
@@ -419,7 +425,7 @@ def misalignment_curve(Q_var: Tensor, fasc: Basis, k_max: int | None = None) -> 
 def misalignment_curve_eigen(mu: Tensor, fasc: Basis, k_max: int | None = None) -> Tensor:
     """`misalignment_curve` for a basis whitened by the eigen factor B = V diag(μ^{1/2}): B Q_k = V (D Q_k),
     and an orthogonal V neither changes the QR nor the overlaps, so Vᵀ O is the QR of D Q_r itself —
-    no n×n product. (n,), (n, r) -> (r,)."""
+    no n×n product. μ (n,), fasc.Q (n, ≥r) -> (r,)."""
     r = fasc.Q.shape[1] if k_max is None else min(k_max, fasc.Q.shape[1])
     O, _ = torch.linalg.qr(mu.sqrt()[:, None] * fasc.Q[:, :r])
     return _misalignment(O[:r].square())

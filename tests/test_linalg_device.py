@@ -19,8 +19,8 @@ import fasc
 from fasc.errors import FascError
 from fasc.linalg_device import LinalgConfig, Place, resolve_device, resolve_dtype
 from fasc.spectra import (basis_asvd, basis_asvd_wide, basis_fasc, basis_fasc_wide, basis_pca, basis_pca_wide,
-                          fisher_spectrum, fisher_spectrum_wide, misalignment_curve, misalignment_curve_eigen, pca_coordinates, whitening, wide_ok,
-                          wide_side, Whitening)
+                          fisher_spectrum, fisher_spectrum_wide, misalignment_curve, misalignment_curve_eigen,
+                          pca_coordinates, whitening, wide_ok, wide_side, Whitening)
 
 from helpers import random_batches
 
