@@ -191,3 +191,42 @@ def test_rho_report_needs_no_eigen_decomposition(llama, llama_stats, monkeypatch
     an.precompute()
     assert an.decomposed()
     assert an.report(0.5, decompose=False) == full
+
+
+@pytest.mark.parametrize("shape", [(8, 12), (12, 8)])
+def test_fasc_is_the_kronecker_factored_optimum_over_all_rank_k_weights(shape):
+    """With C_h = Wᵀ C_g W (h = Wᵀg), fasc's γ = 0 map is the minimiser of ½ tr(C_g ΔW C_x ΔWᵀ) over *every*
+    rank-k W′ (the generalized SVD C_g^{-1/2} [C_g^{1/2} W C_x^{1/2}]_k C_x^{-1/2}), not only among maps
+    W M: no rank allocation of any other rank-k factorisation can beat its per-module predicted loss."""
+    m, n = shape
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(m, n, generator=g, dtype=torch.float64)
+    X = torch.randn(300, n, generator=g, dtype=torch.float64) * torch.logspace(0, -2, n, dtype=torch.float64)
+    Gs = torch.randn(300, m, generator=g, dtype=torch.float64) * torch.logspace(0, -1, m, dtype=torch.float64)
+    C_x, C_g = X.T @ X / 300, Gs.T @ Gs / 300
+    C_h = W.T @ C_g @ W
+    wh = whitening(C_x, 1e-4)
+
+    def kfac(Wp):
+        E = W - Wp
+        return 0.5 * float(torch.trace(C_g @ E @ wh.Cx_d @ E.T))
+
+    def sqrt_inv(C):
+        mu, V = torch.linalg.eigh(C)
+        return (V * mu.sqrt()) @ V.T, (V / mu.sqrt()) @ V.T
+
+    Gh, Gih = sqrt_inv(C_g)
+    Xh, Xih = sqrt_inv(wh.Cx_d)
+    U, S, Vh = torch.linalg.svd(Gh @ W @ Xh)
+    b = basis_fasc(W, C_h, wh.B, None, 0.0)
+    b.white = wh
+    for k in range(1, min(m, n)):
+        best = Gih @ (U[:, :k] * S[:k]) @ Vh[:k] @ Xih
+        Uk, Vk = b.factors(W, k)
+        ours = kfac(Uk @ Vk.T)
+        assert ours == pytest.approx(kfac(best), rel=1e-9, abs=1e-12)
+        assert ours == pytest.approx(float(b.curve[k]), rel=1e-9, abs=1e-12)
+        for _ in range(3):   # any other rank-k weight is worse
+            A = Uk + 0.05 * torch.randn(Uk.shape, generator=g, dtype=torch.float64)
+            Bm = Vk + 0.05 * torch.randn(Vk.shape, generator=g, dtype=torch.float64) * Vk.abs().mean()
+            assert kfac(A @ Bm.T) > ours
