@@ -196,10 +196,10 @@ def test_eigen_whitening_shares_the_eigenpairs_and_changes_no_result(gamma, llam
             assert torch.allclose(U1 @ V1.T, U2 @ V2.T, atol=1e-8 * float(W.abs().max())), (f, m)
     f = next(i.fqn for i in llama_stats.modules if i.out_features >= i.in_features)
     wh, b = an.whitening(f), an.basis(f, "fasc")
-    assert wh.eigen and wh.L is None
+    assert wh.by_eigenpairs
     assert torch.allclose(misalignment_curve_eigen(wh.mu, b), misalignment_curve(wh.V, b), atol=1e-10)
-    S = wh.B.T @ an.stats.ch[f].to(torch.float64) @ wh.B
     C_h = an.stats.ch[f].to(torch.float64)
+    S = wh.B.T @ C_h @ wh.B
     assert torch.allclose(basis_pca(wh.mu, wh.V, C_h, S).curve, basis_pca(wh.mu, wh.V, C_h).curve,
                           atol=1e-10 * float(S.diagonal().sum()), rtol=0)
 
