@@ -95,3 +95,21 @@ def test_healing_that_hurts_heldout_text_is_undone(llama, compressed):
     assert "unhealed factors kept" in res.summary()
     with pytest.raises(fasc.FascError, match="held-out"):
         heal_(compressed, llama, train, tokens=10, heldout=[])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_heal_in_half_precision_keeps_float32_steps(llama, compressed, dtype):
+    """A bf16/fp16 model (`--dtype bfloat16` on a GPU) heals as far as the float32 one at the default
+    learning rate: Adam's steps (≈ lr = 1e-4) are below a bf16 factor's resolution, so without float32
+    master copies they round away and healing stalls (measured: 76 % of float32's gain after these
+    12k tokens, a third after 40k)."""
+    train, held = random_batches(3, seed=5), random_batches(2, seed=9)
+    gains = {}
+    for dt in (torch.float32, dtype):
+        model, dense = copy.deepcopy(compressed).to(dt), copy.deepcopy(llama).to(dt)
+        before = heldout_kl(model, dense, held)
+        heal_(model, dense, train, tokens=12_000)
+        assert all(p.dtype == dt and p.grad is None for p in model.parameters())
+        gains[dt] = before - heldout_kl(model, dense, held)
+    assert gains[torch.float32] > 0
+    assert gains[dtype] == pytest.approx(gains[torch.float32], rel=0.1)
