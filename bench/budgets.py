@@ -107,7 +107,9 @@ def available(flags: dict) -> tuple[bool, str]:
 
 
 def cli_args(flags: dict) -> list[str]:
-    out = []
+    """The row's options for `fasc compress`; a row without healing says --heal-tokens 0 (the CLI's
+    default, auto, heals on a GPU)."""
+    out = [] if "heal_tokens" in flags else ["--heal-tokens", "0"]
     for f, v in flags.items():
         opt = FLAG_SUPPORT[f][1]
         out += [opt] if v is True else [opt, str(v)]

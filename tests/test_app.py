@@ -502,14 +502,20 @@ def test_export_sequential_and_healing(env):
     assert any("two more forward passes" in (s.help or "") for s in at.selectbox)
 
 
-def test_export_healing_merged_is_refused(env):
+def test_export_healing_is_off_for_merged_exports_and_on_the_cpu_by_default(env):
+    """Healing tokens default to `auto_heal_tokens` of the model's device (0 on this CPU); a merged
+    export disables the field (no factors to heal) and heals nothing, whatever it holds."""
     at = goto(calibrated(env), "pages/5_export.py")
+    field = at.number_input(key="w.export_heal_tokens")
+    assert field.value == 0 and not field.disabled and "on a GPU" in field.help
+    field.set_value(64).run()
     at.radio(key="w.export_format").set_value("merged").run()
-    at.number_input(key="w.export_heal_tokens").set_value(64).run()
-    target = Path(at.text_input[0].value)
+    field = at.number_input(key="w.export_heal_tokens")
+    assert field.disabled and "merged export keeps no factors" in field.help
     at.button(key="w.export").click().run()
-    assert len(errors(ok(at))) == 1 and "merged export does not keep" in errors(at)[0]
-    assert not target.exists() and "export_result" not in at.session_state
+    res = ok(at).session_state["export_result"]
+    assert res["merged"] and res["heal"] is None
+    assert json.loads((Path(res["out"]) / "fasc_config.json").read_text())["heal"] is None
 
 
 # ------------------------------------------------------------------------------------------ page 6

@@ -96,7 +96,10 @@ def test_cli_on_the_gpu_twice_and_with_statistics_on_the_cpu(capsys, saved_llama
         for a, b in zip(runs[0]["modules"], other["modules"]):
             assert a["fqn"] == b["fqn"] and a["dl_fasc"] == pytest.approx(b["dl_fasc"], rel=1e-3, abs=1e-9)
     out = tmp_path / "export"
-    code, _, err = run_cli(capsys, "compress", *common, "--method", "fasc", "--param-ratio", "0.6", "--out", str(out))
+    code, res, err = run_cli(capsys, "compress", *common, "--method", "fasc", "--param-ratio", "0.6", "--out", str(out),
+                             "--json")
     assert code == 0, err
+    res = json.loads(res)   # --heal-tokens auto heals on a GPU
+    assert res["heal_tokens"] == fasc.config.HEAL_TOKENS_GPU and res["heal"]["tokens"] >= res["heal_tokens"]
     model, _ = fasc.load_compressed(out)
     assert next(model.parameters()).device.type == "cpu"

@@ -199,6 +199,39 @@ def test_cli_sequential_and_heal(capsys, saved_llama, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_heal_tokens_auto_heals_on_a_gpu_only(capsys, saved_llama, tmp_path):
+    """`--heal-tokens auto` (the default): HEAL_TOKENS_GPU for a factored export of a CUDA model, 0 on the
+    CPU (with a hint naming the flag) and for merged exports; a bad value is one line naming the choices."""
+    import json
+
+    from fasc.cli import main
+    from fasc.config import HEAL_TOKENS_GPU
+    from fasc.heal import auto_heal_tokens
+
+    assert auto_heal_tokens(torch.device("cuda", 1)) == auto_heal_tokens("cuda") == HEAL_TOKENS_GPU > 0
+    assert auto_heal_tokens("cuda", merge=True) == auto_heal_tokens("cpu") == auto_heal_tokens("meta") == 0
+    common = ["--model", str(saved_llama / "model"), "--data", str(saved_llama / "calib.txt"), "--tokens", "512",
+              "--seq-len", "32", "--cache-dir", str(tmp_path / "cache"), "--quiet", "--param-ratio", "0.6"]
+    code = main(["compress", *common, "--out", str(tmp_path / "a"), "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["heal_tokens"] == 0 and res["heal"] is None
+    assert json.loads((tmp_path / "a" / "fasc_config.json").read_text())["heal"] is None
+    code = main(["compress", *common, "--out", str(tmp_path / "b")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert f"--heal-tokens {HEAL_TOKENS_GPU}" in out.splitlines()[-1] and "off on the CPU" in out
+    code = main(["compress", *common, "--merge", "--out", str(tmp_path / "c")])
+    out, err = capsys.readouterr()
+    assert code == 0 and "healing" not in out
+    with pytest.raises(SystemExit) as e:
+        main(["compress", *common, "--heal-tokens", "lots", "--out", str(tmp_path / "d")])
+    _, err = capsys.readouterr()
+    assert e.value.code == 2 and "expected 'auto' or a number of tokens" in err
+    assert not (tmp_path / "d").exists()
+
+
 def test_restat_uses_the_method_on_the_compressed_inputs(llama):
     """refit=False: each module is the method's own factorization on C_x̃x̃ (W C̃ V (VᵀC̃V)⁻¹ = U for asvd)."""
     batches, an, plan = planned(llama, "asvd", 0.4, seed=4, cfg=fasc.CompressConfig(damping=0.0))
