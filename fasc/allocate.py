@@ -129,6 +129,12 @@ class Plan:
         kept = sum(module_params(an.info(f), k) for f, k in self.ranks.items())
         return kept, sum(an.info(f).params for f in self.ranks)
 
+    def factored_params(self, an: Analysis) -> tuple[int, int]:
+        """(parameters in the factors, parameters of the dense weights they replace) over the modules
+        this plan factors (a module at a rank too high to save anything stays dense)."""
+        fac = [(an.info(f), k) for f, k in self.ranks.items() if is_factored(an.info(f), k)]
+        return sum(module_params(i, k) for i, k in fac), sum(i.params for i, _ in fac)
+
     def predicted(self, an: Analysis) -> float:
         """Σ predicted ΔL over the planned modules, nats per token."""
         return float(sum(an.predicted(f, self.methods[f], k) for f, k in self.ranks.items()))

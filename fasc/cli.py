@@ -272,11 +272,6 @@ def cmd_compress(args) -> None:
     if args.heal_check_tokens < 0 or args.heal_check_tokens == 1:
         raise FascError(f"--heal-check-tokens must be 0 (no checks) or at least 2, got {args.heal_check_tokens}.")
     model, tok, t_load = _load(args)
-    heal_tokens = args.heal_tokens
-    if heal_tokens == "auto":
-        from .heal import auto_heal_tokens
-
-        heal_tokens = auto_heal_tokens(next(model.parameters()).device, args.merge)
     t0 = time.perf_counter()
     stats, hit, batches = _stats(args, model, tok)
     t_cal = time.perf_counter() - t0
@@ -301,6 +296,11 @@ def cmd_compress(args) -> None:
         plan.save(args.save_plan)
     from .speed import plan_speed
 
+    heal_tokens, heal_why = args.heal_tokens, ""
+    if heal_tokens == "auto":
+        from .pipeline import auto_heal
+
+        heal_tokens, heal_why = auto_heal(model, an, plan, batches[0].input_ids.shape[1], args.merge)
     speedup, warn = plan_speed(model, an, plan, merge=args.merge)
     if warn is not None:
         logging.getLogger("fasc").warning(warn)
@@ -324,11 +324,8 @@ def cmd_compress(args) -> None:
         res["rank_ratio"] = args.rank_ratio
     res["allocation"] = plan.note.get("allocation")
     res["heal_tokens"] = heal_tokens
-    hint = ""
-    if args.heal_tokens == "auto" and not heal_tokens and not args.merge:
-        hint = (f"\nhealing: off on the CPU (--heal-tokens auto heals {HEAL_TOKENS_GPU:,} tokens on a GPU only); "
-                f"--heal-tokens {HEAL_TOKENS_GPU} trains the factors here too (SmolLM2 at 80 %: perplexity 1.28x -> "
-                "1.14x dense, ≈ 16 min on one core)")
+    if heal_why:
+        res["heal_off"] = heal_why
     obj = {**res, "from_cache": hit, "predicted_speedup": round(speedup, 3),
            "seconds": {"load": round(t_load, 2), "calibration": round(t_cal, 2), "eigen": round(t_eig, 2), "compress_and_export": res["seconds"]}}
     _emit(args, obj, f"wrote {res['out']} ({'merged' if args.merge else 'factored'}): {res['modules']} modules, "
@@ -336,7 +333,8 @@ def cmd_compress(args) -> None:
                      f"{f' by --rank-ratio {args.rank_ratio}' if args.rank_ratio is not None else ''}"
                      f"{f' ({args.allocation} allocation)' if args.param_ratio is not None else ''}, model {res['model_params_before']:,} → "
                      f"{res['model_params_after']:,} parameters, predicted ΔL {res['predicted_delta_loss']:.4f} "
-                     f"nats/token" + (f"\nhealing: {res['heal']['summary']}" if res.get("heal") else hint))
+                     f"nats/token" + (f"\nhealing: {res['heal']['summary']}" if res.get("heal") else
+                     f"\nhealing: {heal_why}" if heal_why else ""))
 
 
 def _heal_tokens_arg(s: str):

@@ -67,15 +67,40 @@ class HealResult:
         return s
 
 
-def auto_heal_tokens(device: torch.device | str, merge: bool = False) -> int:
+def auto_heal_tokens(device: torch.device | str, merge: bool = False, need_bytes: int = 0,
+                     free_bytes: int | None = None) -> int:
     """The healing budget when none is given (`--heal-tokens auto`, the dashboard's default).
 
-    `HEAL_TOKENS_GPU` for a factored export of a model on a GPU, where it costs seconds to minutes, and
-    0 on the CPU, where it is the longest step (≈ 16 min for SmolLM2 on one core) and stays opt-in, and
-    for merged exports (healing trains the factors). What it buys, measured on SmolLM2 at 80 % of the
-    parameters: perplexity 1.28× → 1.14× dense, known facts kept 0.749 → 0.821 (BENCHMARKS.md).
+    `HEAL_TOKENS_GPU` for a factored export of a model on a GPU, where it costs seconds to minutes, if
+    the `need_bytes` it needs there (`heal_memory_bytes`) fit in `free_bytes` (default: what the GPU has
+    free now); 0 on the CPU, where it is the longest step (≈ 16 min for SmolLM2 on one core) and stays
+    opt-in, for merged exports (healing trains the factors) and when it would not fit (Adam over the
+    factors of an 8B model at 80 % needs ≈ 90 GB beside the dense model). What it buys, measured on
+    SmolLM2 at 80 % of the parameters: perplexity 1.28× → 1.14× dense, known facts kept 0.749 → 0.821.
     """
-    return HEAL_TOKENS_GPU if torch.device(device).type == "cuda" and not merge else 0
+    device = torch.device(device)
+    if device.type != "cuda" or merge:
+        return 0
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    return HEAL_TOKENS_GPU if need_bytes <= free_bytes else 0
+
+
+def heal_memory_bytes(model: nn.Module, factor_params: int, replaced_params: int, seq_len: int,
+                      micro_batch: int = 2) -> int:
+    """Device memory healing needs beside the dense `model` (an estimate, from sizes only): the
+    compressed copy (`factor_params` in its factors instead of the `replaced_params` of the dense
+    weights they replace), then per factor parameter its gradient, Adam's two float32 moments and,
+    for bf16/fp16 factors, a float32 master copy and its float32 gradient, and the logits of one
+    micro-batch (teacher and student, and the float32 copies of the KL: six (micro_batch, seq_len,
+    vocab) float32 tensors)."""
+    p = next(model.parameters())
+    size = p.element_size()
+    total = sum(q.numel() for q in model.parameters())
+    copy = (total - replaced_params + factor_params) * size
+    state = factor_params * (size + 8 + (8 if p.dtype in (torch.bfloat16, torch.float16) else 0))
+    vocab = model.get_output_embeddings().weight.shape[0]
+    return copy + state + 6 * micro_batch * seq_len * vocab * 4
 
 
 def balance_factors_(layer: LowRankLinear) -> None:
@@ -185,7 +210,7 @@ def heal_(model: nn.Module, dense_model: nn.Module, batches: list[Batch], tokens
     if not layers:
         raise FascError("The model has no low-rank factors to heal (merged or not compressed); heal a factored "
                         "model.")
-    saved = [(m.U.detach().clone(), m.V.detach().clone()) for m in layers]
+    saved = [(m.U.detach().to("cpu", copy=True), m.V.detach().to("cpu", copy=True)) for m in layers]  # off the GPU
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
     training = {n: m.training for n, m in model.named_modules()}
     t_training = dense_model.training

@@ -139,7 +139,7 @@ def evaluation(ctx: ui.Context, plan: Plan) -> None:
                                                                  **ui.bind("eval_tokens", 4096)))))
     go = c[2].button("Evaluate", key="w.evaluate", icon=":material/play_arrow:")
     c[3].caption(f"Perplexity on {data.heldout.name}, fact recall on {data.probe.name}.")
-    seq, heal = ui.refinement_options("eval", next(ctx.lm.model.parameters()).device)
+    seq, heal = ui.refinement_options("eval", ctx, plan)
     plan_alloc = plan.note.get("allocation") or "greedy"   # the baseline is spread the same way
     ekey = (ctx.lm.spec, ctx.calib["key"], ctx.an.cfg.gamma, plan.key(), baseline, max_tok, plan_alloc, seq, heal)
     if go and state.evaluation(ekey) is None:

@@ -94,7 +94,7 @@ def main() -> None:
     ui.commit("export_overwrite", overwrite)
     if st.session_state.get("w.export_cancel"):
         st.warning("Export cancelled; nothing was written.", icon=":material/cancel:")
-    sequential, heal_tokens = ui.refinement_options("export", next(ctx.lm.model.parameters()).device, merged)
+    sequential, heal_tokens = ui.refinement_options("export", ctx, plan, merged)
 
     if st.button("Export", type="primary", key="w.export", icon=":material/save:"):
         if not out.strip():

@@ -200,15 +200,17 @@ def test_cli_sequential_and_heal(capsys, saved_llama, tmp_path):
 
 
 def test_heal_tokens_auto_heals_on_a_gpu_only(capsys, saved_llama, tmp_path):
-    """`--heal-tokens auto` (the default): HEAL_TOKENS_GPU for a factored export of a CUDA model, 0 on the
-    CPU (with a hint naming the flag) and for merged exports; a bad value is one line naming the choices."""
+    """`--heal-tokens auto` (the default): HEAL_TOKENS_GPU for a factored export of a CUDA model where it
+    fits, 0 on the CPU (with a hint naming the flag), for merged exports and where the GPU memory it needs
+    is not free; a bad value is one line naming the choices."""
     import json
 
     from fasc.cli import main
     from fasc.config import HEAL_TOKENS_GPU
     from fasc.heal import auto_heal_tokens
 
-    assert auto_heal_tokens(torch.device("cuda", 1)) == auto_heal_tokens("cuda") == HEAL_TOKENS_GPU > 0
+    assert auto_heal_tokens(torch.device("cuda", 1), need_bytes=10, free_bytes=10) == HEAL_TOKENS_GPU > 0
+    assert auto_heal_tokens("cuda", need_bytes=11, free_bytes=10) == 0
     assert auto_heal_tokens("cuda", merge=True) == auto_heal_tokens("cpu") == auto_heal_tokens("meta") == 0
     common = ["--model", str(saved_llama / "model"), "--data", str(saved_llama / "calib.txt"), "--tokens", "512",
               "--seq-len", "32", "--cache-dir", str(tmp_path / "cache"), "--quiet", "--param-ratio", "0.6"]
@@ -216,7 +218,7 @@ def test_heal_tokens_auto_heals_on_a_gpu_only(capsys, saved_llama, tmp_path):
     out, err = capsys.readouterr()
     assert code == 0, err
     res = json.loads(out)
-    assert res["heal_tokens"] == 0 and res["heal"] is None
+    assert res["heal_tokens"] == 0 and res["heal"] is None and "--heal-tokens" in res["heal_off"]
     assert json.loads((tmp_path / "a" / "fasc_config.json").read_text())["heal"] is None
     code = main(["compress", *common, "--out", str(tmp_path / "b")])
     out, err = capsys.readouterr()
@@ -230,6 +232,27 @@ def test_heal_tokens_auto_heals_on_a_gpu_only(capsys, saved_llama, tmp_path):
     _, err = capsys.readouterr()
     assert e.value.code == 2 and "expected 'auto' or a number of tokens" in err
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_heal_memory_counts_the_compressed_copy_and_adam(llama, dtype):
+    """The estimate behind `--heal-tokens auto` on a GPU: the plan's factor counts are those of the
+    compressed copy, and its size term is that copy's real size in bytes."""
+    from fasc.heal import heal_memory_bytes
+
+    model = copy.deepcopy(llama).to(dtype)
+    batches, an, plan = planned(model, "fasc", 0.4, seed=4)
+    fac, replaced = plan.factored_params(an)
+    work = copy.deepcopy(model)
+    fasc.compress_(work, an, plan)
+    low = [m for m in work.modules() if isinstance(m, LowRankLinear)]
+    assert fac == sum(m.U.numel() + m.V.numel() for m in low) > 0
+    assert replaced == sum(m.in_features * m.out_features for m in low)
+    size = torch.empty((), dtype=dtype).element_size()
+    state = fac * (size + 8 + (8 if dtype == torch.bfloat16 else 0))   # grad, Adam moments, float32 master + grad
+    real = sum(p.numel() * p.element_size() for p in work.parameters())
+    assert heal_memory_bytes(model, fac, replaced, seq_len=32, micro_batch=0) == real + state
+    assert heal_memory_bytes(model, fac, replaced, seq_len=32) == real + state + 6 * 2 * 32 * VOCAB * 4
 
 
 def test_restat_uses_the_method_on_the_compressed_inputs(llama):

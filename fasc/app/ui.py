@@ -30,7 +30,7 @@ from ..data import Batch, data_fingerprint, load_source, make_batches
 from ..errors import FascError
 from ..loading import model_summary
 from ..modules import model_fingerprint
-from ..pipeline import calibrate_cached, model_defaults
+from ..pipeline import auto_heal, calibrate_cached, model_defaults
 from ..stats import CalibStats
 from . import choices as C
 from .format import eta_text
@@ -396,19 +396,17 @@ HEAL_HELP = ("Healing (`--heal-tokens`): after compressing, train only the low-r
              f"{HEAL_TOKENS_GPU:,} when the model is on a GPU, 0 (off) on the CPU. Factored models only.")
 
 
-def refinement_options(name: str, device, merged: bool = False) -> tuple[bool | str, int]:
-    """Sequential compression (off by default) and healing (`fasc.heal.auto_heal_tokens` of the model's
-    `device` by default; disabled, 0, for a merged export) — widgets `w.<name>_sequential`,
-    `w.<name>_heal_tokens`, with their cost in the help texts."""
-    from ..heal import auto_heal_tokens
-
+def refinement_options(name: str, ctx: Context, plan, merged: bool = False) -> tuple[bool | str, int]:
+    """Sequential compression (off by default) and healing (by default what `fasc compress --heal-tokens
+    auto` does for `plan`: `fasc.pipeline.auto_heal`; disabled, 0, for a merged export) — widgets
+    `w.<name>_sequential`, `w.<name>_heal_tokens`, with their cost in the help texts."""
     c = st.columns(2)
     seq = commit(f"{name}_sequential", c[0].selectbox("Sequential", ["off", "restat", "refit"], help=SEQUENTIAL_HELP,
                                                        **bind(f"{name}_sequential", "off")))
     heal = commit(f"{name}_heal_tokens", c[1].number_input(
         "Healing tokens", 0, 10_000_000, step=1024, disabled=merged,
         help=HEAL_HELP + (" Off here: a merged export keeps no factors to heal." if merged else ""),
-        **bind(f"{name}_heal_tokens", auto_heal_tokens(device))))
+        **bind(f"{name}_heal_tokens", auto_heal(ctx.lm.model, ctx.an, plan, calib_request(ctx.lm.spec).cfg.seq_len)[0])))
     return (False if seq == "off" else seq), 0 if merged else int(heal)
 
 
