@@ -393,7 +393,8 @@ HEAL_HELP = ("Healing (`--heal-tokens`): after compressing, train only the low-r
              "(BENCHMARKS.md): 16,384 tokens recover 4.4–4.6 fact-recall points at 60 % kept in about 40 s on a "
              f"shared CPU; on SmolLM2 at 80 % kept, {HEAL_TOKENS_GPU:,} tokens bring perplexity from 1.28× to 1.14× "
              f"dense and the known facts kept from 0.749 to 0.821 (≈ 16 min on one CPU core). Default: "
-             f"{HEAL_TOKENS_GPU:,} when the model is on a GPU, 0 (off) on the CPU. Factored models only.")
+             f"{HEAL_TOKENS_GPU:,} when the model is on a GPU and healing fits in its free memory, 0 (off) on the CPU. "
+             "Factored models only.")
 
 
 def refinement_options(name: str, ctx: Context, plan, merged: bool = False) -> tuple[bool | str, int]:
