@@ -68,22 +68,32 @@ class HealResult:
 
 
 def auto_heal_tokens(device: torch.device | str, merge: bool = False, need_bytes: int = 0,
-                     free_bytes: int | None = None) -> int:
-    """The healing budget when none is given (`--heal-tokens auto`, the dashboard's default).
+                     free_bytes: int | None = None) -> tuple[int, str]:
+    """The healing budget when none is given (`--heal-tokens auto`, the dashboard's default), and why
+    it is 0: (tokens, one line naming the flag, or '').
 
     `HEAL_TOKENS_GPU` for a factored export of a model on a GPU, where it costs seconds to minutes, if
     the `need_bytes` it needs there (`heal_memory_bytes`) fit in `free_bytes` (default: what the GPU has
     free now); 0 on the CPU, where it is the longest step (≈ 16 min for SmolLM2 on one core) and stays
-    opt-in, for merged exports (healing trains the factors) and when it would not fit (Adam over the
-    factors of an 8B bf16 model at 80 % needs ≈ 118 GiB beside the dense model, `heal_memory_bytes`). What it buys, measured on
-    SmolLM2 at 80 % of the parameters: perplexity 1.28× → 1.14× dense, known facts kept 0.749 → 0.821.
+    opt-in, for merged exports (healing trains the factors; no reason given) and when it would not fit
+    (Adam over the factors of an 8B bf16 model at 80 % needs ≈ 118 GiB beside the dense model,
+    `heal_memory_bytes`). What it buys, measured on SmolLM2 at 80 % of the parameters: perplexity
+    1.28× → 1.14× dense, known facts kept 0.749 → 0.821.
     """
     device = torch.device(device)
-    if device.type != "cuda" or merge:
-        return 0
+    if merge:
+        return 0, ""
+    if device.type != "cuda":
+        return 0, (f"off on the CPU (--heal-tokens auto heals {HEAL_TOKENS_GPU:,} tokens on a GPU only); "
+                   f"--heal-tokens {HEAL_TOKENS_GPU} trains the factors here too (SmolLM2 at 80 %: perplexity "
+                   "1.28x -> 1.14x dense, ≈ 16 min on one core)")
     if free_bytes is None:
         free_bytes = torch.cuda.mem_get_info(device)[0]
-    return HEAL_TOKENS_GPU if need_bytes <= free_bytes else 0
+    if need_bytes <= free_bytes:
+        return HEAL_TOKENS_GPU, ""
+    return 0, (f"skipped by --heal-tokens auto: it needs ≈ {need_bytes / 2**30:.1f} GiB on the GPU beside the dense "
+               f"model (the compressed copy, Adam over its factors), {free_bytes / 2**30:.1f} GiB are free; "
+               f"--heal-tokens {HEAL_TOKENS_GPU} tries anyway")
 
 
 def heal_memory_bytes(model: nn.Module, factor_params: int, replaced_params: int, seq_len: int,

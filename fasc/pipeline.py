@@ -21,7 +21,7 @@ from . import cache
 from .allocate import Plan, validate_plan
 from .analysis import Analysis
 from .calibrate import ProgressFn, calibrate
-from .config import HEAL_TOKENS_GPU, CalibConfig, CompressConfig
+from .config import CalibConfig, CompressConfig
 from .data import Batch, data_fingerprint, load_source, make_batches
 from .errors import FascError
 from .export import folder_size, prepare_destination, save_compressed
@@ -201,27 +201,17 @@ def export_meta(an: Analysis, plan: Plan, *, method: str, source_model: str, cal
 def auto_heal(model, an: Analysis, plan: Plan, seq_len: int, merge: bool = False) -> tuple[int, str]:
     """What `--heal-tokens auto` (and the dashboard's default) does for this plan: (tokens, why not).
 
-    `fasc.heal.auto_heal_tokens` of the model's device, with the memory healing would need on a GPU
-    (`fasc.heal.heal_memory_bytes` of the plan's factors) against what the GPU has free; the reason is
-    one line naming the flag when healing is off on the CPU or does not fit, else ''.
+    `fasc.heal.auto_heal_tokens` on the model's device; on a GPU with the memory healing this plan's
+    factors would need there (`fasc.heal.heal_memory_bytes`).
     """
     from .heal import auto_heal_tokens, heal_memory_bytes
 
     dev = next(model.parameters()).device
-    if merge:
-        return 0, ""
-    if dev.type != "cuda":
-        return 0, (f"off on the CPU (--heal-tokens auto heals {HEAL_TOKENS_GPU:,} tokens on a GPU only); "
-                   f"--heal-tokens {HEAL_TOKENS_GPU} trains the factors here too (SmolLM2 at 80 %: perplexity "
-                   "1.28x -> 1.14x dense, ≈ 16 min on one core)")
-    fac, replaced = plan.factored_params(an)
-    need = heal_memory_bytes(model, fac, replaced, seq_len)
-    free = torch.cuda.mem_get_info(dev)[0]
-    tokens = auto_heal_tokens(dev, merge, need, free)
-    why = "" if tokens else (f"skipped by --heal-tokens auto: it needs ≈ {need / 2**30:.1f} GiB on the GPU beside the "
-                             f"dense model (Adam over {fac:,} factor parameters), {free / 2**30:.1f} GiB are free; "
-                             f"--heal-tokens {HEAL_TOKENS_GPU} tries anyway")
-    return tokens, why
+    need = 0
+    if dev.type == "cuda" and not merge:
+        fac, replaced = plan.factored_params(an)
+        need = heal_memory_bytes(model, fac, replaced, seq_len)
+    return auto_heal_tokens(dev, merge, need)
 
 
 def compressed_copy(model, an: Analysis, plan: Plan, *, merge: bool = False,

@@ -209,9 +209,14 @@ def test_heal_tokens_auto_heals_on_a_gpu_only(capsys, saved_llama, tmp_path):
     from fasc.config import HEAL_TOKENS_GPU
     from fasc.heal import auto_heal_tokens
 
-    assert auto_heal_tokens(torch.device("cuda", 1), need_bytes=10, free_bytes=10) == HEAL_TOKENS_GPU > 0
-    assert auto_heal_tokens("cuda", need_bytes=11, free_bytes=10) == 0
-    assert auto_heal_tokens("cuda", merge=True) == auto_heal_tokens("cpu") == auto_heal_tokens("meta") == 0
+    assert auto_heal_tokens(torch.device("cuda", 1), need_bytes=10, free_bytes=10) == (HEAL_TOKENS_GPU, "")
+    assert HEAL_TOKENS_GPU > 0
+    tokens, why = auto_heal_tokens("cuda", need_bytes=11 * 2**30, free_bytes=10 * 2**30)
+    assert tokens == 0 and "needs ≈ 11.0 GiB" in why and "10.0 GiB are free" in why
+    assert auto_heal_tokens("cuda", merge=True) == auto_heal_tokens("cpu", merge=True) == (0, "")
+    for dev in ("cpu", "meta"):
+        tokens, why = auto_heal_tokens(dev)
+        assert tokens == 0 and "off on the CPU" in why and f"--heal-tokens {HEAL_TOKENS_GPU}" in why
     common = ["--model", str(saved_llama / "model"), "--data", str(saved_llama / "calib.txt"), "--tokens", "512",
               "--seq-len", "32", "--cache-dir", str(tmp_path / "cache"), "--quiet", "--param-ratio", "0.6"]
     code = main(["compress", *common, "--out", str(tmp_path / "a"), "--json"])
