@@ -72,10 +72,23 @@ def test_report_has_no_nan_for_all_210_modules(analysed):
 
 @pytest.mark.parametrize("method", list(fasc.METHODS))
 def test_every_method_compresses(smol, analysed, method):
+    """Every method on every module shape of the real model (q, GQA's wide k/v, o, gate, up, down) in
+    four layers from first to last, at half rank: every selected module changes and the logits stay
+    finite. (All 210 modules are compressed by fasc in the export test below; 4 of 30 layers keep this
+    test at a sixth of the time.)"""
     model, tok = smol
-    plan = fasc.allocate(analysed, method, rank_ratio=0.5)
+    layers = {0, 10, 20, 29}
+    chosen = [i.fqn for i in analysed.modules if i.layer in layers]
+    assert len(chosen) == 7 * len(layers)
+    plan = fasc.allocate(analysed, method, rank_ratio=0.5, modules=chosen)
+    assert set(plan.ranks) == set(chosen)
     work = copy.deepcopy(model)
     fasc.compress_(work, analysed, plan)
+    before, after = dict(model.named_modules()), dict(work.named_modules())
+    for f in chosen:
+        new = after[f]
+        dense = new.to_dense() if isinstance(new, LowRankLinear) else new.weight
+        assert not torch.equal(dense, before[f].weight), f
     ids = tok("The chemical symbol for gold is", return_tensors="pt").input_ids
     out = logits(work, ids)
     assert torch.isfinite(out).all()
