@@ -70,7 +70,9 @@ def build(sh: dict, layers: int, dtype: torch.dtype):
     cfg = LlamaConfig(hidden_size=sh["hidden"], intermediate_size=sh["intermediate"], num_hidden_layers=layers,
                       num_attention_heads=sh["heads"], num_key_value_heads=sh["kv_heads"], head_dim=sh["head_dim"],
                       vocab_size=sh["vocab"], max_position_embeddings=8192, rope_theta=500000.0,
-                      tie_word_embeddings=False, attn_implementation="eager")
+                      tie_word_embeddings=False, attn_implementation="sdpa")
+    # sdpa, what `fasc.load_model` gives a real Llama (transformers' default): eager attention would keep
+    # every layer's softmax (float32 and bf16) for the backward, ≈ 3 GB per layer at 4 × 2048 tokens
     torch.manual_seed(0)
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # no float32 copy of the weights on the way
@@ -88,6 +90,14 @@ def rss_mb() -> float:
 def _sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
+
+
+def _progress(res: dict, step: str, dev: torch.device) -> None:
+    """One line per finished step on stderr, at once: a run stopped by a time limit (a lent GPU's
+    minutes are few) still leaves the steps it finished in its log."""
+    gpu = f", peak GPU {torch.cuda.max_memory_allocated(dev) / 2 ** 20:.0f} MB" if dev.type == "cuda" else ""
+    print(f"[{res['layers']} layers] {step}: {res[step + '_wall_s']:.1f} s wall, {res[step + '_s']:.1f} s CPU, "
+          f"peak RSS {rss_mb():.0f} MB{gpu}", file=sys.stderr, flush=True)
 
 
 def child(a) -> dict:
@@ -117,6 +127,7 @@ def child(a) -> dict:
     stats = fasc.calibrate(model, batches, cfg, model_fp="scale8b")
     _sync(dev)
     res["calibrate_s"], res["calibrate_wall_s"] = time.process_time() - c, time.perf_counter() - t
+    _progress(res, "calibrate", dev)
     res["tokens"] = stats.n_tokens
     res["stats_bytes"] = stats.nbytes()
     res["rss_after_calibration_mb"] = rss_mb()
@@ -126,12 +137,14 @@ def child(a) -> dict:
     an.precompute(("fasc",), diagnostics=a.diagnostics)
     _sync(dev)
     res["analysis_s"], res["analysis_wall_s"] = time.process_time() - c, time.perf_counter() - t
+    _progress(res, "analysis", dev)
     res["precision_checks"] = {str(k): v for k, v in an.precision_checks.items()}
     t, c = time.perf_counter(), time.process_time()
     plan = fasc.allocate(an, "fasc", param_ratio=a.param_ratio)
     fasc.compress_(model, an, plan)  # in place: the dense original is not needed afterwards
     _sync(dev)
     res["compress_s"], res["compress_wall_s"] = time.process_time() - c, time.perf_counter() - t
+    _progress(res, "compress", dev)
     kept, orig = plan.params(an)
     res["param_ratio"] = kept / orig
     del an, stats
@@ -139,6 +152,7 @@ def child(a) -> dict:
     with tempfile.TemporaryDirectory(dir=a.tmp) as d:
         save_compressed(model, None, Path(d) / "export", meta={"method": "fasc", "bench": "scale8b"})
     res["export_s"], res["export_wall_s"] = time.process_time() - c, time.perf_counter() - t
+    _progress(res, "export", dev)
     res["peak_rss_mb"] = rss_mb()
     if dev.type == "cuda":
         res["peak_gpu_mb"] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
@@ -150,10 +164,10 @@ STEPS = ("calibrate_s", "analysis_s", "compress_s", "export_s")
 
 
 def run_child(args: list[str], layers: int) -> dict | None:
+    # the child's stderr (its progress lines, or its error) goes straight to ours
     r = subprocess.run([sys.executable, "-m", "bench.scale8b", *args, "--child-layers", str(layers)],
-                       capture_output=True, text=True)
+                       stdout=subprocess.PIPE, text=True)
     if r.returncode != 0:
-        print(r.stderr[-3000:], file=sys.stderr)
         return None
     return json.loads(r.stdout.strip().splitlines()[-1])
 

@@ -34,17 +34,20 @@ def test_a_failing_stage_is_the_exit_status(tmp_path):
 
 @pytest.mark.slow
 def test_the_gpu_script_runs_end_to_end_on_the_cpu(tmp_path):
-    """Both modes pass every stage and print the figures BENCHMARKS.md takes from a GPU run."""
-    for mode in ("quick", "whole"):
-        r = _run(mode, tmp_path)
-        assert r.returncode == 0, r.stdout + r.stderr + "".join(
-            p.read_text()[-2000:] for p in tmp_path.glob("*.log"))
-    rows = _rows(tmp_path)
+    """Every mode passes every stage, logs scale8b's steps as they finish and prints the figures
+    BENCHMARKS.md takes from a GPU run."""
+    for mode, out in (("all", tmp_path / "all"), ("quick", tmp_path / "split"), ("whole", tmp_path / "split")):
+        r = _run(mode, out)
+        assert r.returncode == 0, r.stdout + r.stderr + "".join(p.read_text()[-2000:] for p in out.glob("*.log"))
+    assert set(_rows(tmp_path / "all")) == {"env", "tests", "whole"}
+    rows = _rows(tmp_path / "split")
     assert set(rows) == {"env", "tests", "layer", "whole"}
-    assert all(v[0] == "0" for v in rows.values()), rows
-    assert "passed" in (tmp_path / "tests.log").read_text()
-    layer = (tmp_path / "layer.log").read_text().splitlines()
+    assert all(v[0] == "0" for v in [*rows.values(), *_rows(tmp_path / "all").values()]), rows
+    for out in (tmp_path / "all", tmp_path / "split"):
+        assert "passed" in (out / "tests.log").read_text()
+        whole = (out / "whole.log").read_text()
+        assert "bfloat16 weights on cpu" in whole and "whole_model_minutes=" in whole
+        assert "[2 layers] calibrate:" in whole and "[2 layers] export:" in whole   # progress, step by step
+        assert whole.splitlines()[-1].startswith("peak_rss_mb=")
+    layer = (tmp_path / "split" / "layer.log").read_text().splitlines()
     assert layer[-2].startswith("layer_seconds=") and layer[-1].startswith("peak_rss_mb=")
-    whole = (tmp_path / "whole.log").read_text()
-    assert "bfloat16 weights on cpu" in whole and "whole_model_minutes=" in whole
-    assert whole.splitlines()[-1].startswith("peak_rss_mb=")
