@@ -44,6 +44,7 @@ def test_the_gpu_script_runs_end_to_end_on_the_cpu(tmp_path):
     assert set(rows) == {"env", "tests", "layer", "whole"}
     assert all(v[0] == "0" for v in [*rows.values(), *_rows(tmp_path / "all").values()]), rows
     for out in (tmp_path / "all", tmp_path / "split"):
+        assert _rows(out)["env"][2].startswith("torch "), _rows(out)["env"]   # versions and device, in the table
         assert "passed" in (out / "tests.log").read_text()
         whole = (out / "whole.log").read_text()
         assert "bfloat16 weights on cpu" in whole and "whole_model_minutes=" in whole
