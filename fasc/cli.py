@@ -86,7 +86,7 @@ def _load(args):
 
     t = time.perf_counter()
     model, tok = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype),
-                            trust_remote_code=args.trust_remote_code)
+                            trust_remote_code=args.trust_remote_code, cache_dir=getattr(args, "cache_dir", None))
     return model, tok, time.perf_counter() - t
 
 

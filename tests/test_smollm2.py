@@ -2,6 +2,7 @@
 (k/v 576 → 192, singular C_h), tied embeddings, 30 layers. Slow (~10 min on 2 cores); CI runs it."""
 
 import copy
+import time
 import os
 
 import pytest
@@ -59,6 +60,32 @@ def test_loads_as_plain_llama_with_gqa_and_tied_embeddings(smol):
     assert (k.out_features, k.in_features) == (192, 576)
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     assert tok.decode(logits(model, ids)[0, -1].argmax()) == " Paris"
+
+
+def test_gguf_is_dequantized_once_and_kept_as_a_plain_copy(smol, tmp_path):
+    """The first load writes the plain float32 copy to the cache (atomically); the next one reads it:
+    the same weights, ties, tokenizer and fingerprint (so calibration cache keys do not change)."""
+    from fasc.loading import gguf_cache_folder, model_source
+    from fasc.modules import model_fingerprint
+
+    model, tok = smol
+    folder = gguf_cache_folder(model_source("smollm2"), tmp_path)
+    assert folder.parent == tmp_path / "models" and not folder.exists()
+    first, _ = fasc.load_model("smollm2", cache_dir=tmp_path)
+    assert (folder / "model.safetensors").is_file() and [p.name for p in folder.parent.iterdir()] == [folder.name]
+    t = time.perf_counter()
+    again, tok2 = fasc.load_model("smollm2", cache_dir=tmp_path)
+    seconds = time.perf_counter() - t
+    ref = model.state_dict()
+    for m in (first, again):
+        sd = m.state_dict()
+        assert set(sd) == set(ref) and all(torch.equal(sd[k], ref[k]) for k in ref)
+        assert m.lm_head.weight is m.model.embed_tokens.weight
+        assert getattr(m.config, "quantization_config", None) is None
+    assert model_fingerprint(again) == model_fingerprint(model)
+    text = fasc.model_defaults("smollm2").calib.read_text()[:5000]
+    assert tok2(text)["input_ids"] == tok(text)["input_ids"] and tok2.pad_token_id == tok.pad_token_id
+    print(f"load from the plain copy: {seconds:.1f} s")
 
 
 def test_report_has_no_nan_for_all_210_modules(analysed):
