@@ -19,7 +19,13 @@ LOGITS_REL_ATOL = 1e-4  # merged export reloaded by plain transformers vs in mem
 
 
 @pytest.fixture(scope="module")
-def smol():
+def model_cache(tmp_path_factory):
+    """A cache root of this module's own: the first load below dequantizes the GGUF and keeps its copy."""
+    return tmp_path_factory.mktemp("model-cache")
+
+
+@pytest.fixture(scope="module")
+def smol(model_cache):
     try:
         fasc.loading.smollm2_path()
     except fasc.FascError as e:
@@ -27,7 +33,7 @@ def smol():
             raise
         pytest.skip(str(e))
     torch.set_num_threads(2)
-    model, tok = fasc.load_model("smollm2")
+    model, tok = fasc.load_model("smollm2", cache_dir=model_cache)   # from the GGUF
     yield model, tok
     torch.set_num_threads(1)
 
@@ -62,26 +68,24 @@ def test_loads_as_plain_llama_with_gqa_and_tied_embeddings(smol):
     assert tok.decode(logits(model, ids)[0, -1].argmax()) == " Paris"
 
 
-def test_gguf_is_dequantized_once_and_kept_as_a_plain_copy(smol, tmp_path):
-    """The first load writes the plain float32 copy to the cache (atomically); the next one reads it:
-    the same weights, ties, tokenizer and fingerprint (so calibration cache keys do not change)."""
+def test_gguf_is_dequantized_once_and_kept_as_a_plain_copy(smol, model_cache):
+    """The first load (the `smol` fixture's, from the GGUF) wrote the plain float32 copy to the cache,
+    atomically; the next one reads it: the same weights, ties, tokenizer and fingerprint (so calibration
+    cache keys do not change)."""
     from fasc.loading import gguf_cache_folder, model_source
     from fasc.modules import model_fingerprint
 
     model, tok = smol
-    folder = gguf_cache_folder(model_source("smollm2"), tmp_path)
-    assert folder.parent == tmp_path / "models" and not folder.exists()
-    first, _ = fasc.load_model("smollm2", cache_dir=tmp_path)
+    folder = gguf_cache_folder(model_source("smollm2"), model_cache)
     assert (folder / "model.safetensors").is_file() and [p.name for p in folder.parent.iterdir()] == [folder.name]
+    assert folder.parent == model_cache / "models"
     t = time.perf_counter()
-    again, tok2 = fasc.load_model("smollm2", cache_dir=tmp_path)
+    again, tok2 = fasc.load_model("smollm2", cache_dir=model_cache)
     seconds = time.perf_counter() - t
-    ref = model.state_dict()
-    for m in (first, again):
-        sd = m.state_dict()
-        assert set(sd) == set(ref) and all(torch.equal(sd[k], ref[k]) for k in ref)
-        assert m.lm_head.weight is m.model.embed_tokens.weight
-        assert getattr(m.config, "quantization_config", None) is None
+    ref, sd = model.state_dict(), again.state_dict()
+    assert set(sd) == set(ref) and all(torch.equal(sd[k], ref[k]) for k in ref)
+    assert again.lm_head.weight is again.model.embed_tokens.weight
+    assert getattr(again.config, "quantization_config", None) is None
     assert model_fingerprint(again) == model_fingerprint(model)
     text = fasc.model_defaults("smollm2").calib.read_text()[:5000]
     assert tok2(text)["input_ids"] == tok(text)["input_ids"] and tok2.pad_token_id == tok.pad_token_id
