@@ -79,7 +79,7 @@ case "${1:-}" in
       [ "$rc" = 0 ] || FAILED=$((FAILED + 1))
       [ -s "$OUT/$name.json" ] || rm -f "$OUT/$name.json"
       { echo "== $name (exit $rc)"; cat "$err"; } >> "$OUT/stages.log"
-      echo "| $name | $rc$([ $rc = 124 ] && echo ' (time limit)') | $(( $(date +%s) - start )) | $(tr '\r' '\n' < "$err" | grep -v '^ *$' | tail -n 1 | tr '|' '/' | cut -c1-160) |" >> "$SUMMARY"
+      echo "| $name | $rc$([ $rc = 124 ] && echo ' (time limit)') | $(( $(date +%s) - start )) | $(tr '\r' '\n' < "$err" | grep -E '[[:alnum:]]{2,}' | tail -n 1 | tr '|' '/' | cut -c1-160) |" >> "$SUMMARY"
     }
     F=(-m fasc)
     stage env 20 $PY -c "import torch, transformers, fasc; print('torch', torch.__version__, 'transformers', transformers.__version__, fasc.loading.smollm2_path(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA device', file=__import__('sys').stderr)"
