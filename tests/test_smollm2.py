@@ -154,12 +154,15 @@ def test_export_factored_and_merged_round_trip(smol, analysed, tmp_path):
     assert torch.allclose(logits(plain, ids), ref, atol=LOGITS_REL_ATOL * float(ref.abs().max()))
 
 
-def test_dashboard_on_smollm2(smol, tmp_path, monkeypatch):
-    """The app's "SmolLM2 (real, bundled)" choice: loads offline, calibrates, draws the ρ map."""
+def test_dashboard_on_smollm2(smol, model_cache, tmp_path, monkeypatch):
+    """The app's "SmolLM2 (real, bundled)" choice: loads offline (the plain copy the `smol` fixture
+    kept, not a second dequantization), calibrates, draws the ρ map."""
     import streamlit as st
     from streamlit.testing.v1 import AppTest
 
     monkeypatch.setenv("FASC_APP_MODEL", "SmolLM2")
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "models").symlink_to(model_cache / "models", target_is_directory=True)
     monkeypatch.setenv("FASC_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("FASC_APP_OUT", str(tmp_path / "out"))
     st.cache_resource.clear()
