@@ -11,8 +11,8 @@
 #
 # The machine's own python3 is used (its image holds torch with CUDA, transformers, safetensors,
 # accelerate, pytest; 2.11 / 5.17 when last read, and the tests run on transformers 5.17 here);
-# nothing is installed. SmolLM2's GGUF (98 MB) is over the tool's 64 MiB carry
-# limit, so the real model cannot run there: the 8B-shaped model is built on the GPU from its config.
+# nothing is installed. The 8B-shaped model is built on the GPU from its config (the real model, SmolLM2,
+# travels in parts: bench/gpu_smollm2.sh).
 # Memory of the 32-layer run (bf16 weights 16 GB, float32 statistics beside them 72 GB, sdpa activations
 # ≈ 0.7 GB per layer and ≈ 7 GB of logits at 2 × 2048 tokens a batch): ≈ 117 GB, inside an H200's 139 GiB;
 # an 80 GB GPU needs --layers-per-pass (statistics offloaded to disk: 67 GiB for 32 layers, more than
@@ -33,15 +33,7 @@ SUMMARY="$OUT/gpu_check.md"
 FAILED=0
 [ -f "$SUMMARY" ] || printf '| stage | exit | seconds | last line |\n|---|---|---|---|\n' > "$SUMMARY"
 
-stage() {   # stage NAME SECONDS COMMAND…: run with a time limit, log, one summary row
-  local name=$1 limit=$2 start rc
-  shift 2
-  start=$(date +%s)
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-  rc=$?
-  [ "$rc" = 0 ] || FAILED=$((FAILED + 1))
-  echo "| $name | $rc$([ $rc = 124 ] && echo ' (time limit)') | $(( $(date +%s) - start )) | $(tail -n 1 "$OUT/$name.log" | tr '|' '/' | cut -c1-160) |" >> "$SUMMARY"
-}
+. "$(dirname "$0")/stage.sh"   # stage NAME SECONDS COMMAND…: time limit, one log, one summary row
 
 if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then   # the CPU dry run: same stages, small shapes
   SCALE=(-m bench.scale8b --width-scale 0.0625 --seq-len 256 --batch-size 2 --device cpu --linalg-device cpu

@@ -65,23 +65,13 @@ case "${1:-}" in
     export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
     [ "${SMOL_STAGES:-all}" = none ] && { echo "assembled and installed: $name"; exit 0; }
     if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then
-      DEV=cpu EXTRA=(--tokens 1024) HEAL=(--heal-tokens 1024) SLOW=3   # 2 CPU cores: 3× the time limits
+      DEV=cpu EXTRA=(--tokens 1024) HEAL=(--heal-tokens 1024) STAGE_SLOW=3   # 2 CPU cores: 3× the time limits
     else
-      DEV=cuda EXTRA=() HEAL=() SLOW=1
+      DEV=cuda EXTRA=() HEAL=() STAGE_SLOW=1
     fi
-    SUMMARY="$OUT/gpu_smollm2.md" FAILED=0 CACHE=$(mktemp -d) EXPORT=$(mktemp -d)/s80
+    SUMMARY="$OUT/gpu_smollm2.md" FAILED=0 STAGE_LOG=json CACHE=$(mktemp -d) EXPORT=$(mktemp -d)/s80
     printf '| stage | exit | seconds | last line |\n|---|---|---|---|\n' > "$SUMMARY"
-    stage() {   # stage NAME SECONDS COMMAND…: stdout to NAME.json, stderr appended to stages.log
-      local name=$1 limit=$2 start rc err
-      shift 2
-      start=$(date +%s) err=$(mktemp)
-      timeout $(( limit * SLOW )) "$@" > "$OUT/$name.json" 2> "$err"
-      rc=$?
-      [ "$rc" = 0 ] || FAILED=$((FAILED + 1))
-      [ -s "$OUT/$name.json" ] || rm -f "$OUT/$name.json"
-      { echo "== $name (exit $rc)"; cat "$err"; } >> "$OUT/stages.log"
-      echo "| $name | $rc$([ $rc = 124 ] && echo ' (time limit)') | $(( $(date +%s) - start )) | $(tr '\r' '\n' < "$err" | grep -E '[[:alnum:]]{2,}' | tail -n 1 | tr '|' '/' | cut -c1-160) |" >> "$SUMMARY"
-    }
+    . "$(dirname "$0")/stage.sh"   # stage NAME SECONDS COMMAND…: JSON on stdout, one stages.log
     F=(-m fasc)
     stage env 20 $PY -c "import torch, transformers, fasc; print('torch', torch.__version__, 'transformers', transformers.__version__, fasc.loading.smollm2_path(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA device', file=__import__('sys').stderr)"
     stage report 150 $PY "${F[@]}" report --model smollm2 --device $DEV "${EXTRA[@]}" --cache-dir "$CACHE" --json

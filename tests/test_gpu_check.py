@@ -3,6 +3,7 @@ CPU dry run (GPU_CHECK_DRY=1) goes through the same stages, bench.scale8b includ
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -30,6 +31,37 @@ def test_a_failing_stage_is_the_exit_status(tmp_path):
     r = _run("whole", tmp_path, py="false")
     assert r.returncode == 1, r.stdout + r.stderr
     assert _rows(tmp_path)["whole"][0] == "1"
+
+
+def _stages(out: Path, log_mode: str) -> subprocess.CompletedProcess:
+    """bench/stage.sh's `stage` on a passing, a failing and a timed-out command (limit 1 s × STAGE_SLOW 1)."""
+    script = (f'. "{ROOT / "bench" / "stage.sh"}"; FAILED=0; SUMMARY="$OUT/s.md"; '
+              "stage ok 5 sh -c 'echo {\\\"a\\\": 1}; echo working >&2; printf \"\\r  \\rdone 3\\n\" >&2'; "
+              "stage bad 5 sh -c 'echo half; echo broken: no such file >&2; exit 3'; "
+              "stage slow 1 sleep 5; echo \"failed=$FAILED\"")
+    env = {**os.environ, "OUT": str(out), "STAGE_LOG": log_mode}
+    return subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("log_mode", ["own", "json"])
+def test_a_stage_counts_failures_and_keeps_its_last_line(tmp_path, log_mode):
+    """The helper both GPU scripts source: exit status, time limit and last line in the table; each
+    stage's own log (gpu_check.sh) or stdout as JSON beside one shared stages.log (gpu_smollm2.sh)."""
+    r = _stages(tmp_path, log_mode)
+    assert r.returncode == 0 and r.stdout.strip() == "failed=2", r.stdout + r.stderr
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in (tmp_path / "s.md").read_text().splitlines()]
+    rows = {c[0]: c[1:] for c in cells}
+    assert rows["bad"][0] == "3" and rows["slow"][0] == "124 (time limit)" and rows["ok"][0] == "0"
+    assert rows["bad"][2] == "broken: no such file"          # the error, not the output before it
+    assert rows["ok"][2] == "done 3"                         # progress-bar returns and blanks skipped
+    if log_mode == "own":
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.log", "ok.log", "s.md", "slow.log"]
+        assert (tmp_path / "bad.log").read_text() == "half\nbroken: no such file\n"
+    else:
+        assert json.loads((tmp_path / "ok.json").read_text()) == {"a": 1}
+        assert not (tmp_path / "slow.json").exists()          # nothing written: no empty file
+        log = (tmp_path / "stages.log").read_text()
+        assert "== bad (exit 3)\nbroken: no such file" in log and "== slow (exit 124)" in log
 
 
 @pytest.mark.slow
