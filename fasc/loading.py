@@ -180,9 +180,9 @@ def load_model(spec: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
         if folder is not None:
             with quiet_transformers():
                 model, tok = _load_pair(src, torch.float32, dict(kw, gguf_file=src.gguf_file))
-            model, tok = _finish(model, tok, "cpu")
+            model, tok = _finish(model, tok, "cpu")        # plain, eval, pad token: what the copy keeps
             _keep_plain_copy(model, tok, folder)
-            return _finish(model.to(dtype), tok, single)
+            return model.to(device=single, dtype=dtype), tok
         kw["gguf_file"] = src.gguf_file
         device = single
     elif device == "auto":
