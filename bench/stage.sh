@@ -3,7 +3,8 @@
 #   stage NAME SECONDS COMMAND…
 #
 # runs COMMAND with a time limit of SECONDS × ${STAGE_SLOW:-1}, counts a failure in FAILED and adds one row
-# to $SUMMARY: name, exit status ("(time limit)" for 124), seconds, the last line of text the stage wrote.
+# to $SUMMARY: name, exit status ("(time limit)" for 124), seconds, the last line of text the stage wrote
+# (progress bars' carriage returns and terminal escapes taken out).
 # STAGE_LOG=own (the default): stdout and stderr go to $OUT/NAME.log.
 # STAGE_LOG=json: stdout goes to $OUT/NAME.json (removed when empty) and stderr is appended to one
 #   $OUT/stages.log, so that a check of many stages stays within the 8 files the device tool brings back.
@@ -23,5 +24,5 @@ stage() {
     rc=$?
   fi
   [ "$rc" = 0 ] || FAILED=$((FAILED + 1))
-  echo "| $name | $rc$([ "$rc" = 124 ] && echo ' (time limit)') | $(( $(date +%s) - start )) | $(tr '\r' '\n' < "$log" | grep -E '[[:alnum:]]{2,}' | tail -n 1 | tr '|' '/' | cut -c1-160) |" >> "$SUMMARY"
+  echo "| $name | $rc$([ "$rc" = 124 ] && echo ' (time limit)') | $(( $(date +%s) - start )) | $(tr '\r' '\n' < "$log" | sed 's/\x1b\[[0-9;]*[A-Za-z]//g' | grep -E '[[:alnum:]]{2,}' | tail -n 1 | tr '|' '/' | cut -c1-160) |" >> "$SUMMARY"
 }

@@ -36,7 +36,7 @@ def test_a_failing_stage_is_the_exit_status(tmp_path):
 def _stages(out: Path, log_mode: str) -> subprocess.CompletedProcess:
     """bench/stage.sh's `stage` on a passing, a failing and a timed-out command (limit 1 s × STAGE_SLOW 1)."""
     script = (f'. "{ROOT / "bench" / "stage.sh"}"; FAILED=0; SUMMARY="$OUT/s.md"; '
-              "stage ok 5 sh -c 'echo {\\\"a\\\": 1}; echo working >&2; printf \"\\r  \\rdone 3\\n\" >&2'; "
+              "stage ok 5 sh -c 'echo {\\\"a\\\": 1}; echo working >&2; printf \"\\r  \\rdone 3\\033[A\\n\" >&2'; "
               "stage bad 5 sh -c 'echo half; echo broken: no such file >&2; exit 3'; "
               "stage slow 1 sleep 5; echo \"failed=$FAILED\"")
     env = {**os.environ, "OUT": str(out), "STAGE_LOG": log_mode}
@@ -53,7 +53,7 @@ def test_a_stage_counts_failures_and_keeps_its_last_line(tmp_path, log_mode):
     rows = {c[0]: c[1:] for c in cells}
     assert rows["bad"][0] == "3" and rows["slow"][0] == "124 (time limit)" and rows["ok"][0] == "0"
     assert rows["bad"][2] == "broken: no such file"          # the error, not the output before it
-    assert rows["ok"][2] == "done 3"                         # progress-bar returns and blanks skipped
+    assert rows["ok"][2] == "done 3"                         # progress-bar returns, escapes and blanks skipped
     if log_mode == "own":
         assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.log", "ok.log", "s.md", "slow.log"]
         assert (tmp_path / "bad.log").read_text() == "half\nbroken: no such file\n"
