@@ -212,6 +212,28 @@ def validate_plan(plan: Plan, an: Analysis, model_fp: str | None = None) -> None
             raise FascError(f"Plan gives {f} the unknown method {m!r}; use one of {', '.join(METHODS)}.")
 
 
+def check_request(method: str = "fasc", *, rank_ratio: float | None = None, param_ratio: float | None = None,
+                  ranks: object = None, allocation: str = "greedy", tau: float = HYBRID_TAU,
+                  fallback: str = HYBRID_FALLBACK) -> None:
+    """What `allocate` checks before it reads the analysis: one of the three budgets, in range, a known
+    method and allocation. The CLI calls it first, so a bad budget fails before minutes of calibration."""
+    if allocation not in ALLOCATIONS:
+        raise FascError(f"Unknown allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}.")
+    if allocation != "greedy" and param_ratio is None:
+        raise FascError(f"The {allocation} allocation spreads a parameter budget; give --param-ratio P "
+                        f"(e.g. 0.8) instead of a rank ratio or explicit ranks.")
+    if sum(x is not None for x in (rank_ratio, param_ratio, ranks)) != 1:
+        raise FascError("Give exactly one of a rank ratio, a parameter ratio or explicit ranks "
+                        "(--rank-ratio 0.5, --param-ratio 0.5 or --ranks plan.json).")
+    if method not in METHODS:
+        raise FascError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+    check_hybrid(tau, fallback)
+    if rank_ratio is not None and not 0 < rank_ratio <= 1:
+        raise FascError(f"Rank ratio must be in (0, 1], got {rank_ratio}; e.g. 0.5 keeps half the rank.")
+    if param_ratio is not None and not 0 < param_ratio <= 1:
+        raise FascError(f"Parameter ratio must be in (0, 1], got {param_ratio}; e.g. 0.5 keeps half.")
+
+
 def allocate(an: Analysis, method: str = "fasc", *, rank_ratio: float | None = None,
              param_ratio: float | None = None, ranks: dict[str, int] | None = None,
              modules: str | list[str] | None = "all", model_fp: str = "", tau: float = HYBRID_TAU,
@@ -234,31 +256,18 @@ def allocate(an: Analysis, method: str = "fasc", *, rank_ratio: float | None = N
         anchors: {fqn: a_j} scale of each module's predicted curve (`fasc.anchors.Anchors.scales`);
             needed by 'anchored', modules without one keep a_j = 1.
     """
-    if allocation not in ALLOCATIONS:
-        raise FascError(f"Unknown allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}.")
-    if allocation != "greedy" and param_ratio is None:
-        raise FascError(f"The {allocation} allocation spreads a parameter budget; give --param-ratio P "
-                        f"(e.g. 0.8) instead of a rank ratio or explicit ranks.")
+    check_request(method, rank_ratio=rank_ratio, param_ratio=param_ratio, ranks=ranks, allocation=allocation,
+                  tau=tau, fallback=fallback)
     if allocation == "anchored" and not anchors:
         raise FascError("The anchored allocation needs measured anchors (fasc.anchors.measure_anchors); "
                         "use --allocation anchored on the CLI, which measures them.")
-    if sum(x is not None for x in (rank_ratio, param_ratio, ranks)) != 1:
-        raise FascError("Give exactly one of a rank ratio, a parameter ratio or explicit ranks "
-                        "(--rank-ratio 0.5, --param-ratio 0.5 or --ranks plan.json).")
-    if method not in METHODS:
-        raise FascError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
-    check_hybrid(tau, fallback)
     infos = select(an.modules, modules)
     if ranks is not None:
         chosen = dict(ranks)
         infos = [an.info(f) for f in chosen if f in {i.fqn for i in an.modules}]
     elif rank_ratio is not None:
-        if not 0 < rank_ratio <= 1:
-            raise FascError(f"Rank ratio must be in (0, 1], got {rank_ratio}; e.g. 0.5 keeps half the rank.")
         chosen = {i.fqn: max(1, min(i.max_rank, round(rank_ratio * i.max_rank))) for i in infos}
     else:
-        if not 0 < param_ratio <= 1:
-            raise FascError(f"Parameter ratio must be in (0, 1], got {param_ratio}; e.g. 0.5 keeps half.")
         if allocation == "uniform":
             chosen = uniform_ranks(infos, param_ratio)
         else:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from .config import CalibConfig
 from .data import Batch, data_fingerprint, next_tokens
 from .errors import FascError
+from .linalg_device import resolve_device
 from .model_state import calibration_state
 from .modules import ModuleInfo, find_linears, model_fingerprint, weight_matrix
 from .stats import CalibStats
@@ -131,8 +132,8 @@ class Calibrator:
             self._handles.append(emb.register_forward_hook(lambda m, i, out: out.requires_grad_(True)))
         mods = dict(model.named_modules())
         # statistics live beside each module (works with device_map="auto") unless a device is forced
-        self._dev = {i.fqn: (mods[i.fqn].weight.device if self.cfg.device == "auto" else torch.device(self.cfg.device))
-                     for i in self.infos}
+        forced = None if self.cfg.device == "auto" else resolve_device(self.cfg.device, "--stats-device")
+        self._dev = {i.fqn: mods[i.fqn].weight.device if forced is None else forced for i in self.infos}
         self.dtype, self.acc_dtype = stats_dtypes(self.cfg, mods[self.infos[0].fqn].weight.device)
         s = self.cfg.sketch_size
         self._omega: dict[str, Tensor] = {}

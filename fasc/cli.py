@@ -60,8 +60,8 @@ def _calib_cfg(args) -> CalibConfig:
     from .pipeline import model_defaults
 
     d = model_defaults(args.model)  # per-model defaults where the option is not given
-    return CalibConfig(n_tokens=d.tokens if args.tokens is None else args.tokens, seq_len=args.seq_len or d.seq_len,
-                       batch_size=args.batch_size, fisher=args.fisher, temperature=args.temperature or d.temperature,
+    return CalibConfig(n_tokens=d.tokens if args.tokens is None else args.tokens, seq_len=d.seq_len if args.seq_len is None else args.seq_len,
+                       batch_size=args.batch_size, fisher=args.fisher, temperature=d.temperature if args.temperature is None else args.temperature,
                        targets=args.targets, seed=args.seed,
                        layers=tuple(args.layers) if args.layers else None, device=args.stats_device)
 
@@ -82,8 +82,11 @@ def _linalg_cfg(args):
 def _load(args):
     import torch
 
+    from .linalg_device import resolve_device
     from .loading import load_model
 
+    if getattr(args, "linalg_device", None):  # a GPU named where none is: one line before any work
+        resolve_device(args.linalg_device)
     t = time.perf_counter()
     model, tok = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype),
                             trust_remote_code=args.trust_remote_code, cache_dir=getattr(args, "cache_dir", None))
@@ -257,7 +260,7 @@ def _knowledge_text(k: dict) -> str:
 
 
 def cmd_compress(args) -> None:
-    from .allocate import allocate, base_methods, load_plan
+    from .allocate import allocate, base_methods, check_request, load_plan
     from .export import prepare_destination
     from .modules import model_fingerprint
     from .pipeline import compress_and_save
@@ -266,6 +269,8 @@ def cmd_compress(args) -> None:
     given = [x is not None for x in (args.rank_ratio, args.param_ratio, args.ranks)]
     if sum(given) != 1:
         raise FascError("Give exactly one of --rank-ratio R, --param-ratio P or --ranks FILE.json.")
+    check_request(args.method, rank_ratio=args.rank_ratio, param_ratio=args.param_ratio, ranks=args.ranks,
+                  allocation=args.allocation, tau=args.tau, fallback=args.fallback)
     if args.heal_tokens != "auto" and (args.heal_tokens < 0 or (args.heal_tokens and args.merge)):
         raise FascError("--heal-tokens must be ≥ 0 (0 = off) and needs a factored export (no --merge); got "
                         f"{args.heal_tokens}{' with --merge' if args.merge else ''}.")
@@ -404,11 +409,11 @@ def cmd_eval(args) -> None:
         if args.ppl_protocol == "standard":
             from .ppl_standard import STANDARD_SEQ_LEN, perplexity_standard
 
-            res = perplexity_standard(model, tok, read_text(text_path), seq_len=args.seq_len or STANDARD_SEQ_LEN,
+            res = perplexity_standard(model, tok, read_text(text_path), seq_len=STANDARD_SEQ_LEN if args.seq_len is None else args.seq_len,
                                       progress=bar)
             obj.update(res, ppl_protocol="standard")
         else:
-            obj["perplexity"] = perplexity(model, tok, read_text(text_path), seq_len=args.seq_len or 256,
+            obj["perplexity"] = perplexity(model, tok, read_text(text_path), seq_len=256 if args.seq_len is None else args.seq_len,
                                            max_tokens=args.max_tokens, progress=bar)
             obj["ppl_protocol"] = "paragraphs"
     finally:

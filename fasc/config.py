@@ -52,8 +52,7 @@ class CalibConfig:
     def __post_init__(self):
         _check(isinstance(self.n_tokens, int) and self.n_tokens > 0,
                f"`n_tokens` must be a positive integer, got {self.n_tokens!r}; pass e.g. --tokens 16384.")
-        _check(isinstance(self.seq_len, int) and 2 <= self.seq_len <= 1_000_000,
-               f"`seq_len` must be an integer >= 2, got {self.seq_len!r}; pass e.g. --seq-len 256.")
+        check_seq_len(self.seq_len)
         _check(isinstance(self.batch_size, int) and self.batch_size >= 1,
                f"`batch_size` must be a positive integer, got {self.batch_size!r}.")
         _check(self.fisher in FISHER_TYPES, f"`fisher` must be one of {FISHER_TYPES}, got {self.fisher!r}.")
@@ -99,6 +98,12 @@ HYBRID_FALLBACK = "asvd"         # ... and this variance method elsewhere
 FALLBACK_METHODS = ("svd", "asvd", "pca", "fwsvd")
 TAU_HELP = "hybrid: use fasc where ρ ≥ τ, else the fallback"
 FALLBACK_HELP = "hybrid: variance method used where ρ < τ"
+
+
+def check_seq_len(seq_len) -> None:
+    """A window of at least 2 tokens (one prediction): calibration's rows and perplexity's windows."""
+    _check(isinstance(seq_len, int) and 2 <= seq_len <= 1_000_000,
+           f"`seq_len` must be an integer >= 2, got {seq_len!r}; pass e.g. --seq-len 256.")
 
 
 def check_hybrid(tau: float, fallback: str) -> None:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import check_seq_len
 from .data import Example, encode_example, next_tokens, pad_rows, text_rows
 from .errors import FascError
 from .model_state import eval_mode
@@ -41,6 +42,7 @@ def perplexity(model: nn.Module, tokenizer, text: str, seq_len: int = 256, batch
                max_tokens: int | None = None, progress: Callable[[int, int], None] | None = None) -> float:
     """exp(mean next-token NLL) over non-overlapping windows of `seq_len` tokens of each paragraph of
     `text` (paragraphs = blank-line separated; see `fasc.data.text_rows`), up to `max_tokens`."""
+    check_seq_len(seq_len)
     windows, _ = text_rows(tokenizer, text, seq_len)
     if max_tokens is not None:
         kept, n = [], 0

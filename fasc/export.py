@@ -58,13 +58,22 @@ def prepare_destination(out: str | Path, overwrite: bool) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise FascError(f"Cannot create the folder {out.parent} ({e.strerror}); choose another --out.") from None
+    probe = out.parent / f".{out.name}.probe-{uuid.uuid4().hex[:8]}"   # writable? before any long work
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as e:
+        raise FascError(f"Cannot write in {out.parent} ({e.strerror or e}); choose another --out.") from None
     return out
 
 
 def atomic_folder(out: Path, write) -> Path:
     """Run write(tmp) into a temporary sibling folder, then swap it in place of `out` atomically."""
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        raise FascError(f"Cannot write in {out.parent} ({e.strerror or e}); choose another folder.") from None
     try:
         write(tmp)
         old = None

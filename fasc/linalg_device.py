@@ -57,24 +57,30 @@ class LinalgConfig:
             raise FascError(f"`tol` must be in (0, 1), got {self.tol!r}; the default is 1e-3.")
 
 
-def resolve_device(spec: str) -> torch.device:
-    """'auto' → cuda:0 when a GPU is visible, else cpu; 'cuda[:i]' checked against what exists."""
-    spec = spec.strip().lower()
+def resolve_device(spec: str, option: str = "--linalg-device") -> torch.device:
+    """'auto' → cuda:0 when a GPU is visible, else cpu; 'cuda[:i]' checked against what exists.
+
+    The one check of a device the user names (`--linalg-device`, and `--device` / `--stats-device` through
+    `fasc.load_model` and the calibration): an unknown name, a GPU on a machine without one or an index
+    past the last GPU is one line naming `option` and what to pass instead."""
+    spec = str(spec).strip().lower()
     if spec == "auto":
         return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     try:
         dev = torch.device(spec)
     except RuntimeError:
-        raise FascError(f"Unknown --linalg-device {spec!r}; use auto, cpu, cuda or cuda:i.") from None
+        raise FascError(f"Unknown {option} {spec!r}; use auto, cpu, cuda or cuda:i.") from None
     if dev.type == "cpu":
         return torch.device("cpu")
     if dev.type != "cuda":
-        raise FascError(f"--linalg-device {spec!r} is not supported; use auto, cpu, cuda or cuda:i.")
+        raise FascError(f"{option} {spec!r} is not supported; use auto, cpu, cuda or cuda:i.")
     if not torch.cuda.is_available():
-        raise FascError(f"--linalg-device {spec} asks for a GPU but none is visible; use --linalg-device cpu.")
+        why = (f"this torch ({torch.__version__}) is built without CUDA" if torch.version.cuda is None
+               else "none is visible")
+        raise FascError(f"{option} {spec} asks for a GPU but {why}; use {option} cpu.")
     idx = 0 if dev.index is None else dev.index
     if idx >= torch.cuda.device_count():
-        raise FascError(f"--linalg-device {spec}: only {torch.cuda.device_count()} GPU(s) visible "
+        raise FascError(f"{option} {spec}: only {torch.cuda.device_count()} GPU(s) visible "
                         f"(cuda:0 … cuda:{torch.cuda.device_count() - 1}).")
     return torch.device("cuda", idx)
 

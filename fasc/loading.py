@@ -18,6 +18,7 @@ from torch import nn
 
 from .errors import FascError
 from .export import FASC_CONFIG, load_compressed, read_fasc_config
+from .linalg_device import resolve_device
 from .quiet import quiet_transformers
 
 log = logging.getLogger("fasc")
@@ -166,6 +167,8 @@ def load_model(spec: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
     (`cache_dir`, default `fasc.cache.default_root()`; `gguf_cache_folder`) loads in about a second
     instead of ≈ 40 s (SmolLM2 on 2 cores), with the same weights, tokenizer and fingerprint.
     """
+    if device != "auto":
+        resolve_device(device, "--device")   # a GPU asked for on a machine without one: one line, before loading
     src = model_source(spec)
     single = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if src.kind == "compressed":

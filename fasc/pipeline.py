@@ -131,6 +131,8 @@ def calibrate_cached(model: nn.Module, batches: list[Batch], cfg: CalibConfig,
     mfp = model_fp or model_fingerprint(model)
     dfp = data_fingerprint(batches)
     key = cache.cache_key(mfp, dfp, cfg)
+    if layers_per_pass is not None and layers_per_pass < 1:   # 0 is not a silent 'off'
+        raise FascError(f"--layers-per-pass must be ≥ 1, got {layers_per_pass}.")
     if layers_per_pass:  # each pass offloaded to disk, the entry written from there, then read lazily
         import shutil
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import check_seq_len
 from .errors import FascError
 
 STANDARD_SEQ_LEN = 2048
@@ -50,6 +51,7 @@ def perplexity_standard(model: nn.Module, tokenizer, text: str, seq_len: int = S
     """Standard-protocol perplexity; returns {"perplexity", "seq_len", "windows", "tokens_scored"}.
 
     `seq_len` is capped at the model's maximum positions (the cap is reported in "seq_len")."""
+    check_seq_len(seq_len)
     cap = model_max_positions(model)
     seq_len = min(seq_len, cap) if cap else seq_len
     windows = standard_windows(tokenizer, text, seq_len)

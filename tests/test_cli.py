@@ -4,7 +4,10 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
+import torch
 
 from helpers import run_cli as run
 
@@ -61,6 +64,49 @@ def test_cli_errors_are_one_line(capsys, common, saved_llama, tmp_path):
     code, out, err = run(capsys, "eval", "--model", str(saved_llama / "model"), "--probe", str(bad),
                          "--text", str(saved_llama / "heldout.txt"), "--quiet")
     assert code == 2 and "line(s) 2" in err
+
+
+@pytest.mark.parametrize("cmd, extra, needle", [
+    ("compress", ["--param-ratio", "1.5"], "Parameter ratio must be in (0, 1]"),
+    ("compress", ["--rank-ratio", "0"], "Rank ratio must be in (0, 1]"),
+    ("compress", ["--allocation", "uniform", "--rank-ratio", "0.5"], "give --param-ratio"),
+    ("compress", ["--param-ratio", "0.5", "--linalg-device", "cuda:7"], "--linalg-device cuda:7"),
+    ("compress", ["--param-ratio", "0.5", "--device", "cuda:7"], "--device cuda:7"),
+    ("report", ["--device", "mps"], "--device 'mps' is not supported"),
+    ("report", ["--linalg-device", "gpu"], "Unknown --linalg-device 'gpu'"),
+    ("calibrate", ["--seq-len", "0"], "`seq_len` must be an integer >= 2"),
+    ("calibrate", ["--temperature", "0"], "`temperature` must be in"),
+    ("calibrate", ["--layers-per-pass", "0"], "--layers-per-pass must be ≥ 1"),
+])
+def test_bad_options_fail_in_one_line_before_calibrating(capsys, common, tmp_path, cmd, extra, needle):
+    """A bad budget, device, window or pass size is one line naming it, before minutes of calibration:
+    nothing is cached (a GPU named on a machine with enough GPUs is not an error, so skipped there)."""
+    if "cuda:7" in extra and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    out = ["--out", str(tmp_path / "out")] if cmd == "compress" else []
+    code, _, err = run(capsys, cmd, *common, *extra, *out)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
+    cache = tmp_path / "cache"
+    assert not cache.exists() or not any(p.name.endswith(".safetensors") for p in cache.rglob("*")), \
+        sorted(cache.rglob("*"))
+
+
+def test_eval_window_and_unwritable_export_are_one_line(capsys, common, saved_llama, tmp_path):
+    for seq in ("0", "1"):
+        code, _, err = run(capsys, "eval", "--model", str(saved_llama / "model"), "--seq-len", seq, "--quiet",
+                           "--text", str(saved_llama / "heldout.txt"), "--probe", str(saved_llama / "probe.jsonl"))
+        assert code == 2 and "`seq_len` must be an integer >= 2" in err and err.count("\n") == 1, err
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        # root may write in a read-only folder, but not in /proc
+        target = locked / "out" if not os.access(locked, os.W_OK) else Path("/proc/fasc-export")
+        code, _, err = run(capsys, "compress", *common, "--param-ratio", "0.5", "--out", str(target))
+        assert code == 2 and err.startswith("error: Cannot ") and "choose another --out" in err, err
+        assert err.count("\n") == 1 and not (tmp_path / "cache").exists()
+    finally:
+        locked.chmod(0o700)
 
 
 def test_python_dash_m_and_help():
