@@ -492,6 +492,8 @@ class Analysis:
         `decompose=False` runs no eigen-decomposition: ρ comes from the calibration sketch alone (spec
         §4), and the decomposition fields are filled only for modules already decomposed (else None).
         """
+        if not (isinstance(ratio, (int, float)) and 0 < ratio <= 1):
+            raise FascError(f"The reference rank ratio must be in (0, 1], got {ratio!r}; e.g. 0.5 is half the rank.")
         if decompose and not all(self._has_diagnostics(i.fqn) for i in self.modules):
             self._use_eigen_whitening()   # pca and misalignment eigen-decompose C_x anyway
         rows = []

@@ -153,9 +153,14 @@ def cmd_calibrate(args) -> None:
 
 
 def cmd_report(args) -> None:
+    from .allocate import check_request
+    from .export import check_output_file
     from .modules import kinds_in_order, num_layers
 
-    if args.knowledge_map:  # bad options fail before any work
+    check_request(rank_ratio=args.ratio)   # bad options fail before any work
+    if args.html:
+        check_output_file(args.html, "--html")
+    if args.knowledge_map:
         from .knowledge_map import share_ranks
 
         if args.share is not None and args.ranks:
@@ -261,11 +266,13 @@ def _knowledge_text(k: dict) -> str:
 
 def cmd_compress(args) -> None:
     from .allocate import allocate, base_methods, check_request, load_plan
-    from .export import prepare_destination
+    from .export import check_output_file, prepare_destination
     from .modules import model_fingerprint
     from .pipeline import compress_and_save
 
     prepare_destination(args.out, args.overwrite)  # fail before any work
+    if args.save_plan:
+        check_output_file(args.save_plan, "--save-plan")
     given = [x is not None for x in (args.rank_ratio, args.param_ratio, args.ranks)]
     if sum(given) != 1:
         raise FascError("Give exactly one of --rank-ratio R, --param-ratio P or --ranks FILE.json.")
@@ -396,6 +403,10 @@ def cmd_eval(args) -> None:
         raise FascError(f"--new-tokens must be in [1, 512], got {args.new_tokens}.")
     if args.limit is not None and args.limit < 1:
         raise FascError(f"--limit must be at least 1, got {args.limit}.")
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise FascError(f"--max-tokens must be at least 2 (one prediction), got {args.max_tokens}.")
+    if args.lm_batch_size < 1:
+        raise FascError(f"--lm-batch-size must be at least 1, got {args.lm_batch_size}.")
     model, tok, _ = _load(args)
     defaults = model_defaults(args.model)
     text_path = args.text or defaults.heldout

@@ -58,13 +58,33 @@ def prepare_destination(out: str | Path, overwrite: bool) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise FascError(f"Cannot create the folder {out.parent} ({e.strerror}); choose another --out.") from None
-    probe = out.parent / f".{out.name}.probe-{uuid.uuid4().hex[:8]}"   # writable? before any long work
+    _check_writable(out.parent, "--out")
+    return out
+
+
+def _check_writable(folder: Path, option: str) -> None:
+    """Whether a file can be made in `folder`, by making and removing one (permissions, read-only or
+    virtual file systems): checked before long work, so that it does not fail at the end."""
+    probe = folder / f".fasc-probe-{uuid.uuid4().hex[:8]}"
     try:
         probe.mkdir()
         probe.rmdir()
     except OSError as e:
-        raise FascError(f"Cannot write in {out.parent} ({e.strerror or e}); choose another --out.") from None
-    return out
+        raise FascError(f"Cannot write in {folder} ({e.strerror or e}); choose another {option}.") from None
+
+
+def check_output_file(path: str | Path, option: str) -> Path:
+    """A file the command will write at its end (`--html`, `--save-plan`): not a folder, and its folder
+    exists (or is made) and is writable — one line naming `option` otherwise, before any work."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise FascError(f"{option} {path} is a folder; give a file name.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FascError(f"Cannot create the folder {path.parent} ({e.strerror}); choose another {option}.") from None
+    _check_writable(path.parent, option)
+    return path
 
 
 def atomic_folder(out: Path, write) -> Path:

@@ -77,13 +77,19 @@ def test_cli_errors_are_one_line(capsys, common, saved_llama, tmp_path):
     ("calibrate", ["--seq-len", "0"], "`seq_len` must be an integer >= 2"),
     ("calibrate", ["--temperature", "0"], "`temperature` must be in"),
     ("calibrate", ["--layers-per-pass", "0"], "--layers-per-pass must be ≥ 1"),
+    ("report", ["--ratio", "2"], "Rank ratio must be in (0, 1]"),
+    ("report", ["--html", "{unwritable}/rho.html"], "choose another --html"),
+    ("report", ["--html", "{tmp}"], "is a folder; give a file name"),
+    ("compress", ["--param-ratio", "0.5", "--save-plan", "{unwritable}/plan.json"], "choose another --save-plan"),
+    ("compress", ["--param-ratio", "0.5", "--out", "{unwritable}/export"], "choose another --out"),
 ])
-def test_bad_options_fail_in_one_line_before_calibrating(capsys, common, tmp_path, cmd, extra, needle):
+def test_bad_options_fail_in_one_line_before_calibrating(capsys, common, tmp_path, unwritable, cmd, extra, needle):
     """A bad budget, device, window or pass size is one line naming it, before minutes of calibration:
     nothing is cached (a GPU named on a machine with enough GPUs is not an error, so skipped there)."""
     if "cuda:7" in extra and torch.cuda.device_count() > 7:
         pytest.skip("this machine has a cuda:7")
-    out = ["--out", str(tmp_path / "out")] if cmd == "compress" else []
+    extra = [a.format(unwritable=unwritable, tmp=tmp_path) for a in extra]
+    out = ["--out", str(tmp_path / "out")] if cmd == "compress" and "--out" not in extra else []
     code, _, err = run(capsys, cmd, *common, *extra, *out)
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
     cache = tmp_path / "cache"
@@ -91,22 +97,26 @@ def test_bad_options_fail_in_one_line_before_calibrating(capsys, common, tmp_pat
         sorted(cache.rglob("*"))
 
 
-def test_eval_window_and_unwritable_export_are_one_line(capsys, common, saved_llama, tmp_path):
-    for seq in ("0", "1"):
-        code, _, err = run(capsys, "eval", "--model", str(saved_llama / "model"), "--seq-len", seq, "--quiet",
-                           "--text", str(saved_llama / "heldout.txt"), "--probe", str(saved_llama / "probe.jsonl"))
-        assert code == 2 and "`seq_len` must be an integer >= 2" in err and err.count("\n") == 1, err
+@pytest.fixture
+def unwritable(tmp_path):
+    """A folder no file can be made in: read-only for a user; for root (who writes anyway), /proc."""
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
-    try:
-        # root may write in a read-only folder, but not in /proc
-        target = locked / "out" if not os.access(locked, os.W_OK) else Path("/proc/fasc-export")
-        code, _, err = run(capsys, "compress", *common, "--param-ratio", "0.5", "--out", str(target))
-        assert code == 2 and err.startswith("error: Cannot ") and "choose another --out" in err, err
-        assert err.count("\n") == 1 and not (tmp_path / "cache").exists()
-    finally:
-        locked.chmod(0o700)
+    yield locked if not os.access(locked, os.W_OK) else Path("/proc")
+    locked.chmod(0o700)
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--seq-len", "0"], "`seq_len` must be an integer >= 2"),
+    (["--seq-len", "1"], "`seq_len` must be an integer >= 2"),
+    (["--max-tokens", "0"], "--max-tokens must be at least 2"),
+    (["--tasks", "fasc_facts", "--lm-batch-size", "0"], "--lm-batch-size must be at least 1"),
+])
+def test_eval_bad_options_are_one_line(capsys, saved_llama, extra, needle):
+    code, _, err = run(capsys, "eval", "--model", str(saved_llama / "model"), *extra, "--quiet",
+                       "--text", str(saved_llama / "heldout.txt"), "--probe", str(saved_llama / "probe.jsonl"))
+    assert code == 2 and needle in err and err.count("\n") == 1, err
 
 
 def test_python_dash_m_and_help():
