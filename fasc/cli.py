@@ -60,9 +60,11 @@ def _calib_cfg(args) -> CalibConfig:
     from .pipeline import model_defaults
 
     d = model_defaults(args.model)  # per-model defaults where the option is not given
-    return CalibConfig(n_tokens=d.tokens if args.tokens is None else args.tokens, seq_len=d.seq_len if args.seq_len is None else args.seq_len,
-                       batch_size=args.batch_size, fisher=args.fisher, temperature=d.temperature if args.temperature is None else args.temperature,
-                       targets=args.targets, seed=args.seed,
+    # `is None`, not `or`: an explicit 0 is checked (and refused) by CalibConfig, not replaced by the default
+    return CalibConfig(n_tokens=d.tokens if args.tokens is None else args.tokens,
+                       seq_len=d.seq_len if args.seq_len is None else args.seq_len,
+                       temperature=d.temperature if args.temperature is None else args.temperature,
+                       batch_size=args.batch_size, fisher=args.fisher, targets=args.targets, seed=args.seed,
                        layers=tuple(args.layers) if args.layers else None, device=args.stats_device)
 
 
@@ -420,11 +422,12 @@ def cmd_eval(args) -> None:
         if args.ppl_protocol == "standard":
             from .ppl_standard import STANDARD_SEQ_LEN, perplexity_standard
 
-            res = perplexity_standard(model, tok, read_text(text_path), seq_len=STANDARD_SEQ_LEN if args.seq_len is None else args.seq_len,
-                                      progress=bar)
+            seq_len = STANDARD_SEQ_LEN if args.seq_len is None else args.seq_len
+            res = perplexity_standard(model, tok, read_text(text_path), seq_len=seq_len, progress=bar)
             obj.update(res, ppl_protocol="standard")
         else:
-            obj["perplexity"] = perplexity(model, tok, read_text(text_path), seq_len=256 if args.seq_len is None else args.seq_len,
+            seq_len = 256 if args.seq_len is None else args.seq_len
+            obj["perplexity"] = perplexity(model, tok, read_text(text_path), seq_len=seq_len,
                                            max_tokens=args.max_tokens, progress=bar)
             obj["ppl_protocol"] = "paragraphs"
     finally:
