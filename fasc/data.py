@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from .config import CalibConfig
 from .errors import FascError
 
 MAX_TEXT_BYTES = int(os.environ.get("FASC_MAX_TEXT_BYTES", 200 * 1024 * 1024))
+log = logging.getLogger("fasc")
 
 
 @dataclass
@@ -231,6 +233,10 @@ def make_batches(tokenizer, sources, cfg: CalibConfig, name: str = "calibration 
                 merged.append((ids, start))
                 budget -= len(ids)
         iters = alive
+    if not iters and budget > 0.05 * cfg.n_tokens:   # the text ran out well before the budget: say so
+        taken = cfg.n_tokens - budget
+        log.warning("%s holds %s tokens, fewer than the %s asked; calibrating on all of them (more text with "
+                    "--data, or ask for fewer --tokens)", name, f"{taken:,}", f"{cfg.n_tokens:,}")
     merged.sort(key=lambda row: len(row[0]))  # similar lengths share a batch: little padding
     pad = _pad_id(tokenizer)
     batches = []

@@ -125,6 +125,20 @@ def test_text_too_short_for_one_sequence(tokenizer):
     assert "fewer than one sequence" in one_line(e.value) and "--seq-len" in str(e.value)
 
 
+def test_text_shorter_than_the_token_budget_warns(tokenizer, text, caplog):
+    """Asking for more tokens than the text holds calibrates on all of it and says so in one line;
+    a budget the text covers says nothing."""
+    with caplog.at_level("WARNING", logger="fasc"):
+        got = make_batches(tokenizer, text, fasc.CalibConfig(n_tokens=10**8, seq_len=32), name="calib.txt")
+    held = sum(int(b.attention_mask.sum()) for b in got)
+    [msg] = [r.getMessage() for r in caplog.records]
+    assert msg.startswith(f"calib.txt holds {held:,} tokens, fewer than the 100,000,000 asked") and "--data" in msg
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fasc"):
+        make_batches(tokenizer, text, fasc.CalibConfig(n_tokens=held // 2, seq_len=32), name="calib.txt")
+    assert not caplog.records
+
+
 def test_probe_with_malformed_lines_reports_line_numbers(tmp_path):
     p = tmp_path / "probe.jsonl"
     p.write_text('{"prompt": "a", "answer": "b"}\n{oops\n\n{"prompt": "c"}\n[1, 2]\n')
