@@ -70,6 +70,8 @@ def decode_text(raw: bytes, name: str, max_bytes: int = MAX_TEXT_BYTES) -> str:
 
 def read_text(path: str | Path, max_bytes: int = MAX_TEXT_BYTES) -> str:
     p = Path(path)
+    if p.is_dir():
+        raise FascError(f"Data file {str(path)!r} is a folder; give a text (.txt) or JSONL file in it.")
     if not p.is_file():
         raise FascError(f"Data file {str(path)!r} does not exist; check the path.")
     if p.stat().st_size > max_bytes:

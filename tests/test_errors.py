@@ -125,6 +125,15 @@ def test_text_too_short_for_one_sequence(tokenizer):
     assert "fewer than one sequence" in one_line(e.value) and "--seq-len" in str(e.value)
 
 
+def test_data_path_missing_or_a_folder(tmp_path):
+    with pytest.raises(fasc.FascError) as e:
+        read_text(tmp_path / "nope.txt")
+    assert "does not exist" in one_line(e.value)
+    with pytest.raises(fasc.FascError) as e:
+        read_text(tmp_path)
+    assert "is a folder; give a text (.txt) or JSONL file" in one_line(e.value)
+
+
 def test_text_shorter_than_the_token_budget_warns(tokenizer, text, caplog):
     """Asking for more tokens than the text holds calibrates on all of it and says so in one line;
     a budget the text covers says nothing."""
