@@ -109,6 +109,8 @@ class Plan:
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
         p = Path(path)
+        if p.is_dir():
+            raise FascError(f"Plan file {str(path)!r} is a folder; give the plan's .json file.")
         if not p.is_file():
             raise FascError(f"Plan file {str(path)!r} does not exist; check the path.")
         return cls.parse(p.read_bytes(), p.name)

@@ -125,13 +125,21 @@ def test_text_too_short_for_one_sequence(tokenizer):
     assert "fewer than one sequence" in one_line(e.value) and "--seq-len" in str(e.value)
 
 
-def test_data_path_missing_or_a_folder(tmp_path):
+def test_data_and_plan_paths_missing_or_a_folder(tmp_path):
     with pytest.raises(fasc.FascError) as e:
         read_text(tmp_path / "nope.txt")
     assert "does not exist" in one_line(e.value)
     with pytest.raises(fasc.FascError) as e:
         read_text(tmp_path)
     assert "is a folder; give a text (.txt) or JSONL file" in one_line(e.value)
+    from fasc.allocate import Plan
+
+    with pytest.raises(fasc.FascError) as e:
+        Plan.load(tmp_path)
+    assert "is a folder; give the plan's .json file" in one_line(e.value)
+    with pytest.raises(fasc.FascError) as e:
+        Plan.load(tmp_path / "plan.json")
+    assert "does not exist" in one_line(e.value)
 
 
 def test_text_shorter_than_the_token_budget_warns(tokenizer, text, caplog):
