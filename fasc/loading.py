@@ -8,6 +8,7 @@ one-line error.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -139,6 +140,25 @@ def gguf_cache_folder(src: "ModelSource", root: Path | None = None) -> Path | No
     return Path(root or default_root()) / "models" / h.hexdigest()[:32]
 
 
+@contextlib.contextmanager
+def _copy_lock(folder: Path):
+    """A file lock beside the GGUF model's plain copy (as the calibration cache locks a key); none where
+    the cache cannot be written (no copy is written there either)."""
+    from filelock import FileLock
+
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(folder.parent / f".{folder.name}.lock"))
+        lock.acquire()
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def _keep_plain_copy(model: nn.Module, tok, folder: Path) -> None:
     """Write the plain model and its tokenizer to `folder` (atomically); a failed write only warns."""
     from .export import atomic_folder
@@ -176,16 +196,17 @@ def load_model(spec: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
     kw = dict(trust_remote_code=trust_remote_code)
     if src.kind == "gguf":  # dequantized on the CPU, then rebuilt as a plain model: one device
         folder = gguf_cache_folder(src, Path(cache_dir) if cache_dir else None)
-        if folder is not None and (folder / "config.json").is_file():
+        if folder is not None:
+            with _copy_lock(folder):   # one process dequantizes; the others wait, then read its copy
+                if not (folder / "config.json").is_file():
+                    with quiet_transformers():
+                        model, tok = _load_pair(src, torch.float32, dict(kw, gguf_file=src.gguf_file))
+                    model, tok = _finish(model, tok, "cpu")        # plain, eval, pad token: what the copy keeps
+                    _keep_plain_copy(model, tok, folder)
+                    return model.to(device=single, dtype=dtype), tok
             with quiet_transformers():
                 model, tok = _load_pair(ModelSource(str(folder), "folder", str(folder)), dtype, kw)
             return _finish(model, tok, single)
-        if folder is not None:
-            with quiet_transformers():
-                model, tok = _load_pair(src, torch.float32, dict(kw, gguf_file=src.gguf_file))
-            model, tok = _finish(model, tok, "cpu")        # plain, eval, pad token: what the copy keeps
-            _keep_plain_copy(model, tok, folder)
-            return model.to(device=single, dtype=dtype), tok
         kw["gguf_file"] = src.gguf_file
         device = single
     elif device == "auto":

@@ -97,3 +97,46 @@ def test_compression_only_analysis_skips_the_eigh_of_C_x_and_a_later_run_adds_th
     for f in st.fqns:
         assert np.array_equal(an3.curve(f, "fasc"), an1.curve(f, "fasc"))
         assert np.allclose(an3.misalignment(f), ref.misalignment(f), rtol=0, atol=1e-12)
+
+
+def test_gguf_plain_copy_is_written_once_when_two_loads_race(tokenizer, tmp_path, monkeypatch):
+    """Two loads of the same GGUF model at once (say the CLI beside the dashboard): one dequantizes and
+    keeps the plain copy, the other waits for the copy's lock and reads it — no second dequantization,
+    no copy swapped under a reader."""
+    import threading
+    import time
+
+    import fasc.loading as loading
+
+    from helpers import tiny_model
+
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF stand-in: only its digest names the copy")
+    real, calls = loading._load_pair, []
+
+    def fake(src, dtype, kw):
+        if src.kind != "gguf":
+            return real(src, dtype, kw)
+        calls.append(src.path)
+        time.sleep(1.0)   # dequantizing takes a while: long enough for the other load to arrive
+        return tiny_model("llama"), tokenizer
+
+    monkeypatch.setattr(loading, "_load_pair", fake)
+    out, errors = [], []
+
+    def load():
+        try:
+            out.append(fasc.load_model(str(gguf), cache_dir=tmp_path / "cache")[0])
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and len(out) == 2 and len(calls) == 1, (errors, calls)
+    a, b = (m.state_dict() for m in out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    copies = [p for p in (tmp_path / "cache" / "models").iterdir() if not p.name.endswith(".lock")]
+    assert len(copies) == 1 and (copies[0] / "config.json").is_file()
