@@ -275,9 +275,6 @@ def cmd_compress(args) -> None:
     prepare_destination(args.out, args.overwrite)  # fail before any work
     if args.save_plan:
         check_output_file(args.save_plan, "--save-plan")
-    given = [x is not None for x in (args.rank_ratio, args.param_ratio, args.ranks)]
-    if sum(given) != 1:
-        raise FascError("Give exactly one of --rank-ratio R, --param-ratio P or --ranks FILE.json.")
     check_request(args.method, rank_ratio=args.rank_ratio, param_ratio=args.param_ratio, ranks=args.ranks,
                   allocation=args.allocation, tau=args.tau, fallback=args.fallback)
     if args.heal_tokens != "auto" and (args.heal_tokens < 0 or (args.heal_tokens and args.merge)):

@@ -54,17 +54,17 @@ def prepare_destination(out: str | Path, overwrite: bool) -> Path:
         raise FascError(f"{out} exists and is a file; choose a folder name for the export.")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FascError(f"{out} exists and is not empty; choose another folder or pass --overwrite.")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise FascError(f"Cannot create the folder {out.parent} ({e.strerror}); choose another --out.") from None
-    _check_writable(out.parent, "--out")
+    _writable_folder(out.parent, "--out")
     return out
 
 
-def _check_writable(folder: Path, option: str) -> None:
-    """Whether a file can be made in `folder`, by making and removing one (permissions, read-only or
-    virtual file systems): checked before long work, so that it does not fail at the end."""
+def _writable_folder(folder: Path, option: str) -> None:
+    """Make `folder` if needed and check that a file can be made in it, by making and removing one
+    (permissions, read-only or virtual file systems): before long work, so that it does not fail at the end."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FascError(f"Cannot create the folder {folder} ({e.strerror}); choose another {option}.") from None
     probe = folder / f".fasc-probe-{uuid.uuid4().hex[:8]}"
     try:
         probe.mkdir()
@@ -79,11 +79,7 @@ def check_output_file(path: str | Path, option: str) -> Path:
     path = Path(path).expanduser()
     if path.is_dir():
         raise FascError(f"{option} {path} is a folder; give a file name.")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise FascError(f"Cannot create the folder {path.parent} ({e.strerror}); choose another {option}.") from None
-    _check_writable(path.parent, option)
+    _writable_folder(path.parent, option)
     return path
 
 

@@ -142,13 +142,12 @@ def gguf_cache_folder(src: "ModelSource", root: Path | None = None) -> Path | No
 
 @contextlib.contextmanager
 def _copy_lock(folder: Path):
-    """A file lock beside the GGUF model's plain copy (as the calibration cache locks a key); none where
-    the cache cannot be written (no copy is written there either)."""
-    from filelock import FileLock
+    """The calibration cache's per-key lock (`fasc.cache.lock`), keyed by the copy's folder; none where the
+    cache cannot be written (no copy is written there either)."""
+    from .cache import lock as cache_lock
 
     try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(folder.parent / f".{folder.name}.lock"))
+        lock = cache_lock(folder.name, folder.parent)   # makes the folder's parent
         lock.acquire()
     except OSError:
         yield
@@ -169,8 +168,7 @@ def _keep_plain_copy(model: nn.Module, tok, folder: Path) -> None:
             tok.save_pretrained(tmp)
 
     try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        atomic_folder(folder, write)
+        atomic_folder(folder, write)   # its parent was made by `_copy_lock`; a failure is a FascError
     except (OSError, FascError) as e:
         log.warning("could not keep a plain copy of the GGUF model in %s (%s); the next load dequantizes again",
                     folder, e)

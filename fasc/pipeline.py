@@ -91,6 +91,11 @@ def batches_from_files(tokenizer, paths: list[str | Path], cfg: CalibConfig) -> 
     return make_batches(tokenizer, [load_source(p) for p in paths], cfg, name=names)
 
 
+def _check_layers_per_pass(n: int) -> None:
+    if n < 1:
+        raise FascError(f"--layers-per-pass must be ≥ 1, got {n}.")
+
+
 def calibrate_in_passes(model: nn.Module, batches: list[Batch], cfg: CalibConfig, layers_per_pass: int,
                         progress: ProgressFn | None = None, model_fp: str | None = None,
                         offload: Path | None = None) -> CalibStats:
@@ -103,8 +108,7 @@ def calibrate_in_passes(model: nn.Module, batches: list[Batch], cfg: CalibConfig
 
     from .modules import find_linears
 
-    if layers_per_pass < 1:
-        raise FascError(f"--layers-per-pass must be ≥ 1, got {layers_per_pass}.")
+    _check_layers_per_pass(layers_per_pass)
     layers = sorted({i.layer for i in find_linears(model)} & set(cfg.layers or range(10**6)))
     groups = [tuple(layers[i:i + layers_per_pass]) for i in range(0, len(layers), layers_per_pass)]
     total = sum(int(b.stat_mask.sum()) for b in batches) * len(groups)
@@ -131,8 +135,8 @@ def calibrate_cached(model: nn.Module, batches: list[Batch], cfg: CalibConfig,
     mfp = model_fp or model_fingerprint(model)
     dfp = data_fingerprint(batches)
     key = cache.cache_key(mfp, dfp, cfg)
-    if layers_per_pass is not None and layers_per_pass < 1:   # 0 is not a silent 'off'
-        raise FascError(f"--layers-per-pass must be ≥ 1, got {layers_per_pass}.")
+    if layers_per_pass is not None:   # 0 is refused here, not a silent 'off'
+        _check_layers_per_pass(layers_per_pass)
     if layers_per_pass:  # each pass offloaded to disk, the entry written from there, then read lazily
         import shutil
 
