@@ -4,7 +4,8 @@ The entry point holds the sidebar model picker (so it persists across pages) and
 each page in `pages/` is a thin script over the library and the app package `fasc.app` (Streamlit
 glue in `fasc.app.ui` / `fasc.app.state`; the figures in `fasc.plots`).
 
-Environment (optional): FASC_APP_MODEL (model preselected, e.g. a folder), FASC_APP_CHECKPOINTS
+Environment (optional): FASC_APP_MODEL (model preselected, e.g. a folder), FASC_APP_DEVICE (its
+device: cpu, cuda, cuda:i, auto), FASC_APP_CHECKPOINTS
 (training checkpoints folder), FASC_APP_OUT (export parent folder), FASC_CACHE (statistics cache).
 """
 

@@ -89,6 +89,8 @@ def _load(args):
 
     if getattr(args, "linalg_device", None):  # a GPU named where none is: one line before any work
         resolve_device(args.linalg_device)
+    if args.device is None:   # as the dashboard: the first GPU when there is one
+        args.device = "cuda:0" if torch.cuda.is_available() else "cpu"
     t = time.perf_counter()
     model, tok = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype),
                             trust_remote_code=args.trust_remote_code, cache_dir=getattr(args, "cache_dir", None))
@@ -478,8 +480,9 @@ def _eval_tasks(args, model, tok, probe_path, obj: dict) -> None:
 def _common(p: argparse.ArgumentParser, calib: bool = True) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="demo", help="demo (default), smollm2, a local folder, a .gguf file or a hub id")
-    g.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda, cuda:1), or auto: "
-                   "spread over all GPUs (accelerate's device_map=\"auto\")")
+    g.add_argument("--device", default=None, help="torch device for the model (cpu, cuda, cuda:1), or auto: "
+                   "spread over all GPUs (accelerate's device_map=\"auto\"); default: the first GPU when one is "
+                   "visible, else cpu")
     g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="weights' dtype (bfloat16 halves GPU memory; statistics stay float32/float64)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off by default)")

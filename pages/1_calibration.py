@@ -132,11 +132,11 @@ def main() -> None:
         return
     req = ui.calib_request(lm.spec)
     batches, key = ui.batches_and_key(lm, req)
-    info = ui.calib_info(lm.spec)
+    info = ui.calib_info(lm.ident)
     if info is None or info["key"] != key:
         info = ui.cached_info(lm, req)
         if info is not None:
-            ui.set_calib_info(lm.spec, info)
+            ui.set_calib_info(lm.ident, info)
     if st.session_state.get("w.cancel"):
         st.warning("Calibration cancelled; nothing was cached.", icon=":material/cancel:")
     ready = info is not None and info["key"] == key

@@ -55,12 +55,13 @@ def env(saved_llama, tmp_path, monkeypatch):
     """Environment of one app session: tiny model, its own cache / export / checkpoint folders."""
     spec = str(saved_llama / "model")
     monkeypatch.setenv("FASC_APP_MODEL", spec)
+    monkeypatch.setenv("FASC_APP_DEVICE", "cpu")   # the tiny model on the CPU even where a GPU is visible
     monkeypatch.setenv("FASC_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("FASC_APP_OUT", str(tmp_path / "out"))
     monkeypatch.setenv("FASC_APP_CHECKPOINTS", str(tmp_path / "checkpoints"))
     st.cache_resource.clear()  # the in-memory statistics would outlive this test's disk cache
     st.cache_data.clear()
-    return {"spec": spec, "tmp": tmp_path, "root": saved_llama}
+    return {"spec": spec, "ident": choices.model_ident(spec, "cpu", "float32"), "tmp": tmp_path, "root": saved_llama}
 
 
 def new_app(env) -> AppTest:
@@ -83,7 +84,7 @@ def calibrated(env) -> AppTest:
     at = ok(new_app(env).run())
     if [b for b in at.button if b.key == "w.run"]:
         ok(at.button(key="w.run").click().run())
-    assert env["spec"] in at.session_state["calib"]
+    assert env["ident"] in at.session_state["calib"]
     return at
 
 
@@ -107,7 +108,7 @@ def test_calibration_page_runs_then_loads_from_cache(env):
     assert any("Not calibrated" in i.value for i in at.info)
     at.button(key="w.run").click().run()
     ok(at)
-    info = at.session_state["calib"][env["spec"]]
+    info = at.session_state["calib"][env["ident"]]
     assert not info["from_cache"] and info["n_tokens"] <= TOKENS and info["modules"] == 14
     assert any("stored in the cache" in s.value for s in at.success)
     assert (env["tmp"] / "cache" / info["key"]).is_dir()
@@ -115,12 +116,12 @@ def test_calibration_page_runs_then_loads_from_cache(env):
     at2 = ok(new_app(env).run())
     assert any("Loaded from cache" in s.value for s in at2.success)
     assert not [b for b in at2.button if b.key == "w.run"]  # nothing to run: the settings are cached
-    assert at2.session_state["calib"][env["spec"]]["from_cache"]
+    assert at2.session_state["calib"][env["ident"]]["from_cache"]
 
 
 def test_calibration_widgets_set_the_config(env):
     at = calibrated(env)
-    key0 = at.session_state["calib"][env["spec"]]["key"]
+    key0 = at.session_state["calib"][env["ident"]]["key"]
     tkey = f"temperature@{env['spec']}"  # T (and seq_len) defaults are per model (demo: T = 2)
     at.slider(key=f"w.{tkey}").set_value(2.0).run()
     at.radio(key="w.fisher").set_value("sampled").run()
@@ -133,7 +134,7 @@ def test_calibration_widgets_set_the_config(env):
     # T and the Fisher type change the statistics: a new calibration is needed (and runs)
     assert any("Not calibrated" in i.value for i in at.info)
     at.button(key="w.run").click().run()
-    info = ok(at).session_state["calib"][env["spec"]]
+    info = ok(at).session_state["calib"][env["ident"]]
     assert info["key"] != key0 and info["cfg"]["temperature"] == 2.0 and info["cfg"]["fisher"] == "sampled"
     # settings survive a page switch (widget state is rebuilt from the durable keys)
     goto(at, "pages/2_rho_map.py")
@@ -156,7 +157,7 @@ def test_upload_jsonl_answers_and_errors(env):
     assert errors(at) == [], errors(at)
     assert any("facts.jsonl" in c.value for c in at.caption)
     at.button(key="w.run").click().run()
-    info = ok(at).session_state["calib"][env["spec"]]
+    info = ok(at).session_state["calib"][env["ident"]]
     assert info["data"] == "facts.jsonl" and info["cfg"]["targets"] == "answers"
 
 
@@ -236,6 +237,59 @@ def test_unexpected_exception_becomes_one_line(env, monkeypatch):
     assert len(errors(at)) == 1 and errors(at)[0].startswith("Unexpected RuntimeError: kaboom —")
 
 
+def test_device_and_dtype_choose_the_model_and_its_calibration(env):
+    """The sidebar's Weights dtype loads another model (another fingerprint, so another calibration and
+    analysis); the float32 calibration is neither shown for nor used with the bfloat16 model, and is
+    there again when float32 is chosen back."""
+    at = calibrated(env)
+    assert at.selectbox(key="w.model_device").options == ["CPU"] and at.selectbox(key="w.model_device").value == "cpu"
+    assert at.selectbox(key="w.model_dtype@cpu").value == "float32"
+    key32 = at.session_state["calib"][env["ident"]]["key"]
+    assert any("CPU, float32" in c.value for c in at.sidebar.caption)
+    at.selectbox(key="w.model_dtype@cpu").set_value("bfloat16").run()
+    assert any("Not calibrated" in i.value for i in ok(at).info)     # not the float32 statistics
+    at.button(key="w.run").click().run()
+    bf = choices.model_ident(env["spec"], "cpu", "bfloat16")
+    info = ok(at).session_state["calib"][bf]
+    assert any("CPU, bfloat16" in c.value for c in at.sidebar.caption)
+    assert info["key"] != key32 and info["modules"] == 14
+    goto(at, "pages/2_rho_map.py")                                   # ρ map of the bfloat16 model's statistics
+    assert not errors(at)
+    at.selectbox(key="w.model_dtype@cpu").set_value("float32").run()
+    goto(at, "pages/1_calibration.py")
+    assert not [b for b in at.button if b.key == "w.run"]             # float32's calibration is found again
+    assert at.session_state["calib"][env["ident"]]["key"] == key32
+
+
+def test_gpu_chosen_without_one_is_one_line_error(env, monkeypatch):
+    """A GPU offered but not usable (say the driver went away): one line naming the sidebar's Device and
+    the fix; choosing the CPU works."""
+    monkeypatch.setattr(choices, "gpu_count", lambda: 1)
+    monkeypatch.delenv("FASC_APP_DEVICE")
+    at = ok(new_app(env).run())
+    dev = at.selectbox(key="w.model_device")
+    assert dev.options == ["GPU cuda:0", "CPU"] and dev.value == "cuda:0"
+    assert at.selectbox(key="w.model_dtype@cuda:0").value == "float32"    # as `fasc --dtype`: one cache key
+    assert len(errors(at)) == 1 and errors(at)[0].startswith("Device cuda:0 asks for a GPU but"), errors(at)
+    assert "use Device cpu" in errors(at)[0] and "\n" not in errors(at)[0]
+    dev.set_value("cpu").run()
+    assert not errors(ok(at)) and metric(at, "Layers") == "2"
+
+
+def test_device_choices():
+    assert choices.device_choices(0) == ["cpu"]
+    assert choices.device_choices(1) == ["cuda:0", "cpu"]
+    assert choices.device_choices(2) == ["cuda:0", "cuda:1", "auto", "cpu"]
+    assert choices.initial_device(0, {}) == ("cpu", None)
+    assert choices.initial_device(2, {}) == ("cuda:0", None)
+    assert choices.initial_device(2, {"FASC_APP_DEVICE": "CUDA:1"}) == ("cuda:1", None)
+    assert choices.initial_device(1, {"FASC_APP_DEVICE": "cuda"}) == ("cuda:0", None)
+    assert choices.initial_device(1, {"FASC_APP_DEVICE": "cpu"}) == ("cpu", None)
+    dev, note = choices.initial_device(0, {"FASC_APP_DEVICE": "cuda"})
+    assert dev == "cpu" and "FASC_APP_DEVICE=cuda:0 is not available here (offered: cpu); using cpu." == note
+    assert choices.model_ident("demo", "cpu", "float32") != choices.model_ident("demo", "cpu", "bfloat16")
+
+
 def test_pages_before_calibration_point_to_page_1(env):
     at = ok(new_app(env).run())
     for p in ("pages/2_rho_map.py", "pages/3_spectra.py", "pages/4_ranks.py", "pages/5_export.py"):
@@ -310,11 +364,11 @@ def test_rho_along_fisher_directions_is_measured_on_request(env):
     at.button_group[0].set_value("rho_fisher").run()
     ok(at)
     assert any("one more forward+backward" in i.value for i in at.info)
-    stats = app_ui.get_stats(at.session_state["calib"][env["spec"]]["key"])
+    stats = app_ui.get_stats(at.session_state["calib"][env["ident"]]["key"])
     assert not stats.sketch_fisher  # nothing measured before the click
     at.button(key="w.rho_fisher_run").click().run()
     ok(at)
-    key = at.session_state["calib"][env["spec"]]["key"]
+    key = at.session_state["calib"][env["ident"]]["key"]
     assert len(at.session_state["rho_fisher"][key]) == 14 and not at.info
     assert not stats.sketch_fisher  # kept in this session: the shared statistics are not touched
     spec = json.loads(at.get("plotly_chart")[0].proto.spec)
@@ -332,7 +386,7 @@ def test_rho_along_fisher_directions_after_settings_changed_is_one_line_error(en
     at.button(key="w.rho_fisher_run").click().run()
     ok(at)
     assert errors(at) and "run the calibration again" in errors(at)[0] and "\n" not in errors(at)[0]
-    assert not app_ui.get_stats(at.session_state["calib"][env["spec"]]["key"]).sketch_fisher
+    assert not app_ui.get_stats(at.session_state["calib"][env["ident"]]["key"]).sketch_fisher
     assert "rho_fisher" not in at.session_state  # and nothing measured in the session either
 
 
@@ -469,7 +523,7 @@ def test_export_factored_and_merged(env):
     for k in ("method", "methods", "ranks", "rho", "source_model", "source_builtin", "source_fingerprint",
               "calibration", "compress_config", "predicted_delta_loss"):
         assert k in cfg, k
-    assert cfg["calibration"] == at.session_state["calib"][env["spec"]]["key"] and not cfg["merged"]
+    assert cfg["calibration"] == at.session_state["calib"][env["ident"]]["key"] and not cfg["merged"]
     assert cfg["ranks"] == plan(at).ranks
     model, _ = fasc.load_model(res["out"])
     assert sum(p.numel() for p in model.parameters()) == res["model_params_after"]

@@ -53,7 +53,7 @@ def test_knowledge_map_measured_on_request(env):
     assert list(cmp["model"]) == ["uncompressed", "plan", "asvd (same budget)"]
     assert all(isinstance(t, str) for t in cmp["greedy continuation"])
     # the map is cached on disk beside the statistics
-    key = at.session_state["calib"][env["spec"]]["key"]
+    key = at.session_state["calib"][env["ident"]]["key"]
     assert len(list((env["tmp"] / "cache" / key).glob("kmap-*.safetensors"))) == 1
 
 

@@ -63,7 +63,7 @@ def server(saved_llama, tmp_path_factory):
         {"name": "ckpt-000", "percent": 0, "step": 0, "recall": 0.0},
         {"name": "ckpt-100", "percent": 100, "step": 40, "recall": 0.5}]}))
     port = _free_port()
-    env = dict(os.environ, FASC_APP_MODEL=str(saved_llama / "model"), FASC_CACHE=str(tmp / "cache"),
+    env = dict(os.environ, FASC_APP_MODEL=str(saved_llama / "model"), FASC_APP_DEVICE="cpu", FASC_CACHE=str(tmp / "cache"),
                FASC_APP_OUT=str(tmp / "out"), FASC_APP_CHECKPOINTS=str(tmp / "checkpoints"),
                OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                STREAMLIT_BROWSER_GATHER_USAGE_STATS="false")

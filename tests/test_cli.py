@@ -189,3 +189,16 @@ def test_gamma_default_is_per_model(capsys, saved_llama, tmp_path):
         code, _, err = run(capsys, "compress", *common, *extra, "--out", str(out))
         assert code == 0, err
         assert json.loads((out / "fasc_config.json").read_text())["compress_config"]["gamma"] == want
+
+
+def test_device_default_is_the_first_gpu_when_one_is_visible(capsys, common, monkeypatch):
+    """No --device: the CPU here; where torch reports a GPU, cuda:0 (here a GPU that torch reports but
+    cannot use, so the one-line error shows which device the default picked and the fix)."""
+    code, out, err = run(capsys, "calibrate", *common, "--json")
+    assert code == 0, err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    code, out, err = run(capsys, "calibrate", *common, "--json")
+    assert code == 2 and err.count("\n") == 1 and "--device cuda:0" in err, err
+    code, out, err = run(capsys, "calibrate", *common, "--device", "cpu", "--json")
+    assert code == 0 and json.loads(out)["from_cache"] is True, err

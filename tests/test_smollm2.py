@@ -162,6 +162,7 @@ def test_dashboard_on_smollm2(smol, model_cache, tmp_path, monkeypatch):
     from streamlit.testing.v1 import AppTest
 
     monkeypatch.setenv("FASC_APP_MODEL", "SmolLM2")
+    monkeypatch.setenv("FASC_APP_DEVICE", "cpu")
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "models").symlink_to(model_cache / "models", target_is_directory=True)
     monkeypatch.setenv("FASC_CACHE", str(tmp_path / "cache"))
@@ -174,7 +175,7 @@ def test_dashboard_on_smollm2(smol, model_cache, tmp_path, monkeypatch):
     assert not at.exception and not at.error, [e.value for e in at.exception] + [e.value for e in at.error]
     assert metric(at, "Layers") == "30" and metric(at, "Compressible modules") == "210"
     at.button(key="w.run").click().run()
-    assert not at.exception and at.session_state["calib"]["smollm2"]["modules"] == 210
+    assert not at.exception and at.session_state["calib"]["smollm2 · cpu · float32"]["modules"] == 210
     at.switch_page("pages/2_rho_map.py").run()
     assert not at.exception and not at.error, [e.value for e in at.exception] + [e.value for e in at.error]
     assert at.session_state["module"].startswith("model.layers.")  # the highest-ρ module, selected

@@ -3,6 +3,8 @@ folder proposed, and the training checkpoints of the last page.
 
 Environment (all optional; tests use them to point the app at tiny models):
     FASC_APP_MODEL        model spec preselected in the sidebar (default: demo)
+    FASC_APP_DEVICE       device preselected for the model: cpu, cuda, cuda:i or auto (default: the
+                          first GPU when one is visible, else cpu)
     FASC_APP_CHECKPOINTS  folder of training checkpoints `ckpt-*` (default: fasc/demo/checkpoints)
     FASC_APP_OUT          parent folder proposed for exports (default: out)
 """
@@ -23,6 +25,47 @@ MODEL_CHOICES = {
     "hub": "Hugging Face hub id",
 }
 DEMO_MISSING = "The embedded demo model is not built yet; train it with `python -m fasc.demo.train` (a few minutes on CPU)."
+
+
+WEIGHT_DTYPES = ("float32", "bfloat16")   # the first is the default, as `fasc --dtype`: one cache key for both
+
+
+def gpu_count() -> int:
+    """GPUs this process can use (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def device_choices(n_gpus: int) -> list[str]:
+    """The devices the sidebar offers, the preferred first: each visible GPU, `auto` (the model spread
+    over all of them, accelerate's device_map) when there are several, then the CPU."""
+    gpus = [f"cuda:{i}" for i in range(max(0, int(n_gpus)))]
+    return gpus + (["auto"] if len(gpus) > 1 else []) + ["cpu"]
+
+
+def device_label(device: str) -> str:
+    if device == "auto":
+        return "all GPUs (auto)"
+    return "CPU" if device == "cpu" else f"GPU {device}"
+
+
+def initial_device(n_gpus: int, env: dict | None = None) -> tuple[str, str | None]:
+    """(device preselected, note): `FASC_APP_DEVICE` when it names an offered device (`cuda` = `cuda:0`),
+    else the first GPU, else the CPU; the note says why an asked-for device was not taken."""
+    offered = device_choices(n_gpus)
+    want = (env if env is not None else os.environ).get("FASC_APP_DEVICE", "").strip().lower()
+    want = "cuda:0" if want == "cuda" else want
+    if not want or want in offered:
+        return (want or offered[0]), None
+    return offered[0], (f"FASC_APP_DEVICE={want} is not available here (offered: {', '.join(offered)}); "
+                        f"using {offered[0]}.")
+
+
+def model_ident(spec: str, device: str, dtype: str) -> str:
+    """One loaded model: the same spec on another device or in another dtype is another model for the
+    session's calibration and analysis (its statistics and bases live elsewhere)."""
+    return f"{spec} · {device} · {dtype}"
 
 
 def demo_available() -> bool:

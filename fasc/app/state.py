@@ -1,7 +1,7 @@
 """This browser session's durable state (`st.session_state`; nothing here is shared between sessions).
 
 Durable keys survive page switches: the calibration settings and other widget values (`set.*`, with
-widget keys `w.*` rebuilt from them when a page is revisited), `model_spec`, `calib` ({spec: run
+widget keys `w.*` rebuilt from them when a page is revisited), `model_spec`, `calib` ({model ident: run
 info}), the plan store (`plan`, `plan_ver`), the selected `module`, evaluation results (`evals`,
 the last few) and ρ measured along Fisher directions (`rho_fisher`, by calibration key).
 """

@@ -100,14 +100,27 @@ class LoadedModel:
     tok: Any
     fingerprint: str
     summary: dict
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    @property
+    def ident(self) -> str:
+        """This model on its device in its dtype (`choices.model_ident`): what the session's calibration
+        and the shared analysis are kept by."""
+        return C.model_ident(self.spec, self.device, self.dtype)
 
 
 @st.cache_resource(max_entries=4, show_spinner=False)
-def _load(spec: str, stamp: float) -> LoadedModel:
+def _load(spec: str, stamp: float, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
+    import torch
+
+    from ..linalg_device import resolve_device
     from ..loading import load_model
 
-    model, tok = load_model(spec)
-    return LoadedModel(spec, model, tok, model_fingerprint(model), model_summary(model))
+    if device != "auto":
+        resolve_device(device, "Device")   # a GPU that is gone: one line naming the sidebar's choice
+    model, tok = load_model(spec, device=device, dtype=getattr(torch, dtype))
+    return LoadedModel(spec, model, tok, model_fingerprint(model), model_summary(model), device, dtype)
 
 
 def _stamp(spec: str) -> float:
@@ -125,9 +138,16 @@ def _stamp(spec: str) -> float:
     return max((f.stat().st_mtime for f in p.iterdir() if f.is_file()), default=0.0)
 
 
+def placement() -> tuple[str, str]:
+    """(device, weights' dtype) the sidebar asks for (before the sidebar is drawn: the defaults)."""
+    device = setting("model_device", None) or C.initial_device(C.gpu_count())[0]
+    return device, setting(f"model_dtype@{device}", C.WEIGHT_DTYPES[0])
+
+
 def get_model(spec: str) -> LoadedModel:
-    """The model for `spec`, loaded once per process and shared read-only (never mutate it)."""
-    return _load(spec, _stamp(spec))
+    """The model for `spec` on the sidebar's device and dtype, loaded once per process and shared
+    read-only (never mutate it)."""
+    return _load(spec, _stamp(spec), *placement())
 
 
 def model_picker() -> str | None:
@@ -153,17 +173,44 @@ def model_picker() -> str | None:
             spec = C.model_spec(choice, text)
         except FascError:
             spec = None
+        device, dtype = placement_picker()
         st.session_state["model_spec"] = spec
         st.session_state["_picker_drawn"] = True
-        loaded = st.session_state.get("loaded", {}).get(spec)
+        ident = C.model_ident(spec, device, dtype) if spec else None
+        loaded = st.session_state.get("loaded", {}).get(ident)
         if loaded:
             st.caption(f"{loaded['architecture']} · {loaded['layers']} layers · {loaded['modules']} modules · "
-                       f"{loaded['parameters'] / 1e6:.2f} M parameters")
-        calib = calib_info(spec)
+                       f"{loaded['parameters'] / 1e6:.2f} M parameters · {C.device_label(device)}, {dtype}")
+        calib = calib_info(ident)
         if calib:
             st.caption(f"Calibrated: {calib['n_tokens']:,} tokens · γ = {gamma_setting(spec):g} · key "
                        f"`{calib['key'][:10]}…`")
     return spec
+
+
+DEVICE_HELP = ("Where the model runs: calibration, evaluation, healing and export. The eigen-decompositions "
+               "run on the first GPU whenever there is one (`--linalg-device auto`). `fasc … --device` in the CLI.")
+DTYPE_HELP = ("The weights' dtype (`--dtype`; float32 by default, as in the CLI, so both share one calibration "
+              "cache). bfloat16 halves the model's memory: choose it for a 7–8B model on one GPU (its statistics "
+              "stay float32/float64). Another dtype is another model: it is calibrated separately.")
+
+
+def placement_picker() -> tuple[str, str]:
+    """The sidebar's device and dtype selectors (durable settings `model_device`, `model_dtype@<device>`)."""
+    n = C.gpu_count()
+    devices = C.device_choices(n)
+    dev0, note = C.initial_device(n)
+    if st.session_state.get("w.model_device") not in (None, *devices):   # a GPU that is gone
+        del st.session_state["w.model_device"]
+        st.session_state.pop("set.model_device", None)
+    c = st.columns(2)
+    device = commit("model_device", c[0].selectbox("Device", devices, format_func=C.device_label, help=DEVICE_HELP,
+                                                   **bind("model_device", dev0)))
+    dtype = commit(f"model_dtype@{device}", c[1].selectbox("Weights", C.WEIGHT_DTYPES, help=DTYPE_HELP,
+                                                           **bind(f"model_dtype@{device}", C.WEIGHT_DTYPES[0])))
+    if note:
+        st.caption(note)
+    return device, dtype
 
 
 def require_model() -> LoadedModel:
@@ -174,9 +221,10 @@ def require_model() -> LoadedModel:
         C.model_spec(choice, "")  # raises the "enter a folder / hub id" message
     if spec == "demo" and not C.demo_available():
         raise FascError(C.DEMO_MISSING + " Or pick SmolLM2 in the sidebar.")
-    with st.spinner(f"Loading {C.model_label(spec)} …"):
+    device, dtype = placement()
+    with st.spinner(f"Loading {C.model_label(spec)} on {C.device_label(device)} ({dtype}) …"):
         lm = get_model(spec)
-    st.session_state.setdefault("loaded", {})[spec] = lm.summary
+    st.session_state.setdefault("loaded", {})[lm.ident] = lm.summary
     return lm
 
 
@@ -258,7 +306,7 @@ def calibrate_now(lm: LoadedModel, req: CalibRequest, label: str = "Calibrating"
     info = {"spec": lm.spec, "key": stats.key, "from_cache": hit, "n_tokens": stats.n_tokens,
             "seconds": round(time.perf_counter() - t0, 2), "data": req.data_name, "cfg": asdict(req.cfg),
             "modules": len(stats.modules), "warnings": list(stats.warnings)}
-    set_calib_info(lm.spec, info)
+    set_calib_info(lm.ident, info)
     return info
 
 
@@ -275,18 +323,18 @@ def cached_info(lm: LoadedModel, req: CalibRequest) -> dict | None:
 
 def current_calib(lm: LoadedModel) -> dict | None:
     """This session's calibration of the model, else the on-disk one matching the settings."""
-    info = calib_info(lm.spec)
+    info = calib_info(lm.ident)
     if info is not None and get_stats(info["key"]) is not None:
         return info
     info = cached_info(lm, calib_request(lm.spec))
     if info is not None:
-        set_calib_info(lm.spec, info)
+        set_calib_info(lm.ident, info)
     return info
 
 
 # ------------------------------------------------------------------------------------------ analysis
 @st.cache_resource(max_entries=2, show_spinner=False)  # a real model's bases take GBs: keep few
-def _analysis(spec: str, key: str, gamma: float, _model, _stats) -> Analysis:
+def _analysis(ident: str, key: str, gamma: float, _model, _stats) -> Analysis:
     return Analysis(_model, _stats, CompressConfig(gamma=gamma))
 
 
@@ -304,7 +352,7 @@ def get_analysis(lm: LoadedModel, key: str, gamma: float | None = None, methods=
         raise FascError("The calibration statistics are no longer in the cache; run the calibration again "
                         "on the Model & calibration page.")
     gamma = gamma_setting(lm.spec) if gamma is None else float(gamma)
-    an = _analysis(lm.spec, key, gamma, lm.model, stats)
+    an = _analysis(lm.ident, key, gamma, lm.model, stats)
     bar = ProgressBar("Eigen-decompositions", unit="steps", lazy=0.3)
     try:
         an.precompute(tuple(methods), progress=bar)
@@ -357,7 +405,7 @@ def decompose(ctx: Context) -> None:
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
-def _report_rows(spec: str, key: str, gamma: float, ratio: float, _an: Analysis, n_rho_fisher: int,
+def _report_rows(ident: str, key: str, gamma: float, ratio: float, _an: Analysis, n_rho_fisher: int,
                  _sketches: dict, decomposed: bool) -> list:
     return _an.report(ratio, decompose=decomposed, sketch_fisher=_sketches)
 
@@ -367,7 +415,7 @@ def report_rows(ctx: Context, ratio: float, decomposed: bool = True) -> list:
     value; rebuilt once ρ along Fisher directions is measured). `decomposed=False`: ρ only, no
     eigen-decomposition (the other fields None)."""
     sk = ctx.rho_fisher
-    return _report_rows(ctx.lm.spec, ctx.calib["key"], ctx.an.cfg.gamma, float(ratio), ctx.an, len(sk), sk or None,
+    return _report_rows(ctx.lm.ident, ctx.calib["key"], ctx.an.cfg.gamma, float(ratio), ctx.an, len(sk), sk or None,
                         decomposed)
 
 
