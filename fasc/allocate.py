@@ -99,6 +99,9 @@ class Plan:
                 ranks[k] = v
         if bad:
             raise FascError(f"{name}: ranks must be integers, not for {bad[:3]}; write e.g. {{\"{bad[0]}\": 64}}.")
+        if not ranks:   # would compress nothing: never what a loaded plan means
+            raise FascError(f"{name} names no module (\"ranks\" is empty); save a plan from the Ranks page or "
+                            f"`fasc compress --save-plan`.")
         methods = d.get("methods") or {}
         method = d.get("method")
         if method is not None:

@@ -587,7 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--modules", default="all", help="all, mlp, attention, or comma-separated kinds / module names")
     s.add_argument("--merge", action="store_true", help="write dense W' (loadable by plain from_pretrained)")
     s.add_argument("--out", required=True, help="export folder (written atomically)")
-    s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    s.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out (a non-empty folder without "
+                   "fasc_config.json is refused, never deleted)")
     s.add_argument("--save-plan", help="also write the rank plan as JSON here")
     s.add_argument("--sequential", nargs="?", const="refit", choices=("refit", "restat"), help="error-aware: compress "
                    "layer by layer, each module fitted to the inputs of the partly compressed model (spec §5; ≈ 2 "

@@ -113,6 +113,17 @@ def rows_to_examples(rows: list[dict], name: str) -> list[Example]:
     return [Example(r["prompt"], r["answer"].strip(), str(r.get("relation", ""))) for r in rows]
 
 
+def rows_to_source(rows: list[dict], name: str) -> str | list[Example]:
+    """JSONL rows as text (every row has a "text" string) or as prompt/answer examples."""
+    if all("text" in r for r in rows):
+        bad = [i for i, r in enumerate(rows, 1) if not isinstance(r["text"], str)]
+        if bad:
+            raise FascError(f"{name}: \"text\" is not a string on line(s) {', '.join(map(str, bad[:10]))}; "
+                            f"text lines look like {{\"text\": \"Paris is the capital of France.\"}}.")
+        return "\n\n".join(r["text"] for r in rows)
+    return rows_to_examples(rows, name)
+
+
 def load_probe(path: str | Path) -> list[Example]:
     """Read a probe file (JSONL of {"prompt", "answer"[, "relation"]})."""
     p = Path(path)
@@ -125,10 +136,7 @@ def load_source(path: str | Path) -> str | list[Example]:
     text = read_text(p)
     if p.suffix.lower() not in (".jsonl", ".json"):
         return text
-    rows = parse_jsonl(text, p.name)
-    if all("text" in r for r in rows):
-        return "\n\n".join(str(r["text"]) for r in rows)
-    return rows_to_examples(rows, p.name)
+    return rows_to_source(parse_jsonl(text, p.name), p.name)
 
 
 def pad_rows(rows: list[list[int]], pad: int = 0) -> tuple[Tensor, Tensor]:
@@ -272,7 +280,4 @@ def parse_upload(name: str, raw: bytes) -> str | list[Example]:
     text = decode_text(raw, name)
     if Path(name).suffix.lower() not in (".jsonl", ".json"):
         return text
-    rows = parse_jsonl(text, name)
-    if all("text" in r for r in rows):
-        return "\n\n".join(str(r["text"]) for r in rows)
-    return rows_to_examples(rows, name)
+    return rows_to_source(parse_jsonl(text, name), name)

@@ -52,8 +52,12 @@ def prepare_destination(out: str | Path, overwrite: bool) -> Path:
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise FascError(f"{out} exists and is a file; choose a folder name for the export.")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FascError(f"{out} exists and is not empty; choose another folder or pass --overwrite.")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FascError(f"{out} exists and is not empty; choose another folder or pass --overwrite.")
+        if not (out / FASC_CONFIG).is_file():   # overwriting swaps the whole folder out and deletes it
+            raise FascError(f"{out} is not empty and is not a FASC export (no {FASC_CONFIG}); --overwrite only "
+                            f"replaces an earlier export, choose a new folder.")
     _writable_folder(out.parent, "--out")
     return out
 

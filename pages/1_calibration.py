@@ -5,7 +5,7 @@ import streamlit as st
 
 from fasc.app import choices as C
 from fasc.app import ui
-from fasc.app.format import gamma_label
+from fasc.app.format import dashboard_wording, gamma_label
 from fasc.config import CalibConfig, field_help
 from fasc.data import parse_upload
 from fasc.errors import FascError
@@ -110,7 +110,7 @@ def show_result(info: dict, key: str) -> None:
         st.success(f"Calibrated {info['n_tokens']:,} tokens over {info['modules']} modules in "
                    f"{info['seconds']:.1f} s; stored in the cache.", icon=":material/check_circle:")
     for w in info.get("warnings", [])[:5]:
-        st.warning(w)
+        st.warning(dashboard_wording(w))
     st.page_link(ui.PAGES["rho"], label="Next: see where the model stores knowledge — ρ map",
                  icon=":material/arrow_forward:")
 

@@ -90,7 +90,9 @@ def main() -> None:
     out = c[1].text_input("Target folder", **ui.bind(f"export_dir.{default_dir}", default_dir),
                           help="Written atomically (a temporary folder renamed into place).")
     ui.commit(f"export_dir.{default_dir}", out)
-    overwrite = c[2].checkbox("Overwrite", **ui.bind("export_overwrite", False))
+    overwrite = c[2].checkbox("Overwrite", **ui.bind("export_overwrite", False),
+                              help="Replace an earlier export in the target folder. A folder holding anything "
+                                   "else (no fasc_config.json) is refused, never deleted.")
     ui.commit("export_overwrite", overwrite)
     if st.session_state.get("w.export_cancel"):
         st.warning("Export cancelled; nothing was written.", icon=":material/cancel:")

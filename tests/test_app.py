@@ -531,6 +531,14 @@ def test_export_factored_and_merged(env):
     # exporting again into the same folder needs "overwrite"
     at.button(key="w.export").click().run()
     assert len(errors(ok(at))) == 1 and "exists and is not empty" in errors(at)[0]
+    assert errors(at)[0].endswith("tick Overwrite.")                 # the page's checkbox, not the CLI's flag
+    folder = env["tmp"] / "mine"                                      # a folder that is not an export
+    (folder / "notes").mkdir(parents=True)
+    at.text_input[0].set_value(str(folder)).run()
+    at.checkbox(key="w.export_overwrite").check().run()
+    at.button(key="w.export").click().run()
+    assert len(errors(ok(at))) == 1 and "is not a FASC export" in errors(at)[0] and (folder / "notes").is_dir()
+    at.checkbox(key="w.export_overwrite").uncheck().run()
     at.radio(key="w.export_format").set_value("merged").run()
     assert any("dense model's size and speed" in w.value for w in at.warning)  # fasc.speed: merged is not faster
     at.button(key="w.export").click().run()
@@ -679,6 +687,20 @@ def test_export_meta_matches_cli(saved_llama, tmp_path, monkeypatch):
     app = json.loads((tmp_path / "app" / "fasc_config.json").read_text())
     assert app == cli
     assert res["files"].keys() == {p.name for p in (tmp_path / "cli").iterdir()}
+
+
+def test_library_messages_name_the_dashboards_widgets():
+    from fasc.app.format import dashboard_wording
+
+    assert dashboard_wording("x exists and is not empty; choose another folder or pass --overwrite.") == \
+        "x exists and is not empty; choose another folder or tick Overwrite."
+    assert dashboard_wording("Cannot write in /x (Permission denied); choose another --out.").endswith(
+        "choose another Target folder.")
+    assert dashboard_wording("x is not a FASC export; --overwrite only replaces an earlier export") == \
+        "x is not a FASC export; Overwrite only replaces an earlier export"
+    assert dashboard_wording("give a longer text or a smaller --seq-len (e.g. 2).") == \
+        "give a longer text or a smaller Sequence length (e.g. 2)."
+    assert dashboard_wording("--outdir and --tokens") == "--outdir and Token budget N"
 
 
 def test_small_formatters():

@@ -168,6 +168,26 @@ def test_probe_with_malformed_lines_reports_line_numbers(tmp_path):
     assert "line(s) 2" in one_line(e.value)
 
 
+def test_jsonl_text_that_is_not_a_string_and_a_plan_that_names_no_module(tmp_path):
+    """Both were taken silently before: {"text": null} became the word "None" in the calibration text, and
+    an empty plan loaded as "compress nothing"."""
+    from fasc.allocate import Plan
+    from fasc.data import load_source, parse_upload
+
+    p = tmp_path / "calib.jsonl"
+    p.write_text('{"text": "Paris is the capital of France."}\n{"text": null}\n{"text": 3}\n')
+    for call in (lambda: load_source(p), lambda: parse_upload("calib.jsonl", p.read_bytes())):
+        with pytest.raises(fasc.FascError) as e:
+            call()
+        assert one_line(e.value).startswith('calib.jsonl: "text" is not a string on line(s) 2, 3;')
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text('{"text": "a b"}\n{"text": "c"}\n')
+    assert load_source(ok) == "a b\n\nc"
+    with pytest.raises(fasc.FascError) as e:
+        Plan.parse(b'{"ranks": {}}', "plan.json")
+    assert "plan.json names no module" in one_line(e.value)
+
+
 # ------------------------------------------------------------------------------ numerics
 def test_non_finite_activations_stop_the_run_and_cache_nothing(tmp_path):
     model = tiny_model("llama")

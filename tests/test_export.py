@@ -52,16 +52,23 @@ def test_merged_export_loads_with_plain_transformers(compressed, tokenizer, tmp_
     assert torch.allclose(logits(plain), logits(m2), atol=1e-4)
 
 
-def test_export_refuses_non_empty_folder_and_overwrites_on_request(compressed, tokenizer, tmp_path):
+def test_export_refuses_non_empty_folder_and_overwrites_only_an_export(compressed, tokenizer, tmp_path):
+    """--overwrite swaps the whole folder out and deletes it, so it replaces an earlier export only: a
+    folder of other files (a home or project folder given by mistake) is refused and left as it was."""
     _, _, _, m2 = compressed
     dest = tmp_path / "dest"
     dest.mkdir()
     (dest / "keep.txt").write_text("precious")
     with pytest.raises(fasc.FascError, match="--overwrite"):
         fasc.save_compressed(m2, tokenizer, dest)
-    assert (dest / "keep.txt").read_text() == "precious"
-    fasc.save_compressed(m2, tokenizer, dest, overwrite=True)
-    assert not (dest / "keep.txt").exists() and (dest / "fasc_config.json").exists()
+    with pytest.raises(fasc.FascError, match="is not a FASC export"):
+        fasc.save_compressed(m2, tokenizer, dest, overwrite=True)
+    assert [p.name for p in dest.iterdir()] == ["keep.txt"] and (dest / "keep.txt").read_text() == "precious"
+    again = tmp_path / "again"
+    fasc.save_compressed(m2, tokenizer, again)
+    (again / "stale.txt").write_text("from the last export")
+    fasc.save_compressed(m2, tokenizer, again, overwrite=True)
+    assert not (again / "stale.txt").exists() and (again / "fasc_config.json").exists()
 
 
 def test_failed_export_leaves_destination_as_it_was(compressed, tokenizer, tmp_path, monkeypatch):
@@ -69,6 +76,7 @@ def test_failed_export_leaves_destination_as_it_was(compressed, tokenizer, tmp_p
     dest = tmp_path / "dest"
     dest.mkdir()
     (dest / "old.txt").write_text("old")
+    (dest / "fasc_config.json").write_text("{}")   # an earlier export: --overwrite may replace it
     import safetensors.torch
 
     def disk_full(*a, **k):
@@ -76,7 +84,7 @@ def test_failed_export_leaves_destination_as_it_was(compressed, tokenizer, tmp_p
     monkeypatch.setattr(safetensors.torch, "save_model", disk_full)
     with pytest.raises(fasc.FascError, match="nothing was changed"):
         fasc.save_compressed(m2, tokenizer, dest, overwrite=True)
-    assert [p.name for p in dest.iterdir()] == ["old.txt"]
+    assert sorted(p.name for p in dest.iterdir()) == ["fasc_config.json", "old.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dest"]
 
 

@@ -3,8 +3,25 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
+
+# The library's messages name the CLI's options; on a page the same fix is a widget (first match wins).
+CLI_TO_WIDGET = (
+    (r"pass --overwrite\b", "tick Overwrite"),
+    (r"--overwrite\b", "Overwrite"),
+    (r"--out\b", "Target folder"),
+    (r"--seq-len\b", "Sequence length"),
+    (r"--tokens\b", "Token budget N"),
+)
+
+
+def dashboard_wording(msg: str) -> str:
+    """A library message with the CLI options it names replaced by the dashboard's widgets."""
+    for pattern, widget in CLI_TO_WIDGET:
+        msg = re.sub(pattern, widget, msg)
+    return msg
 
 
 def human_bytes(n: float) -> str:

@@ -33,7 +33,7 @@ from ..modules import model_fingerprint
 from ..pipeline import auto_heal, calibrate_cached, model_defaults
 from ..stats import CalibStats
 from . import choices as C
-from .format import eta_text
+from .format import dashboard_wording, eta_text
 from .state import PlanStore, bind, calib_info, commit, rho_fisher, set_calib_info, setting  # noqa: F401 - pages use ui.bind/commit/setting
 
 log = logging.getLogger("fasc.app")
@@ -67,7 +67,7 @@ def guard():
     try:
         yield
     except FascError as e:
-        st.error(str(e), icon=":material/error:")
+        st.error(dashboard_wording(str(e)), icon=":material/error:")
         st.stop()
     except Exception as e:  # noqa: BLE001 - no traceback reaches the page
         log.error("dashboard error: %s", "".join(traceback.format_exception(e)))
@@ -261,18 +261,18 @@ def calib_request(spec: str, data_path: Path | None = None) -> CalibRequest:
 
 
 @st.cache_resource(max_entries=8, show_spinner=False)
-def _batches(spec: str, fingerprint: str, data_id: str, cfg_json: str, _tok, _source, _path) -> tuple[list[Batch], str]:
+def _batches(spec: str, fingerprint: str, data_id: str, cfg_json: str, name: str, _tok, _source,
+             _path) -> tuple[list[Batch], str]:
     cfg = CalibConfig(**{k: tuple(v) if k == "layers" and v is not None else v for k, v in json.loads(cfg_json).items()})
     src = _source if _source is not None else load_source(_path)
-    name = Path(_path).name if _path is not None else data_id
-    batches = make_batches(_tok, src, cfg, name=name)
+    batches = make_batches(_tok, src, cfg, name=name)   # messages name the file, as the user knows it
     return batches, cache.cache_key(fingerprint, data_fingerprint(batches), cfg)
 
 
 def batches_and_key(lm: LoadedModel, req: CalibRequest) -> tuple[list[Batch], str]:
     """Tokenized calibration batches and the cache key (model, data, config) — computed once."""
-    return _batches(lm.spec, lm.fingerprint, req.data_id, json.dumps(asdict(req.cfg), sort_keys=True), lm.tok,
-                    req.source, req.path)
+    return _batches(lm.spec, lm.fingerprint, req.data_id, json.dumps(asdict(req.cfg), sort_keys=True), req.data_name,
+                    lm.tok, req.source, req.path)
 
 
 @st.cache_resource(max_entries=3, show_spinner=False)
