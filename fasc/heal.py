@@ -10,7 +10,8 @@ With `heldout` batches (text the healing does not train on: by default the tail 
 sources, disjoint from the calibration rows), the KL is measured there before training, at
 `checks` evenly spaced points and at the end, and the factors of the lowest held-out KL are kept —
 early stopping, so healing never leaves the model further from the dense one on unseen text than
-it found it.
+it found it. The teacher's logits on the held-out text are computed once (`teacher_logits`, on the
+CPU) and serve every check.
 """
 
 from __future__ import annotations
@@ -125,8 +126,13 @@ def balance_factors_(layer: LowRankLinear) -> None:
 
 def kl_per_token(teacher_logits, student_logits, mask) -> torch.Tensor:
     """Σ over masked positions of KL(p_teacher ‖ p_student), float32; (B,L,V),(B,L,V),(B,L) -> ()."""
-    t = F.log_softmax(teacher_logits[mask].float(), -1)
-    s = F.log_softmax(student_logits[mask].float(), -1)
+    return kl_rows(teacher_logits[mask], student_logits[mask])
+
+
+def kl_rows(teacher_logits, student_logits) -> torch.Tensor:
+    """Σ over rows of KL(p_teacher ‖ p_student), float32; (N,V),(N,V) -> ()."""
+    t = F.log_softmax(teacher_logits.float(), -1)
+    s = F.log_softmax(student_logits.float(), -1)
     return (t.exp() * (t - s)).sum()
 
 
@@ -174,15 +180,31 @@ def _step(params: list[nn.Parameter], masters: list[torch.Tensor], opt: torch.op
                 p.copy_(q)
 
 
-def heldout_kl(model: nn.Module, dense_model: nn.Module, batches: list[Batch], micro_batch: int = 2) -> float:
-    """Mean KL(dense ‖ model) per real token over `batches` (no gradients)."""
+def teacher_logits(dense_model: nn.Module, batches: list[Batch], micro_batch: int = 2) -> list[torch.Tensor]:
+    """The teacher's logits at the real tokens of each micro-batch of `batches` (in `heldout_kl`'s order),
+    kept on the CPU: computed once for the held-out text, they serve every check of a healing run (the
+    teacher does not change), which then runs the student only. (n_real, vocab) per micro-batch."""
+    dev = next(dense_model.parameters()).device
+    with torch.no_grad():
+        return [dense_model(input_ids=ids, attention_mask=am, use_cache=False).logits[mask].cpu()
+                for b in batches for ids, am, mask in _micro_batches(b, micro_batch, dev)]
+
+
+def heldout_kl(model: nn.Module, dense_model: nn.Module, batches: list[Batch], micro_batch: int = 2,
+               teacher: list[torch.Tensor] | None = None) -> float:
+    """Mean KL(dense ‖ model) per real token over `batches` (no gradients); `teacher`: the dense model's
+    logits from `teacher_logits` (the same numbers, without running the dense model again)."""
     dev = next(model.parameters()).device
     tot, n = 0.0, 0
     with torch.no_grad():
-        for b in batches:
-            for ids, am, mask in _micro_batches(b, micro_batch, dev):
+        mbs = (mb for b in batches for mb in _micro_batches(b, micro_batch, dev))
+        for j, (ids, am, mask) in enumerate(mbs):
+            if teacher is None:
                 tot += float(_kl_sum(model, dense_model, ids, am, mask))
-                n += int(mask.sum())
+            else:
+                student = model(input_ids=ids, attention_mask=am, use_cache=False).logits[mask]
+                tot += float(kl_rows(teacher[j].to(dev), student))
+            n += int(mask.sum())
     return tot / max(n, 1)
 
 
@@ -246,7 +268,8 @@ def heal_(model: nn.Module, dense_model: nn.Module, batches: list[Batch], tokens
         if progress is not None and progress(0, tokens) is False:
             raise Cancelled("Healing cancelled; the factors are as they were.")
         if heldout is not None:
-            curve = [(0, heldout_kl(model, dense_model, heldout, micro_batch))]
+            teacher = teacher_logits(dense_model, heldout, micro_batch)   # once, for every check
+            curve = [(0, heldout_kl(model, dense_model, heldout, micro_batch, teacher))]
             best = (curve[0][1], 0, None)
         next_check = tokens / checks
         i = 0
@@ -271,7 +294,7 @@ def heal_(model: nn.Module, dense_model: nn.Module, batches: list[Batch], tokens
             if heldout is not None and (done >= next_check or done >= tokens):
                 while next_check <= done:
                     next_check += tokens / checks
-                curve.append((done, heldout_kl(model, dense_model, heldout, micro_batch)))
+                curve.append((done, heldout_kl(model, dense_model, heldout, micro_batch, teacher)))
                 if curve[-1][1] < best[0]:
                     best = (curve[-1][1], done, [(m.U.detach().to("cpu", copy=True), m.V.detach().to("cpu", copy=True))
                                                  for m in layers])

@@ -9,7 +9,7 @@ import torch
 
 import fasc
 from fasc.calibrate import Cancelled
-from fasc.heal import balance_factors_, heal_, heldout_kl, kl_per_token
+from fasc.heal import balance_factors_, heal_, heldout_kl, kl_per_token, teacher_logits
 from fasc.layers import LowRankLinear
 
 from helpers import random_batches
@@ -80,6 +80,27 @@ def test_heldout_checks_keep_the_factors_of_the_lowest_heldout_kl(llama, compres
     assert heldout_kl(compressed, llama, held) == pytest.approx(res.heldout_kl_after, rel=1e-5)
     d = res.to_dict()
     assert d["kept_tokens"] == res.kept_tokens and "held-out KL" in res.summary()
+
+
+def test_heldout_checks_run_the_teacher_once(llama, compressed):
+    """The teacher's held-out logits are computed once and reused by every check: the same KL as running
+    the teacher each time, and the dense model sees the held-out text once, not once per check."""
+    train, held = random_batches(3, seed=5), random_batches(2, seed=9)
+    cached = teacher_logits(llama, held, micro_batch=2)
+    assert all(t.device.type == "cpu" and t.ndim == 2 for t in cached)
+    assert heldout_kl(compressed, llama, held, 2, cached) == pytest.approx(heldout_kl(compressed, llama, held, 2),
+                                                                            rel=1e-6)
+    seen = []
+    hook = llama.register_forward_hook(lambda m, a, k, out: seen.append(k["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        res = heal_(compressed, llama, train, tokens=1500, lr=3e-3, heldout=held, checks=4)
+    finally:
+        hook.remove()
+    rows_held = sum(b.input_ids.shape[0] for b in held)
+    rows_train = sum(b.input_ids.shape[0] for b in train)
+    steps_rows = sum(train[i % len(train)].input_ids.shape[0] for i in range(res.steps))
+    assert len(res.heldout_curve) >= 4 and rows_train > 0
+    assert sum(seen) == rows_held + steps_rows        # held-out once; each training batch once per step
 
 
 def test_healing_that_hurts_heldout_text_is_undone(llama, compressed):
