@@ -186,6 +186,16 @@ def test_calibration_text_choice_survives_a_model_switch(env):
     assert r.value == "upload" and shown(r) == r.options[1] and at.session_state["set.data"] == "upload"
 
 
+def test_pages_after_calibration_survive_a_pending_upload(env):
+    """Choosing "Upload" on page 1 without a file leaves the session's calibration in use: the Ranks and
+    Export pages still draw (they read the calibration that ran, not the pending settings)."""
+    at = calibrated(env)
+    at.radio(key="w.data").set_value("upload").run()
+    for page in ("pages/4_ranks.py", "pages/5_export.py"):
+        goto(at, page)
+        assert not errors(at), (page, errors(at))
+
+
 def test_answers_on_plain_text_is_one_line_error(env):
     at = new_app(env)
     at.session_state["set.targets"] = "answers"

@@ -455,7 +455,7 @@ def refinement_options(name: str, ctx: Context, plan, merged: bool = False) -> t
     heal = commit(f"{name}_heal_tokens", c[1].number_input(
         "Healing tokens", 0, 10_000_000, step=1024, disabled=merged,
         help=HEAL_HELP + (" Off here: a merged export keeps no factors to heal." if merged else ""),
-        **bind(f"{name}_heal_tokens", auto_heal(ctx.lm.model, ctx.an, plan, calib_request(ctx.lm.spec).cfg.seq_len)[0])))
+        **bind(f"{name}_heal_tokens", auto_heal(ctx.lm.model, ctx.an, plan, int(ctx.calib["cfg"]["seq_len"]))[0])))
     return (False if seq == "off" else seq), 0 if merged else int(heal)
 
 
