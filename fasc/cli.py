@@ -90,7 +90,7 @@ def _load(args):
     if getattr(args, "linalg_device", None):  # a GPU named where none is: one line before any work
         resolve_device(args.linalg_device)
     if args.device is None:   # as the dashboard: the first GPU when there is one
-        args.device = "cuda:0" if torch.cuda.is_available() else "cpu"
+        args.device = str(resolve_device("auto"))
     t = time.perf_counter()
     model, tok = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype),
                             trust_remote_code=args.trust_remote_code, cache_dir=getattr(args, "cache_dir", None))

@@ -193,17 +193,15 @@ def teacher_logits(dense_model: nn.Module, batches: list[Batch], micro_batch: in
 def heldout_kl(model: nn.Module, dense_model: nn.Module, batches: list[Batch], micro_batch: int = 2,
                teacher: list[torch.Tensor] | None = None) -> float:
     """Mean KL(dense ‖ model) per real token over `batches` (no gradients); `teacher`: the dense model's
-    logits from `teacher_logits` (the same numbers, without running the dense model again)."""
+    logits from `teacher_logits` if already computed (a healing run's checks share them)."""
+    teacher = teacher_logits(dense_model, batches, micro_batch) if teacher is None else teacher
     dev = next(model.parameters()).device
     tot, n = 0.0, 0
     with torch.no_grad():
         mbs = (mb for b in batches for mb in _micro_batches(b, micro_batch, dev))
-        for j, (ids, am, mask) in enumerate(mbs):
-            if teacher is None:
-                tot += float(_kl_sum(model, dense_model, ids, am, mask))
-            else:
-                student = model(input_ids=ids, attention_mask=am, use_cache=False).logits[mask]
-                tot += float(kl_rows(teacher[j].to(dev), student))
+        for t, (ids, am, mask) in zip(teacher, mbs, strict=True):
+            student = model(input_ids=ids, attention_mask=am, use_cache=False).logits[mask]
+            tot += float(kl_rows(t.to(dev), student))
             n += int(mask.sum())
     return tot / max(n, 1)
 

@@ -90,6 +90,7 @@ def test_heldout_checks_run_the_teacher_once(llama, compressed):
     assert all(t.device.type == "cpu" and t.ndim == 2 for t in cached)
     assert heldout_kl(compressed, llama, held, 2, cached) == pytest.approx(heldout_kl(compressed, llama, held, 2),
                                                                             rel=1e-6)
+    assert heldout_kl(compressed, llama, held, 2, cached) == pytest.approx(_kl(compressed, llama, held), rel=1e-5)
     seen = []
     hook = llama.register_forward_hook(lambda m, a, k, out: seen.append(k["input_ids"].shape[0]), with_kwargs=True)
     try:

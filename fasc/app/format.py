@@ -12,6 +12,7 @@ CLI_TO_WIDGET = (
     (r"pass --overwrite\b", "tick Overwrite"),
     (r"--overwrite\b", "Overwrite"),
     (r"--out\b", "Target folder"),
+    (r"--device\b", "Device"),
     (r"--seq-len\b", "Sequence length"),
     (r"--tokens\b", "Token budget N"),
 )

@@ -114,12 +114,9 @@ class LoadedModel:
 def _load(spec: str, stamp: float, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
     import torch
 
-    from ..linalg_device import resolve_device
     from ..loading import load_model
 
-    if device != "auto":
-        resolve_device(device, "Device")   # a GPU that is gone: one line naming the sidebar's choice
-    model, tok = load_model(spec, device=device, dtype=getattr(torch, dtype))
+    model, tok = load_model(spec, device=device, dtype=getattr(torch, dtype))   # a GPU that is gone: one line
     return LoadedModel(spec, model, tok, model_fingerprint(model), model_summary(model), device, dtype)
 
 
