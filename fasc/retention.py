@@ -28,6 +28,8 @@ class TaskRow:
     paired: dict[str, tuple[float, float]]   # "A − B" → (mean difference, its stderr) on the same documents
     above_chance: bool
     extra: dict[str, dict[str, float]] = field(default_factory=dict)   # e.g. LAMBADA perplexity per model
+    known_kept: dict[str, float] = field(default_factory=dict)         # model → share of the reference's right
+    qa: dict[str, dict] = field(default_factory=dict)                  # generated QA: model → fasc.qa.known_kept
 
 
 @dataclass
@@ -56,6 +58,12 @@ def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
     return m, math.sqrt(var / len(d))
 
 
+def _known_kept(ref: list[float], other: list[float]) -> float:
+    """Share of the documents the reference gets right (value 1) that `other` also gets right."""
+    known = [i for i, v in enumerate(ref) if v == 1]
+    return sum(1 for i in known if other[i] == 1) / len(known) if known and len(other) == len(ref) else float("nan")
+
+
 def retention_table(runs: dict[str, dict], reference: str) -> RetentionTable:
     """The table for `runs` = {model name: run_tasks output} against `reference` (the dense model).
 
@@ -80,10 +88,17 @@ def retention_table(runs: dict[str, dict], reference: str) -> RetentionTable:
                 if docs[a] and docs[b] and len(docs[a]) == len(docs[b]):
                     paired[f"{b} − {a}"] = paired_difference(docs[b], docs[a])
         extra = {}
-        if "perplexity" in ref["results"][t]:
-            extra["perplexity"] = {m: runs[m]["results"][t]["perplexity"] for m in models}
+        for metric in ("perplexity", "gold_logp"):
+            if metric in ref["results"][t]:
+                extra[metric] = {m: runs[m]["results"][t][metric] for m in models}
         above = vals[reference] - CHANCE.get(t, 0.0) > 2 * (se[reference] if se[reference] == se[reference] else 0)
-        rows.append(TaskRow(t, int(ref["n_samples"].get(t) or 0), vals, se, ret, paired, above, extra))
+        kept = {m: _known_kept(docs[reference], docs[m]) for m in models[1:] if docs[reference] and docs[m]}
+        qa = {}
+        if t in ref.get("qa", {}):
+            from .qa import known_kept
+
+            qa = {m: known_kept(ref["qa"][t], runs[m]["qa"][t]) for m in models[1:] if t in runs[m].get("qa", {})}
+        rows.append(TaskRow(t, int(ref["n_samples"].get(t) or 0), vals, se, ret, paired, above, extra, kept, qa))
     head = [r.task for r in rows if r.task in LEMS_SEVEN and r.above_chance]
     by = {r.task: r for r in rows}
     avg = {m: (sum(by[t].values[m] for t in head) / len(head) if head else float("nan")) for m in models}
@@ -113,6 +128,16 @@ def format_table(tab: RetentionTable) -> str:
         lines.append(f"{r.task:<16}{r.n:>6}  " + "  ".join(cells) + mark)
         for metric, per in r.extra.items():
             lines.append(f"{'  ' + metric:<16}{'':>6}  " + "  ".join(f"{per[m]:>{w}.2f}" for m in names))
+        if r.known_kept:
+            lines.append(f"{'  known kept':<16}{'':>6}  " + "  ".join(
+                f"{'':>{w}}" if m == tab.reference else f"{100 * r.known_kept.get(m, float('nan')):>{w}.1f}"
+                for m in names))
+        for m, k in r.qa.items():
+            kinds = ", ".join(f"{v} {kind}" for kind, v in sorted(k["lost_kinds"].items(), key=lambda x: -x[1]))
+            lines.append(f"  {m}: keeps {k['kept']} of the {k['dense_correct']} answers {tab.reference} gets right "
+                         f"(lost: {kinds or 'none'}; {k['lost_first_token_right']} of them with the first token "
+                         f"right); gold answer log-likelihood {k['delta_logp_known']:+.2f} nats on those, "
+                         f"{k['delta_logp_all']:+.2f} on all")
     cells = [f"{100 * tab.average[m]:.1f}" + (f" ({100 * tab.retention[m]:.1f}%)" if m != tab.reference else "")
              for m in names]
     lines.append(f"{'average':<16}{'':>6}  " + "  ".join(f"{c:>{w}}" for c in cells)
