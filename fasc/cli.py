@@ -502,14 +502,14 @@ def _eval_tasks(args, model, tok, probe_path, obj: dict) -> None:
         sink = sys.stderr if args.debug else io.StringIO()
         try:
             with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-                runs[name] = run_suite(m, tok, tasks, probe=probe_path, limit=args.limit,
+                runs[name] = run_suite(m, tok, tasks, probe=probe_path, limit=args.limit, offset=args.offset,
                                        batch_size=args.lm_batch_size, shots=args.shots, progress=bar)
         finally:
             bar.close()
     obj.pop("text")
     out = runs[args.model]
     obj.update(lm_eval=out["results"], stderr=out["stderr"], n_samples=out["n_samples"], fewshot=out["fewshot"],
-               limit=args.limit, samples=out["samples"], qa=out["qa"])
+               limit=args.limit, offset=args.offset, samples=out["samples"], qa=out["qa"])
     lines = [f"{t}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(m.items())) + f" ({out['n_samples'].get(t)} docs)"
              for t, m in out["results"].items()]
     if len(models) > 1:
@@ -683,6 +683,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "mmlu_<subject>, fasc_facts (the fact probe); other lm-eval tasks need a network. "
                                    "Knowledge in generation (few-shot QA, greedy, exact match): qa_facts (the "
                                    "probe as questions), jeopardy (2,116 clues)")
+    h.add_argument("--offset", type=int, default=0, help="skip the first N documents of each task (a slice to "
+                                                         "choose settings on, disjoint from the reported first ones)")
     h.add_argument("--shots", type=int, default=5, help="question/answer examples before each QA question (0–5)")
     h.add_argument("--limit", type=int, help="the first N documents of each task (the same for every model)")
     h.add_argument("--lm-batch-size", type=int, default=16, help="lm-eval batch size")

@@ -174,7 +174,7 @@ def _mmlu_group(results: dict, stderr: dict, n: dict, samples: dict) -> None:
 
 
 def run_tasks(model: nn.Module, tokenizer, tasks: list[str], *, probe: str | Path, limit: int | None = None,
-              batch_size: int = 16, num_fewshot: int | None = None,
+              offset: int = 0, batch_size: int = 16, num_fewshot: int | None = None,
               progress: Callable[[int, int], None] | None = None,
               should_stop: Callable[[], bool] | None = None) -> dict:
     """Run lm-eval `tasks` on `model` (presets and `mmlu` expanded; see `fasc.lm_tasks.standard`).
@@ -186,6 +186,7 @@ def run_tasks(model: nn.Module, tokenizer, tasks: list[str], *, probe: str | Pat
     Args:
         probe: the fact probe JSONL for `fasc_facts`.
         limit: the first `limit` documents of each task (lm-eval's `--limit`).
+        offset: skip this many documents first (lm-eval's `samples`: a slice disjoint from the reported one).
         progress: called with (loglikelihood requests done, total).
         should_stop: polled between chunks of requests; True raises `Cancelled`.
     """
@@ -194,6 +195,8 @@ def run_tasks(model: nn.Module, tokenizer, tasks: list[str], *, probe: str | Pat
         raise FascError("No lm-eval task given; pass --tasks zeroshot (or arc_easy,…, mmlu, fasc_facts).")
     if limit is not None and limit < 1:
         raise FascError(f"--limit must be at least 1, got {limit}.")
+    if offset < 0:
+        raise FascError(f"--offset must be ≥ 0, got {offset}.")
     names = expand_tasks(tasks)
     for name in ("lm_eval", "lm-eval"):  # lm-eval logs at INFO; the library never prints
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -213,7 +216,17 @@ def run_tasks(model: nn.Module, tokenizer, tasks: list[str], *, probe: str | Pat
         dev = next(model.parameters()).device
         lm = _progress_lm(HFLM, progress, should_stop)(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
                                                       device=str(dev))
-        out = simple_evaluate(model=lm, tasks=list(task_objs.values()), limit=limit, num_fewshot=num_fewshot,
+        samples = None
+        if offset:
+            sizes = {t: len(list(obj.eval_docs)) for t, obj in task_objs.items()}
+            samples = {t: list(range(min(offset, n), n if limit is None else min(offset + limit, n)))
+                       for t, n in sizes.items()}
+            if not all(samples.values()):
+                empty = [t for t, v in samples.items() if not v]
+                raise FascError(f"--offset {offset} is past the last document of {', '.join(empty)} "
+                                f"({', '.join(str(sizes[t]) for t in empty)} documents).")
+        out = simple_evaluate(model=lm, tasks=list(task_objs.values()), limit=None if offset else limit,
+                              samples=samples, num_fewshot=num_fewshot,
                               task_manager=manager, log_samples=True, bootstrap_iters=BOOTSTRAP_ITERS,
                               verbosity="ERROR")
     results, stderr, samples = {}, {}, {}

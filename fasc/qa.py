@@ -318,7 +318,7 @@ def answer_logprobs(model: nn.Module, encoded: list[tuple[list[int], int]], batc
     return logp_out, first_out
 
 
-def run_qa(model: nn.Module, tokenizer, qs: QASet, *, k: int = SHOTS, limit: int | None = None,
+def run_qa(model: nn.Module, tokenizer, qs: QASet, *, k: int = SHOTS, limit: int | None = None, offset: int = 0,
            batch_size: int = 16, max_new_tokens: int = MAX_NEW_TOKENS,
            progress: Callable[[int, int], None] | None = None,
            should_stop: Callable[[], bool] | None = None) -> QAResult:
@@ -326,9 +326,11 @@ def run_qa(model: nn.Module, tokenizer, qs: QASet, *, k: int = SHOTS, limit: int
     log-likelihood. `progress(done, total)` counts items generated, then items scored."""
     from .data import encode_example
 
-    items = list(qs.items[:limit] if limit is not None else qs.items)
     if limit is not None and limit < 1:
         raise FascError(f"--limit must be at least 1, got {limit}.")
+    items = list(qs.items[offset:] if limit is None else qs.items[offset:offset + limit])
+    if not items:
+        raise FascError(f"--offset {offset} is past the last item of {qs.name} ({len(qs.items)} items).")
     prompts = [qs.prompt(it, k) for it in items]
     total = 2 * len(items)
     gen = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size,

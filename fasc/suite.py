@@ -24,10 +24,10 @@ def split_tasks(tasks: list[str]) -> tuple[list[str], list[str]]:
 
 
 def run_suite(model: nn.Module, tokenizer, tasks: list[str], *, probe: str | Path | None, limit: int | None = None,
-              batch_size: int = 16, shots: int = SHOTS, progress: Callable[[int, int], None] | None = None,
+              offset: int = 0, batch_size: int = 16, shots: int = SHOTS, progress: Callable[[int, int], None] | None = None,
               should_stop: Callable[[], bool] | None = None) -> dict:
     """Run `tasks` (lm-eval names, presets, `qa_facts`, `jeopardy`) on `model`, the first `limit` documents
-    of each. `progress(done, total)` runs over the parts (lm-eval's requests, then each QA set's items)."""
+    of each after the first `offset`. `progress(done, total)` runs over the parts (lm-eval's requests, then each QA set's items)."""
     from .harness import run_tasks
     from .qa import qa_set, run_qa
 
@@ -42,11 +42,11 @@ def run_suite(model: nn.Module, tokenizer, tasks: list[str], *, probe: str | Pat
             if progress is not None:
                 progress(j * 1000 + int(1000 * d / max(n, 1)), 1000 * len(parts))
         if qs is None:
-            part = run_tasks(model, tokenizer, lm, probe=probe, limit=limit, batch_size=batch_size, progress=step,
-                             should_stop=should_stop)
+            part = run_tasks(model, tokenizer, lm, probe=probe, limit=limit, offset=offset, batch_size=batch_size,
+                             progress=step, should_stop=should_stop)
         else:
-            part = run_qa(model, tokenizer, qs, k=shots, limit=limit, batch_size=batch_size, progress=step,
-                          should_stop=should_stop).to_run()
+            part = run_qa(model, tokenizer, qs, k=shots, limit=limit, offset=offset, batch_size=batch_size,
+                          progress=step, should_stop=should_stop).to_run()
         for key in run:
             run[key].update(part.get(key, {}))
     return run

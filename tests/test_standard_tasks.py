@@ -154,3 +154,14 @@ def test_cli_eval_tasks_compare_prints_retention(saved_llama, capsys):
     assert "no task 'nosuch'; offline FASC runs arc_challenge" in capsys.readouterr().err
     assert main(["eval", "--model", model, "--tasks", "arc_easy", "--compare", "--quiet"]) == 2
     assert "names its source model" in capsys.readouterr().err
+
+
+def test_offset_scores_a_disjoint_slice(tokenizer):
+    from fasc.harness import run_tasks
+
+    model = tiny_model("llama")
+    first = run_tasks(model, tokenizer, ["winogrande"], probe=None, limit=6)["samples"]["winogrande"]["acc"]
+    later = run_tasks(model, tokenizer, ["winogrande"], probe=None, limit=3, offset=3)
+    assert later["n_samples"]["winogrande"] == 3 and later["samples"]["winogrande"]["acc"] == first[3:]
+    with pytest.raises(fasc.FascError, match="--offset 99999 is past the last document of winogrande"):
+        run_tasks(model, tokenizer, ["winogrande"], probe=None, limit=3, offset=99999)
