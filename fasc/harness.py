@@ -136,19 +136,31 @@ class Cancelled(FascError):
     """The caller's `should_stop` asked to stop between batches of requests."""
 
 
-def _progress_lm(base, progress, should_stop, chunk: int = 128):
-    """An instance of lm-eval's HF class whose `loglikelihood` reports (requests done, total) and can be
-    stopped between chunks of `chunk` requests (lm-eval has no callback of its own)."""
+def _progress_lm(base, progress, should_stop):
+    """lm-eval's HF class scoring through `fasc.prefix` (shared contexts once), reporting (requests done,
+    total) and stopping between batches when `should_stop()` (lm-eval has no callback of its own)."""
 
     class ProgressLM(base):
-        def loglikelihood(self, requests, disable_tqdm: bool = False):
-            out = []
-            for i in range(0, len(requests), chunk):
-                if should_stop is not None and should_stop():
-                    raise Cancelled("Evaluation cancelled.")
-                out += super().loglikelihood(requests[i:i + chunk], disable_tqdm=True)
-                if progress is not None:
-                    progress(min(i + chunk, len(requests)), len(requests))
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            """lm-eval's scoring of (context, continuation) tokens, with shared contexts and few-shot prefixes
+            run once (`fasc.prefix.loglikelihoods`); requests it cannot take go to lm-eval's own loop."""
+            from .prefix import loglikelihoods
+
+            out: list = [None] * len(requests)
+            own, rest = [], []
+            for i, (_, ctx, cont) in enumerate(requests):
+                full = (list(ctx) + list(cont))[-(self.max_length + 1):]     # lm-eval's left truncation
+                c = full[:len(full) - len(cont)]
+                (own if self.backend == "causal" and len(c) >= 2 and cont else rest).append((i, c, list(cont)))
+            total = len(requests)
+            if rest:
+                for (i, _, _), r in zip(rest, super()._loglikelihood_tokens([requests[i] for i, _, _ in rest],
+                                                                            disable_tqdm=True)):
+                    out[i] = r
+            step = None if progress is None else (lambda d, n: progress(len(rest) + d, total))
+            for (i, _, _), r in zip(own, loglikelihoods(self.model, [(c, k) for _, c, k in own], self.batch_size,
+                                                         step, should_stop)):
+                out[i] = r[:2]
             return out
 
     return ProgressLM

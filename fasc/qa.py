@@ -180,55 +180,6 @@ def _newline_ids(tokenizer) -> set[int]:
     return ids
 
 
-def common_prefix(rows: list[list[int]]) -> int:
-    """Length of the token prefix all rows share, leaving every row at least one token of its own."""
-    if not rows:
-        return 0
-    n = min(len(r) for r in rows) - 1
-    first = rows[0]
-    for r in rows[1:]:
-        i = 0
-        while i < n and r[i] == first[i]:
-            i += 1
-        n = i
-    return max(n, 0)
-
-
-def _forward(model, ids, mask, pos, cache, last_only: bool):
-    """One cached forward; logits at the last position only when asked (the head is a fifth of a small model)."""
-    import inspect
-
-    params = inspect.signature(model.forward).parameters
-    kw = {"logits_to_keep": 1} if last_only and "logits_to_keep" in params else {}
-    kw["cache" if "cache" in params else "past_key_values"] = cache  # transformers 5 renames past_key_values
-    return model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kw).logits
-
-
-class _Prefix:
-    """The shared prompt prefix (the k examples) run once; `batch(B)` gives a copy of its cache for B rows."""
-
-    def __init__(self, model, ids: list[int]):
-        from transformers import DynamicCache
-
-        self.n = len(ids)
-        self.dev = next(model.parameters()).device
-        self.cache = DynamicCache(config=getattr(model, "config", None)) if self.n else None
-        if self.n:
-            x = torch.tensor([ids], device=self.dev)
-            _forward(model, x, torch.ones_like(x), torch.arange(self.n, device=self.dev)[None], self.cache, True)
-
-    def batch(self, b: int):
-        import copy
-
-        from transformers import DynamicCache
-
-        if not self.n:
-            return DynamicCache()
-        c = copy.deepcopy(self.cache)
-        c.batch_repeat_interleave(b)
-        return c
-
-
 @torch.no_grad()
 def generate_answers(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = MAX_NEW_TOKENS,
                      batch_size: int = 16, progress: Callable[[int, int], None] | None = None,
@@ -238,6 +189,7 @@ def generate_answers(model: nn.Module, tokenizer, prompts: list[str], max_new_to
     examples) is run once and its key/value cache reused by every batch; each batch's own parts are
     left-padded after it, with positions that skip the padding (the same tokens as one prompt at a time)."""
     from .harness import Cancelled
+    from .prefix import Prefix, cached_forward, common_prefix
 
     stop = torch.tensor(sorted(_newline_ids(tokenizer) | ({tokenizer.eos_token_id} - {None})) or [-1])
     enc = [tokenizer(p)["input_ids"] for p in prompts]
@@ -246,7 +198,7 @@ def generate_answers(model: nn.Module, tokenizer, prompts: list[str], max_new_to
     out: list[str] = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: -len(enc[i]))
     with eval_mode(model):
-        prefix = _Prefix(model, enc[0][:n0] if enc else [])
+        prefix = Prefix(model, enc[0][:n0] if enc else [])
         for b in range(0, len(order), batch_size):
             if should_stop is not None and should_stop():
                 raise Cancelled("Evaluation cancelled.")
@@ -261,7 +213,7 @@ def generate_answers(model: nn.Module, tokenizer, prompts: list[str], max_new_to
             mask = torch.cat([torch.ones((len(idx), n0), dtype=torch.long), smask], 1).to(dev)
             pos = (n0 + (smask.cumsum(1) - 1).clamp(min=0)).to(dev)
             cache = prefix.batch(len(idx))
-            nxt = _forward(model, ids.to(dev), mask, pos, cache, True)[:, -1].argmax(-1)
+            nxt = cached_forward(model, ids.to(dev), mask, pos, cache, True)[:, -1].argmax(-1)
             last = pos[:, -1:]
             new = [[] for _ in idx]
             done = torch.zeros(len(idx), dtype=torch.bool)
@@ -275,47 +227,12 @@ def generate_answers(model: nn.Module, tokenizer, prompts: list[str], max_new_to
                     break
                 mask = torch.cat([mask, torch.ones((len(idx), 1), dtype=torch.long, device=dev)], 1)
                 last = last + 1
-                nxt = _forward(model, nxt[:, None], mask, last, cache, True)[:, -1].argmax(-1)
+                nxt = cached_forward(model, nxt[:, None], mask, last, cache, True)[:, -1].argmax(-1)
             for r, i in enumerate(idx):
                 out[i] = first_line(tokenizer.decode(new[r], skip_special_tokens=True))
             if progress is not None:
                 progress(min(b + batch_size, len(order)), len(order))
     return out
-
-
-@torch.no_grad()
-def answer_logprobs(model: nn.Module, encoded: list[tuple[list[int], int]], batch_size: int = 16,
-                    progress: Callable[[int, int], None] | None = None) -> tuple[list[float], list[bool]]:
-    """Per (ids, answer start) row: log P(answer | prompt) (nats, teacher-forced, summed over the answer's
-    tokens) and whether its first token is the top-1 prediction — `fasc.evaluate.answer_scores` with the
-    rows' shared prefix run once."""
-    n0 = common_prefix([ids[:start] for ids, start in encoded]) if encoded else 0
-    n0 = min([n0, *[start - 1 for _, start in encoded]]) if encoded else 0
-    dev = next(model.parameters()).device
-    logp_out, first_out = [0.0] * len(encoded), [False] * len(encoded)
-    with eval_mode(model):
-        prefix = _Prefix(model, encoded[0][0][:n0] if encoded else [])
-        for b in range(0, len(encoded), batch_size):
-            chunk = encoded[b:b + batch_size]
-            suf = [ids[n0:] for ids, _ in chunk]
-            width = max(len(s) for s in suf)
-            ids = torch.zeros((len(chunk), width), dtype=torch.long)
-            smask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for r, s in enumerate(suf):
-                ids[r, :len(s)] = torch.tensor(s)
-                smask[r, :len(s)] = 1
-            mask = torch.cat([torch.ones((len(chunk), n0), dtype=torch.long), smask], 1).to(dev)
-            pos = (n0 + torch.arange(width))[None].expand(len(chunk), -1).to(dev)
-            logits = _forward(model, ids.to(dev), mask, pos, prefix.batch(len(chunk)), False).float()
-            lp = logits.log_softmax(-1).cpu()
-            for r, (row, start) in enumerate(chunk):
-                a0, a1 = start - n0, len(row) - n0                        # answer tokens within the suffix
-                tgt = ids[r, a0:a1]
-                logp_out[b + r] = float(lp[r, a0 - 1:a1 - 1].gather(-1, tgt[:, None]).sum())
-                first_out[b + r] = int(lp[r, a0 - 1].argmax()) == int(tgt[0])
-            if progress is not None:
-                progress(min(b + batch_size, len(encoded)), len(encoded))
-    return logp_out, first_out
 
 
 def run_qa(model: nn.Module, tokenizer, qs: QASet, *, k: int = SHOTS, limit: int | None = None, offset: int = 0,
@@ -325,6 +242,7 @@ def run_qa(model: nn.Module, tokenizer, qs: QASet, *, k: int = SHOTS, limit: int
     """Score the first `limit` items of `qs` with k examples: generation (exact match) and the gold answer's
     log-likelihood. `progress(done, total)` counts items generated, then items scored."""
     from .data import encode_example
+    from .prefix import loglikelihoods
 
     if limit is not None and limit < 1:
         raise FascError(f"--limit must be at least 1, got {limit}.")
@@ -336,8 +254,9 @@ def run_qa(model: nn.Module, tokenizer, qs: QASet, *, k: int = SHOTS, limit: int
     gen = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size,
                            None if progress is None else (lambda d, n: progress(d, total)), should_stop)
     encoded = [encode_example(tokenizer, Example(p, it.answer)) for p, it in zip(prompts, items)]
-    logp, first = answer_logprobs(model, encoded, batch_size,
-                                  None if progress is None else (lambda d, n: progress(len(items) + d, total)))
+    scored = loglikelihoods(model, [(ids[:start], ids[start:]) for ids, start in encoded], batch_size,
+                            None if progress is None else (lambda d, n: progress(len(items) + d, total)), should_stop)
+    logp, first = [s[0] for s in scored], [s[2] for s in scored]
     correct = [normalize(g) == normalize(it.answer) and normalize(it.answer) != "" for g, it in zip(gen, items)]
     return QAResult(qs.name, k, gen, [it.answer for it in items], correct, logp, first,
                     [s.answer for s in qs.shots[:k]])

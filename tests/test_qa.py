@@ -36,13 +36,18 @@ def test_generation_stops_at_a_line_break(tokenizer, monkeypatch):
     assert qa.generate_answers(model, tokenizer, PROMPTS[:1], max_new_tokens=6) == [tokenizer.decode([first]).strip()]
 
 
-def test_shared_prefix_scores_equal_answer_scores(tokenizer):
-    model = tiny_model("llama")
-    enc = [encode_example(tokenizer, Example(p, a)) for p, a in zip(PROMPTS, ["apple", "sun moon", "sea", "pen"])]
-    logp, first = qa.answer_logprobs(model, enc, batch_size=3)
-    nll, first_ref = answer_scores(model, enc)
-    assert logp == pytest.approx((-nll).tolist(), abs=1e-4)
-    assert first == first_ref.tolist()
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_shared_prefix_scores_equal_answer_scores(tokenizer, arch):
+    from fasc.prefix import loglikelihoods
+
+    model = tiny_model(arch)
+    answers = ["apple", "sun moon", "sea", "pen", "apple", "sun"]
+    enc = [encode_example(tokenizer, Example(p, a)) for p, a in zip(PROMPTS + PROMPTS[:2], answers)]
+    for bs in (1, 3, 16):
+        got = loglikelihoods(model, [(ids[:s], ids[s:]) for ids, s in enc], batch_size=bs)
+        nll, first_ref = answer_scores(model, enc)
+        assert [g[0] for g in got] == pytest.approx((-nll).tolist(), abs=1e-4)
+        assert [g[2] for g in got] == first_ref.tolist()
 
 
 def test_cancel_between_batches(tokenizer):
