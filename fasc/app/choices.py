@@ -6,7 +6,7 @@ Environment (all optional; tests use them to point the app at tiny models):
     FASC_APP_DEVICE       device preselected for the model: cpu, cuda, cuda:i or auto (default: the
                           first GPU when one is visible, else cpu)
     FASC_APP_CHECKPOINTS  folder of training checkpoints `ckpt-*` (default: fasc/demo/checkpoints)
-    FASC_APP_OUT          parent folder proposed for exports (default: out)
+    FASC_APP_OUT          parent folder proposed for exports (default: ~/fasc-exports)
 """
 
 from __future__ import annotations
@@ -111,8 +111,12 @@ def model_label(spec: str) -> str:
     return Path(spec).name or spec
 
 
+DEFAULT_EXPORT_ROOT = "~/fasc-exports"   # outside any repository: an export is not source
+
+
 def default_export_dir(spec: str, method: str, ratio: float, merged: bool, env: dict | None = None) -> str:
-    root = (env if env is not None else os.environ).get("FASC_APP_OUT", "out")
+    """The folder proposed for an export: `<FASC_APP_OUT or ~/fasc-exports>/<model>-<method><percent>`."""
+    root = (env if env is not None else os.environ).get("FASC_APP_OUT") or DEFAULT_EXPORT_ROOT
     base = spec if spec in ("demo", "smollm2") else (Path(spec).name or "model")
     name = "".join(c if c.isalnum() or c in "-_" else "-" for c in base.lower())
     return str(Path(root) / f"{name}-{method}{round(100 * ratio)}{'-merged' if merged else ''}")

@@ -18,6 +18,7 @@ from pathlib import Path
 import streamlit as st
 
 from . import ui
+from .table import plan_label
 from ..allocate import Plan, allocate
 from ..data import Example, load_probe, parse_jsonl, rows_to_examples
 from ..errors import FascError
@@ -282,9 +283,13 @@ def fact_panel(ctx, km: KnowledgeMap, probe: ProbeChoice, plan: Plan) -> None:
         st.caption("Modules whose compression alone hurts this fact most (from the map's data)")
         st.dataframe({"module": [f for f, _, _ in top], "loss ↑ (nats)": [round(d, 3) for _, d, _ in top],
                       "P(answer)": [f"{math.exp(-float(km.base_nll[i]) - d):.1%}" for _, d, _ in top],
-                      "still top-1": [ok for _, _, ok in top]}, hide_index=True, width="stretch")
+                      "top-1": [ok for _, _, ok in top]}, hide_index=True, width="stretch",
+                     column_config={"top-1": st.column_config.CheckboxColumn(
+                         "top-1", help="the answer is still the top-1 token with only this module compressed")})
     with c2:
         baseline = ui.setting("eval_baseline", "asvd")
+        st.caption(f"Plan compared: {plan_label(plan, ctx.an, ctx.plans.is_default)}; baseline: {baseline} at the "
+                   f"same budget. Change the plan on the Ranks page.")
         key = json.dumps(["fact", ctx.lm.spec, ctx.calib["key"], ctx.an.cfg.gamma, plan.ranks, plan.methods,
                           baseline, ex.prompt, ex.answer], sort_keys=True)
         store = _store()

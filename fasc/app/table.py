@@ -91,3 +91,16 @@ def apply_table(plan: Plan, an: Analysis, table, tau: float = HYBRID_TAU,
     if new.ranks != plan.ranks or new.methods != plan.methods:
         new.note["edited"] = True
     return new, errors
+
+
+def plan_label(plan: Plan, an: Analysis, default: bool = False) -> str:
+    """The plan in words, for the pages that use it: 'fasc (greedy, edited) · 50.0 % of 14 modules'
+    parameters kept'; the session's own default plan says that nobody made it."""
+    note = plan.note if isinstance(plan.note, dict) else {}
+    how = [note.get("allocation"), "edited" if note.get("edited") else None,
+           f"loaded from {note['loaded_from']}" if note.get("loaded_from") else None]
+    how = ", ".join(a for a in how if a)
+    t = plan.totals(an)
+    s = (f"{note.get('method') or 'custom'}{f' ({how})' if how else ''} · {t.ratio:.1%} of {t.modules} modules' "
+         f"parameters kept")
+    return s + (" — the default plan (no plan made yet for this model)" if default else "")

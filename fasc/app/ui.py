@@ -34,7 +34,8 @@ from ..pipeline import auto_heal, calibrate_cached, model_defaults
 from ..stats import CalibStats
 from . import choices as C
 from .format import dashboard_wording, eta_text
-from .state import PlanStore, bind, calib_info, commit, rho_fisher, set_calib_info, setting  # noqa: F401 - pages use ui.bind/commit/setting
+from .state import (PlanStore, bind, calib_info, commit, model_switched, rho_fisher,  # noqa: F401 - pages use
+                    set_calib_info, setting)                                        # ui.bind/commit/setting
 
 log = logging.getLogger("fasc.app")
 
@@ -174,6 +175,7 @@ def model_picker() -> str | None:
         st.session_state["model_spec"] = spec
         st.session_state["_picker_drawn"] = True
         ident = C.model_ident(spec, device, dtype) if spec else None
+        model_switched(ident)   # widgets that select within one model's data start afresh
         loaded = st.session_state.get("loaded", {}).get(ident)
         if loaded:
             st.caption(f"{loaded['architecture']} · {loaded['layers']} layers · {loaded['modules']} modules · "
@@ -429,17 +431,14 @@ def calibration_batches(ctx: Context) -> tuple[list[Batch], str]:
 SEQUENTIAL_HELP = ("Error-aware compression (`fasc compress --sequential`): each module is fitted to the inputs of "
                    "the partly compressed model. Costs about two more forward passes over the calibration text plus "
                    "one partial layer pass per input group. restat: re-measured statistics only; refit: also a "
-                   "least-squares refit to the dense outputs. Measured on the demo (BENCHMARKS.md): restat neutral, "
-                   "refit 3.5–5.7 fact-recall points worse at 60 % kept — hence off by default.")
+                   "least-squares refit to the dense outputs. Off by default; what each does to fact recall is "
+                   "measured in BENCHMARKS.md.")
 HEAL_HELP = ("Healing (`--heal-tokens`): after compressing, train only the low-rank factors to match the dense "
              "model (KL) on this many calibration tokens. Costs one teacher forward plus one student "
-             "forward/backward per token. The KL is checked on 2,048 held-out tokens (the end of the calibration "
-             "text) 8 times, and the factors of the lowest held-out KL are kept. Measured on the demo "
-             "(BENCHMARKS.md): 16,384 tokens recover 4.4–4.6 fact-recall points at 60 % kept in about 40 s on a "
-             f"shared CPU; on SmolLM2 at 80 % kept, {HEAL_TOKENS_GPU:,} tokens bring perplexity from 1.28× to 1.14× "
-             f"dense and the known facts kept from 0.749 to 0.821 (≈ 16 min on one CPU core). Default: "
-             f"{HEAL_TOKENS_GPU:,} when the model is on a GPU and healing fits in its free memory, 0 (off) on the CPU. "
-             "Factored models only.")
+             f"forward/backward per token. The KL is checked on {HEAL_CHECK_TOKENS:,} held-out tokens (the end of "
+             "the calibration text) 8 times, and the factors of the lowest held-out KL are kept. What it recovers, "
+             f"and how long it takes, is measured in BENCHMARKS.md. Default: {HEAL_TOKENS_GPU:,} when the model is "
+             "on a GPU and healing fits in its free memory, 0 (off) on the CPU. Factored models only.")
 
 
 def refinement_options(name: str, ctx: Context, plan, merged: bool = False) -> tuple[bool | str, int]:
