@@ -48,6 +48,19 @@ def layer_kind_grid(rows, value: str, values: Mapping[str, float] | None = None
     return Z, layers, kinds, names
 
 
+def wrap(text: str, width: int) -> str:
+    """`text` broken into lines of at most `width` characters at spaces (Plotly's `<br>`): titles and
+    colour-bar labels are never cut."""
+    lines, cur = [], ""
+    for word in str(text).split():
+        if cur and len(cur) + 1 + len(word) > width:
+            lines.append(cur)
+            cur = word
+        else:
+            cur = f"{cur} {word}" if cur else word
+    return "<br>".join(lines + ([cur] if cur else []))
+
+
 def rho_heatmap(rows, value: str = "rho", selected: str | None = None, title: str | None = None,
                 values: Mapping[str, float] | None = None, label: str | None = None,
                 height: int | None = None, zrange: tuple[float, float] | None = None) -> go.Figure:
@@ -64,7 +77,7 @@ def rho_heatmap(rows, value: str = "rho", selected: str | None = None, title: st
     Z, layers, kinds, names = layer_kind_grid(rows, value, values)
     signed = value == "rho_signed"
     long = label or VALUE_LABELS.get(value, value)
-    short = SHORT_LABELS.get(value, long[:14]) if label is None else label[:14]
+    short = SHORT_LABELS.get(value, wrap(long, 14)) if label is None else wrap(label, 14)
     hover = "<b>%{customdata[0]}</b><br>layer %{y} · %{x}<br>" + long + ": %{customdata[1]:.4g}<extra></extra>"
     fig = go.Figure(go.Heatmap(
         z=Z, x=kinds, y=layers, colorscale="RdBu_r" if signed else "Viridis",
@@ -84,11 +97,14 @@ def rho_heatmap(rows, value: str = "rho", selected: str | None = None, title: st
                 if n == selected:
                     fig.add_shape(type="rect", x0=j - 0.5, x1=j + 0.5, y0=layers[i] - 0.5, y1=layers[i] + 0.5,
                                   line=dict(color="red", width=3))
-    fig.update_layout(title=title or long, xaxis_title="module kind", hovermode="closest", hoverdistance=-1,
+    head = wrap(title or long, 72)   # a long title wraps: ≈ 72 characters fit the map's column at 1280 px
+    top = 30 + 20 * (head.count("<br>") + 1)
+    fig.update_layout(title=dict(text=head, font=dict(size=15)), xaxis_title="module kind", hovermode="closest", hoverdistance=-1,
                       clickmode="event+select", dragmode=False,
                       yaxis_title="layer", xaxis=dict(range=[-0.5, len(kinds) - 0.5]),
                       yaxis=dict(range=[layers[-1] + 0.5, layers[0] - 0.5], dtick=1),  # layer 0 on top
-                      height=height or max(300, 28 * len(layers) + 120), margin=dict(l=60, r=20, t=50, b=40))
+                      height=(height or max(300, 28 * len(layers) + 120)) + top - 50,
+                      margin=dict(l=60, r=20, t=top, b=40))
     return fig
 
 
@@ -194,20 +210,44 @@ def training_figure(steps: Sequence[float], recall: Sequence[float | None], rho:
     return fig
 
 
+def _span(values: Sequence[float], floor: float) -> list[float]:
+    """An axis range around `values` (padded by 15 % of their spread, at least `floor`), not from 0, so
+    close values (100 / 99.8 / 99.3 %) look apart."""
+    v = [float(x) for x in values if x is not None and np.isfinite(x)]
+    if not v:
+        return [0.0, 1.0]
+    lo, hi = min(v), max(v)
+    pad = max(0.15 * (hi - lo), floor)
+    return [lo - pad, hi + pad]
+
+
 def eval_figure(rows: Sequence[Mapping]) -> go.Figure:
-    """Bars of fact recall and perplexity for the evaluation rows (uncompressed, plan, baseline)."""
+    """Fact recall and held-out perplexity of the evaluation rows (uncompressed first, then the plan and the
+    baseline) as points on axes that span the values, with a dotted line at the uncompressed model's value
+    and each model's difference to it in the labels."""
     from plotly.subplots import make_subplots
 
     names = [r["model"] for r in rows]
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("fact recall (top-1, higher is better)",
-                                                        "held-out perplexity (lower is better)"))
+    rec = [float(r["recall"]) for r in rows]
+    ppl = [float(r["perplexity"]) for r in rows]
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12,
+                        subplot_titles=("fact recall (top-1, higher is better)", "held-out perplexity (lower is better)"))
     colors = ["#888888", "#ef553b", "#636efa", "#00cc96"][: len(rows)]
-    fig.add_trace(go.Bar(x=names, y=[r["recall"] for r in rows], marker_color=colors, showlegend=False,
-                         text=[f"{r['recall']:.1%}" for r in rows], textposition="auto"), 1, 1)
-    fig.add_trace(go.Bar(x=names, y=[r["perplexity"] for r in rows], marker_color=colors, showlegend=False,
-                         text=[f"{r['perplexity']:.2f}" for r in rows], textposition="auto"), 1, 2)
-    fig.update_yaxes(tickformat=".0%", range=[0, 1.05], row=1, col=1)
-    fig.update_layout(height=320, margin=dict(l=40, r=20, t=40, b=40))
+    rec_text = [f"{v:.1%}" + ("" if i == 0 else f" ({100 * (v - rec[0]):+.1f} pt)") for i, v in enumerate(rec)]
+    ppl_text = [f"{v:.2f}" + ("" if i == 0 or not ppl[0] else f" ({v / ppl[0]:.2f}×)") for i, v in enumerate(ppl)]
+    fig.add_trace(go.Scatter(x=names, y=rec, mode="markers+text", marker=dict(color=colors, size=14), text=rec_text,
+                             textposition="middle right", showlegend=False, name="fact recall",
+                             hovertemplate="%{x}: %{text}<extra></extra>"), 1, 1)
+    fig.add_trace(go.Scatter(x=names, y=ppl, mode="markers+text", marker=dict(color=colors, size=14), text=ppl_text,
+                             textposition="middle right", showlegend=False, name="perplexity",
+                             hovertemplate="%{x}: %{text}<extra></extra>"), 1, 2)
+    if rows:
+        for col, ref in ((1, rec[0]), (2, ppl[0])):
+            fig.add_hline(y=ref, line=dict(color="#888888", dash="dot", width=1), row=1, col=col)
+    fig.update_yaxes(tickformat=".1%", range=_span(rec, 0.005), row=1, col=1)
+    fig.update_yaxes(range=_span(ppl, 0.005 * max(ppl, default=1.0)), row=1, col=2)
+    fig.update_xaxes(range=[-0.4, len(rows) - 0.2])   # room for the labels right of the last point
+    fig.update_layout(height=340, margin=dict(l=60, r=20, t=40, b=40))
     return fig
 
 

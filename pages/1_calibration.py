@@ -5,6 +5,7 @@ import streamlit as st
 
 from fasc.app import choices as C
 from fasc.app import ui
+from fasc.app.explain import START_HERE
 from fasc.app.format import dashboard_wording, gamma_label
 from fasc.config import CalibConfig, field_help
 from fasc.data import parse_upload
@@ -68,10 +69,12 @@ def calibration_settings(spec: str) -> str:
     a, b = st.columns(2)
     number(a, "Token budget N", f"tokens@{spec}", C.default_tokens(spec), min_value=16, max_value=10_000_000,
            step=1024, help=field_help(CalibConfig, "n_tokens") + f". The dashboard starts small to stay interactive; "
-           f"the CLI's default for compressing is {m.tokens:,} (on SmolLM2 at 80 % of parameters, 32,768 tokens "
-           "with healing kept 0.812 of the known facts vs 0.767 with 16,384; BENCHMARKS.md).")
+           f"the CLI's default for compressing is {m.tokens:,} (what more tokens keep is measured in BENCHMARKS.md).")
     number(b, "Sequence length", f"seq_len@{spec}", m.seq_len, min_value=2, max_value=8192, step=32,
            help=field_help(CalibConfig, "seq_len"))
+    if ui.setting(f"tokens@{spec}", C.default_tokens(spec)) < m.tokens:
+        a.caption(f"Fewer than the {m.tokens:,} tokens `fasc compress` uses: quick to explore; raise it for a "
+                  f"model you export.")
     a, b = st.columns(2)
     radio(a, "Fisher", "fisher", ["empirical", "sampled"], d.fisher, help=field_help(CalibConfig, "fisher"))
     radio(b, "Loss on", "targets", ["all", "answers"], d.targets, help=field_help(CalibConfig, "targets"),
@@ -117,6 +120,8 @@ def show_result(info: dict, key: str) -> None:
 
 def main() -> None:
     st.title("Model & calibration")
+    for line in START_HERE:   # what this is, what to do first, where it leads
+        st.markdown(line)
     lm = ui.require_model()
     model_metrics(lm.summary)
     left, right = st.columns([3, 2], gap="large")

@@ -7,7 +7,7 @@ import streamlit as st
 
 from fasc.app import knowledge as K
 from fasc.app import ui
-from fasc.app.format import mean_rho
+from fasc.app.explain import rho_explained, rho_facts
 from fasc.app.state import select_module, selected_module
 from fasc.app.table import plan_values, selected_fqn
 from fasc.plots import rho_heatmap
@@ -62,10 +62,12 @@ def main() -> None:
     ctx = ui.require_analysis(decompose=False)
     an = ctx.an
     sel = selected_module(an)
+    about = st.container()   # what ρ does and does not tell, in this model's numbers (filled below)
 
     left, right = st.columns([3, 1], gap="medium")
     with left:
-        view = st.segmented_control("Show", list(VIEWS), format_func=VIEWS.get, **ui.bind("rho_view", "rho")) or "rho"
+        # pills wrap onto a second line in a narrow column (a segmented control would overflow it)
+        view = st.pills("Show", list(VIEWS), format_func=VIEWS.get, **ui.bind("rho_view", "rho")) or "rho"
         ui.commit("rho_view", view)
         ratio = ui.setting("rho_ratio", 0.5)
         if view == "misalignment":
@@ -109,9 +111,9 @@ def main() -> None:
         K.module_metric(kv, sel)
     if view == "knowledge":
         K.knowledge_details(ctx, kv, plan)
-    st.caption(f"Mean ρ over {len(rows)} modules: {mean_rho(rows):.3f}. ρ measures how far a module's activations "
-               f"and gradients are from independent (spec §4): where it is large, the decoupled predicted ΔL is "
-               f"least reliable. " + K.rho_verdict(ctx, kv.km))
+    with about:
+        for line in rho_explained(rho_facts(rows, ui.fisher_energy(ctx)), K.rho_verdict(ctx, kv.km)):
+            st.markdown(line)
 
 
 ui.run_page(main)

@@ -103,8 +103,12 @@ def plan(at) -> Plan:
 
 # ------------------------------------------------------------------------------------------ page 1
 def test_calibration_page_runs_then_loads_from_cache(env):
+    from fasc.app.explain import START_HERE
+
     at = ok(new_app(env).run())
     assert at.title[0].value == "Model & calibration"
+    assert [m.value for m in at.main.markdown][:3] == list(START_HERE)   # the page opens with a start here
+    assert any("Fewer than the 32,768 tokens" in c.value for c in at.caption)   # not only in a tooltip
     assert metric(at, "Layers") == "2" and metric(at, "Compressible modules") == "14"
     assert any("Not calibrated" in i.value for i in at.info)
     at.button(key="w.run").click().run()
@@ -343,6 +347,23 @@ def test_rho_map_views_and_selection(env):
     # the selection is shared with the Spectra page
     goto(at, "pages/3_spectra.py")
     assert at.selectbox(key="w.spec_module").value == target
+
+
+def test_rho_map_says_what_rho_tells_in_the_models_numbers(env):
+    """The ρ map page says what ρ does and does not tell, with numbers computed from this model's analysis."""
+    from fasc.app.explain import rho_facts
+    from fasc.knowledge_map import fisher_energy
+
+    at = goto(calibrated(env), "pages/2_rho_map.py")
+    text = " ".join(m.value for m in at.markdown)
+    stats = app_ui.get_stats(at.session_state["calib"][env["ident"]]["key"])
+    model, _ = fasc.load_model(env["spec"])
+    f = rho_facts(fasc.Analysis(model, stats).report(0.5, decompose=False), fisher_energy(stats))
+    assert "**What ρ tells:**" in text and "**What ρ does not tell:**" in text
+    assert f"mean {f.mean:.3f} over 14 modules" in text and f"to {f.high[1]:.3f} ({f.high[0]})" in text
+    assert f"is {f.energy_spearman:+.2f} here" in text
+    assert "not assumed" in text                                        # where facts live: not measured yet
+    assert len(at.button_group[0].options) == 6                         # the six views, as pills that wrap
 
 
 def test_rho_map_appears_before_any_eigen_decomposition(env, monkeypatch):
@@ -780,3 +801,23 @@ def test_small_formatters():
     assert choices.default_export_dir("demo", "fasc", 0.5, False, {}) == str(Path("~/fasc-exports") / "demo-fasc50")
     assert choices.default_export_dir("demo", "fasc", 0.5, False, {"FASC_APP_OUT": ""}).startswith("~/fasc-exports")
     assert choices.default_export_dir("/x/my model", "asvd", 0.3, True, {"FASC_APP_OUT": "/o"}) == "/o/my-model-asvd30-merged"
+
+
+def test_rho_explained_in_numbers():
+    from types import SimpleNamespace as R
+
+    from fasc.app.explain import START_HERE, rho_explained, rho_facts
+
+    rows = [R(fqn=f"m.{i}", layer=i, kind=k, rho=v, rho_signed=s)
+            for i, (k, v, s) in enumerate([("q", 0.05, 0.01), ("down", 0.5, -0.4), ("up", 0.2, 0.1), ("v", 0.3, 0.2)])]
+    f = rho_facts(rows, {"m.0": 1.0, "m.1": 4.0, "m.2": 2.0, "m.3": 3.0}, tau=0.3)
+    assert (f.n, f.low, f.high, f.above_tau, f.negative) == (4, ("L0 q", 0.05), ("L1 down", 0.5), 2, 1)
+    assert f.mean == pytest.approx(0.2625) and f.energy_spearman == pytest.approx(1.0)
+    tells, not_tells = rho_explained(f, "Measured: +0.10.")
+    assert "from 0.050 (L0 q) to 0.500 (L1 down), mean 0.263 over 4 modules; 2 of them" in tells
+    assert "τ = 0.3" in tells and "In 1 the signed mean is negative" in tells
+    assert "is +1.00 here" in not_tells and not_tells.endswith("Measured: +0.10.")
+    assert "held on disk" in rho_explained(rho_facts(rows, None), "")[1]
+    assert "too few modules" in rho_explained(rho_facts(rows[:2], {"m.0": 1.0, "m.1": 2.0}), "")[1]
+    assert "nothing yet" in rho_explained(rho_facts([]), "x")[0]
+    assert len(START_HERE) == 3 and all(line.startswith("**") for line in START_HERE)

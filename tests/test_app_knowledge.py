@@ -27,7 +27,7 @@ def _title(at) -> str:
 
 def test_knowledge_map_measured_on_request(env):
     at = goto(calibrated(env), "pages/2_rho_map.py")
-    assert any("not assumed" in c.value for c in at.caption)  # the caption claims nothing unmeasured
+    assert any("not assumed" in m.value for m in at.markdown)  # the page claims nothing unmeasured
     at.button_group[0].set_value("knowledge").run()
     ok(at)
     at = _probe_upload(at, env)
@@ -40,7 +40,7 @@ def test_knowledge_map_measured_on_request(env):
     table = _frame(at, "statistic")
     assert table["statistic"][0].startswith("ρ") and set(table["modules"]) == {14}
     assert "Fisher energy, probe answers" in list(table["statistic"])
-    assert any("Spearman of ρ with the knowledge loss" in c.value for c in at.caption)
+    assert any("Spearman of ρ with the knowledge loss" in m.value for m in at.markdown)
     at.radio(key="w.kmap_value").set_value("recall_drop").run()
     assert "recall drop" in json.loads(ok(at).get("plotly_chart")[0].proto.spec)["data"][0]["colorbar"]["title"]["text"]
     # one fact at a time: dense probability and the most harmful modules at once, the rest on request

@@ -418,6 +418,22 @@ def report_rows(ctx: Context, ratio: float, decomposed: bool = True) -> list:
                         decomposed)
 
 
+@st.cache_data(max_entries=8, show_spinner=False)
+def _fisher_energy(key: str, _stats: CalibStats) -> dict[str, float] | None:
+    from ..knowledge_map import fisher_energy
+    from ..offload import LazyTensors
+
+    if isinstance(_stats.cx, LazyTensors) or isinstance(_stats.ch, LazyTensors):
+        return None   # statistics held on disk: reading them all back is not worth a sentence
+    return fisher_energy(_stats)
+
+
+def fisher_energy(ctx: Context) -> dict[str, float] | None:
+    """Each module's Fisher energy ½ tr(C_h C_x) (the predicted loss of removing it; no decomposition),
+    once per calibration; None for statistics held on disk."""
+    return _fisher_energy(ctx.calib["key"], ctx.an.stats)
+
+
 def calibration_batches(ctx: Context) -> tuple[list[Batch], str]:
     """The batches the current calibration ran on (for passes that need the text again: ρ along
     Fisher directions, sequential compression, healing), and their key."""
