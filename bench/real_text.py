@@ -26,7 +26,7 @@ from pathlib import Path
 
 OUT = Path(__file__).resolve().parent / "out"
 FASC = [sys.executable, "-m", "fasc"]
-SELECT_TASKS = "hellaswag,piqa,winogrande,boolq,lambada_openai"
+SELECT_TASKS = "hellaswag,piqa,winogrande,lambada_openai"   # BoolQ: SmolLM2 answers "no" below chance
 GENERAL = "fasc/data/general_en.txt"
 KNOWLEDGE = "fasc/data/knowledge_en.txt"
 
@@ -55,7 +55,7 @@ def run(cmd: list[str]) -> dict:
 
 def evaluate(model: str, args) -> dict:
     row = {}
-    for text in ("real_heldout", "lambada", "fasc/data/general_en_heldout.txt"):
+    for text in args.texts:
         proto = ["--ppl-protocol", "standard", "--max-tokens", str(args.ppl_tokens)] if "/" not in text else []
         r = run([*FASC, "eval", "--model", model, "--text", text, *proto, "--json", "--quiet"])
         row[f"ppl {Path(text).stem}"] = r["perplexity"]
@@ -74,7 +74,9 @@ def main(argv=None) -> int:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--offset", type=int, default=500)
     p.add_argument("--limit", type=int, default=150)
-    p.add_argument("--ppl-tokens", type=int, default=32768)
+    p.add_argument("--ppl-tokens", type=int, default=16384)
+    p.add_argument("--texts", nargs="+", default=["real_heldout", "lambada"],
+                   help="perplexity texts (the first is the selection text); e.g. add fasc/data/general_en_heldout.txt")
     p.add_argument("--work", default="/tmp/fasc-bench-real-text", help="exports go here (deleted after)")
     p.add_argument("--cache-dir", default=None)
     args = p.parse_args(argv)
@@ -105,14 +107,13 @@ def main(argv=None) -> int:
 def table(res: dict, args) -> str:
     from fasc.retention import paired_difference
 
-    dense = res["dense"]
-    tasks = list(dense["select"])
-    head = ["variant", "ppl real_heldout", "ppl lambada", "ppl general_en_heldout", *tasks, "Δ acc vs default (paired)"]
+    tasks = [t for t in res["dense"]["select"] if all(t in r["select"] for r in res.values())]
+    texts = [k for k in res["dense"] if k.startswith("ppl ") and all(k in r for r in res.values())]
+    head = ["variant", *texts, *tasks, "Δ acc vs default (paired)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = res.get("default")
     for name, row in res.items():
-        cells = [name, f"{row['ppl real_heldout']:.2f}", f"{row['ppl lambada']:.2f}",
-                 f"{row['ppl general_en_heldout']:.2f}", *(f"{100 * row['select'][t]:.1f}" for t in tasks)]
+        cells = [name, *(f"{row[t]:.2f}" for t in texts), *(f"{100 * row['select'][t]:.1f}" for t in tasks)]
         if base is not None and name not in ("dense", "default"):
             a = [v for t in tasks for v in row["select_samples"][t]]
             b = [v for t in tasks for v in base["select_samples"][t]]

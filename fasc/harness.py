@@ -158,8 +158,9 @@ def _progress_lm(base, progress, should_stop):
                                                                             disable_tqdm=True)):
                     out[i] = r
             step = None if progress is None else (lambda d, n: progress(len(rest) + d, total))
-            for (i, _, _), r in zip(own, loglikelihoods(self.model, [(c, k) for _, c, k in own], self.batch_size,
-                                                         step, should_stop)):
+            bs = self.batch_size if isinstance(self.batch_size, int) else 16   # ("auto": lm-eval's own probing)
+            for (i, _, _), r in zip(own, loglikelihoods(self.model, [(c, k) for _, c, k in own], bs, step,
+                                                         should_stop)):
                 out[i] = r[:2]
             return out
 
