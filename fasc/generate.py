@@ -3,6 +3,8 @@ perplexity can still print garbage)."""
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 from torch import nn
 
@@ -12,32 +14,52 @@ from .model_state import eval_mode
 MAX_NEW_TOKENS = 512
 
 
-@torch.no_grad()
-def greedy_continuation(model: nn.Module, tokenizer, prompt: str, n_tokens: int = 32) -> str:
-    """The `n_tokens` tokens that greedy decoding (argmax, no sampling) appends to `prompt`,
-    decoded; stops early at the end-of-text token. The model is left in the mode it was in."""
+def _check(prompt, n_tokens) -> None:
     if not isinstance(prompt, str) or not prompt.strip():
         raise FascError("The prompt is empty; give some text to continue, e.g. --generate \"The capital of France is\".")
     if not (isinstance(n_tokens, int) and 1 <= n_tokens <= MAX_NEW_TOKENS):
         raise FascError(f"The number of tokens to generate must be in [1, {MAX_NEW_TOKENS}], got {n_tokens!r}.")
+
+
+@torch.no_grad()
+def greedy_tokens(model: nn.Module, tokenizer, prompt: str, n_tokens: int = 32) -> Iterator[int]:
+    """Yield the token ids greedy decoding (argmax, no sampling) appends to `prompt`, one at a time, with
+    a key/value cache (each step runs one token); stops at the end-of-text token or the model's maximum
+    length. The model is left in the mode it was in."""
+    from .prefix import cached_forward, new_cache
+
+    _check(prompt, n_tokens)
     ids = tokenizer(prompt)["input_ids"]
     if not ids:
         raise FascError(f"The prompt {prompt!r} tokenizes to nothing; give some text.")
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 10**9
     eos = getattr(tokenizer, "eos_token_id", None)
     dev = next(model.parameters()).device
-    x = torch.tensor([ids], device=dev)
-    new: list[int] = []
+    if len(ids) >= limit:
+        return
     with eval_mode(model):
+        cache = new_cache(model)
+        x = torch.tensor([ids], device=dev)
+        mask = torch.ones_like(x)
+        logits = cached_forward(model, x, mask, torch.arange(len(ids), device=dev)[None], cache, True)
+        n = len(ids)
         for _ in range(n_tokens):
-            if x.shape[1] >= limit:
-                break
-            nxt = int(model(input_ids=x[:, -limit:], use_cache=False).logits[0, -1].argmax())
+            nxt = int(logits[0, -1].argmax())
             if eos is not None and nxt == eos:
-                break
-            new.append(nxt)
-            x = torch.cat([x, torch.tensor([[nxt]], device=dev)], 1)
-    return tokenizer.decode(new, skip_special_tokens=True)
+                return
+            yield nxt
+            n += 1
+            if n >= limit:
+                return
+            mask = torch.ones((1, n), dtype=torch.long, device=dev)
+            logits = cached_forward(model, torch.tensor([[nxt]], device=dev), mask,
+                                    torch.tensor([[n - 1]], device=dev), cache, True)
+
+
+def greedy_continuation(model: nn.Module, tokenizer, prompt: str, n_tokens: int = 32) -> str:
+    """The `n_tokens` tokens that greedy decoding (argmax, no sampling) appends to `prompt`,
+    decoded; stops early at the end-of-text token. The model is left in the mode it was in."""
+    return tokenizer.decode(list(greedy_tokens(model, tokenizer, prompt, n_tokens)), skip_special_tokens=True)
 
 
 def continuations(models: dict[str, nn.Module], tokenizer, prompts: list[str], n_tokens: int = 32) -> list[dict]:

@@ -220,7 +220,12 @@ def test_predictor_table_lists_each_statistic(llama, tokenizer, an, llama_stats,
 
 
 # ---------------------------------------------------------------------- generation
-def test_greedy_continuation_is_argmax_decoding(llama, tokenizer):
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_greedy_continuation_is_argmax_decoding(arch, tokenizer):
+    """The cached decoder (one token per step) gives the tokens of a full forward per step."""
+    from helpers import tiny_model
+
+    llama = tiny_model(arch)
     prompt = "the cat sat on"
     out = greedy_continuation(llama, tokenizer, prompt, 5)
     ids = tokenizer(prompt)["input_ids"]
