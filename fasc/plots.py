@@ -211,14 +211,14 @@ def training_figure(steps: Sequence[float], recall: Sequence[float | None], rho:
 
 
 def _span(values: Sequence[float], floor: float) -> list[float]:
-    """An axis range around `values` (padded by 15 % of their spread, at least `floor`), not from 0, so
-    close values (100 / 99.8 / 99.3 %) look apart."""
+    """An axis range around `values` (padded by 15 % of their spread, at least `floor`; more above, for the
+    labels), not from 0, so close values (100 / 99.8 / 99.3 %) look apart."""
     v = [float(x) for x in values if x is not None and np.isfinite(x)]
     if not v:
         return [0.0, 1.0]
     lo, hi = min(v), max(v)
     pad = max(0.15 * (hi - lo), floor)
-    return [lo - pad, hi + pad]
+    return [lo - pad, hi + 2 * pad]
 
 
 def eval_figure(rows: Sequence[Mapping]) -> go.Figure:
@@ -234,19 +234,19 @@ def eval_figure(rows: Sequence[Mapping]) -> go.Figure:
                         subplot_titles=("fact recall (top-1, higher is better)", "held-out perplexity (lower is better)"))
     colors = ["#888888", "#ef553b", "#636efa", "#00cc96"][: len(rows)]
     rec_text = [f"{v:.1%}" + ("" if i == 0 else f" ({100 * (v - rec[0]):+.1f} pt)") for i, v in enumerate(rec)]
-    ppl_text = [f"{v:.2f}" + ("" if i == 0 or not ppl[0] else f" ({v / ppl[0]:.2f}×)") for i, v in enumerate(ppl)]
+    ppl_text = [f"{v:.2f}" + ("" if i == 0 or not ppl[0] else f" ({v / ppl[0]:.3f}×)") for i, v in enumerate(ppl)]
     fig.add_trace(go.Scatter(x=names, y=rec, mode="markers+text", marker=dict(color=colors, size=14), text=rec_text,
-                             textposition="middle right", showlegend=False, name="fact recall",
+                             textposition="top center", showlegend=False, name="fact recall",
                              hovertemplate="%{x}: %{text}<extra></extra>"), 1, 1)
     fig.add_trace(go.Scatter(x=names, y=ppl, mode="markers+text", marker=dict(color=colors, size=14), text=ppl_text,
-                             textposition="middle right", showlegend=False, name="perplexity",
+                             textposition="top center", showlegend=False, name="perplexity",
                              hovertemplate="%{x}: %{text}<extra></extra>"), 1, 2)
     if rows:
         for col, ref in ((1, rec[0]), (2, ppl[0])):
             fig.add_hline(y=ref, line=dict(color="#888888", dash="dot", width=1), row=1, col=col)
     fig.update_yaxes(tickformat=".1%", range=_span(rec, 0.005), row=1, col=1)
     fig.update_yaxes(range=_span(ppl, 0.005 * max(ppl, default=1.0)), row=1, col=2)
-    fig.update_xaxes(range=[-0.4, len(rows) - 0.2])   # room for the labels right of the last point
+    fig.update_xaxes(range=[-0.5, len(rows) - 0.5])
     fig.update_layout(height=340, margin=dict(l=60, r=20, t=40, b=40))
     return fig
 

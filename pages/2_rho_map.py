@@ -43,7 +43,8 @@ def module_panel(ctx: ui.Context, rows: list, sel: str, plan) -> None:
     if plan is None:
         st.caption("Misalignment and the planned ΔL need the eigen-decompositions of every module; they run "
                    "(with a progress bar) when you pick those views, open Spectra or Ranks, or click below.")
-        if st.button("Run the decompositions", key="w.decompose_run", icon=":material/play_arrow:"):
+        if st.button("Decompose", key="w.decompose_run", icon=":material/play_arrow:",
+                     help="Run the eigen-decompositions of every module (a progress bar shows how far)."):
             ui.decompose(ctx)
             st.rerun()
     if k is not None:
@@ -66,8 +67,8 @@ def main() -> None:
 
     left, right = st.columns([3, 1], gap="medium")
     with left:
-        # pills wrap onto a second line in a narrow column (a segmented control would overflow it)
-        view = st.pills("Show", list(VIEWS), format_func=VIEWS.get, **ui.bind("rho_view", "rho")) or "rho"
+        # six options: they wrap onto a second row in a narrow column instead of scrolling out of sight
+        view = st.pills("Show", list(VIEWS), format_func=VIEWS.get, wrap=True, **ui.bind("rho_view", "rho")) or "rho"
         ui.commit("rho_view", view)
         ratio = ui.setting("rho_ratio", 0.5)
         if view == "misalignment":

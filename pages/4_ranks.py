@@ -129,13 +129,6 @@ def run_evaluation(ctx: ui.Context, plan: Plan, ekey: tuple, baseline: str, max_
         cancel.empty()
 
 
-def _heal_kl(h: dict | None) -> str:
-    """'before → kept' held-out KL of a healed row ('' when not healed or not checked)."""
-    if not h or h.get("heldout_kl_before") is None:
-        return ""
-    return f"{h['heldout_kl_before']:.3g} → {h['heldout_kl_after']:.3g}" + ("" if h["kept_tokens"] else " (unhealed kept)")
-
-
 def evaluation(ctx: ui.Context, plan: Plan) -> None:
     st.subheader("Evaluate")
     data = model_defaults(ctx.lm.spec)
@@ -156,12 +149,7 @@ def evaluation(ctx: ui.Context, plan: Plan) -> None:
         st.caption("Evaluation compresses copies of the model (the plan and the baseline, both with the sequential "
                    "and healing options above); results are kept per plan and options.")
     else:
-        st.dataframe([{"model": r["model"], "params kept": f"{r['params_kept']:.1%}",
-                       "sequential": r.get("sequential") or "off", "healed tokens": (r.get("heal") or {}).get("tokens", 0),
-                       "held-out KL (healing)": _heal_kl(r.get("heal")),
-                       "predicted ΔL": f"{r['predicted_dl']:.3g}", "perplexity": round(r["perplexity"], 3),
-                       "fact recall": f"{r['recall']:.1%}", "exact match": f"{r['exact_match']:.1%}",
-                       "facts": r["n_facts"]} for r in rows], hide_index=True, width="stretch")
+        st.dataframe(table.eval_table(rows), hide_index=True, width="stretch")
         st.plotly_chart(eval_figure(rows), width="stretch", key="eval_fig")
     with st.container(border=True):
         benchmarks(ctx, plan, baseline, plan_alloc)

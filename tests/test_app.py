@@ -581,7 +581,7 @@ def test_ranks_evaluate_sequential_and_healing(env):
     at.number_input(key="w.eval_tokens").set_value(256).run()
     at.button(key="w.evaluate").click().run()
     plain = ok(at).dataframe[-1].value
-    assert list(plain["sequential"]) == ["off"] * 3 and list(plain["healed tokens"]) == [0] * 3
+    assert "sequential" not in plain and "healed tokens" not in plain    # unused refinements: no columns
     at.selectbox(key="w.eval_sequential").set_value("restat").run()
     at.number_input(key="w.eval_heal_tokens").set_value(64).run()
     at.button(key="w.evaluate").click().run()
@@ -821,3 +821,15 @@ def test_rho_explained_in_numbers():
     assert "too few modules" in rho_explained(rho_facts(rows[:2], {"m.0": 1.0, "m.1": 2.0}), "")[1]
     assert "nothing yet" in rho_explained(rho_facts([]), "x")[0]
     assert len(START_HERE) == 3 and all(line.startswith("**") for line in START_HERE)
+
+
+def test_eval_table_shows_refinement_columns_only_when_used():
+    base = {"params_kept": 0.5, "predicted_dl": 0.01, "perplexity": 5.0, "recall": 0.4, "exact_match": 0.3,
+            "n_facts": 10}
+    plain = table.eval_table([dict(base, model="uncompressed"), dict(base, model="plan")])
+    assert list(plain[0]) == ["model", "params kept", "predicted ΔL", "perplexity", "fact recall", "exact match",
+                              "facts"]
+    heal = {"tokens": 64, "heldout_kl_before": 0.2, "heldout_kl_after": 0.1, "kept_tokens": 64}
+    healed = table.eval_table([dict(base, model="uncompressed"), dict(base, model="plan", heal=heal)])
+    assert healed[1]["healed tokens"] == 64 and healed[1]["held-out KL (healing)"] == "0.2 → 0.1"
+    assert "sequential" not in healed[0] and healed[0]["healed tokens"] == 0

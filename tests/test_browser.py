@@ -151,6 +151,29 @@ def _goto(page, title: str) -> None:
     _idle(page)
 
 
+def _views_visible_at(page, width: int) -> None:
+    """At `width` px the ρ map's six "Show" options are all on screen, none cut (they wrap in their
+    column); a screenshot of the page at that width goes to the artifacts."""
+    vp = page.viewport_size
+    page.set_viewport_size({"width": width, "height": vp["height"]})
+    page.wait_for_timeout(500)
+    try:
+        _shot(page, f"2_rho_map_{width}")
+        group = page.locator("[data-testid='stButtonGroup']").first
+        gbox = group.bounding_box()
+        buttons = group.locator("button")
+        assert buttons.count() == 6
+        for i in range(buttons.count()):
+            b = buttons.nth(i)
+            box = b.bounding_box()
+            name = b.inner_text()
+            assert box and box["width"] > 0 and 0 <= box["x"] and box["x"] + box["width"] <= width, (name, box)
+            assert box["x"] + box["width"] <= gbox["x"] + gbox["width"] + 1, (name, box, gbox)   # inside its column
+            assert b.evaluate("e => e.scrollWidth <= e.clientWidth + 1"), f"{name!r} is cut"
+    finally:
+        page.set_viewport_size(vp)
+
+
 def test_calibrate_heatmap_ranks_export(server, page):
     url, tmp = server
     page.goto(url)
@@ -182,6 +205,7 @@ def test_calibrate_heatmap_ranks_export(server, page):
     _idle(page)
     assert target in _selected(page)
     _shot(page, "2_rho_map")
+    _views_visible_at(page, 1280)
 
     # switch the view to predicted ΔL at the current ranks
     page.locator("[data-testid='stButtonGroup'] button", has_text="Predicted ΔL at current ranks").click()
@@ -207,9 +231,10 @@ def test_calibrate_heatmap_ranks_export(server, page):
     kept = page.locator("[data-testid='stMetric']").filter(has_text="Parameters kept").inner_text()
     assert "30." in kept or "29." in kept, kept
     page.get_by_role("button", name="Evaluate").click()
-    _wait_text(page, "asvd (same budget, greedy)")  # the evaluation chart's bars (the baseline is spread like the plan)
+    _wait_text(page, "asvd (same budget, greedy)")  # the evaluation chart's points (the baseline is spread like the plan)
     _idle(page)
     _no_exception(page)
+    assert page.get_by_role("button", name="Cancel").count() == 0   # gone once the evaluation ended
     _shot(page, "4_ranks")
 
     # 5. export (factored) into FASC_APP_OUT
@@ -218,6 +243,7 @@ def test_calibrate_heatmap_ranks_export(server, page):
     page.get_by_text("Wrote ").wait_for()
     _idle(page)
     _no_exception(page)
+    assert page.get_by_role("button", name="Cancel").count() == 0   # gone once the export ended
     outs = list((tmp / "out").iterdir())
     assert len(outs) == 1 and (outs[0] / "fasc_config.json").is_file()
     cfg = json.loads((outs[0] / "fasc_config.json").read_text())

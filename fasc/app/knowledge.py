@@ -281,7 +281,8 @@ def fact_panel(ctx, km: KnowledgeMap, probe: ProbeChoice, plan: Plan) -> None:
                   help="P(answer | prompt), product over the answer's tokens (teacher-forced)")
         top = km.fact_effects(i)[:5]
         st.caption("Modules whose compression alone hurts this fact most (from the map's data)")
-        st.dataframe({"module": [f for f, _, _ in top], "loss ↑ (nats)": [round(d, 3) for _, d, _ in top],
+        short = [f"L{ctx.an.info(f).layer} {ctx.an.info(f).kind}" for f, _, _ in top]   # fits the column
+        st.dataframe({"module": short, "loss ↑ (nats)": [round(d, 3) for _, d, _ in top],
                       "P(answer)": [f"{math.exp(-float(km.base_nll[i]) - d):.1%}" for _, d, _ in top],
                       "top-1": [ok for _, _, ok in top]}, hide_index=True, width="stretch",
                      column_config={"top-1": st.column_config.CheckboxColumn(

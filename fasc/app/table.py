@@ -104,3 +104,26 @@ def plan_label(plan: Plan, an: Analysis, default: bool = False) -> str:
     s = (f"{note.get('method') or 'custom'}{f' ({how})' if how else ''} · {t.ratio:.1%} of {t.modules} modules' "
          f"parameters kept")
     return s + (" — the default plan (no plan made yet for this model)" if default else "")
+
+
+def _heal_kl(h: dict | None) -> str:
+    """'before → kept' held-out KL of a healed row ('' when not healed or not checked)."""
+    if not h or h.get("heldout_kl_before") is None:
+        return ""
+    return f"{h['heldout_kl_before']:.3g} → {h['heldout_kl_after']:.3g}" + ("" if h["kept_tokens"] else " (unhealed kept)")
+
+
+REFINEMENT_COLUMNS = {"sequential": "off", "healed tokens": 0, "held-out KL (healing)": ""}
+
+
+def eval_table(rows: list[dict]) -> list[dict]:
+    """The Evaluate table: one row per model (`fasc.comparison.evaluate_plan` rows); the sequential and
+    healing columns only when some row used them, so the table fits the page."""
+    out = [{"model": r["model"], "params kept": f"{r['params_kept']:.1%}",
+            "sequential": r.get("sequential") or "off", "healed tokens": (r.get("heal") or {}).get("tokens", 0),
+            "held-out KL (healing)": _heal_kl(r.get("heal")),
+            "predicted ΔL": f"{r['predicted_dl']:.3g}", "perplexity": round(r["perplexity"], 3),
+            "fact recall": f"{r['recall']:.1%}", "exact match": f"{r['exact_match']:.1%}",
+            "facts": r["n_facts"]} for r in rows]
+    unused = [c for c, v in REFINEMENT_COLUMNS.items() if all(t[c] == v for t in out)]
+    return [{k: v for k, v in t.items() if k not in unused} for t in out]
