@@ -26,7 +26,7 @@ MAX_PLANS = 8  # plans of other models / calibrations kept per session
 # Settings that belong to the model in the sidebar (kept per model spec): the allocation controls that
 # made its plan and the free prompts (each model has its own default prompts).
 MODEL_SETTINGS = frozenset({"alloc_method", "alloc_ratio", "alloc_scope", "tau", "alloc_kind", "gen_prompts"})
-# Widgets that select something in one model's data (a fact of its probe, an upload for it): reset when
+# Widgets that select something in one model's data (a fact of its probe, one of its modules): reset when
 # the model changes.
 MODEL_WIDGETS = ("w.kmap_fact", "w.rho_pick", "w.spec_module")
 
