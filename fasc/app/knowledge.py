@@ -80,7 +80,8 @@ def parse_probe_upload(raw: bytes, name: str) -> dict:
 def map_request(ctx, plan: Plan) -> MapRequest:
     mode = ui.setting("kmap_mode", "share")
     if mode == "plan":
-        return MapRequest(plan, None, "plan", "each planned module at its planned rank and method")
+        whose = " of the default plan (none made yet)" if ctx.plans.is_default else ""   # never silently
+        return MapRequest(plan, None, "plan", f"each planned module at its planned rank and method{whose}")
     share = float(ui.setting("kmap_share", 0.5))
     method = ui.setting("kmap_method", "asvd")
     return MapRequest(None, share, method, f"{method} at {share:.0%} of each module's parameters")
