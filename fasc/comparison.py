@@ -12,6 +12,17 @@ from .data import load_probe, read_text
 from .evaluate import fact_recall, perplexity
 from .pipeline import compressed_copy
 
+Copies = Callable[[Plan], tuple]   # plan -> (compressed copy, what healing did or None), e.g. a cache's
+
+
+def baseline_plan(an: Analysis, plan: Plan, baseline: str = "asvd", allocation: str = "greedy",
+                  anchors: dict[str, float] | None = None) -> Plan:
+    """`baseline` allocated at `plan`'s parameter budget over the same modules, spread the same way
+    (`allocation`; `anchors`: the baseline's measured anchor scales, for 'anchored')."""
+    ratio = plan.totals(an).ratio
+    return allocate(an, baseline, param_ratio=min(1.0, max(ratio, 1e-6)), modules=list(plan.ranks),
+                    allocation=allocation, anchors=anchors)
+
 
 def evaluate_model(model, tok, heldout: str | Path, probe: str | Path, max_tokens: int | None = 4096,
                    seq_len: int = 256) -> dict:
@@ -25,13 +36,15 @@ def evaluate_plan(model, tok, an: Analysis, plan: Plan, heldout: str | Path, pro
                   baseline: str = "asvd", max_tokens: int | None = 4096,
                   progress: Callable[[int, int], None] | None = None, allocation: str = "greedy",
                   baseline_anchors: dict[str, float] | None = None, batches=None,
-                  sequential: bool | str = False, heal_tokens: int = 0, heal_heldout=None) -> list[dict]:
+                  sequential: bool | str = False, heal_tokens: int = 0, heal_heldout=None,
+                  copies: Copies | None = None) -> list[dict]:
     """Rows for: the uncompressed model, the plan, and `baseline` allocated at the plan's budget with
     the same `allocation` (`baseline_anchors`: its measured anchor scales, for 'anchored').
 
     `sequential` and `heal_tokens` (on the calibration `batches`, `pipeline.compressed_copy`) apply
     to both compressed copies alike; the rows carry them ("sequential", "heal"). Every compression
-    happens on a deep copy; `model` is left untouched.
+    happens on a deep copy; `model` is left untouched. `copies(plan)` gives the compressed copy
+    (e.g. from a `fasc.copies.CopyCache`, built with the same options); default: built here.
     """
     validate_plan(plan, an)
     tot = plan.totals(an)
@@ -45,7 +58,10 @@ def evaluate_plan(model, tok, an: Analysis, plan: Plan, heldout: str | Path, pro
     if progress:
         progress(1, steps)
     extra = {"batches": batches, "sequential": sequential, "heal_tokens": heal_tokens, "heal_heldout": heal_heldout}
-    work, healed = compressed_copy(model, an, plan, **extra)
+    if copies is None:
+        def copies(p: Plan) -> tuple:
+            return compressed_copy(model, an, p, **extra)
+    work, healed = copies(plan)
     r = evaluate_model(work, tok, heldout, probe, max_tokens)
     label = plan.note.get("method", "plan") if isinstance(plan.note, dict) else "plan"
     rows.append({"model": f"plan ({label})", "params_kept": tot.ratio, "predicted_dl": tot.predicted,
@@ -53,10 +69,9 @@ def evaluate_plan(model, tok, an: Analysis, plan: Plan, heldout: str | Path, pro
     del work
     if progress:
         progress(2, steps)
-    base = allocate(an, baseline, param_ratio=min(1.0, max(tot.ratio, 1e-6)), modules=list(plan.ranks),
-                    allocation=allocation, anchors=baseline_anchors)
+    base = baseline_plan(an, plan, baseline, allocation, baseline_anchors)
     bt = base.totals(an)
-    work, healed = compressed_copy(model, an, base, **extra)
+    work, healed = copies(base)
     r = evaluate_model(work, tok, heldout, probe, max_tokens)
     rows.append({"model": f"{baseline} (same budget, {allocation})", "params_kept": bt.ratio, "predicted_dl": bt.predicted,
                  "sequential": sequential, "heal": healed, **r})
@@ -69,17 +84,17 @@ def benchmark_plan(model, tok, an: Analysis, plan: Plan, tasks: list[str], *, li
                    probe: str | Path | None = None, baseline: str = "asvd", allocation: str = "greedy",
                    baseline_anchors: dict[str, float] | None = None,
                    progress: Callable[[int, int], None] | None = None,
-                   should_stop: Callable[[], bool] | None = None) -> dict:
+                   should_stop: Callable[[], bool] | None = None, copies: Copies | None = None) -> dict:
     """The field's suite and generated QA (`fasc.suite.run_suite`, the first `limit` documents of each task)
     for the uncompressed model, the plan and `baseline` at the plan's budget and allocation, and their
-    retention table (`fasc.retention`, reference: the uncompressed model). Compression on deep copies."""
+    retention table (`fasc.retention`, reference: the uncompressed model). Compression on deep copies
+    (`copies(plan)`, as in `evaluate_plan`)."""
     from .retention import retention_table
     from .suite import run_suite
 
     validate_plan(plan, an)
     tot = plan.totals(an)
-    base = allocate(an, baseline, param_ratio=min(1.0, max(tot.ratio, 1e-6)), modules=list(plan.ranks),
-                    allocation=allocation, anchors=baseline_anchors)
+    base = baseline_plan(an, plan, baseline, allocation, baseline_anchors)
     label = plan.note.get("method", "plan") if isinstance(plan.note, dict) else "plan"
     names = ["uncompressed", f"plan ({label})", f"{baseline} (same budget, {allocation})"]
     runs = {}
@@ -87,7 +102,7 @@ def benchmark_plan(model, tok, an: Analysis, plan: Plan, tasks: list[str], *, li
         def step(d, n, j=j):
             if progress is not None:
                 progress(j * n + d, 3 * n)
-        work = model if p is None else compressed_copy(model, an, p)[0]
+        work = model if p is None else (copies or (lambda q: compressed_copy(model, an, q)))(p)[0]
         runs[name] = run_suite(work, tok, tasks, probe=probe, limit=limit, progress=step, should_stop=should_stop)
         del work
     return {"runs": runs, "table": retention_table(runs, reference=names[0]).to_dict(), "limit": limit,

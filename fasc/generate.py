@@ -68,3 +68,51 @@ def continuations(models: dict[str, nn.Module], tokenizer, prompts: list[str], n
         raise FascError("No prompt given; pass at least one, e.g. --generate \"The capital of France is\".")
     return [{"prompt": p, **{name: greedy_continuation(m, tokenizer, p, n_tokens) for name, m in models.items()}}
             for p in prompts]
+
+
+def stream_continuations(models: dict[str, nn.Module], tokenizer, prompts: list[str],
+                         n_tokens: int = 32) -> Iterator[tuple[int, str, str, int]]:
+    """`continuations`, streamed: for each prompt, the models take one greedy token each in turn (so
+    side-by-side columns grow together). Yields (prompt index, model name, its continuation so far,
+    tokens done of len(models) · len(prompts) · n_tokens); a model that stops early (end of text)
+    counts its remaining tokens as done. The final texts equal `continuations`'."""
+    if not prompts:
+        raise FascError("No prompt given; pass at least one, e.g. --generate \"The capital of France is\".")
+    for p in prompts:
+        _check(p, n_tokens)
+    done = 0
+    for i, p in enumerate(prompts):
+        gens = {name: greedy_tokens(m, tokenizer, p, n_tokens) for name, m in models.items()}
+        ids: dict[str, list[int]] = {name: [] for name in models}
+        while gens:
+            for name in list(gens):
+                try:
+                    ids[name].append(next(gens[name]))
+                    done += 1
+                except StopIteration:
+                    del gens[name]
+                    done += n_tokens - len(ids[name])
+                yield i, name, tokenizer.decode(ids[name], skip_special_tokens=True), done
+
+
+@torch.no_grad()
+def seconds_per_new_token(model: nn.Module, tokenizer, n: int = 8) -> float:
+    """Seconds one greedy step with the key/value cache takes here: `n` one-token steps after a short
+    prompt, timed (whatever tokens the model would pick, so an early end of text does not cut it)."""
+    import time
+
+    from .prefix import cached_forward, new_cache
+
+    dev = next(model.parameters()).device
+    ids = (tokenizer("The capital of")["input_ids"] or [0])[:8]
+    with eval_mode(model):
+        cache = new_cache(model)
+        x = torch.tensor([ids], device=dev)
+        cached_forward(model, x, torch.ones_like(x), torch.arange(len(ids), device=dev)[None], cache, True)
+        t = time.perf_counter()
+        for j in range(len(ids), len(ids) + n):
+            cached_forward(model, x[:, -1:], torch.ones((1, j + 1), dtype=torch.long, device=dev),
+                           torch.tensor([[j]], device=dev), cache, True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+    return (time.perf_counter() - t) / n

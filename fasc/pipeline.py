@@ -258,22 +258,28 @@ def compress_and_save(model, tok, an: Analysis, plan: Plan, out: str | Path, *, 
                       calibration: str = "", model_fp: str = "",
                       progress: Callable[[int, int], None] | None = None, batches=None,
                       sequential: bool | str = False, heal_tokens: int = 0,
-                      heal_progress: Callable[[int, int], None] | None = None, heal_heldout=None) -> dict:
+                      heal_progress: Callable[[int, int], None] | None = None, heal_heldout=None,
+                      copies: Callable[[Plan], tuple] | None = None) -> dict:
     """Compress a deep copy of `model` with `plan` and export it (what `fasc compress` and the Export
     page do).
 
     `sequential` ('refit' or True, or 'restat') fits each module to the partly compressed model's
     inputs (`fasc.sequential`; 'restat' without the least-squares refit to the dense outputs) and
     `heal_tokens` > 0 distils the dense model into the factors (`fasc.heal`); both use `batches`
-    (healing checked on `heal_heldout`, see `compressed_copy`).
+    (healing checked on `heal_heldout`, see `compressed_copy`). `copies(plan)`, when given, returns
+    that compressed copy (e.g. from a `fasc.copies.CopyCache` keyed on the same options; it is only
+    read) instead of building it here.
     Returns a summary: folder, sizes, parameter counts, predicted ΔL, files (name → bytes).
     """
     prepare_destination(out, overwrite)  # fail before any work
     validate_plan(plan, an, model_fp or None)
     t0 = time.perf_counter()
-    work, healed = compressed_copy(model, an, plan, merge=merge, progress=progress, batches=batches,
-                                   sequential=sequential, heal_tokens=heal_tokens, heal_progress=heal_progress,
-                                   heal_heldout=heal_heldout)
+    if copies is not None:
+        work, healed = copies(plan)
+    else:
+        work, healed = compressed_copy(model, an, plan, merge=merge, progress=progress, batches=batches,
+                                       sequential=sequential, heal_tokens=heal_tokens, heal_progress=heal_progress,
+                                       heal_heldout=heal_heldout)
     meta = export_meta(an, plan, method=method, source_model=source_model, calibration=calibration,
                        model_fp=model_fp)
     meta.update({"sequential": sequential, "heal": healed})
