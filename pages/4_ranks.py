@@ -5,8 +5,9 @@ variance baseline at the same budget, and save / load as JSON."""
 import streamlit as st
 
 from fasc.allocate import Plan, allocate, base_method, base_methods, load_plan
-from fasc.app import knowledge as K
 from fasc.app import choices as C
+from fasc.app import copies as CP
+from fasc.app.generation import generation_panel
 from fasc.app import state, table, ui
 from fasc.comparison import evaluate_plan
 from fasc.config import ALLOCATIONS, METHODS
@@ -117,13 +118,15 @@ def run_evaluation(ctx: ui.Context, plan: Plan, ekey: tuple, baseline: str, max_
     held = ui.heldout_tail(ctx, ui.HEAL_CHECK_TOKENS) if heal else None
     cancel = st.empty()   # cleared when the work ends: no Cancel left on screen
     cancel.button("Cancel", key="w.eval_cancel", icon=":material/cancel:")  # a click reruns: the run stops
+    CP.baseline_plan(ctx, plan, baseline)   # the baseline Generate and Compare use too (remembered)
     bar = ui.ProgressBar("Evaluating", unit="models")
     try:
         state.put_evaluation(ekey, evaluate_plan(ctx.lm.model, ctx.lm.tok, ctx.an, plan, data.heldout, data.probe,
                                                  baseline=baseline, max_tokens=max_tok, progress=bar,
                                                  allocation=plan_alloc, baseline_anchors=base_anchors,
                                                  batches=batches, sequential=seq, heal_tokens=heal,
-                                                 heal_heldout=held))
+                                                 heal_heldout=held,
+                                                 copies=CP.provider(ctx, sequential=seq, heal_tokens=heal)))
     finally:
         bar.clear()
         cancel.empty()
@@ -146,14 +149,35 @@ def evaluation(ctx: ui.Context, plan: Plan) -> None:
         run_evaluation(ctx, plan, ekey, baseline, max_tok, plan_alloc, seq, heal)
     rows = state.evaluation(ekey)
     if rows is None:
-        st.caption("Evaluation compresses copies of the model (the plan and the baseline, both with the sequential "
-                   "and healing options above); results are kept per plan and options.")
+        st.caption(evaluation_cost(ctx, plan, baseline, max_tok, seq, heal) + ". Evaluation compresses copies of "
+                   "the model (the plan and the baseline, both with the sequential and healing options above; kept "
+                   "for Generate, Compare and Export); results are kept per plan and options.")
     else:
         st.dataframe(table.eval_table(rows), hide_index=True, width="stretch")
         st.plotly_chart(eval_figure(rows), width="stretch", key="eval_fig")
     with st.container(border=True):
         benchmarks(ctx, plan, baseline, plan_alloc)
-    K.generation_panel(ctx, plan, baseline)
+    generation_panel(ctx, plan, baseline)
+
+
+def evaluation_cost(ctx: ui.Context, plan, baseline: str, max_tok: int, seq, heal: int) -> str:
+    """'≈ 50 s: builds 2 compressed copies (≈ 30 s), then 3 models × 4,600 tokens (≈ 20 s)' from this
+    model's measured speeds (sequential compression and healing add passes their help texts describe)."""
+    n_tok = max_tok + ui.probe_tokens(ctx)
+    run = 3 * n_tok * ui.seconds_per_token(ctx)
+    work = f"3 models × {n_tok:,} tokens (≈ {ui.minutes(run)})"
+    if seq or heal:
+        base = CP.known_baseline(ctx, plan, baseline)
+        todo = sum(p is None or not CP.ready(ctx, p, sequential=seq, heal_tokens=heal) for p in (plan, base))
+        build, known = 0.0, False
+    else:
+        (todo, build), known = CP.pair_cost(ctx, plan, baseline), True
+    if not todo:
+        return f"≈ {ui.minutes(run)}: {work} (the compressed copies are built)"
+    copies = f"builds {todo} compressed cop{'ies' if todo > 1 else 'y'}"
+    if not known:
+        return f"{copies} (sequential / healing: see their help for the cost), then {work}"
+    return f"≈ {ui.minutes(build + run)}: {copies} (≈ {ui.minutes(build)}), then {work}"
 
 
 SUITE_TASKS = ["arc_easy", "arc_challenge", "hellaswag", "piqa", "boolq", "winogrande", "openbookqa",
@@ -182,21 +206,24 @@ def benchmarks(ctx: ui.Context, plan: Plan, baseline: str, plan_alloc: str) -> N
     if not tasks:
         st.caption("Pick at least one task.")
         return
-    seconds = ui.benchmark_seconds(ctx, tuple(tasks), limit, str(data.probe))
+    seconds = ui.benchmark_seconds(ctx, tuple(tasks), limit, str(data.probe)) + CP.pair_cost(ctx, plan, baseline)[1]
     go = c[2].button("Run benchmarks", key="w.bench", icon=":material/play_arrow:",
                      help="three models: uncompressed, the plan, the baseline at the same budget")
-    st.caption(f"≈ {ui.minutes(seconds)} for the three models on this {C.device_label(ctx.lm.device)} "
+    st.caption(f"≈ {ui.minutes(seconds)} for the three models (and their compressed copies, unless built) on this "
+               f"{C.device_label(ctx.lm.device)} "
                f"(the first {limit} documents of each task; the same documents for every model).")
     bkey = ("bench", ctx.lm.spec, ctx.calib["key"], ctx.an.cfg.gamma, plan.key(), baseline, plan_alloc,
             tuple(tasks), limit)
     if go and state.evaluation(bkey) is None:
         cancel = st.empty()
         cancel.button("Cancel", key="w.bench_cancel", icon=":material/cancel:")  # a click reruns: the run stops
+        CP.baseline_plan(ctx, plan, baseline)
         bar = ui.ProgressBar("Benchmarks", unit="‰")
         try:
             state.put_evaluation(bkey, benchmark_plan(ctx.lm.model, ctx.lm.tok, ctx.an, plan, tasks, limit=limit,
                                                       probe=data.probe, baseline=baseline, allocation=plan_alloc,
-                                                      progress=bar))
+                                                      progress=bar, baseline_anchors=CP.baseline_anchors(ctx, plan, baseline),
+                                                      copies=CP.provider(ctx)))
         finally:
             bar.clear()
             cancel.empty()

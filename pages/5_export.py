@@ -6,6 +6,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from fasc.app import copies as CP
 from fasc.app import state, ui
 from fasc.app.choices import default_export_dir
 from fasc.app.format import human_bytes
@@ -47,25 +48,28 @@ def show_result(res: dict) -> None:
 
 
 def export(ctx, plan, target: Path, merged: bool, overwrite: bool, method: str, sequential, heal_tokens: int) -> dict:
-    """Compress a copy and write it, with progress bars; a click on Cancel (or anywhere) interrupts it
-    before anything is written."""
-    batches = ui.calibration_batches(ctx)[0] if sequential or heal_tokens else None
-    held = ui.heldout_tail(ctx, ui.HEAL_CHECK_TOKENS) if heal_tokens else None
+    """Compress a copy (or take the one Evaluate, Generate or Compare built with the same options) and
+    write it, with progress bars; a click on Cancel (or anywhere) interrupts it before anything is written."""
     cancel = st.empty()   # cleared when the work ends: no Cancel left on screen
     cancel.button("Cancel", key="w.export_cancel", icon=":material/cancel:")
-    bar = ui.ProgressBar("Compressing" + (f" (sequential, {sequential})" if sequential else ""),
-                         unit="layers" if sequential else "modules")
-    hbar = ui.ProgressBar("Healing", unit="tokens") if heal_tokens else None
     try:
         return compress_and_save(ctx.lm.model, ctx.lm.tok, ctx.an, plan, target, merge=merged, overwrite=overwrite,
                                  method=method, source_model=ctx.lm.spec, calibration=ctx.calib["key"],
-                                 model_fp=ctx.lm.fingerprint, progress=bar, batches=batches, sequential=sequential,
-                                 heal_tokens=heal_tokens, heal_progress=hbar, heal_heldout=held)
+                                 model_fp=ctx.lm.fingerprint, sequential=sequential, heal_tokens=heal_tokens,
+                                 copies=CP.provider(ctx, merge=merged, sequential=sequential, heal_tokens=heal_tokens))
     finally:
-        bar.clear()
-        if hbar:
-            hbar.clear()
         cancel.empty()
+
+
+def export_cost(ctx, plan, merged: bool, sequential, heal_tokens: int) -> str:
+    """What Export will do and ≈ how long, before it starts."""
+    opts = {"merge": merged, "sequential": sequential, "heal_tokens": heal_tokens}
+    if CP.ready(ctx, plan, **opts):
+        return "The compressed copy is already built (by Evaluate, Generate, Compare or an earlier export): " \
+               "Export only writes it."
+    if sequential or heal_tokens:
+        return "Export builds the compressed copy (sequential / healing: their cost is in their help), then writes it."
+    return f"≈ {ui.minutes(CP.build_seconds(ctx, plan, **opts))} to build the compressed copy, then it is written."
 
 
 def main() -> None:
@@ -101,6 +105,7 @@ def main() -> None:
         st.warning("Export cancelled; nothing was written.", icon=":material/cancel:")
     sequential, heal_tokens = ui.refinement_options("export", ctx, plan, merged)
 
+    st.caption(export_cost(ctx, plan, merged, sequential, heal_tokens))
     if st.button("Export", type="primary", key="w.export", icon=":material/save:"):
         if not out.strip():
             raise FascError(f"No target folder given; enter a folder such as {default_dir}.")

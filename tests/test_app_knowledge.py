@@ -88,15 +88,96 @@ def test_bad_probe_upload_is_one_line_error(env):
     assert len(errors(ok(at))) == 1 and "\n" not in errors(at)[0]
 
 
-def test_side_by_side_generations(env):
+GEN_NAMES = ("uncompressed", "plan", "asvd (same budget)")
+
+
+def _gen_columns(at) -> dict[str, list[str]]:
+    """{model: [markdown block per prompt]} of the three generation columns."""
+    out = {}
+    for col in at.columns:
+        md = [m.value for m in col.markdown]
+        if md and md[0].strip("*") in GEN_NAMES:
+            out[md[0].strip("*")] = md[1:]
+    return out
+
+
+def test_side_by_side_generations(env, monkeypatch):
+    """Three columns (one per model, one block per prompt, no table), cost shown first, progress to the
+    total, no Cancel left; the copies are built once and Evaluate and Export reuse them."""
+    from fasc.app import copies as CP
+    from fasc.app import ui
+
+    calls = []
+    orig = ui.ProgressBar.__call__
+    monkeypatch.setattr(ui.ProgressBar, "__call__", lambda self, d, t: (calls.append((self.label, d, t)),
+                                                                        orig(self, d, t))[1])
     at = goto(calibrated(env), "pages/4_ranks.py")
     at.text_area(key="w.gen_prompts").set_value("the cat sat\na big red").run()
     at.number_input(key="w.gen_tokens").set_value(4).run()
+    assert any(c.value.startswith("≈ ") and "builds 2 compressed copies" in c.value
+               and "3 models × 2 prompts × 4 tokens" in c.value for c in ok(at).caption)
+    at.button(key="w.generate").click().run()
+    cols = _gen_columns(ok(at))
+    assert set(cols) == set(GEN_NAMES)
+    assert all([b.split("**")[1] for b in cols[n]] == ["the cat sat", "a big red"] for n in GEN_NAMES)
+    assert not [d for d in at.dataframe if "prompt" in d.value.columns]        # no table cells to cut text
+    assert not [b for b in at.button if b.key == "w.gen_cancel"]               # gone when the work ended
+    gen = [(d, t) for label, d, t in calls if label == "Generating"]
+    assert gen[-1] == (24, 24) and [d for d, _ in gen] == sorted(d for d, _ in gen)   # 3 models × 2 × 4 tokens
+    assert any(label.startswith("Compressing a copy") for label, *_ in calls)
+    assert CP.cache().builds_ == 2
+    at.run()                                                 # kept: the same columns without a click
+    assert _gen_columns(ok(at)) == cols
+    assert any("the compressed copies are built" in c.value for c in at.caption)
+    # Evaluate and Export reuse the copies (same plan, same options): no new build
+    at.number_input(key="w.eval_tokens").set_value(256).run()
+    at.button(key="w.evaluate").click().run()
+    rows = ok(at).dataframe[-1].value
+    assert CP.cache().builds_ == 2
+    goto(at, "pages/5_export.py")
+    assert any("already built" in c.value for c in at.caption)
+    at.button(key="w.export").click().run()
+    assert any("Wrote" in s.value for s in ok(at).success) and CP.cache().builds_ == 2
+    # building anew (a fresh server) gives the same evaluation table
+    env2 = dict(env)
+    from test_app import new_app
+    import streamlit as st
+
+    st.cache_resource.clear()
+    at2 = goto(ok(new_app(env2).run()), "pages/4_ranks.py")
+    at2.number_input(key="w.eval_tokens").set_value(256).run()
+    at2.button(key="w.evaluate").click().run()
+    assert ok(at2).dataframe[-1].value.equals(rows) and CP.cache().builds_ == 2   # a new cache: 2 builds there
+
+
+def test_generation_cancel_keeps_nothing(env, monkeypatch):
+    """A click on Cancel reruns the script, which stops the generation at its next update: the Cancel
+    button was there while it ran, is gone after, nothing is kept and the page says it was cancelled."""
+    from streamlit.runtime.scriptrunner_utils.exceptions import StopException
+
+    import fasc.app.generation as G
+
+    seen = {}
+    orig = G.stream_continuations
+
+    def interrupted(*a, **k):
+        for j, ev in enumerate(orig(*a, **k)):
+            if j == 3:
+                import streamlit as st
+                seen["cancel"] = "w.gen_cancel" in st.session_state
+                raise StopException()      # what an interrupting click amounts to
+            yield ev
+
+    monkeypatch.setattr(G, "stream_continuations", interrupted)
+    at = goto(calibrated(env), "pages/4_ranks.py")
+    at.text_area(key="w.gen_prompts").set_value("the cat sat").run()
+    at.number_input(key="w.gen_tokens").set_value(4).run()
     at.button(key="w.generate").click().run()
     ok(at)
-    rows = _frame(at, "prompt")
-    assert list(rows["prompt"]) == ["the cat sat", "a big red"]
-    assert {"uncompressed", "plan", "asvd (same budget)"} <= set(rows.columns)
+    assert seen["cancel"] and not [b for b in at.button if b.key == "w.gen_cancel"]
+    at.run()
+    assert not _gen_columns(ok(at)) and not G._results()
+    assert any("compressed copies are built" in c.value for c in at.caption)    # the copies were kept
     at.text_area(key="w.gen_prompts").set_value("  ").run()
     at.button(key="w.generate").click().run()
     assert len(errors(ok(at))) == 1 and "No prompt" in errors(at)[0]

@@ -1,5 +1,5 @@
-"""Streamlit glue for the measured knowledge map (ρ map page), the fact drill-down and the
-side-by-side generations: the probe choice, measurements with a progress bar and a cancel button,
+"""Streamlit glue for the measured knowledge map (ρ map page) and the fact drill-down: the probe
+choice, measurements with a progress bar and a cancel button,
 and the shared in-memory store over the on-disk cache (`fasc.knowledge_map`).
 
 Measurements run on a deep copy of the shared model (modules are swapped in and out there), so the
@@ -19,7 +19,7 @@ import streamlit as st
 
 from . import ui
 from .table import plan_label
-from ..allocate import Plan, allocate
+from ..allocate import Plan
 from ..data import Example, load_probe, parse_jsonl, rows_to_examples
 from ..errors import FascError
 from ..knowledge_map import (KnowledgeMap, fisher_energy, focus_ratio, knowledge_map_cached, predictor_table,
@@ -177,35 +177,6 @@ def correlation_frame(table: list[dict]):
                          "modules": [r["n_modules"] for r in table]})
 
 
-# ---------------------------------------------------------------------- compressed copies
-def compressed_copy(ctx, plan: Plan):
-    """A deep copy of the model compressed with `plan` (cached per plan; read-only)."""
-    from ..surgery import compress_
-
-    k = json.dumps(["model", ctx.lm.spec, ctx.calib["key"], ctx.an.cfg.gamma, plan.ranks, plan.methods],
-                   sort_keys=True)
-    store = _store()
-    if k not in store:
-        work = copy.deepcopy(ctx.lm.model)
-        compress_(work, ctx.an, plan)
-        for old in [x for x in store if x.startswith('["model"')][:-1]:  # keep at most two copies
-            store.pop(old)
-        store[k] = work
-    return store[k]
-
-
-def baseline_plan(ctx, plan: Plan, baseline: str) -> Plan:
-    """`baseline` allocated at the plan's parameter budget over the same modules (as Evaluate does)."""
-    kept, total = plan.params(ctx.an)
-    return allocate(ctx.an, baseline, param_ratio=min(1.0, max(kept / total, 1e-6)), modules=list(plan.ranks))
-
-
-def three_models(ctx, plan: Plan, baseline: str) -> dict:
-    """{"uncompressed": model, "plan": copy, "<baseline> (same budget)": copy}."""
-    return {"uncompressed": ctx.lm.model, "plan": compressed_copy(ctx, plan),
-            f"{baseline} (same budget)": compressed_copy(ctx, baseline_plan(ctx, plan, baseline))}
-
-
 # ---------------------------------------------------------------------- page parts
 MAP_VALUES = {"knowledge_loss": "answer loss increase (nats per fact)", "recall_drop": "recall drop"}
 
@@ -270,6 +241,8 @@ def fact_panel(ctx, km: KnowledgeMap, probe: ProbeChoice, plan: Plan) -> None:
     from ..data import encode_example
     from ..evaluate import answer_scores
     from ..generate import greedy_continuation
+    from .copies import three_models
+    from .generation import cost_line
 
     st.markdown("**One fact at a time**")
     n = km.n_facts
@@ -296,49 +269,25 @@ def fact_panel(ctx, km: KnowledgeMap, probe: ProbeChoice, plan: Plan) -> None:
                           baseline, ex.prompt, ex.answer], sort_keys=True)
         store = _store()
         if key not in store:
-            st.caption(f"The plan and the {baseline} baseline at the same budget need compressed copies of the model.")
+            st.caption(f"The plan and the {baseline} baseline at the same budget need compressed copies of the "
+                       f"model (kept for Evaluate, Generate and Export): {cost_line(ctx, plan, baseline, 1, 12)}.")
             if not st.button("Compare under the plan and the baseline", key="w.kmap_fact_run",
                              icon=":material/play_arrow:"):
                 return
             enc = [encode_example(ctx.lm.tok, ex)]
             rows = []
-            with st.spinner("Compressing copies and generating …"):
-                for name, model in three_models(ctx, plan, baseline).items():
+            cancel = st.empty()   # a click reruns: the comparison stops; cleared when it ends
+            cancel.button("Cancel", key="w.kmap_fact_cancel", icon=":material/cancel:")
+            try:
+                for name, model in three_models(ctx, plan, baseline).items():   # copies built once, with progress
                     nll, ok = answer_scores(model, enc)
                     rows.append({"model": name, "P(answer)": f"{math.exp(-float(nll[0])):.1%}",
                                  "top-1": bool(ok[0]),
                                  "greedy continuation": greedy_continuation(model, ctx.lm.tok, ex.prompt, 12)})
+            finally:
+                cancel.empty()
             store[key] = rows
         st.dataframe(store[key], hide_index=True, width="stretch")
-
-
-def generation_panel(ctx, plan: Plan, baseline: str) -> None:
-    """Free prompts completed greedily by the dense model, the plan and the baseline at the same budget."""
-    from ..generate import continuations
-
-    st.markdown("**Side-by-side generations** — greedy, the same prompts for each model")
-    c = st.columns([5, 1, 1], vertical_alignment="bottom")
-    text = c[0].text_area("Prompts (one per line)", height=80, **ui.bind("gen_prompts", default_prompt(ctx.lm.spec)))
-    ui.commit("gen_prompts", text)
-    n = c[1].number_input("Tokens", 1, 256, step=8, **ui.bind("gen_tokens", 24))
-    ui.commit("gen_tokens", int(n))
-    go = c[2].button("Generate", key="w.generate", icon=":material/play_arrow:")
-    prompts = [p.strip() for p in text.splitlines() if p.strip()]
-    key = json.dumps(["gen", ctx.lm.spec, ctx.calib["key"], ctx.an.cfg.gamma, plan.ranks, plan.methods, baseline,
-                      prompts, int(n)], sort_keys=True)
-    store = _store()
-    if go and key not in store:
-        if not prompts:
-            raise FascError("No prompt given; write at least one line of text to continue.")
-        with st.spinner("Compressing copies and generating …"):
-            store[key] = continuations(three_models(ctx, plan, baseline), ctx.lm.tok, prompts, int(n))
-    if key in store:
-        st.dataframe(store[key], hide_index=True, width="stretch")
-
-
-def default_prompt(spec: str) -> str:
-    ex = load_probe(model_defaults(spec).probe)[:2]
-    return "\n".join(e.prompt for e in ex)
 
 
 @dataclass

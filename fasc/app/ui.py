@@ -536,6 +536,23 @@ def benchmark_seconds(ctx, tasks: tuple[str, ...], limit: int, probe: str) -> fl
                                                                                                 ctx.lm.model)
 
 
+def seconds_per_token(ctx) -> float:
+    """This model's measured forward seconds per token (batched; timed once per model and device)."""
+    return _seconds_per_token(ctx.lm.ident, ctx.lm.model)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _probe_tokens(probe: str, ident: str, _tok) -> int:
+    from ..data import load_probe
+
+    return sum(len(_tok(e.prompt + " " + e.answer)["input_ids"]) for e in load_probe(probe))
+
+
+def probe_tokens(ctx) -> int:
+    """Tokens of the model's default probe (what fact recall runs on)."""
+    return _probe_tokens(str(model_defaults(ctx.lm.spec).probe), ctx.lm.ident, ctx.lm.tok)
+
+
 def minutes(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
