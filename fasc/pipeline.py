@@ -267,8 +267,8 @@ def compress_and_save(model, tok, an: Analysis, plan: Plan, out: str | Path, *, 
     inputs (`fasc.sequential`; 'restat' without the least-squares refit to the dense outputs) and
     `heal_tokens` > 0 distils the dense model into the factors (`fasc.heal`); both use `batches`
     (healing checked on `heal_heldout`, see `compressed_copy`). `copies(plan)`, when given, returns
-    that compressed copy (e.g. from a `fasc.copies.CopyCache` keyed on the same options; it is only
-    read) instead of building it here.
+    that compressed copy (e.g. from a `fasc.copies.CopyCache`; it is only read) instead of building it
+    here: built with the same `merge`, `sequential` and `heal_tokens`, which the export records.
     Returns a summary: folder, sizes, parameter counts, predicted ΔL, files (name → bytes).
     """
     prepare_destination(out, overwrite)  # fail before any work
