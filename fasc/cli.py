@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from dataclasses import asdict
@@ -171,8 +172,13 @@ def cmd_report(args) -> None:
             raise FascError("Give --share P or --ranks plan.json for the knowledge map, not both.")
         if args.share is not None:
             share_ranks([], args.share)
-    elif args.share is not None or args.ranks or args.probe or args.max_facts:
-        raise FascError("--share, --ranks, --probe and --max-facts belong to --knowledge-map; add it.")
+    elif (args.share is not None or args.ranks or args.probe or args.max_facts or args.fast or args.map_layers
+          or args.map_kinds or args.map_top is not None):
+        raise FascError("--share, --ranks, --probe, --max-facts, --fast and --map-layers/--map-kinds/--map-top belong "
+                        "to --knowledge-map; add it.")
+    if args.knowledge_map and args.fast and (args.map_layers or args.map_kinds or args.map_top is not None):
+        raise FascError("--fast predicts every module and measures none; drop --fast to measure the chosen modules "
+                        "exactly.")
     model, tok, _ = _load(args)
     stats, hit, batches = _stats(args, model, tok)
     an = _analysis(args, model, stats)
@@ -212,11 +218,15 @@ def cmd_report(args) -> None:
 
 
 def _knowledge_map(args, model, tok, stats, an) -> dict:
-    """The measured knowledge map of `fasc report --knowledge-map` and the predictors beside it."""
+    """The knowledge map of `fasc report --knowledge-map`: the fast map (one pass over the probe) and,
+    unless --fast, the exact map of every module or of the chosen subset, with the predictors beside it."""
     from .allocate import Plan
     from .data import load_probe
-    from .knowledge_map import (fisher_energy, focus_ratio, knowledge_map_cached, predictor_table,
-                                probe_calibration, probe_subset)
+    from .knowledge_map import (DEFAULT_FAST, FAST_PREDICTORS, _targets, encode_probe, estimate_seconds,
+                                exact_flops, fast_map_cached, fast_vs_exact, fisher_energy, focus_ratio,
+                                knowledge_map_cached, map_factors, measure_gflops, parse_layers, predictor_table,
+                                probe_calibration, probe_subset, select_modules)
+    from .modules import num_layers
     from .pipeline import model_defaults
 
     probe_path = args.probe or model_defaults(args.model).probe
@@ -224,45 +234,123 @@ def _knowledge_map(args, model, tok, stats, an) -> dict:
     plan = Plan.load(args.ranks) if args.ranks else None
     share = None if plan is not None else (0.5 if args.share is None else args.share)
     root = Path(args.cache_dir) if args.cache_dir else None
-    bar = _progress("answers-only calibration", args)
-    try:
-        pstats, _ = probe_calibration(model, tok, examples, stats.config, progress=bar, root=root)
-    finally:
-        bar.close()
-    bar = _progress("knowledge map", args, unit="eval")
-    try:
-        km, hit = knowledge_map_cached(model, tok, an, examples, plan=plan, share=share, method=args.map_method,
-                                       progress=bar, root=root)
-    finally:
-        bar.close()
-    eg, ef = fisher_energy(stats), fisher_energy(pstats)
-    ratio = focus_ratio(ef, eg)
-    rows = {r["fqn"]: {"knowledge_loss": r["knowledge_loss"], "recall_drop": r["recall_drop"],
-                       "map_rank": r["rank"], "map_method": r["method"], "fisher_energy": eg[r["fqn"]],
-                       "fisher_energy_answers": ef[r["fqn"]], "answers_over_general_share": ratio[r["fqn"]]}
-            for r in km.rows()}
-    summary = {"probe": str(probe_path), "n_facts": km.n_facts, "share": share,
-               "plan": args.ranks, "method": args.map_method if plan is None else "plan",
-               "dense_recall": float(km.base_correct.double().mean()),
-               "dense_answer_nll": float(km.base_nll.double().mean()), "from_cache": hit,
-               "knowledge_loss": "mean increase of −log P(answer | prompt) over the facts, nats per fact, with "
-                                 "only this module compressed",
-               "recall_drop": "first-token recall of the dense model minus recall with only this module compressed",
-               "fisher_energy": "½ tr(C_h C_x): decoupled predicted loss of removing the module (nats/token); "
-                                "_answers: calibrated on the probe's answers only",
-               "correlations": predictor_table(km, an, eg, ef)}
+    req = dict(plan=plan, share=share, method=args.map_method)
+    fqns, ranks, methods = _targets(an, **req)
+    layers = parse_layers(args.map_layers, num_layers(an.modules))
+    kinds = [k.strip() for k in args.map_kinds.split(",") if k.strip()] if args.map_kinds else None
+    if not args.fast:   # a bad subset fails before any work (the top-N needs the fast map: checked below)
+        select_modules(fqns, an.modules, layers=layers, kinds=kinds)
+    factors: dict = {}
+
+    def shared_factors():   # decomposed once, for the fast and the exact map
+        if not factors:
+            bar = _progress("decompositions for the map", args, unit="module")
+            try:
+                factors.update(map_factors(an, fqns, methods, ranks, progress=bar))
+            finally:
+                bar.close()
+        return factors
+
+    t0 = time.perf_counter()
+    fm, fast_hit = fast_map_cached(model, tok, an, examples, **req, root=root, cached_only=True)
+    if fm is None:
+        shared_factors()
+        bar = _progress("fast map (one pass over the probe)", args, unit="batch")
+        try:
+            fm, fast_hit = fast_map_cached(model, tok, an, examples, **req, factors=factors, progress=bar, root=root)
+        finally:
+            bar.close()
+    fast_seconds = time.perf_counter() - t0
+    predicted = fm.values()
+    km, hit, exact_seconds, estimate = None, False, None, None
+    if not args.fast:
+        chosen = select_modules(fqns, an.modules, layers=layers, kinds=kinds, top=args.map_top, fast=fm)
+        km, hit = knowledge_map_cached(model, tok, an, examples, **req, modules=chosen, root=root, cached_only=True)
+        if km is None:
+            encoded = encode_probe(tok, examples)
+            estimate = estimate_seconds(model, encoded, fqns, chosen, measure_gflops(model, encoded, fqns))
+            if not args.quiet:
+                print(f"exact map: {len(chosen)} modules × {len(examples)} facts, "
+                      f"{exact_flops(model, encoded, fqns, chosen) / 1e12:.2g} TFLOP, ≈ {_duration(estimate)} "
+                      f"(estimated)", file=sys.stderr)
+            shared_factors()
+            t1 = time.perf_counter()
+            bar = _progress("knowledge map (exact)", args, unit="module")
+            try:
+                km, hit = knowledge_map_cached(model, tok, an, examples, **req, modules=chosen, factors=factors,
+                                               progress=bar, root=root)
+            finally:
+                bar.close()
+            exact_seconds = time.perf_counter() - t1
+    summary = {"probe": str(probe_path), "n_facts": fm.n_facts, "share": share, "plan": args.ranks,
+               "method": args.map_method if plan is None else "plan",
+               "fast": {"predictor": DEFAULT_FAST, "what": FAST_PREDICTORS[DEFAULT_FAST],
+                        "temperature": fm.temperature, "from_cache": fast_hit, "seconds": round(fast_seconds, 2),
+                        "predicted_knowledge_loss": "the fast map's prediction of the knowledge loss (nats per fact) "
+                                                    "from one forward and backward pass over the probe"}}
+    rows = {f: {"map_rank": k, "map_method": m, "predicted_knowledge_loss": predicted[f]}
+            for f, k, m in zip(fqns, ranks, methods)}
+    if km is not None:
+        pstats = None
+        bar = _progress("answers-only calibration", args)
+        try:
+            pstats, _ = probe_calibration(model, tok, examples, stats.config, progress=bar, root=root)
+        finally:
+            bar.close()
+        eg, ef = fisher_energy(stats), fisher_energy(pstats)
+        ratio = focus_ratio(ef, eg)
+        for r in km.rows():
+            rows[r["fqn"]].update({"knowledge_loss": r["knowledge_loss"], "recall_drop": r["recall_drop"],
+                                   "fisher_energy": eg[r["fqn"]], "fisher_energy_answers": ef[r["fqn"]],
+                                   "answers_over_general_share": ratio[r["fqn"]]})
+        summary.update({
+            "n_measured": len(km.fqns), "dense_recall": float(km.base_correct.double().mean()),
+            "dense_answer_nll": float(km.base_nll.double().mean()), "from_cache": hit,
+            "estimated_seconds": None if estimate is None else round(estimate, 3),
+            "seconds": None if exact_seconds is None else round(exact_seconds, 3),
+            "knowledge_loss": "mean increase of −log P(answer | prompt) over the facts, nats per fact, with "
+                              "only this module compressed",
+            "recall_drop": "first-token recall of the dense model minus recall with only this module compressed",
+            "fisher_energy": "½ tr(C_h C_x): decoupled predicted loss of removing the module (nats/token); "
+                             "_answers: calibrated on the probe's answers only",
+            "correlations": predictor_table(km, an, eg, ef)})
+        summary["fast"]["vs_exact"] = fast_vs_exact(fm, km)
     return {"summary": summary, "rows": rows}
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
 def _knowledge_text(k: dict) -> str:
     s = k["summary"]
-    lines = [f"{'module':<44} {'rank':>5} {'loss↑ nats':>11} {'recall↓':>8} {'E facts/general':>16}"]
-    for f, r in sorted(k["rows"].items(), key=lambda kv: -kv[1]["knowledge_loss"]):
-        lines.append(f"{f:<44} {r['map_rank']:>5} {r['knowledge_loss']:11.4f} {r['recall_drop']:+8.3f} "
-                     f"{r['answers_over_general_share']:16.2f}")
+    exact = "correlations" in s
+    head = f"{'module':<44} {'rank':>5} {'fast pred.':>11}"
+    lines = [head + (f" {'loss↑ nats':>11} {'recall↓':>8} {'E facts/general':>16}" if exact else "")]
+    key = (lambda kv: -kv[1].get("knowledge_loss", -math.inf)) if exact else \
+        (lambda kv: -kv[1]["predicted_knowledge_loss"])
+    for f, r in sorted(k["rows"].items(), key=key):
+        line = f"{f:<44} {r['map_rank']:>5} {r['predicted_knowledge_loss']:11.4g}"
+        if "knowledge_loss" in r:
+            line += f" {r['knowledge_loss']:11.4f} {r['recall_drop']:+8.3f} {r['answers_over_general_share']:16.2f}"
+        elif exact:
+            line += f" {'—':>11} {'—':>8} {'—':>16}"
+        lines.append(line)
     how = f"plan {s['plan']}" if s["plan"] else f"{s['method']} at {s['share']:.0%} of each module's parameters"
-    lines.append(f"{len(k['rows'])} modules, each compressed alone ({how}); {s['n_facts']} facts, dense recall "
-                 f"{s['dense_recall']:.3f}. Spearman with the measured knowledge loss / recall drop:")
+    f = s["fast"]
+    lines.append(f"{len(k['rows'])} modules, each compressed alone ({how}); {s['n_facts']} facts. Fast map: "
+                 f"{f['what']} (T = {f['temperature']:g}), {f['seconds']:.1f} s.")
+    if not exact:
+        lines.append("Measure it exactly (every module, or --map-layers/--map-kinds/--map-top) without --fast.")
+        return "\n".join(lines)
+    timing = "" if s["seconds"] is None else f", measured in {_duration(s['seconds'])} (estimated " \
+                                             f"{_duration(s['estimated_seconds'])})"
+    lines.append(f"Exact map: {s['n_measured']} modules{timing}; dense recall {s['dense_recall']:.3f}. "
+                 f"Spearman with the measured knowledge loss / recall drop:")
+    for c in f["vs_exact"]:
+        if c["default"]:
+            lines.append(f"  {'fast map (' + c['predictor'] + ')':<36} {c['spearman_knowledge_loss']:+.2f} / "
+                         f"{c['spearman_recall_drop']:+.2f}")
     for c in s["correlations"]:
         lines.append(f"  {c['statistic']:<36} {c['spearman_knowledge_loss']:+.2f} / {c['spearman_recall_drop']:+.2f}")
     return "\n".join(lines)
@@ -609,9 +697,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--html", help="write the ρ heatmap (Plotly) to this HTML file")
     km = s.add_argument_group("measured knowledge map (--knowledge-map)")
     km.add_argument("--knowledge-map", action="store_true",
-                    help="measure each module's effect on a probe when only it is compressed (one probe evaluation "
-                         "per module; cached beside the statistics) and rank ρ, predicted ΔL and Fisher energy "
-                         "against it")
+                    help="each module's effect on a probe when only it is compressed: predicted from one pass "
+                         "(the fast map) and measured exactly (layers from the module's on, answer positions only; "
+                         "its estimated time is printed first; cached beside the statistics), with the Spearman of "
+                         "the fast map, ρ, predicted ΔL and Fisher energy against it")
     km.add_argument("--probe", help="probe JSONL {prompt, answer} (default: the model's built-in probe)")
     km.add_argument("--max-facts", type=int, help="use at most this many facts, evenly spaced through the probe")
     km.add_argument("--share", type=float, help="compress each module to this share of its parameters "
@@ -619,6 +708,12 @@ def build_parser() -> argparse.ArgumentParser:
     km.add_argument("--ranks", help="a plan JSON: compress each planned module at its planned rank and method")
     km.add_argument("--map-method", default="asvd", choices=METHODS,
                     help="method for --share (default asvd, the variance baseline)")
+    km.add_argument("--fast", action="store_true",
+                    help="only the fast map: each module's knowledge loss predicted from one forward and backward "
+                         "pass over the probe (seconds to a minute), no exact measurement")
+    km.add_argument("--map-layers", help="measure exactly only the modules of these layers, e.g. 0-3,7")
+    km.add_argument("--map-kinds", help="measure exactly only these module kinds, e.g. q,down")
+    km.add_argument("--map-top", type=int, help="measure exactly only the N modules the fast map ranks highest")
     s.set_defaults(func=cmd_report)
 
     s = sub.add_parser("compress", help="compress and export (factored, or --merge for dense)", formatter_class=fmt,

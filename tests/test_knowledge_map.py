@@ -254,3 +254,260 @@ def test_saved_map_rejects_wrong_format(tmp_path):
     save_file({"nll": torch.zeros(1, 1)}, str(p), metadata={"format": "99"})
     with pytest.raises(fasc.FascError, match="format"):
         KnowledgeMap.load(p)
+
+
+# ---------------------------------------------------------------------- the fast engine: replay, subsets
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_replay_equals_the_loop_and_brute_force_on_a_subset(arch, tokenizer, probe):
+    """Layers from the module's on, head at the answer positions only: the same rows as a full forward per
+    module (the reference loop) and as compressing a fresh copy with the public surgery."""
+    from helpers import random_batches, tiny_model
+
+    from fasc.knowledge_map import _Replay, encode_probe, select_modules
+
+    model = tiny_model(arch)
+    stats = fasc.calibrate(model, random_batches(3), fasc.CalibConfig(n_tokens=2_000, seq_len=24))
+    an = fasc.Analysis(model, stats, fasc.CompressConfig(gamma=0.5))
+    _Replay(model, encode_probe(tokenizer, probe), stats.fqns)           # runs as a plain layer stack (no fallback)
+    fq = [i.fqn for i in an.modules]
+    sub = select_modules(fq, an.modules, layers=[1]) + [fq[0]]
+    km = knowledge_map(model, tokenizer, an, probe, share=0.3, method="asvd", modules=sub, engine="replay")
+    assert km.fqns == [f for f in fq if f in sub]                         # the map's order, not the request's
+    loop = knowledge_map(model, tokenizer, an, probe, share=0.3, method="asvd", modules=sub, engine="loop")
+    ranks = share_ranks(an.modules, 0.3)
+    (b_nll, b_ok), rows = _brute(model, tokenizer, an, probe, {f: ranks[f] for f in km.fqns},
+                                 {f: "asvd" for f in km.fqns})
+    torch.testing.assert_close(km.base_nll, b_nll, atol=FLOAT32_SWAP_ATOL, rtol=FLOAT32_SWAP_ATOL)
+    assert torch.equal(km.base_correct, b_ok) and torch.equal(km.correct, loop.correct)
+    torch.testing.assert_close(km.nll, loop.nll, atol=FLOAT32_SWAP_ATOL, rtol=FLOAT32_SWAP_ATOL)
+    for j, (nll, ok) in enumerate(rows):
+        torch.testing.assert_close(km.nll[j], nll, atol=FLOAT32_SWAP_ATOL, rtol=FLOAT32_SWAP_ATOL)
+        assert torch.equal(km.correct[j], ok)
+    assert km.knowledge_loss().abs().max() > 1e-3
+
+
+def test_subset_is_cut_from_a_stored_full_map_and_maps_merge(llama, tokenizer, llama_stats, probe, tmp_path):
+    from fasc.knowledge_map import merge_maps
+
+    stats = copy.copy(llama_stats)
+    stats.key = "s" * 32
+    (tmp_path / stats.key).mkdir()
+    an = fasc.Analysis(llama, stats, fasc.CompressConfig())
+    fq = [i.fqn for i in an.modules]
+    part, hit = knowledge_map_cached(llama, tokenizer, an, probe, share=0.5, modules=fq[3:5], root=tmp_path)
+    assert not hit and part.fqns == fq[3:5]
+    full, hit = knowledge_map_cached(llama, tokenizer, an, probe, share=0.5, root=tmp_path)
+    assert not hit and full.fqns == fq
+    cut, hit = knowledge_map_cached(llama, tokenizer, an, probe, share=0.5, modules=fq[:2], root=tmp_path)
+    assert hit and cut.fqns == fq[:2] and torch.equal(cut.nll, full.nll[:2])
+    both = merge_maps(merge_maps(None, part, fq), cut, fq)
+    assert both.fqns == fq[:2] + fq[3:5] and torch.equal(both.nll, full.nll[[0, 1, 3, 4]])
+    with pytest.raises(fasc.FascError, match="not in the map"):
+        knowledge_map(llama, tokenizer, an, probe, share=0.5, modules=["nope"])
+
+
+def test_select_modules_and_layers(an):
+    from fasc.knowledge_map import FastMap, parse_layers, select_modules
+
+    fq = [i.fqn for i in an.modules]
+    assert parse_layers("0-1", 2) == [0, 1] and parse_layers("1,0,1", 2) == [0, 1] and parse_layers(None, 2) is None
+    assert select_modules(fq, an.modules, layers=[1]) == [f for f in fq if an.info(f).layer == 1]
+    assert select_modules(fq, an.modules, kinds=["q", "down"]) == [f for f in fq if an.info(f).kind in ("q", "down")]
+    pred = torch.arange(len(fq), dtype=torch.float32)                      # the last modules predicted worst
+    fm = FastMap(fq, [1] * len(fq), ["asvd"] * len(fq), pred[:, None].repeat(1, 2), 2 * pred[:, None].repeat(1, 2),
+                 torch.zeros(2), 1.0)
+    assert select_modules(fq, an.modules, top=3, fast=fm) == fq[-3:]
+    assert select_modules(fq, an.modules, layers=[0], top=2, fast=fm) == [f for f in fq if an.info(f).layer == 0][-2:]
+    for kw, msg in [({"layers": [5]}, "not in this model; its layers are 0 … 1"), ({"kinds": ["qkv"]}, "kinds are q, k"), ({"top": 3}, "needs the fast map"),
+                    ({"top": 0, "fast": fm}, "whole number")]:
+        with pytest.raises(fasc.FascError, match=msg) as e:
+            if "layers" in kw:
+                parse_layers("5", 2)
+            else:
+                select_modules(fq, an.modules, **kw)
+        assert "\n" not in str(e.value)
+    with pytest.raises(fasc.FascError, match="0-3,7"):
+        parse_layers("a-b", 2)
+
+
+def test_map_factors_once_in_parallel_equal_the_analysis(an):
+    from fasc.knowledge_map import map_factors
+
+    fq = [i.fqn for i in an.modules][:8]
+    ranks = share_ranks(an.modules, 0.3)
+    one = map_factors(an, fq, ["asvd"] * 8, [ranks[f] for f in fq], workers=1)
+    two = map_factors(an, fq, ["asvd"] * 8, [ranks[f] for f in fq], workers=2)
+    for f in fq:
+        U, V = an.factors(f, "asvd", ranks[f])
+        torch.testing.assert_close(one[f][0], U.float())
+        torch.testing.assert_close(two[f][1], V.float())
+        torch.testing.assert_close(two[f][0] @ two[f][1].T, one[f][0] @ one[f][1].T)
+    assert (fq[0], "asvd") in an.summaries                                  # the predicted ΔL curve is kept
+
+
+# ---------------------------------------------------------------------- the fast map
+def _grad_stats(model, tok, probe, f, U, V, T=1.0):
+    """Per fact, batch of one, full logits: g_t at the module's output by autograd, r_t = g_tᵀ ΔW x_t."""
+    mod = dict(model.named_modules())[f]
+    s, q = [], []
+    for ex in probe:
+        ids, start = encode_example(tok, ex)
+        got = {}
+        h1 = mod.register_forward_hook(lambda m, a, out: got.update(x=a[0].detach(), y=out) or out.retain_grad())
+        try:
+            logits = model(input_ids=torch.tensor([ids])).logits[0]
+        finally:
+            h1.remove()
+        lp = (logits[start - 1:len(ids) - 1] / T).log_softmax(-1)
+        loss = -lp.gather(-1, torch.tensor(ids[start:])[:, None]).sum()
+        loss.backward()
+        W = mod.weight.detach()
+        r = (got["y"].grad[0] * (got["x"][0] @ (U @ V.T - W).T)).sum(-1)[:len(ids) - 1]
+        s.append(float(r.sum()))
+        q.append(float((r * r).sum()))
+    return torch.tensor(s), torch.tensor(q)
+
+
+def test_fast_map_statistics_equal_a_direct_computation(llama, tokenizer, an, probe):
+    from fasc.knowledge_map import fast_map
+
+    fq = [i.fqn for i in an.modules]
+    before = {k: v.clone() for k, v in llama.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in llama.named_parameters()}
+    fm = fast_map(llama, tokenizer, an, probe, share=0.3, method="asvd", temperature=2.0)
+    assert fm.fqns == fq and fm.s.shape == (len(fq), len(probe)) and fm.temperature == 2.0
+    ranks = share_ranks(an.modules, 0.3)
+    work = copy.deepcopy(llama)
+    for j in (0, 4, len(fq) - 1):
+        U, V = an.factors(fq[j], "asvd", ranks[fq[j]])
+        s, q = _grad_stats(work, tokenizer, probe, fq[j], U.float(), V.float(), T=2.0)
+        torch.testing.assert_close(fm.s[j], s, atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(fm.q[j], q, atol=1e-8, rtol=1e-4)
+    # the predictors are these per-fact sums' means; the model is as it was, flags included
+    assert fm.predicted("fisher_token").tolist() == pytest.approx((0.5 * fm.q.double().mean(1)).tolist())
+    assert fm.predicted("first_order").tolist() == pytest.approx(fm.s.double().mean(1).tolist())
+    for k, v in llama.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert {n: p.requires_grad for n, p in llama.named_parameters()} == flags
+    with pytest.raises(fasc.FascError, match="Unknown fast predictor"):
+        fm.predicted("nope")
+
+
+def test_fast_map_first_order_is_the_derivative(llama, tokenizer, an, probe):
+    """With ΔW = ε·D, s ≈ (nll(W + εD) − nll(W)) / ε … ε → 0 (first order of the answer loss, T = 1)."""
+    from fasc.knowledge_map import fast_map
+
+    f = an.modules[5].fqn
+    W = dict(llama.named_modules())[f].weight.detach()
+    D = torch.randn(W.shape, generator=torch.Generator().manual_seed(0))
+    eps = 1e-3
+    plan = Plan({f: min(W.shape)}, {f: "svd"})
+    fm = fast_map(llama, tokenizer, an, probe, plan=plan, temperature=1.0,
+                  factors={f: (W + eps * D, torch.eye(W.shape[1]))})
+    km = knowledge_map(llama, tokenizer, an, probe, plan=plan, factors={f: (W + eps * D, torch.eye(W.shape[1]))})
+    fd = (km.nll[0].double() - km.base_nll.double())
+    torch.testing.assert_close(fm.s[0].double(), fd, atol=2e-5, rtol=5e-2)
+
+
+def test_fast_map_cache_and_spearman_with_the_exact_map(llama, tokenizer, llama_stats, probe, tmp_path):
+    from fasc.knowledge_map import DEFAULT_FAST, FAST_PREDICTORS, FastMap, fast_map_cached, fast_vs_exact
+
+    stats = copy.copy(llama_stats)
+    stats.key = "f" * 32
+    (tmp_path / stats.key).mkdir()
+    an = fasc.Analysis(llama, stats, fasc.CompressConfig())
+    assert fast_map_cached(llama, tokenizer, an, probe, share=0.4, root=tmp_path, cached_only=True) == (None, False)
+    fm, hit = fast_map_cached(llama, tokenizer, an, probe, share=0.4, root=tmp_path)
+    fm2, hit2 = fast_map_cached(llama, tokenizer, an, probe, share=0.4, root=tmp_path)
+    assert not hit and hit2 and torch.equal(fm.s, fm2.s) and torch.equal(fm.q, fm2.q) and fm2.fqns == fm.fqns
+    assert fm2.forward_seconds > 0 and fm2.forward_flops > 0
+    assert fast_map_cached(llama, tokenizer, an, probe, share=0.4, temperature=3.0, root=tmp_path,
+                           cached_only=True) == (None, False)                  # the temperature is in the key
+    files = sorted(p.name for p in (tmp_path / stats.key).iterdir())
+    assert len(files) == 1 and files[0].startswith("fmap-")
+    with pytest.raises(fasc.FascError, match="not a knowledge map"):
+        KnowledgeMap.load(tmp_path / stats.key / files[0])                     # a fast map is not an exact one
+    with pytest.raises(fasc.FascError, match="not a knowledge map"):
+        FastMap.load(_saved_exact(llama, tokenizer, an, probe, tmp_path))
+    km = knowledge_map(llama, tokenizer, an, probe, share=0.4, modules=[i.fqn for i in an.modules][:6])
+    rows = fast_vs_exact(fm, km)
+    assert [r["predictor"] for r in rows] == list(FAST_PREDICTORS) and sum(r["default"] for r in rows) == 1
+    row = next(r for r in rows if r["predictor"] == DEFAULT_FAST)
+    v = fm.values()
+    assert row["n_modules"] == 6 and row["spearman_knowledge_loss"] == pytest.approx(
+        spearman([v[f] for f in km.fqns], km.knowledge_loss().tolist()))
+    with pytest.raises(fasc.FascError, match="temperature"):
+        fast_map_cached(llama, tokenizer, an, probe, share=0.4, temperature=0.0, root=tmp_path)
+
+
+def _saved_exact(model, tok, an, probe, tmp_path):
+    p = tmp_path / "exact.safetensors"
+    knowledge_map(model, tok, an, probe, share=0.4, modules=[an.modules[0].fqn]).save(p)
+    return p
+
+
+def test_cost_model_and_estimate(llama, tokenizer, an, probe):
+    from fasc.knowledge_map import encode_probe, estimate_seconds, exact_flops, forward_flops, measure_gflops
+
+    enc = encode_probe(tokenizer, probe)
+    fq = [i.fqn for i in an.modules]
+    full = forward_flops(llama, enc, fq)
+    last = [f for f in fq if an.info(f).layer == 1]
+    first = [f for f in fq if an.info(f).layer == 0]
+    # a module of the last layer re-runs less than one of the first; the replay never exceeds the loop
+    assert exact_flops(llama, enc, fq, last[:1]) < exact_flops(llama, enc, fq, first[:1]) <= 2 * full
+    assert exact_flops(llama, enc, fq, fq) < exact_flops(llama, enc, fq, fq, engine="loop") == full * (len(fq) + 1)
+    gf = measure_gflops(llama, enc, fq)
+    assert gf > 0 and estimate_seconds(llama, enc, fq, fq, gf) == pytest.approx(exact_flops(llama, enc, fq, fq) / gf / 1e9)
+
+
+# ---------------------------------------------------------------------- CLI: --fast and the subset options
+def test_cli_fast_map_then_a_subset_measured_exactly(capsys, common, saved_llama):
+    import json
+
+    from helpers import run_cli
+
+    probe = str(saved_llama / "probe.jsonl")
+    base = ["report", *common, "--knowledge-map", "--probe", probe, "--share", "0.3"]
+    code, out, err = run_cli(capsys, *base, "--fast", "--json")
+    assert code == 0, err
+    rep = json.loads(out)
+    km = rep["knowledge_map"]
+    assert km["fast"]["predictor"] and not km["fast"]["from_cache"] and "correlations" not in km
+    assert all("predicted_knowledge_loss" in m and "knowledge_loss" not in m for m in rep["modules"])
+    code, out, _ = run_cli(capsys, *base, "--fast")
+    assert code == 0 and "Fast map" in out and "without --fast" in out
+    # the two highest of the fast map, exactly: the estimate goes to stderr first (not with --quiet)
+    loud = [a for a in base if a != "--quiet"]
+    code, out, err = run_cli(capsys, *loud, "--map-top", "2", "--json")
+    assert code == 0 and "exact map: 2 modules × 3 facts" in err and "(estimated)" in err
+    rep = json.loads(out)
+    km = rep["knowledge_map"]
+    measured = [m for m in rep["modules"] if "knowledge_loss" in m]
+    top = sorted(rep["modules"], key=lambda m: -m["predicted_knowledge_loss"])[:2]
+    assert km["fast"]["from_cache"] and km["n_measured"] == 2 and {m["fqn"] for m in measured} == {m["fqn"] for m in top}
+    assert km["estimated_seconds"] > 0 and km["seconds"] > 0 and km["fast"]["vs_exact"][0]["n_modules"] == 2
+    code, out, _ = run_cli(capsys, *base, "--map-kinds", "down", "--map-layers", "1")
+    assert code == 0 and "Exact map: 1 modules" in out and out.count("—") == 3 * 13
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--fast", "--map-top", "3"], "--fast predicts every module"),
+    (["--map-kinds", "qkv"], "kind 'qkv' is not in the map"),
+    (["--map-layers", "7"], "Layer 7 is not in this model"),
+    (["--map-layers", "x"], "not a list like 0-3,7"),
+    (["--map-top", "0"], "whole number"),
+])
+def test_cli_map_options_errors_are_one_line(capsys, common, saved_llama, extra, msg):
+    from helpers import run_cli
+
+    code, out, err = run_cli(capsys, "report", *common, "--knowledge-map", "--probe", str(saved_llama / "probe.jsonl"),
+                             *extra)
+    assert code == 2 and out == "" and msg in err and err.count("\n") == 1
+
+
+def test_cli_map_options_need_the_flag(capsys, common):
+    from helpers import run_cli
+
+    code, _, err = run_cli(capsys, "report", *common, "--fast")
+    assert code == 2 and "belong to --knowledge-map" in err
