@@ -22,8 +22,8 @@ from .table import plan_label
 from ..allocate import Plan
 from ..data import Example, load_probe, parse_jsonl, rows_to_examples
 from ..errors import FascError
-from ..knowledge_map import (KnowledgeMap, fisher_energy, focus_ratio, knowledge_map_cached, predictor_table,
-                            probe_calibration, probe_subset)
+from ..knowledge_map import (FAST_PREDICTORS, FastMap, KnowledgeMap, fast_map_cached, fast_vs_exact, fisher_energy,
+                            focus_ratio, knowledge_map_cached, predictor_table, probe_calibration, probe_subset)
 from ..pipeline import model_defaults
 from ..stats import CalibStats
 
@@ -95,8 +95,15 @@ def _key(kind: str, ctx, probe: ProbeChoice, req: MapRequest | None = None) -> s
     return json.dumps(parts)
 
 
+def _targets(ctx, req: MapRequest) -> tuple[list[str], list[int], list[str]]:
+    from ..knowledge_map import _targets as targets
+
+    return targets(ctx.an, req.plan, req.share, req.method)
+
+
 def cached_map(ctx, probe: ProbeChoice, req: MapRequest) -> KnowledgeMap | None:
-    """The map from memory or the disk cache, or None (never measures)."""
+    """The exact map from memory (every subset measured this session, merged) or the disk cache (every
+    module), or None (never measures)."""
     k = _key("map", ctx, probe, req)
     store = _store()
     if k not in store:
@@ -105,6 +112,40 @@ def cached_map(ctx, probe: ProbeChoice, req: MapRequest) -> KnowledgeMap | None:
         if km is None:
             return None
         store[k] = km
+    return store[k]
+
+
+def cached_fast(ctx, probe: ProbeChoice, req: MapRequest) -> FastMap | None:
+    """The fast map from memory or the disk cache, or None (never computes)."""
+    k = _key("fast", ctx, probe, req)
+    store = _store()
+    if k not in store:
+        fm, _ = fast_map_cached(ctx.lm.model, ctx.lm.tok, ctx.an, probe.examples, plan=req.plan, share=req.share,
+                                method=req.method, cached_only=True)
+        if fm is None:
+            return None
+        store[k] = fm
+    return store[k]
+
+
+def map_factors_shared(ctx, req: MapRequest) -> dict:
+    """The map's factors, each module decomposed once and kept for the fast and the exact map (the
+    latest request only: they hold about the compressed model's parameters)."""
+    from ..knowledge_map import map_factors
+
+    k = json.dumps(["factors", ctx.lm.spec, ctx.calib["key"], ctx.an.cfg.gamma, req.share, req.method,
+                    None if req.plan is None else [req.plan.ranks, req.plan.methods]], sort_keys=True)
+    store = _store()
+    if k not in store:
+        fqns, ranks, methods = _targets(ctx, req)
+        bar = ui.ProgressBar("Decomposing each module once (shared by the fast and the exact map)", unit="modules")
+        try:
+            got = map_factors(ctx.an, fqns, methods, ranks, progress=bar)
+        finally:
+            bar.clear()
+        for old in [x for x in store if x.startswith('["factors"')]:
+            store.pop(old)
+        store[k] = got
     return store[k]
 
 
@@ -132,23 +173,64 @@ def measure_probe_stats(ctx, probe: ProbeChoice) -> CalibStats:
     return store[k]
 
 
-def measure_map(ctx, probe: ProbeChoice, req: MapRequest) -> KnowledgeMap:
-    """Probe calibration (for the predictors) and the map, with progress bars and a cancel button."""
+def measure_fast(ctx, probe: ProbeChoice, req: MapRequest) -> FastMap:
+    """The fast map (decompositions, then one forward and backward pass over the probe), with progress."""
+    _cancel_button("Cancel")
+    k = _key("fast", ctx, probe, req)
+    store = _store()
+    if k not in store:
+        factors = map_factors_shared(ctx, req)
+        work = copy.deepcopy(ctx.lm.model)   # hooks and requires_grad flags never touch the shared model
+        bar = ui.ProgressBar("Fast map: one forward and backward pass over the probe", unit="batches")
+        try:
+            fm, _ = fast_map_cached(work, ctx.lm.tok, ctx.an, probe.examples, plan=req.plan, share=req.share,
+                                    method=req.method, factors=factors, progress=bar)
+        finally:
+            bar.clear()
+            del work
+        store[k] = fm
+    return store[k]
+
+
+def measure_map(ctx, probe: ProbeChoice, req: MapRequest, modules: list[str] | None = None) -> KnowledgeMap:
+    """Probe calibration (for the predictors) and the exact map of `modules` (all by default), merged with
+    what was measured before, with progress bars and a cancel button."""
+    from ..knowledge_map import merge_maps
+
     _cancel_button("Cancel measurement")
     measure_probe_stats(ctx, probe)
     k = _key("map", ctx, probe, req)
     store = _store()
-    if k not in store:
+    have = store.get(k)
+    todo = [f for f in (modules or _targets(ctx, req)[0]) if have is None or f not in have.fqns]
+    if todo:
+        factors = map_factors_shared(ctx, req)
         work = copy.deepcopy(ctx.lm.model)
-        bar = ui.ProgressBar("Measuring the knowledge map (one probe evaluation per module)", unit="evaluations")
+        bar = ui.ProgressBar("Measuring the knowledge map exactly (layers from each module's on)", unit="modules")
         try:
             km, _ = knowledge_map_cached(work, ctx.lm.tok, ctx.an, probe.examples, plan=req.plan, share=req.share,
-                                         method=req.method, progress=bar)
+                                         method=req.method, modules=todo, factors=factors, progress=bar)
         finally:
             bar.clear()
             del work
-        store[k] = km
+        store[k] = merge_maps(have, km, _targets(ctx, req)[0])
     return store[k]
+
+
+def exact_estimate(ctx, probe: ProbeChoice, modules: list[str]) -> str:
+    """'≈ 3.1 min for 210 modules (12 TFLOP at 65 GFLOP/s)': the exact map's cost on this machine."""
+    from ..knowledge_map import encode_probe, exact_flops, measure_gflops
+
+    enc = encode_probe(ctx.lm.tok, probe.examples)
+    fqns = ctx.an.stats.fqns
+    k = json.dumps(["gflops", ctx.lm.spec, probe.ident])
+    store = _store()
+    if k not in store:
+        store[k] = measure_gflops(ctx.lm.model, enc, fqns)
+    flops = exact_flops(ctx.lm.model, enc, fqns, modules)
+    sec = flops / store[k] / 1e9
+    when = f"{sec:.0f} s" if sec < 90 else f"{sec / 60:.1f} min"
+    return f"≈ {when} for {len(modules)} modules × {len(enc)} facts ({flops / 1e12:.2g} TFLOP at {store[k]:.0f} GFLOP/s)"
 
 
 def map_values(km: KnowledgeMap, value: str) -> dict[str, float]:
@@ -295,37 +377,67 @@ class KnowledgeView:
     """What the ρ map page needs from the knowledge views (all None for the other views)."""
 
     km: KnowledgeMap | None = None
+    fm: FastMap | None = None
     probe: ProbeChoice | None = None
     probe_stats: CalibStats | None = None
     title: str | None = None
+
+
+def _bind_choice(name: str, default: str, options: list[str]) -> dict:
+    """`ui.bind` for a choice whose options change (a stored value no longer offered falls back)."""
+    for k in (f"w.{name}", f"set.{name}"):
+        if st.session_state.get(k, options[0]) not in options:
+            st.session_state.pop(k, None)
+    return ui.bind(name, default if default in options else options[0])
+
+
+SUBSETS = {"all": "every module", "layers": "chosen layers", "kinds": "chosen kinds", "top": "top of the fast map"}
+
+
+def exact_subset(ctx, req: MapRequest, fm: FastMap | None) -> list[str]:
+    """The modules to measure exactly: every module, chosen layers or kinds, or the fast map's top N."""
+    from ..knowledge_map import select_modules
+
+    fqns = _targets(ctx, req)[0]
+    infos = {i.fqn: i for i in ctx.an.modules}
+    options = [o for o in SUBSETS if o != "top" or fm is not None]
+    c1, c2 = st.columns([3, 2], vertical_alignment="bottom")
+    which = c1.radio("Measure exactly", options, format_func=SUBSETS.get, horizontal=True,
+                     **_bind_choice("kmap_subset", "all", options))
+    ui.commit("kmap_subset", which)
+    if which == "layers":
+        layers = sorted({infos[f].layer for f in fqns})
+        got = c2.multiselect("Layers", layers, **ui.bind(f"kmap_layers@{ctx.lm.spec}", layers[:1]))
+        ui.commit(f"kmap_layers@{ctx.lm.spec}", list(got))
+        return select_modules(fqns, ctx.an.modules, layers=list(got) or [-1])
+    if which == "kinds":
+        kinds = list(dict.fromkeys(infos[f].kind for f in fqns))
+        got = c2.multiselect("Kinds", kinds, **ui.bind(f"kmap_kinds@{ctx.lm.spec}", kinds[-1:]))
+        ui.commit(f"kmap_kinds@{ctx.lm.spec}", list(got))
+        return select_modules(fqns, ctx.an.modules, kinds=list(got) or ["(none chosen)"])
+    if which == "top":
+        n = c2.number_input("Top N of the fast map", 1, len(fqns), step=5,
+                            **ui.bind(f"kmap_top@{ctx.lm.spec}", min(20, len(fqns))))
+        ui.commit(f"kmap_top@{ctx.lm.spec}", int(n))
+        return select_modules(fqns, ctx.an.modules, top=int(n), fast=fm)
+    return fqns
 
 
 def knowledge_view(ctx, plan: Plan, view: str, values, n_modules: int) -> tuple[str, object, str | None, KnowledgeView]:
     """Controls and on-request measurements of the 'knowledge' and 'fact_focus' views of the ρ map.
 
     Returns (view to draw, heatmap values, colour label, KnowledgeView); falls back to the ρ view
-    (with an explanation and a measure button) while nothing is measured yet."""
+    (with an explanation and the buttons) while nothing is predicted or measured yet."""
     kv = KnowledgeView()
     if view not in ("knowledge", "fact_focus"):
         return view, values, None, kv
     kv.probe = probe = probe_controls(ctx.lm.spec)
     req = map_request(ctx, plan)
     kv.km = km = cached_map(ctx, probe, req)
+    kv.fm = fm = cached_fast(ctx, probe, req) if view == "knowledge" else None
     kv.probe_stats = cached_probe_stats(ctx, probe)
-    if view == "knowledge" and km is None:
-        st.info(f"Measured knowledge loss: each module alone is compressed ({req.label}) and the answer tokens' "
-                f"loss and the first-token recall of {probe.name} are measured — one probe evaluation per module "
-                f"({n_modules}), cached beside the statistics.", icon=":material/info:")
-        if st.button("Measure the knowledge map", key="w.kmap_run", icon=":material/play_arrow:", type="primary"):
-            measure_map(ctx, probe, req)
-            st.rerun()
-        return "rho", None, None, kv
     if view == "knowledge":
-        shown = st.radio("Measured", list(MAP_VALUES), format_func=MAP_VALUES.get, horizontal=True,
-                         **ui.bind("kmap_value", "knowledge_loss"))
-        ui.commit("kmap_value", shown)
-        kv.title = f"Measured with only this module compressed ({req.label}), {km.n_facts} facts"
-        return view, map_values(km, shown), MAP_VALUES[shown], kv
+        return _knowledge_controls(ctx, kv, req, n_modules)
     if kv.probe_stats is None:
         st.info(f"Calibrate on the answers of {probe.name} only (the loss on answer tokens, same settings as the "
                 f"general calibration) and compare each module's share of that Fisher energy ½ tr(C_h C_x) with "
@@ -339,23 +451,91 @@ def knowledge_view(ctx, plan: Plan, view: str, values, n_modules: int) -> tuple[
     return view, focus_values(ctx, kv.probe_stats), "facts/general energy share", kv
 
 
+def _knowledge_controls(ctx, kv: KnowledgeView, req: MapRequest, n_modules: int):
+    """The fast map (one pass) and the exact map (all modules or a subset, its cost shown first)."""
+    probe, km, fm = kv.probe, kv.km, kv.fm
+    if km is None and fm is None:
+        st.info(f"Knowledge loss: each module alone is compressed ({req.label}) and the answer tokens' loss and "
+                f"the first-token recall of {probe.name} are measured — one probe evaluation per module "
+                f"({n_modules}), from the module's layer on. The fast map predicts it from one forward and backward "
+                f"pass over the probe; measure exactly every module or a subset. Both are cached beside the "
+                f"statistics.", icon=":material/info:")
+    c1, c2 = st.columns([1, 3], vertical_alignment="bottom")
+    if fm is None and c1.button("Predict (fast map)", key="w.kmap_fast_run", icon=":material/bolt:",
+                                type="primary", help="one forward and backward pass over the probe, after "
+                                "decomposing each module once"):
+        measure_fast(ctx, probe, req)
+        st.rerun()
+    with c2:
+        chosen = exact_subset(ctx, req, fm)
+    missing = [f for f in chosen if km is None or f not in km.fqns]
+    if missing:
+        c1, c2 = st.columns([1, 3], vertical_alignment="center")
+        go = c1.button("Measure the knowledge map", key="w.kmap_run", icon=":material/play_arrow:",
+                       type="secondary" if km is None and fm is None else "primary")
+        c2.caption(exact_estimate(ctx, probe, missing) + ", after decomposing each module once"
+                   + ("" if km is None else f"; {len(chosen) - len(missing)} of the chosen already measured"))
+        if go:
+            measure_map(ctx, probe, req, missing)
+            st.rerun()
+    if km is None and fm is None:
+        return "rho", None, None, kv
+    sources = (["measured"] if km is not None else []) + (["predicted"] if fm is not None else [])
+    src = sources[0]
+    if len(sources) > 1:
+        src = st.radio("Show", sources, horizontal=True, format_func={
+            "measured": f"measured ({len(km.fqns)} modules)", "predicted": "predicted (fast map)"}.get,
+            **_bind_choice("kmap_source", "measured", sources))
+        ui.commit("kmap_source", src)
+    if src == "predicted":
+        kv.title = (f"Predicted by the fast map (one pass over the probe) with only this module compressed "
+                    f"({req.label}), {fm.n_facts} facts")
+        return "knowledge", fm.values(), "predicted answer loss increase (nats per fact)", kv
+    shown = st.radio("Measured", list(MAP_VALUES), format_func=MAP_VALUES.get, horizontal=True,
+                     **ui.bind("kmap_value", "knowledge_loss"))
+    ui.commit("kmap_value", shown)
+    part = "" if len(km.fqns) == n_modules else f"; {len(km.fqns)} of {n_modules} modules measured"
+    kv.title = f"Measured with only this module compressed ({req.label}), {km.n_facts} facts{part}"
+    return "knowledge", map_values(km, shown), MAP_VALUES[shown], kv
+
+
+def fast_rows(fm: FastMap, km: KnowledgeMap) -> list[dict]:
+    """The fast map's predictors as rows of the Spearman table (statistic, both Spearmans, modules)."""
+    return [{"statistic": f"fast map: {r['what']}" + (" (shown)" if r["default"] else ""),
+             "spearman_knowledge_loss": r["spearman_knowledge_loss"], "spearman_recall_drop": r["spearman_recall_drop"],
+             "n_modules": r["n_modules"]} for r in fast_vs_exact(fm, km)]
+
+
 def knowledge_details(ctx, kv: KnowledgeView, plan: Plan) -> None:
-    """Below the measured map: the Spearman table, what was measured, and one fact at a time."""
-    km = kv.km
+    """Below the map: the Spearman table (with the fast map's), what was measured, and one fact at a time."""
+    km, fm = kv.km, kv.fm
+    if km is None:
+        if fm is not None:
+            st.caption(f"Fast map: per fact, the first- and second-order change of −log P(answer) from the "
+                       f"gradient of the answer loss at each module's output (g) and the module's change ΔW x; "
+                       f"temperature {fm.temperature:g}. Measure exactly to see how well it ranks the modules "
+                       f"(Spearman).")
+        return
     st.markdown("**Does a statistic say where facts live?** Spearman rank correlation with the measured map, over "
                 "the measured modules")
-    st.dataframe(correlation_frame(correlations(ctx, km, kv.probe_stats)), hide_index=True, width="stretch")
+    table = correlations(ctx, km, kv.probe_stats) + (fast_rows(fm, km) if fm is not None else [])
+    st.dataframe(correlation_frame(table), hide_index=True, width="stretch")
     st.caption(f"Knowledge loss = mean increase of −log P(answer | prompt) over {km.n_facts} facts with only that "
                f"module compressed; recall drop = dense first-token recall "
                f"({float(km.base_correct.double().mean()):.1%}) minus recall with it compressed. Fisher energy = "
                f"½ tr(C_h C_x), the predicted loss of removing the module; 'probe answers' = calibrated on the "
-               f"probe's answers only (the same facts, so it is a diagnostic, not a held-out prediction).")
+               f"probe's answers only (the same facts, so it is a diagnostic, not a held-out prediction). Fast map "
+               f"= predicted from one forward and backward pass over the probe (g: gradient of the answer loss at "
+               f"the module's output, ΔW x: the module's change).")
     fact_panel(ctx, km, kv.probe, plan)
 
 
 def module_metric(kv: KnowledgeView, fqn: str) -> None:
-    """The selected module's measured knowledge loss, when the map is measured and covers it."""
+    """The selected module's measured knowledge loss and the fast map's prediction, where there are."""
     if kv.km is not None and fqn in kv.km.fqns:
         j = kv.km.fqns.index(fqn)
         st.metric("Measured knowledge loss", f"{float(kv.km.knowledge_loss()[j]):.3g} nats",
                   help=f"only this module compressed; recall drop {float(kv.km.recall_drop()[j]):+.1%}")
+    if kv.fm is not None and fqn in kv.fm.fqns:
+        st.metric("Predicted (fast map)", f"{kv.fm.values()[fqn]:.3g} nats",
+                  help="from one forward and backward pass over the probe")
