@@ -511,7 +511,8 @@ def knowledge_map(model: nn.Module, tokenizer, an: Analysis, examples: list[Exam
         plan: measure each planned module at its planned rank and method; or
         share: measure every module at the uniform parameter share `share` with `method`.
         modules: only these modules of the map (e.g. from `select_modules`); all by default.
-        factors: {fqn: (U, V)} from `map_factors` (computed here when not given).
+        factors: {fqn: (U, V)} from `map_factors` (shared with the fast map); without them each
+            module is decomposed when it is measured (one module's factors in memory at a time).
         progress: called (done, total) after each evaluation (total = modules + 1); returning
             False cancels (FascError, the model restored).
         engine: 'replay' — the probe's hidden states at each layer's input are captured once and, for a
@@ -536,8 +537,6 @@ def knowledge_map(model: nn.Module, tokenizer, an: Analysis, examples: list[Exam
         if f not in mods or not hasattr(mods[f], "weight"):
             raise FascError(f"Module {f} is not a dense layer in this model (already compressed?); measure the map "
                             f"on the uncompressed model.")
-    if factors is None:
-        factors = map_factors(an, fqns, methods, ranks)
     nll = torch.empty(len(fqns), len(encoded), dtype=torch.float32)
     ok = torch.empty(len(fqns), len(encoded), dtype=torch.bool)
     with torch.no_grad(), eval_mode(model):
@@ -555,7 +554,8 @@ def knowledge_map(model: nn.Module, tokenizer, an: Analysis, examples: list[Exam
         tick(1)
         for j, f in enumerate(fqns):
             old = mods[f]
-            U, V = factors[f]
+            # without shared factors, one module's at a time (memory of one module, as compress_ would)
+            U, V = factors[f] if factors is not None else map_factors(an, [f], [methods[j]], [ranks[j]])[f]
             replace_module(model, f, dense_module(old, U @ V.T))
             try:
                 if rep is not None:
@@ -655,7 +655,9 @@ def fast_map(model: nn.Module, tokenizer, an: Analysis, examples: list[Example],
 
     Args as `knowledge_map`; `temperature`: of the answer loss whose gradients are used (default: the
     calibration's, which counters saturated gradients of facts known with p ≈ 1, spec §1). The model's
-    parameters are not changed (their `requires_grad` flags are restored); `progress` counts batches."""
+    parameters are not changed (their `requires_grad` flags are restored); `progress` counts batches.
+    Memory: every module's factors at once (about the compressed modules' parameters, float32), and one
+    batch's ΔW x per module until its backward pass."""
     fqns, ranks, methods = _targets(an, plan, share, method)
     encoded = encode_probe(tokenizer, examples)
     T = float(an.stats.config.temperature if temperature is None else temperature)
