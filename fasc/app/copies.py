@@ -116,8 +116,7 @@ def pair_cost(ctx, plan: Plan, baseline: str) -> tuple[int, float]:
         return todo, seconds
     per = _speeds().get((ctx.lm.ident, baseline))
     if per is None:
-        per = _sample_seconds(ctx.lm.ident, ctx.calib["key"], ctx.an.cfg.gamma, baseline, ctx.an,
-                              _sample(Plan(ranks=plan.ranks, methods={f: baseline for f in plan.ranks}), baseline))
+        per = _prior(ctx, Plan(ranks=plan.ranks, methods={f: baseline for f in plan.ranks}), baseline)
     n = len(plan.ranks) * (1 if ctx.an.decomposed((baseline,)) else 2)
     return todo + 1, seconds + n * per
 
@@ -139,16 +138,24 @@ def _method_counts(plan: Plan) -> dict[str, int]:
 def build_seconds(ctx, plan: Plan, **opts) -> float:
     """≈ seconds to build the copy of `plan` (with `opts`: merge …) here, 0 when cached: planned modules ×
     this model's measured build seconds per module (of a plain copy built earlier in this process),
-    else the seconds per module of a one-layer sample (`_sample_seconds`)."""
+    else `_prior`."""
     if ready(ctx, plan, **opts):
         return 0.0
     speeds = _speeds()
     total = 0.0
     for m, n in _method_counts(plan).items():
         s = speeds.get((ctx.lm.ident, m))
-        total += n * (s if s is not None else _sample_seconds(ctx.lm.ident, ctx.calib["key"], ctx.an.cfg.gamma, m,
-                                                              ctx.an, _sample(plan, m)))
+        total += n * (s if s is not None else _prior(ctx, plan, m))
     return total
+
+
+def _prior(ctx, plan: Plan, method: str) -> float:
+    """Seconds per module of a first build of `method`: this analysis' measured decomposition speed when
+    it ran in this process (a build decomposes each module again), else a one-layer sample."""
+    s = ui.decompose_speed().get((ctx.lm.ident, ctx.calib["key"], ctx.an.cfg.gamma))
+    if s is not None:
+        return s
+    return _sample_seconds(ctx.lm.ident, ctx.calib["key"], ctx.an.cfg.gamma, method, ctx.an, _sample(plan, method))
 
 
 def _sample(plan: Plan, method: str) -> dict[str, int]:

@@ -353,11 +353,21 @@ def get_analysis(lm: LoadedModel, key: str, gamma: float | None = None, methods=
     gamma = gamma_setting(lm.spec) if gamma is None else float(gamma)
     an = _analysis(lm.ident, key, gamma, lm.model, stats)
     bar = ProgressBar("Eigen-decompositions", unit="steps", lazy=0.3)
+    todo = [m for m in methods if not an.decomposed((m,))]
+    t0 = time.perf_counter()
     try:
         an.precompute(tuple(methods), progress=bar)
     finally:
         bar.clear()
+    if todo:   # measured here: the prior of what a compressed copy's bases cost (`fasc.app.copies`)
+        decompose_speed()[(lm.ident, key, gamma)] = (time.perf_counter() - t0) / (len(an.modules) * len(todo))
     return an
+
+
+@st.cache_resource(show_spinner=False)
+def decompose_speed() -> dict:
+    """{(model ident, calibration key, γ): seconds per module and method of the last decomposition run}."""
+    return {}
 
 
 @dataclass
