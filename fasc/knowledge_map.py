@@ -581,13 +581,16 @@ def _subset(fqns: list[str], ranks: list[int], methods: list[str], modules: list
 
 # ---------------------------------------------------------------------- the fast map (one pass)
 FAST_PREDICTORS = {
-    "fisher_token": "½ Σ_t (g_tᵀ ΔW x_t)² per fact (coupled Fisher, answer gradients)",
-    "fisher_fact": "½ (Σ_t g_tᵀ ΔW x_t)² per fact (Fisher of the fact's own gradient)",
+    "first_fisher": "Σ_t g_tᵀ ΔW x_t + ½ Σ_t (g_tᵀ ΔW x_t|T)² per fact (first order + coupled Fisher at T)",
+    "fisher_token": "½ Σ_t (g_tᵀ ΔW x_t|T)² per fact (coupled Fisher on the answers at T)",
+    "fisher_fact": "½ (Σ_t g_tᵀ ΔW x_t|T)² per fact (Fisher of the fact's own gradient at T)",
     "first_order": "Σ_t g_tᵀ ΔW x_t per fact (first order)",
     "first_second": "first order + ½ (its square)",
-    "first_fisher": "first order + ½ Σ_t (g_tᵀ ΔW x_t)² per fact",
 }
-DEFAULT_FAST = "fisher_token"   # the best Spearman with the exact map on SmolLM2 and the demo (BENCHMARKS.md)
+# first order of the loss measured (T = 1) plus the curvature at the calibration's temperature: the best
+# Spearman with the exact map over both built-in models together (BENCHMARKS.md); Fisher alone ranks the
+# demo's saturated facts as well but SmolLM2's worse
+DEFAULT_FAST = "first_fisher"
 
 
 @dataclass
@@ -595,17 +598,21 @@ class FastMap:
     """The knowledge map predicted from one forward and backward pass over the probe.
 
     With ΔW_j = W'_j − W_j the module's compression at the map's rank and g_t the gradient of the fact's
-    answer loss (teacher-forced, temperature T) at the module's output, per fact i:
+    answer loss (teacher-forced) at the module's output, per fact i:
         s[j, i] = Σ_{t ∈ i} g_tᵀ ΔW_j x_t      (the first-order change of −log P(answer_i))
         q[j, i] = Σ_{t ∈ i} (g_tᵀ ΔW_j x_t)²   (½ q: the coupled Fisher estimate of spec §2 on the answers)
-    Attributes: fqns, ranks, methods as in `KnowledgeMap`; s, q (M, F) float32; base_nll (F,);
-    temperature; forward_seconds: the dense forward part of the pass (for time estimates)."""
+    s, q with the loss itself (T = 1); s_t, q_t with the loss at `temperature` (CE(logits/T), which counters
+    the saturated gradients of facts known with p ≈ 1, spec §1; the same tensors when T = 1).
+    Attributes: fqns, ranks, methods as in `KnowledgeMap`; s, q, s_t, q_t (M, F) float32; base_nll (F,);
+    temperature; forward_seconds / forward_flops: the dense forward part of the pass (for time estimates)."""
 
     fqns: list[str]
     ranks: list[int]
     methods: list[str]
     s: Tensor
     q: Tensor
+    s_t: Tensor
+    q_t: Tensor
     base_nll: Tensor
     temperature: float
     forward_seconds: float = math.nan
@@ -617,19 +624,19 @@ class FastMap:
 
     def predicted(self, name: str = DEFAULT_FAST) -> Tensor:
         """(M,) the predicted knowledge loss of compressing each module alone (nats per fact)."""
-        s, q = self.s.double(), self.q.double()
+        s, st = self.s.double(), self.s_t.double()
+        qt = self.q_t.double()
         if name not in FAST_PREDICTORS:
             raise FascError(f"Unknown fast predictor {name!r}; choose one of {', '.join(FAST_PREDICTORS)}.")
-        return {"fisher_token": lambda: 0.5 * q.mean(1), "fisher_fact": lambda: 0.5 * (s * s).mean(1),
-                "first_order": lambda: s.mean(1), "first_second": lambda: (s + 0.5 * s * s).mean(1),
-                "first_fisher": lambda: (s + 0.5 * q).mean(1)}[name]()
+        return {"first_fisher": lambda: (s + 0.5 * qt).mean(1), "fisher_token": lambda: 0.5 * qt.mean(1),
+                "fisher_fact": lambda: 0.5 * (st * st).mean(1), "first_order": lambda: s.mean(1),
+                "first_second": lambda: (s + 0.5 * s * s).mean(1)}[name]()
 
     def values(self, name: str = DEFAULT_FAST) -> dict[str, float]:
         return dict(zip(self.fqns, self.predicted(name).tolist()))
 
     def save(self, path: Path) -> None:
-        tensors = {"s": self.s.float().contiguous(), "q": self.q.float().contiguous(),
-                   "base_nll": self.base_nll.float().contiguous()}
+        tensors = {k: getattr(self, k).float().contiguous() for k in ("s", "q", "s_t", "q_t", "base_nll")}
         meta = {"format": str(MAP_FORMAT), "kind": "fast", "fqns": json.dumps(self.fqns),
                 "ranks": json.dumps(self.ranks), "methods": json.dumps(self.methods),
                 "temperature": repr(float(self.temperature)), "forward_seconds": repr(float(self.forward_seconds)),
@@ -640,9 +647,9 @@ class FastMap:
     def load(cls, path: Path) -> "FastMap":
         meta, t = _load_checked(path, "fast")
         fm = cls(json.loads(meta["fqns"]), json.loads(meta["ranks"]), json.loads(meta["methods"]), t["s"], t["q"],
-                 t["base_nll"], float(meta["temperature"]), float(meta["forward_seconds"]),
+                 t["s_t"], t["q_t"], t["base_nll"], float(meta["temperature"]), float(meta["forward_seconds"]),
                  float(meta["forward_flops"]))
-        if fm.s.shape != (len(fm.fqns), fm.n_facts) or fm.q.shape != fm.s.shape:
+        if any(x.shape != (len(fm.fqns), fm.n_facts) for x in (fm.s, fm.q, fm.s_t, fm.q_t)):
             raise FascError(f"{path.name} is damaged (shapes disagree); it will be computed again.")
         return fm
 
@@ -653,8 +660,9 @@ def fast_map(model: nn.Module, tokenizer, an: Analysis, examples: list[Example],
              max_tokens: int = 1024, progress: Callable[[int, int], object] | None = None) -> FastMap:
     """Predict the knowledge map from one forward and backward pass over the probe (see `FastMap`).
 
-    Args as `knowledge_map`; `temperature`: of the answer loss whose gradients are used (default: the
-    calibration's, which counters saturated gradients of facts known with p ≈ 1, spec §1). The model's
+    Args as `knowledge_map`; `temperature`: of the answer loss whose gradients give s_t and q_t (default:
+    the calibration's, which counters saturated gradients of facts known with p ≈ 1, spec §1; a second
+    backward pass when it is not 1). The model's
     parameters are not changed (their `requires_grad` flags are restored); `progress` counts batches.
     Memory: every module's factors at once (about the compressed modules' parameters, float32), and one
     batch's ΔW x per module until its backward pass."""
@@ -669,8 +677,7 @@ def fast_map(model: nn.Module, tokenizer, an: Analysis, examples: list[Example],
     dev = next(model.parameters()).device
     batches = _probe_batches(encoded, max_tokens)
     M, F = len(fqns), len(encoded)
-    s = torch.zeros(M, F, dtype=torch.float64)
-    q = torch.zeros(M, F, dtype=torch.float64)
+    acc_ = {k: torch.zeros(M, F, dtype=torch.float64) for k in ("s", "q", "s_t", "q_t")}
     base = torch.zeros(F, dtype=torch.float32)
     cur: dict = {}
 
@@ -691,9 +698,9 @@ def fast_map(model: nn.Module, tokenizer, an: Analysis, examples: list[Example],
     def acc(j: int, g: Tensor, d: Tensor) -> None:
         mask = cur["mask"]
         r = (g.to(d.dtype) * d).sum(-1).reshape(mask.shape) * mask               # (B, W): g_tᵀ ΔW x_t
-        idx = cur["facts"]
-        s[j].index_add_(0, idx, r.sum(1).double().cpu())
-        q[j].index_add_(0, idx, (r * r).sum(1).double().cpu())
+        idx, tag = cur["facts"], cur["tag"]
+        acc_["s" + tag][j].index_add_(0, idx, r.sum(1).double().cpu())
+        acc_["q" + tag][j].index_add_(0, idx, (r * r).sum(1).double().cpu())
 
     emb = model.get_input_embeddings()
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -718,12 +725,14 @@ def fast_map(model: nn.Module, tokenizer, an: Analysis, examples: list[Example],
                     logits = model(input_ids=b.ids.to(dev), attention_mask=b.mask.to(dev), use_cache=False).logits
                     sel = logits[b.rows.to(dev), b.pos.to(dev)].float()
                 t_fwd += time.perf_counter() - t0
-                lp = (sel / T).log_softmax(-1).gather(-1, b.tgt.to(dev)[:, None])[:, 0]
-                loss = -lp.sum()
                 with torch.no_grad():
                     nll, _ = _scores(sel.detach(), b)
                     base[torch.tensor(b.facts)] = nll
-                loss.backward()
+                # the loss itself (T = 1), then at T: one forward, a second backward only when T ≠ 1
+                for tag, temp in [("", 1.0)] + ([("_t", T)] if T != 1.0 else []):
+                    cur["tag"] = tag
+                    lp = (sel / temp).log_softmax(-1).gather(-1, b.tgt.to(dev)[:, None])[:, 0]
+                    (-lp.sum()).backward(retain_graph=T != 1.0 and tag == "")
                 done += 1
                 if progress is not None and progress(done, len(batches)) is False:
                     raise FascError("Fast knowledge map cancelled; nothing was stored.")
@@ -733,7 +742,9 @@ def fast_map(model: nn.Module, tokenizer, an: Analysis, examples: list[Example],
         for n, p in model.named_parameters():
             p.requires_grad_(saved[n])
     flops = forward_flops(model, encoded, fqns)
-    return FastMap(fqns, ranks, methods, s.float(), q.float(), base, T, t_fwd, flops)
+    if T == 1.0:
+        acc_["s_t"], acc_["q_t"] = acc_["s"], acc_["q"]
+    return FastMap(fqns, ranks, methods, *(acc_[k].float() for k in ("s", "q", "s_t", "q_t")), base, T, t_fwd, flops)
 
 
 # ---------------------------------------------------------------------- cost, floor, estimates

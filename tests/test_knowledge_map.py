@@ -314,8 +314,8 @@ def test_select_modules_and_layers(an):
     assert select_modules(fq, an.modules, layers=[1]) == [f for f in fq if an.info(f).layer == 1]
     assert select_modules(fq, an.modules, kinds=["q", "down"]) == [f for f in fq if an.info(f).kind in ("q", "down")]
     pred = torch.arange(len(fq), dtype=torch.float32)                      # the last modules predicted worst
-    fm = FastMap(fq, [1] * len(fq), ["asvd"] * len(fq), pred[:, None].repeat(1, 2), 2 * pred[:, None].repeat(1, 2),
-                 torch.zeros(2), 1.0)
+    z = pred[:, None].repeat(1, 2)
+    fm = FastMap(fq, [1] * len(fq), ["asvd"] * len(fq), z, 2 * z, z, 2 * z, torch.zeros(2), 1.0)
     assert select_modules(fq, an.modules, top=3, fast=fm) == fq[-3:]
     assert select_modules(fq, an.modules, layers=[0], top=2, fast=fm) == [f for f in fq if an.info(f).layer == 0][-2:]
     for kw, msg in [({"layers": [5]}, "not in this model; its layers are 0 … 1"), ({"kinds": ["qkv"]}, "kinds are q, k"), ({"top": 3}, "needs the fast map"),
@@ -380,11 +380,14 @@ def test_fast_map_statistics_equal_a_direct_computation(llama, tokenizer, an, pr
     work = copy.deepcopy(llama)
     for j in (0, 4, len(fq) - 1):
         U, V = an.factors(fq[j], "asvd", ranks[fq[j]])
-        s, q = _grad_stats(work, tokenizer, probe, fq[j], U.float(), V.float(), T=2.0)
-        torch.testing.assert_close(fm.s[j], s, atol=1e-6, rtol=1e-4)
-        torch.testing.assert_close(fm.q[j], q, atol=1e-8, rtol=1e-4)
+        for T, (s_, q_) in [(1.0, (fm.s, fm.q)), (2.0, (fm.s_t, fm.q_t))]:   # the loss itself, and at T
+            s, q = _grad_stats(work, tokenizer, probe, fq[j], U.float(), V.float(), T=T)
+            torch.testing.assert_close(s_[j], s, atol=1e-6, rtol=1e-4)
+            torch.testing.assert_close(q_[j], q, atol=1e-8, rtol=1e-4)
+    assert not torch.equal(fm.q, fm.q_t)
     # the predictors are these per-fact sums' means; the model is as it was, flags included
-    assert fm.predicted("fisher_token").tolist() == pytest.approx((0.5 * fm.q.double().mean(1)).tolist())
+    assert fm.predicted("fisher_token").tolist() == pytest.approx((0.5 * fm.q_t.double().mean(1)).tolist())
+    assert fm.predicted("first_fisher").tolist() == pytest.approx((fm.s.double() + 0.5 * fm.q_t.double()).mean(1).tolist())
     assert fm.predicted("first_order").tolist() == pytest.approx(fm.s.double().mean(1).tolist())
     for k, v in llama.state_dict().items():
         assert torch.equal(v, before[k]), k
