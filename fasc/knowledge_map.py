@@ -280,23 +280,35 @@ def map_factors(an: Analysis, fqns: list[str], methods: list[str], ranks: list[i
         if progress is not None and progress(done, len(items)) is False:
             raise FascError("Knowledge map cancelled; nothing was stored.")
 
+    def fork() -> Analysis:
+        # its own caches; whitened by Cholesky even where the analysis whitens by C_x's eigenpairs (after
+        # pca or the diagnostics): the same maps W' up to rounding, without an n×n eigh per input group
+        a = an._fork()
+        a.eigen_whitening = False
+        return a
+
+    def keep(summaries: dict) -> None:
+        for key, v in summaries.items():   # kept like precompute's, never overwritten
+            an.summaries.setdefault(key, v)
+
     out: dict[str, tuple[Tensor, Tensor]] = {}
     units: dict[int, list] = {}
     for it in items:
         units.setdefault(an.info(it[0]).layer, []).append(it)
-    workers = min(len(units), an.default_workers() if workers is None else max(1, workers))
-    if workers <= 1:
-        for i, (f, m, k) in enumerate(items):
-            out[f] = one(an, f, m, k)
-            tick(i + 1)
-        return out
     for f in {an.info(f).in_features: f for f, _, _ in items}.values():
         an.place_of(f)  # the float32 check (GPU), once per input width, before any worker starts
+    workers = min(len(units), an.default_workers() if workers is None else max(1, workers))
+    if workers <= 1:
+        a = fork()
+        for i, (f, m, k) in enumerate(items):
+            out[f] = one(a, f, m, k)
+            tick(i + 1)
+        keep(a.summaries)
+        return out
 
     def work(unit: list) -> tuple[dict, dict]:
-        fork = an._fork()
-        return {f: one(fork, f, m, k) for f, m, k in unit}, {"summaries": fork.summaries, "variance": fork.variance,
-                                                             "misalignments": fork.misalignments}
+        a = fork()
+        return {f: one(a, f, m, k) for f, m, k in unit}, {"summaries": a.summaries}
 
     with single_threaded_ops(), ThreadPoolExecutor(workers, thread_name_prefix="fasc-kmap") as pool:
         futures = [pool.submit(work, u) for u in units.values()]
@@ -304,8 +316,7 @@ def map_factors(an: Analysis, fqns: list[str], methods: list[str], ranks: list[i
             for fut in as_completed(futures):
                 got, res = fut.result()
                 out.update(got)
-                for key, v in res["summaries"].items():   # kept like precompute's, never overwritten
-                    an.summaries.setdefault(key, v)
+                keep(res["summaries"])
                 tick(len(out))
         except BaseException:
             for fut in futures:

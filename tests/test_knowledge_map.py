@@ -330,7 +330,7 @@ def test_select_modules_and_layers(an):
         parse_layers("a-b", 2)
 
 
-def test_map_factors_once_in_parallel_equal_the_analysis(an):
+def test_map_factors_once_in_parallel_equal_the_analysis(llama, an):
     from fasc.knowledge_map import map_factors
 
     fq = [i.fqn for i in an.modules][:8]
@@ -343,6 +343,14 @@ def test_map_factors_once_in_parallel_equal_the_analysis(an):
         torch.testing.assert_close(two[f][1], V.float())
         torch.testing.assert_close(two[f][0] @ two[f][1].T, one[f][0] @ one[f][1].T)
     assert (fq[0], "asvd") in an.summaries                                  # the predicted ΔL curve is kept
+    # an analysis that whitens by C_x's eigenpairs (after pca): the same maps W' = U Vᵀ
+    eig = fasc.Analysis(llama, an.stats, an.cfg)
+    eig._use_eigen_whitening()
+    again = map_factors(eig, fq, ["asvd"] * 8, [ranks[f] for f in fq])
+    for f in fq:
+        U, V = eig.factors(f, "asvd", ranks[f])
+        torch.testing.assert_close(again[f][0] @ again[f][1].T, (U @ V.T).float(), atol=1e-5, rtol=1e-4)
+
 
 
 # ---------------------------------------------------------------------- the fast map
