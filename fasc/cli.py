@@ -224,7 +224,7 @@ def _knowledge_map(args, model, tok, stats, an) -> dict:
     from .data import load_probe
     from .knowledge_map import (DEFAULT_FAST, FAST_PREDICTORS, _targets, encode_probe, estimate_seconds,
                                 exact_flops, fast_map_cached, fast_vs_exact, fisher_energy, focus_ratio,
-                                knowledge_map_cached, map_factors, measure_gflops, parse_layers, predictor_table,
+                                knowledge_map_cached, map_factors_cached, measure_gflops, parse_layers, predictor_table,
                                 probe_calibration, probe_subset, select_modules)
     from .modules import num_layers
     from .pipeline import model_defaults
@@ -246,7 +246,7 @@ def _knowledge_map(args, model, tok, stats, an) -> dict:
         if not factors:
             bar = _progress("decompositions for the map", args, unit="module")
             try:
-                factors.update(map_factors(an, fqns, methods, ranks, progress=bar))
+                factors.update(map_factors_cached(an, fqns, methods, ranks, progress=bar, root=root)[0])
             finally:
                 bar.close()
         return factors

@@ -892,6 +892,38 @@ def knowledge_map_cached(model: nn.Module, tokenizer, an: Analysis, examples: li
     return km, False
 
 
+FACTORS_MAX_BYTES = 1 << 30   # factors larger than this (big models) are recomputed, not stored
+
+
+def map_factors_cached(an: Analysis, fqns: list[str], methods: list[str], ranks: list[int],
+                       progress: Callable[[int, int], object] | None = None, root: Path | None = None,
+                       ) -> tuple[dict[str, tuple[Tensor, Tensor]], bool]:
+    """(`map_factors`, from_cache): stored beside the statistics as `factors-<key>.safetensors` (keyed by
+    statistics, damping, γ, modules, ranks and methods; written atomically) when they take at most
+    `FACTORS_MAX_BYTES`, so a later fast or exact map in another process decomposes nothing."""
+    folder = _cache_folder(an, root)
+    payload = {"stats": an.stats.key, "damping": an.cfg.damping, "gamma": an.cfg.gamma,
+               "modules": [fqns, ranks, methods], "format": MAP_FORMAT, "factors": True}
+    key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    path = folder / f"factors-{key}.safetensors" if folder else None
+    if path is not None and path.is_file():
+        try:
+            t = load_file(str(path))
+            out = {f: (t[f"{f}.U"], t[f"{f}.V"]) for f in fqns}
+            for f, (U, V) in out.items():
+                dev, dt = an.module_place(f)
+                out[f] = (U.to(dev), V.to(dev))
+            return out, True
+        except Exception:  # noqa: BLE001 - a damaged entry is computed again
+            path.unlink(missing_ok=True)
+    out = map_factors(an, fqns, methods, ranks, progress=progress)
+    size = sum(U.numel() * U.element_size() + V.numel() * V.element_size() for U, V in out.values())
+    if path is not None and folder.is_dir() and size <= FACTORS_MAX_BYTES:
+        tensors = {f"{f}.{n}": x.detach().cpu().contiguous() for f, (U, V) in out.items() for n, x in (("U", U), ("V", V))}
+        _save_atomic(tensors, {"format": str(MAP_FORMAT), "kind": "factors"}, path)
+    return out, False
+
+
 def fast_map_cached(model: nn.Module, tokenizer, an: Analysis, examples: list[Example], *,
                     plan: Plan | None = None, share: float | None = None, method: str = "fasc",
                     temperature: float | None = None, factors: dict[str, tuple[Tensor, Tensor]] | None = None,

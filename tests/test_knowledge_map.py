@@ -451,6 +451,25 @@ def test_fast_map_cache_and_spearman_with_the_exact_map(llama, tokenizer, llama_
         fast_map_cached(llama, tokenizer, an, probe, share=0.4, temperature=0.0, root=tmp_path)
 
 
+
+def test_factors_stored_once_beside_the_statistics(llama, llama_stats, tmp_path, monkeypatch):
+    import fasc.knowledge_map as K
+
+    stats = copy.copy(llama_stats)
+    stats.key = "g" * 32
+    (tmp_path / stats.key).mkdir()
+    an = fasc.Analysis(llama, stats, fasc.CompressConfig())
+    fq, ranks, methods = K._targets(an, None, 0.4, "asvd")
+    got, hit = K.map_factors_cached(an, fq, methods, ranks, root=tmp_path)
+    again, hit2 = K.map_factors_cached(an, fq, methods, ranks, root=tmp_path)
+    assert not hit and hit2 and all(torch.equal(got[f][0], again[f][0]) and torch.equal(got[f][1], again[f][1])
+                                    for f in fq)
+    assert len(list((tmp_path / stats.key).glob("factors-*.safetensors"))) == 1
+    monkeypatch.setattr(K, "FACTORS_MAX_BYTES", 10)                         # too big to keep: not stored
+    K.map_factors_cached(an, fq[:3], methods[:3], ranks[:3], root=tmp_path)
+    assert len(list((tmp_path / stats.key).glob("factors-*"))) == 1
+
+
 def _saved_exact(model, tok, an, probe, tmp_path):
     p = tmp_path / "exact.safetensors"
     knowledge_map(model, tok, an, probe, share=0.4, modules=[an.modules[0].fqn]).save(p)

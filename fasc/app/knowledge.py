@@ -131,7 +131,7 @@ def cached_fast(ctx, probe: ProbeChoice, req: MapRequest) -> FastMap | None:
 def map_factors_shared(ctx, req: MapRequest) -> dict:
     """The map's factors, each module decomposed once and kept for the fast and the exact map (the
     latest request only: they hold about the compressed model's parameters)."""
-    from ..knowledge_map import map_factors
+    from ..knowledge_map import map_factors_cached
 
     k = json.dumps(["factors", ctx.lm.spec, ctx.calib["key"], ctx.an.cfg.gamma, req.share, req.method,
                     None if req.plan is None else [req.plan.ranks, req.plan.methods]], sort_keys=True)
@@ -140,7 +140,7 @@ def map_factors_shared(ctx, req: MapRequest) -> dict:
         fqns, ranks, methods = _targets(ctx, req)
         bar = ui.ProgressBar("Decomposing each module once (shared by the fast and the exact map)", unit="modules")
         try:
-            got = map_factors(ctx.an, fqns, methods, ranks, progress=bar)
+            got, _ = map_factors_cached(ctx.an, fqns, methods, ranks, progress=bar)
         finally:
             bar.clear()
         for old in [x for x in store if x.startswith('["factors"')]:
