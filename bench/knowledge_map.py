@@ -103,28 +103,29 @@ def _timing(a) -> int:
     fqns, ranks, methods = _targets(an, None, a.share, a.method)
     print(f"{a.model}: {len(fqns)} modules × {len(enc)} facts ({sum(len(i) - 1 for i, _ in enc)} input tokens), "
           f"{a.method} at {a.share:.0%}; torch threads {torch.get_num_threads()}; {load()}")
-    gf = measure_gflops(model, enc, fqns, len(enc))
+    gf = measure_gflops(model, enc, fqns, 10**9)
     print(f"dense forward of the probe: {forward_flops(model, enc, fqns) / 1e9:.1f} GFLOP at {gf:.1f} GFLOP/s achieved")
 
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     factors = map_factors(an, fqns, methods, ranks)
-    t_fac = time.perf_counter() - t
-    t = time.perf_counter()
+    t_fac, c_fac = time.perf_counter() - t, time.process_time() - c
+    t, c = time.perf_counter(), time.process_time()
     fm = fast_map(model, tok, an, examples, share=a.share, method=a.method, factors=factors)
-    t_pass = time.perf_counter() - t
+    t_pass, c_pass = time.perf_counter() - t, time.process_time() - c
     print(f"fast map: decompositions {t_fac:.1f} s + one forward/backward pass {t_pass:.1f} s = {t_fac + t_pass:.1f} s "
-          f"({load()})")
+          f"wall, {c_fac + c_pass:.1f} s CPU ({c_fac:.1f} + {c_pass:.1f}) ({load()})")
 
     mods = dict(model.named_modules())
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     with torch.no_grad():
         rep = _Replay(model, enc, fqns)
     t_cap = time.perf_counter() - t
     new_s, old_s, n_old = t_cap, 0.0, 0
+    new_c, old_c = time.process_time() - c, 0.0
     rows = []
     for j, (f, k, m) in enumerate(zip(fqns, ranks, methods)):
         if a.old_every and j % a.old_every == 0:       # the code before: decompose now, full padded forward
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             U, V = old_an.factors(f, m, k)
             old = mods[f]
             with torch.no_grad():
@@ -134,8 +135,9 @@ def _timing(a) -> int:
             finally:
                 replace_module(model, f, old)
             old_s += time.perf_counter() - t
+            old_c += time.process_time() - c
             n_old += 1
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         U, V = factors[f]
         old = mods[f]
         replace_module(model, f, dense_module(old, U @ V.T))
@@ -145,6 +147,7 @@ def _timing(a) -> int:
         finally:
             replace_module(model, f, old)
         new_s += time.perf_counter() - t
+        new_c += time.process_time() - c
     from fasc.knowledge_map import KnowledgeMap
 
     base = rep.gather(rep.base, len(enc))
@@ -153,11 +156,14 @@ def _timing(a) -> int:
     flops_new = exact_flops(model, enc, fqns, fqns)
     flops_old = exact_flops(model, enc, fqns, fqns, engine="loop")
     old_total = old_s / max(n_old, 1) * len(fqns) if n_old else float("nan")
+    old_cpu = old_c / max(n_old, 1) * len(fqns) if n_old else float("nan")
     print(f"exact map, new: {new_s + t_fac:.1f} s = decompositions {t_fac:.1f} s (shared with the fast map) + "
-          f"capture {t_cap:.1f} s + {len(fqns)} modules re-run from their layer {new_s - t_cap:.1f} s; "
+          f"capture {t_cap:.1f} s + {len(fqns)} modules re-run from their layer {new_s - t_cap:.1f} s wall "
+          f"({new_c + c_fac:.1f} s CPU); "
           f"{flops_new / 1e12:.2f} TFLOP → floor {flops_new / gf / 1e9:.0f} s at {gf:.1f} GFLOP/s ({load()})")
     print(f"exact map, old (decompose + full padded forward per module): {n_old} of {len(fqns)} modules measured in "
-          f"{old_s:.1f} s, alternating with the new → {old_total:.0f} s for all; ≥ {flops_old / 1e12:.2f} TFLOP "
+          f"{old_s:.1f} s, alternating with the new → {old_total:.0f} s wall ({old_cpu:.0f} s CPU) for all; "
+          f"≥ {flops_old / 1e12:.2f} TFLOP "
           f"(unpadded, logits everywhere)")
     print("| fast predictor | Spearman with knowledge loss | with recall drop |\n|---|---|---|")
     for r in fast_vs_exact(fm, km):

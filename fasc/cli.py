@@ -339,7 +339,8 @@ def _knowledge_text(k: dict) -> str:
     how = f"plan {s['plan']}" if s["plan"] else f"{s['method']} at {s['share']:.0%} of each module's parameters"
     f = s["fast"]
     lines.append(f"{len(k['rows'])} modules, each compressed alone ({how}); {s['n_facts']} facts. Fast map: "
-                 f"{f['what']} (T = {f['temperature']:g}), {f['seconds']:.1f} s.")
+                 f"{f['what']} (T = {f['temperature']:g}), "
+                 + ("read from the cache." if f["from_cache"] else f"{f['seconds']:.1f} s."))
     if not exact:
         lines.append("Measure it exactly (every module, or --map-layers/--map-kinds/--map-top) without --fast.")
         return "\n".join(lines)

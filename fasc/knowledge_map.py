@@ -809,9 +809,11 @@ def exact_flops(model: nn.Module, encoded: list[tuple[list[int], int]], fqns: li
 
 
 def measure_gflops(model: nn.Module, encoded: list[tuple[list[int], int]], fqns: list[str],
-                   max_facts: int = 64) -> float:
-    """Achieved GFLOP/s of a dense no-grad forward over (at most `max_facts` of) the probe, batched as the map."""
-    enc = probe_subset_encoded(encoded, max_facts)
+                   max_tokens: int = 1024) -> float:
+    """Achieved GFLOP/s of a dense no-grad forward over the probe's facts (evenly spaced, at most about
+    `max_tokens` input tokens), batched as the map."""
+    per = max(1.0, sum(len(ids) - 1 for ids, _ in encoded) / len(encoded))
+    enc = probe_subset_encoded(encoded, max(1, int(max_tokens / per)))
     dev = next(model.parameters()).device
     batches = _probe_batches(enc)
     with torch.no_grad(), eval_mode(model):
