@@ -14,6 +14,14 @@ Beside it, the statistics that claim to say where facts live: ρ (spec §4), pre
 and the *Fisher energy* E_j = ½ tr(C_h C_x) — the decoupled predicted loss of removing module j
 entirely (spec §2 with M = 0) — of the general calibration text and of the probe's answers
 (calibration with targets='answers'); `spearman` ranks them against the measured map.
+
+Cost. The exact map re-runs, for a module of layer l, only layers l … L on the probe's hidden states at
+layer l's input (captured once) and the output head at the answer positions only, facts batched by
+length (`_Replay`); its FLOPs (`exact_flops`) are its floor, about half of a full forward per module
+plus the head. Each module is decomposed once (`map_factors`, threads over layers, stored beside the
+statistics) for the exact map and the **fast map** (`fast_map`): one forward and backward pass over the
+probe gives, per module and fact, the first-order change of the answer loss and its coupled Fisher
+(spec §2 on the answers), a prediction ranked against the exact map by `fast_vs_exact`.
 """
 
 from __future__ import annotations
