@@ -40,6 +40,9 @@ VARIANTS: dict[str, list[str]] = {
     "real+qa 64k": ["--data", GENERAL, KNOWLEDGE, "real", "real_qa", "--tokens", "65536"],
     "asvd real+qa": ["--method", "asvd", "--data", GENERAL, KNOWLEDGE, "real", "real_qa"],
     "real+qa seq1024": ["--data", GENERAL, KNOWLEDGE, "real", "real_qa", "--seq-len", "1024"],
+    "real+qa γ0.5": ["--data", GENERAL, KNOWLEDGE, "real", "real_qa", "--gamma", "0.5"],
+    "real+qa γ1": ["--data", GENERAL, KNOWLEDGE, "real", "real_qa", "--gamma", "1"],
+    "real+qa T2": ["--data", GENERAL, KNOWLEDGE, "real", "real_qa", "--temperature", "2"],
 }
 
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .config import CalibConfig
 from .data import Batch, data_fingerprint, next_tokens
-from .errors import FascError
+from .errors import Cancelled, FascError
 from .linalg_device import resolve_device
 from .model_state import calibration_state
 from .modules import ModuleInfo, find_linears, model_fingerprint, weight_matrix
@@ -75,10 +75,6 @@ def symmetrize_blocks_(C: Tensor) -> Tensor:
         for j in range(i + 1, len(e) - 1):
             C[e[j]:e[j + 1], e[i]:e[i + 1]] = C[e[i]:e[i + 1], e[j]:e[j + 1]].T
     return C
-
-
-class Cancelled(FascError):
-    """Raised when a progress callback asks to stop (returns False)."""
 
 
 class Calibrator:

@@ -3,3 +3,8 @@
 
 class FascError(Exception):
     """A user-facing error: `str(e)` names the problem and the fix in one line."""
+
+
+class Cancelled(FascError):
+    """Long work stopped at the caller's request (a progress callback returning False, or `should_stop()`);
+    nothing half-done is kept."""

@@ -21,7 +21,7 @@ from typing import Callable
 
 from torch import nn
 
-from .errors import FascError
+from .errors import Cancelled, FascError
 
 FACTS_TASK = "fasc_facts"
 OFFLINE_VARS = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
@@ -130,10 +130,6 @@ def expand_tasks(tasks: list[str]) -> list[str]:
             if n not in out:
                 out.append(n)
     return out
-
-
-class Cancelled(FascError):
-    """The caller's `should_stop` asked to stop between batches of requests."""
 
 
 def _progress_lm(base, progress, should_stop):

@@ -120,7 +120,7 @@ def loglikelihoods(model: nn.Module, items: list[tuple[list[int], list[int]]], b
     copy of that cache; (2) the cache rows repeated for each continuation, which runs as [last context
     token] + continuation[:-1] with positions after its own context, so every logit it needs comes out of
     pass 2 (padding is masked; each row's tokens sit where a full forward would put them)."""
-    from .harness import Cancelled
+    from .errors import Cancelled
 
     if any(len(c) < 2 or not k for c, k in items):
         raise ValueError("loglikelihoods needs contexts of ≥ 2 tokens and non-empty continuations")

@@ -190,7 +190,7 @@ def generate_answers(model: nn.Module, tokenizer, prompts: list[str], max_new_to
     returns the first lines, stripped, in the prompts' order. The prefix all prompts share (the few-shot
     examples) is run once and its key/value cache reused by every batch; each batch's own parts are
     left-padded after it, with positions that skip the padding (the same tokens as one prompt at a time)."""
-    from .harness import Cancelled
+    from .errors import Cancelled
     from .prefix import Prefix, cached_forward, common_prefix
 
     stop = torch.tensor(sorted(_newline_ids(tokenizer) | ({tokenizer.eos_token_id} - {None})) or [-1])
