@@ -79,7 +79,7 @@ def test_the_gpu_script_runs_end_to_end_on_the_cpu(tmp_path):
         assert _rows(out)["env"][2].startswith("torch "), _rows(out)["env"]   # versions and device, in the table
         assert "passed" in (out / "tests.log").read_text()
         whole = (out / "whole.log").read_text()
-        assert "bfloat16 weights on cpu" in whole and "whole_model_minutes=" in whole
+        assert "float32 weights on cpu" in whole and "whole_model_minutes=" in whole
         assert "[2 layers] calibrate:" in whole and "[2 layers] export:" in whole   # progress, step by step
         assert whole.splitlines()[-1].startswith("peak_rss_mb=")
     layer = (tmp_path / "split" / "layer.log").read_text().splitlines()
