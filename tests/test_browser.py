@@ -277,10 +277,13 @@ def test_knowledge_map_and_generation(server, page):
     _shot(page, "7_knowledge_map")
 
     _goto(page, "Ranks")
-    frames = page.locator("[data-testid='stDataFrame']").count()
     page.get_by_role("button", name="Generate").click()
-    page.wait_for_function(f"() => document.querySelectorAll('[data-testid=\"stDataFrame\"]').length > {frames}",
-                           timeout=TIMEOUT_MS)
+    _wait_text(page, "(same budget)")   # the three columns' headers: uncompressed | plan | baseline
     _idle(page)
     _no_exception(page)
+    assert page.get_by_role("button", name="Cancel").count() == 0   # the run ended: no Cancel left
+    # each column holds a block per prompt: the prompt and a finished continuation (a running one ends in '…')
+    first = page.get_by_label("Prompts (one per line)").input_value().splitlines()[0].strip()
+    blocks = [t for t in page.locator("[data-testid='stMarkdown']").all_inner_texts() if t.startswith(first)]
+    assert len(blocks) == 3 and not any(b.rstrip().endswith("…") for b in blocks), blocks
     _shot(page, "8_generations")
