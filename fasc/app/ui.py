@@ -253,7 +253,7 @@ def calib_request(spec: str, data_path: Path | None = None) -> CalibRequest:
             raise FascError("No calibration file uploaded; upload a .txt or .jsonl file, or choose the built-in text.")
         return CalibRequest(cfg, f"upload:{up['sha']}", up["name"], up["source"], None)
     files = [Path(data_path)] if data_path else d.calib_files
-    if len(files) > 1:  # the built-in mix of real models: general text + knowledge text, interleaved
+    if len(files) > 1:  # the built-in mix of real models (pipeline.REAL_MIX), interleaved
         return CalibRequest(cfg, "builtin:" + "+".join(map(str, files)), " + ".join(p.name for p in files),
                             [load_source(p) for p in files], None)
     return CalibRequest(cfg, f"builtin:{files[0]}", files[0].name, None, files[0])
