@@ -12,11 +12,21 @@ sources, disjoint from the calibration rows), the KL is measured there before tr
 early stopping, so healing never leaves the model further from the dense one on unseen text than
 it found it. The teacher's logits on the held-out text are computed once (`teacher_logits`, on the
 CPU) and serve every check.
+
+Two modes (`heal_(mode=...)`, `--heal-mode`): 'global' trains every factor at once on that KL (Adam
+state for all factors, activations of the whole model: `heal_memory_bytes`); 'block' (`heal_blocks_`)
+trains one decoder block after the other to reproduce the dense block's outputs from the hidden states
+the partly healed compressed model gives it (the last block on the KL through the frozen head), with
+one block's optimizer state at a time: its memory (`heal_block_memory_bytes`) does not grow with the
+number of blocks beyond the compressed copy's weights. `choose_heal` picks the mode that fits a GPU.
 """
 
 from __future__ import annotations
 
+import math
+import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -24,10 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .calibrate import Cancelled
 from .config import HEAL_TOKENS_GPU
 from .data import Batch
-from .errors import FascError
+from .errors import Cancelled, FascError
 from .layers import LowRankLinear
 
 
@@ -47,11 +56,18 @@ class HealResult:
     heldout_kl_after: float | None = None
     kept_tokens: int | None = None
     heldout_curve: list[tuple[int, float]] | None = None
+    cpu_seconds: float | None = None   # process CPU time (all threads) over the same span as `seconds`
+    mode: str = "global"
+    blocks: int | None = None          # block mode: decoder blocks trained (each on `tokens` tokens)
+    kept_blocks: int | None = None     # block mode: the first `kept_blocks` of them keep their healed factors
 
     def to_dict(self) -> dict:
         """The fields and the `summary` line (what fasc_config.json, the CLI and the dashboard show)."""
-        out = {"tokens": self.tokens, "steps": self.steps, "kl_first": self.kl_first, "kl_last": self.kl_last,
-               "seconds": self.seconds, "summary": self.summary()}
+        out = {"mode": self.mode, "tokens": self.tokens, "steps": self.steps, "kl_first": self.kl_first,
+               "kl_last": self.kl_last, "seconds": self.seconds, "cpu_seconds": self.cpu_seconds,
+               "summary": self.summary()}
+        if self.mode == "block":
+            out.update({"blocks": self.blocks, "kept_blocks": self.kept_blocks})
         if self.heldout_curve is not None:
             out.update({"heldout_kl_before": self.heldout_kl_before, "heldout_kl_after": self.heldout_kl_after,
                         "kept_tokens": self.kept_tokens, "heldout_curve": [list(x) for x in self.heldout_curve]})
@@ -59,11 +75,21 @@ class HealResult:
 
     def summary(self) -> str:
         """One line for logs, the CLI and the dashboard."""
-        s = (f"{self.tokens:,} tokens in {self.steps} steps, {self.seconds:.1f} s; KL to the dense model "
-             f"{self.kl_first:.4g} → {self.kl_last:.4g} nats/token (first vs last step's batch)")
+        if self.mode == "block":
+            s = (f"block-local: {self.blocks} decoder blocks × {self.tokens:,} tokens in {self.steps} steps, "
+                 f"{self.seconds:.1f} s; each block's loss to the dense block's outputs {self.kl_first:.4g} → "
+                 f"{self.kl_last:.4g} (mean over blocks of the relative error, the last block's KL through the "
+                 f"head; first vs last step's batch)")
+        else:
+            s = (f"{self.tokens:,} tokens in {self.steps} steps, {self.seconds:.1f} s; KL to the dense model "
+                 f"{self.kl_first:.4g} → {self.kl_last:.4g} nats/token (first vs last step's batch)")
         if self.heldout_curve is not None:
-            kept = ("the unhealed factors kept: no check beat them" if not self.kept_tokens
-                    else f"factors after {self.kept_tokens:,} tokens kept")
+            if self.mode == "block":
+                kept = ("the unhealed factors kept: no check beat them" if not self.kept_blocks
+                        else f"the first {self.kept_blocks} healed blocks kept")
+            else:
+                kept = ("the unhealed factors kept: no check beat them" if not self.kept_tokens
+                        else f"factors after {self.kept_tokens:,} tokens kept")
             s += (f"; held-out KL {self.heldout_kl_before:.4g} → {self.heldout_kl_after:.4g} nats/token ({kept})")
         return s
 
@@ -97,6 +123,49 @@ def auto_heal_tokens(device: torch.device | str, merge: bool = False, need_bytes
                f"--heal-tokens {HEAL_TOKENS_GPU} tries anyway")
 
 
+HEAL_MODES = ("global", "block")           # `heal_(mode=...)`, `--heal-mode`
+HEAL_MODE_ORDER = ("global", "block")   # `--heal-mode auto` on a GPU: the first that fits (global: measured better)
+HEAL_MODE_CPU = "global"                 # `--heal-mode auto` on the CPU (see docs/healing-results.md)
+
+
+def choose_heal(device: torch.device | str, tokens: int | str, mode: str, need: dict[str, int] | None = None,
+                merge: bool = False, free_bytes: int | None = None) -> tuple[int, str, str]:
+    """`--heal-tokens` (a count or 'auto') and `--heal-mode` ('auto', 'global', 'block') resolved for a
+    model on `device`: (tokens, mode, one line saying why healing is off, or '').
+
+    On a GPU, `need` holds each mode's device memory ({'global': `heal_memory_bytes`, 'block':
+    `heal_block_memory_bytes`}) and `free_bytes` what is free (default: what the GPU has free now):
+    mode 'auto' is the first of `HEAL_MODE_ORDER` that fits, so a model whose global healing does not
+    fit heals block by block; 'auto' tokens are `HEAL_TOKENS_GPU` when the mode fits, else 0 with the
+    reason. A given token count always heals (in the mode that fits, block-local when none does). On
+    the CPU 'auto' is `HEAL_MODE_CPU` and 'auto' tokens follow `auto_heal_tokens` (off). A merged
+    export is never healed (no reason given).
+    """
+    device = torch.device(device)
+    if mode not in ("auto", *HEAL_MODES):
+        raise FascError(f"Unknown healing mode {mode!r}; choose auto, {', '.join(HEAL_MODES)}.")
+    if merge or tokens == 0:
+        return 0, HEAL_MODE_CPU if mode == "auto" else mode, ""
+    if device.type != "cuda":
+        m = HEAL_MODE_CPU if mode == "auto" else mode
+        if tokens != "auto":
+            return tokens, m, ""
+        t, why = auto_heal_tokens(device)
+        return t, m, why
+    modes = HEAL_MODE_ORDER if mode == "auto" else (mode,)
+    need = need or {}
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    fit = [m for m in modes if need.get(m, 0) <= free_bytes]
+    if tokens != "auto":
+        return tokens, fit[0] if fit else modes[-1], ""
+    if fit:
+        return HEAL_TOKENS_GPU, fit[0], ""
+    needs = ", ".join(f"{need.get(m, 0) / 2**30:.1f} GiB {m}" for m in modes)
+    return 0, modes[0], (f"skipped by --heal-tokens auto: it needs ≈ {needs} on the GPU beside the dense model, "
+                         f"{free_bytes / 2**30:.1f} GiB are free; --heal-tokens {HEAL_TOKENS_GPU} tries anyway")
+
+
 def heal_memory_bytes(model: nn.Module, factor_params: int, replaced_params: int, seq_len: int,
                       micro_batch: int = 2) -> int:
     """Device memory healing needs beside the dense `model` (an estimate, from sizes only): the
@@ -112,6 +181,57 @@ def heal_memory_bytes(model: nn.Module, factor_params: int, replaced_params: int
     state = factor_params * (size + 8 + (8 if p.dtype in (torch.bfloat16, torch.float16) else 0))
     vocab = model.get_output_embeddings().weight.shape[0]
     return copy + state + 6 * micro_batch * seq_len * vocab * 4
+
+
+def block_of(fqn: str) -> str:
+    """The decoder block a module belongs to: its name up to the first numbered part ('model.layers.3'),
+    or '' for a module outside the numbered blocks."""
+    m = re.match(r"(.*?\.\d+)(\.|$)", fqn)
+    return m.group(1) if m else ""
+
+
+def heal_block_memory_bytes(model: nn.Module, factor_params: dict[str, int], replaced_params: int, positions: int,
+                            seq_len: int, micro_batch: int = 2) -> int:
+    """Device memory block-local healing (`heal_blocks_`) needs beside the dense `model` (an estimate,
+    from sizes only), the twin of `heal_memory_bytes`:
+
+    - the compressed copy (the factors' Σ `factor_params` — {module: parameters in its factors} — in
+      place of the `replaced_params` of the dense weights they replace);
+    - one block's training state: per factor parameter of the largest block (`block_of`) its gradient,
+      Adam's two float32 moments and, for bf16/fp16 factors, a float32 master and its gradient;
+    - the two hidden-state streams of the training text (dense X_l and compressed X̃_l,
+      2 × `positions` × d) and what every block is called with (rotary cos/sin: at most 2 × positions
+      × head_dim), in the model's dtype;
+    - one block's forward and backward for one micro-batch: about each Linear's input and output —
+      micro_batch × seq_len × Σ_linears (in + out) elements of the model's dtype (the largest block;
+      measured on tiny Llamas: 1.03× that);
+    - the logits of one micro-batch as `heal_memory_bytes` counts them (the last block's KL through the
+      head; the held-out checks).
+
+    Nothing here grows with the number of blocks except the compressed copy; `positions` are the rows ×
+    seq_len of the batches one block cycles through (`used_batches`).
+    """
+    p = next(model.parameters())
+    size = p.element_size()
+    total = sum(q.numel() for q in model.parameters())
+    copy = (total - replaced_params + sum(factor_params.values())) * size
+    per_block: dict[str, int] = {}
+    for f, n in factor_params.items():
+        per_block[block_of(f)] = per_block.get(block_of(f), 0) + n
+    state = max(per_block.values(), default=0) * (size + 8 + (8 if p.dtype in (torch.bfloat16, torch.float16) else 0))
+    cfg = getattr(model, "config", None)
+    d = model.get_input_embeddings().weight.shape[1]
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 1
+    head_dim = getattr(cfg, "head_dim", None) or d // heads
+    streams = positions * (2 * d + 2 * head_dim) * size
+    from .modules import find_linears
+
+    linears: dict[str, int] = {}
+    for i in find_linears(model):
+        linears[block_of(i.fqn)] = linears.get(block_of(i.fqn), 0) + i.in_features + i.out_features
+    act = micro_batch * seq_len * max(linears.values(), default=0) * size
+    vocab = model.get_output_embeddings().weight.shape[0]
+    return copy + state + streams + act + 6 * micro_batch * seq_len * vocab * 4
 
 
 def balance_factors_(layer: LowRankLinear) -> None:
@@ -206,25 +326,9 @@ def heldout_kl(model: nn.Module, dense_model: nn.Module, batches: list[Batch], m
     return tot / max(n, 1)
 
 
-def heal_(model: nn.Module, dense_model: nn.Module, batches: list[Batch], tokens: int, lr: float = 1e-4,
-          micro_batch: int = 2, progress: Callable[[int, int], object] | None = None,
-          heldout: list[Batch] | None = None, checks: int = 8) -> HealResult:
-    """Distil `dense_model` into the low-rank factors of `model`, in place, for `tokens` real tokens.
-
-    Args:
-        model: a compressed model (its `LowRankLinear` factors are trained, nothing else).
-        dense_model: the uncompressed teacher (left unchanged).
-        batches: calibration batches, cycled until `tokens` tokens were trained on.
-        tokens: token budget (> 0).
-        lr: Adam learning rate.
-        micro_batch: rows per forward/backward (bounds the logits' memory); one step per batch.
-        progress: progress(tokens_done, tokens); returning False cancels (`Cancelled`) and restores
-            the factors as they were before healing.
-        heldout: batches healing does not train on; when given, the held-out KL is measured before
-            training, after every `tokens / checks` tokens and at the end, and the factors with the
-            lowest held-out KL are kept (possibly the unhealed ones).
-        checks: number of evenly spaced held-out checks during training (≥ 1).
-    """
+def _checked_inputs(model: nn.Module, batches: list[Batch], tokens: int, heldout: list[Batch] | None,
+                    checks: int) -> tuple[list[Batch], list[Batch] | None, list[LowRankLinear]]:
+    """The batches with real tokens, the held-out batches, the factored layers; bad input → FascError."""
     if not isinstance(tokens, int) or tokens <= 0:
         raise FascError(f"The healing token budget must be a positive integer, got {tokens!r}; e.g. 16384.")
     batches = [b for b in batches if int(b.attention_mask.sum()) > 0]
@@ -240,29 +344,111 @@ def heal_(model: nn.Module, dense_model: nn.Module, batches: list[Batch], tokens
     if not layers:
         raise FascError("The model has no low-rank factors to heal (merged or not compressed); heal a factored "
                         "model.")
-    saved = [(m.U.detach().to("cpu", copy=True), m.V.detach().to("cpu", copy=True)) for m in layers]  # off the GPU
+    return batches, heldout, layers
+
+
+@contextmanager
+def _frozen_but(model: nn.Module, dense_model: nn.Module, layers: list[LowRankLinear]):
+    """Both models in eval mode (no dropout: teacher and student see the same function), every parameter
+    of `model` frozen; on exit every flag as it was and no gradient left. On an exception the factors of
+    `layers` are restored from a copy on the CPU (off the GPU)."""
+    saved = [(m.U.detach().to("cpu", copy=True), m.V.detach().to("cpu", copy=True)) for m in layers]
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
     training = {n: m.training for n, m in model.named_modules()}
     t_training = dense_model.training
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.eval()
+        dense_model.eval()
+        yield saved
+    except BaseException:
+        _restore(layers, saved)
+        raise
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(grads[n])
+            p.grad = None
+        for n, m in model.named_modules():
+            if n in training:
+                m.training = training[n]
+        dense_model.train(t_training)
+
+
+def _restore(layers: list[LowRankLinear], factors: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for m, (U, V) in zip(layers, factors):
+            m.U.copy_(U)
+            m.V.copy_(V)
+
+
+class _Trainer:
+    """Adam on float32 masters of `layers`' factors (`master_weights`), a loss scale for float16."""
+
+    def __init__(self, layers: list[LowRankLinear], lr: float, dev: torch.device):
+        self.params = [p for m in layers for p in (m.U, m.V)]
+        for p in self.params:
+            p.requires_grad_(True)
+        self.masters = master_weights(self.params)
+        self.opt = torch.optim.Adam(self.masters, lr=lr)
+        # float16 gradients underflow without a loss scale; bfloat16 and float32 need none
+        self.scaler = torch.amp.GradScaler(dev.type, enabled=any(p.dtype == torch.float16 for p in self.params))
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def step(self) -> None:
+        _step(self.params, self.masters, self.opt, self.scaler)
+        self.opt.zero_grad(set_to_none=True)
+
+    def close(self) -> None:
+        """Free the optimizer state and gradients; the factors are frozen again."""
+        for p in self.params:
+            p.requires_grad_(False)
+            p.grad = None
+        self.opt.state.clear()
+        self.masters = self.opt = None
+
+
+def heal_(model: nn.Module, dense_model: nn.Module, batches: list[Batch], tokens: int, lr: float = 1e-4,
+          micro_batch: int = 2, progress: Callable[[int, int], object] | None = None,
+          heldout: list[Batch] | None = None, checks: int = 8, mode: str = "global", **block) -> HealResult:
+    """Distil `dense_model` into the low-rank factors of `model`, in place, for `tokens` real tokens.
+
+    Args:
+        model: a compressed model (its `LowRankLinear` factors are trained, nothing else).
+        dense_model: the uncompressed teacher (left unchanged).
+        batches: calibration batches, cycled until `tokens` tokens were trained on.
+        tokens: token budget (> 0); in block mode, per decoder block.
+        lr: Adam learning rate.
+        micro_batch: rows per forward/backward (bounds the logits' memory); one step per batch.
+        progress: progress(tokens_done, tokens); returning False cancels (`Cancelled`) and restores
+            the factors as they were before healing.
+        heldout: batches healing does not train on; when given, the held-out KL is measured before
+            training, after every `tokens / checks` tokens and at the end, and the factors with the
+            lowest held-out KL are kept (possibly the unhealed ones).
+        checks: number of evenly spaced held-out checks during training (≥ 1).
+        mode: 'global' (KL of the whole model, every factor trained at once) or 'block'
+            (`heal_blocks_`: one decoder block at a time, memory bounded by one block); `block` holds
+            `heal_blocks_`'s own options (`loss`, `head_kl`).
+    """
+    if mode == "block":
+        return heal_blocks_(model, dense_model, batches, tokens, lr=lr, micro_batch=micro_batch, progress=progress,
+                            heldout=heldout, checks=checks, **block)
+    if mode != "global":
+        raise FascError(f"Unknown healing mode {mode!r}; choose one of {', '.join(HEAL_MODES)}.")
+    if block:
+        raise FascError(f"{', '.join(block)}: options of block-local healing only; pass mode='block'.")
+    batches, heldout, layers = _checked_inputs(model, batches, tokens, heldout, checks)
     dev = next(model.parameters()).device
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     done, steps, kl_first, kl_last = 0, 0, float("nan"), float("nan")
     curve: list[tuple[int, float]] | None = None
     best = None  # (held-out KL, tokens, factors on the CPU or None = the saved, unhealed ones)
-    try:
+    with _frozen_but(model, dense_model, layers) as saved:
         for m in layers:
             balance_factors_(m)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        params = [p for m in layers for p in (m.U, m.V)]
-        for p in params:
-            p.requires_grad_(True)
-        masters = master_weights(params)
-        opt = torch.optim.Adam(masters, lr=lr)
-        # float16 gradients underflow without a loss scale; bfloat16 and float32 need none
-        scaler = torch.amp.GradScaler(dev.type, enabled=any(p.dtype == torch.float16 for p in params))
-        model.eval()          # no dropout: the teacher and the student see the same function
-        dense_model.eval()
+        tr = _Trainer(layers, lr, dev)
         if progress is not None and progress(0, tokens) is False:
             raise Cancelled("Healing cancelled; the factors are as they were.")
         if heldout is not None:
@@ -274,17 +460,15 @@ def heal_(model: nn.Module, dense_model: nn.Module, batches: list[Batch], tokens
         while done < tokens:
             b = batches[i % len(batches)]
             i += 1
-            mask_all = b.attention_mask.bool()
-            n_b = int(mask_all.sum())
-            opt.zero_grad(set_to_none=True)
+            n_b = int(b.attention_mask.sum())
             total = 0.0
             for ids, am, mask in _micro_batches(b, micro_batch, dev):
                 loss = _kl_sum(model, dense_model, ids, am, mask) / n_b
-                scaler.scale(loss).backward()
+                tr.backward(loss)
                 total += float(loss.detach())
-            if not torch.isfinite(torch.tensor(total)):
+            if not math.isfinite(total):
                 raise FascError("Healing diverged (non-finite KL); lower the learning rate.")
-            _step(params, masters, opt, scaler)
+            tr.step()
             steps += 1
             kl_first = total if steps == 1 else kl_first
             kl_last = total
@@ -298,26 +482,288 @@ def heal_(model: nn.Module, dense_model: nn.Module, batches: list[Batch], tokens
                                                  for m in layers])
             if progress is not None and progress(min(done, tokens), tokens) is False:
                 raise Cancelled("Healing cancelled; the factors are as they were.")
+        tr.close()
         if best is not None and best[1] != done:   # an earlier point (or no healing) did better on held-out text
-            with torch.no_grad():
-                for m, (U, V) in zip(layers, best[2] if best[2] is not None else saved):
-                    m.U.copy_(U)
-                    m.V.copy_(V)
-    except BaseException:
-        with torch.no_grad():
-            for m, (U, V) in zip(layers, saved):
-                m.U.copy_(U)
-                m.V.copy_(V)
-        raise
-    finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(grads[n])
-            p.grad = None
-        for n, m in model.named_modules():
-            if n in training:
-                m.training = training[n]
-        dense_model.train(t_training)
-    res = HealResult(tokens=done, steps=steps, kl_first=kl_first, kl_last=kl_last, seconds=time.perf_counter() - t0)
+            _restore(layers, best[2] if best[2] is not None else saved)
+    res = HealResult(tokens=done, steps=steps, kl_first=kl_first, kl_last=kl_last, seconds=time.perf_counter() - t0,
+                     cpu_seconds=time.process_time() - c0)
     if curve is not None:
         res.heldout_kl_before, res.heldout_kl_after, res.kept_tokens, res.heldout_curve = curve[0][1], best[0], best[1], curve
     return res
+
+
+# ------------------------------------------------------------------------------------ block-local healing
+BLOCK_LOSSES = ("rel", "mse")
+FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm")   # the decoder stack's last norm, by arch
+HEAD_ATOL = 1e-3   # the rebuilt head (final norm, lm_head) must give the model's logits to this (×max|logit|)
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass after the last decoder block's inputs were captured."""
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(prefix, ModuleList) of the numbered decoder blocks that hold `model`'s low-rank factors."""
+    from .sequential import decoder_layers
+
+    fqns = [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
+    try:
+        prefix, blocks = decoder_layers(model, fqns)
+    except FascError:
+        raise FascError("Block-local healing needs the decoder blocks in a numbered nn.ModuleList; this model has "
+                        "none — heal with --heal-mode global.") from None
+    outside = [f for f in fqns if not f.startswith(prefix + ".")]
+    if outside:
+        raise FascError(f"Block-local healing trains the factors inside the decoder blocks; {len(outside)} factored "
+                        f"modules lie outside them (e.g. {outside[0]}); heal with --heal-mode global.")
+    return prefix, blocks
+
+
+def _head(model: nn.Module, prefix: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """hidden states after the last decoder block -> logits (the final norm, OPT's projection, lm_head), or
+    None when the model's layout is not one of the known ones (`FINAL_NORMS`)."""
+    parent = model.get_submodule(prefix.rpartition(".")[0]) if "." in prefix else model
+    norm = next((getattr(parent, n) for n in FINAL_NORMS if isinstance(getattr(parent, n, None), nn.Module)), None)
+    lm = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if norm is None or lm is None:
+        return None
+    proj = getattr(parent, "project_out", None)
+
+    def head(h):
+        h = norm(h)
+        return lm(proj(h) if isinstance(proj, nn.Module) else h)
+    return head
+
+
+class _BlockStreams:
+    """Per micro-batch of the training text: the hidden states entering the current block in the dense
+    model (`dense`, X_l) and in the partly healed compressed model (`comp`, X̃_l), its real-token mask, its
+    batch, and the arguments every block receives there (attention mask, position embeddings …), captured
+    once from the dense model. 2 × positions × d numbers in the model's dtype, whatever the depth."""
+
+    def __init__(self, dense_model: nn.Module, blocks: nn.ModuleList, batches: list[Batch], micro_batch: int,
+                 dev: torch.device):
+        self.dense: list[torch.Tensor] = []
+        self.masks: list[torch.Tensor] = []
+        self.batch: list[int] = []
+        self.ctx: list[list[tuple[tuple, dict]]] = []
+        self.ids: list[tuple[torch.Tensor, torch.Tensor]] = []
+        last = len(blocks) - 1
+        for bi, b in enumerate(batches):
+            for ids, am, mask in _micro_batches(b, micro_batch, dev):
+                per: list = [None] * len(blocks)
+
+                def make(i):
+                    def hook(mod, args, kwargs):
+                        kwargs = dict(kwargs)
+                        h = args[0] if args else kwargs.pop("hidden_states")   # positional or by name
+                        if i == 0:
+                            self.dense.append(h.detach())
+                        per[i] = (tuple(args[1:]), kwargs)
+                        if i == last:
+                            raise _Stop
+                    return hook
+                hs = [blk.register_forward_pre_hook(make(i), with_kwargs=True) for i, blk in enumerate(blocks)]
+                try:
+                    with torch.no_grad():
+                        dense_model(input_ids=ids, attention_mask=am, use_cache=False)
+                except _Stop:
+                    pass
+                finally:
+                    for h in hs:
+                        h.remove()
+                if any(c is None for c in per):
+                    raise FascError("Not every decoder block ran in the forward pass; block-local healing needs a "
+                                    "plain block stack — heal with --heal-mode global.")
+                self.ctx.append(per)
+                self.masks.append(mask)
+                self.batch.append(bi)
+                self.ids.append((ids, am))
+        self.comp = [h.clone() for h in self.dense]
+
+    def run(self, block: nn.Module, l: int, j: int, h: torch.Tensor) -> torch.Tensor:
+        """Block `l` on hidden states `h` of micro-batch `j`."""
+        args, kwargs = self.ctx[j][l]
+        return _first(block(h, *args, **kwargs))
+
+
+def used_batches(batches: list[Batch], tokens: int) -> list[Batch]:
+    """The first batches whose real tokens reach `tokens` (all of them if they do not): what a healing
+    run of `tokens` tokens per block reads, cycling; block mode keeps hidden states for these only."""
+    n = 0
+    for i, b in enumerate(batches):
+        n += int(b.attention_mask.sum())
+        if n >= tokens:
+            return batches[:i + 1]
+    return batches
+
+
+def _block_loss(out: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, loss: str, scale: float) -> torch.Tensor:
+    """Σ over the real tokens of the error of a block's output `out` to the dense block's `y`, float32:
+    'rel' ‖ŷ_t − y_t‖² / ‖y_t‖² (each token on its own scale: the residual stream's outlier tokens, e.g.
+    an attention sink's, do not swamp the rest), 'mse' ‖ŷ_t − y_t‖² / `scale` (mean ‖y‖² of the block)."""
+    o, t = out[mask].float(), y[mask].float()     # (n, d)
+    err = (o - t).pow(2).sum(-1)
+    if loss == "rel":
+        return (err / t.pow(2).sum(-1).clamp_min(1e-12)).sum()
+    return err.sum() / scale
+
+
+def heal_blocks_(model: nn.Module, dense_model: nn.Module, batches: list[Batch], tokens: int, lr: float = 1e-4,
+                 micro_batch: int = 2, progress: Callable[[int, int], object] | None = None,
+                 heldout: list[Batch] | None = None, checks: int = 8, loss: str = "rel",
+                 head_kl: bool = True) -> HealResult:
+    """Block-local healing, in place: the factors of each decoder block l, one block after the other, are
+    trained for `tokens` tokens so that, fed X̃_l — the hidden states the partly compressed model really
+    gives it, i.e. the outputs of the compressed blocks before it, already healed — block l reproduces the
+    dense block's outputs Y_l = f_l(X_l) on the same token positions (X_l: the dense model's own hidden
+    states). The loss is `_block_loss` on the residual stream; with `head_kl` the last block is trained
+    instead on KL(dense ‖ compressed) of the next-token distributions through the frozen head (final
+    norm and lm_head; with one block this is exactly global healing, `heal_`).
+
+    Memory beside the two models: one block's factors' optimizer state (freed before the next block),
+    the two hidden-state streams X_l and X̃_l of the training text (2 × positions × d; the dense stream is
+    advanced in place, X_{l+1} = Y_l), one block's activations for one micro-batch, and one micro-batch's
+    logits (held-out checks; the last block with `head_kl`): `heal_block_memory_bytes`. Compute: per
+    block, `tokens` tokens of one block's forward and backward plus two block forwards over the unique
+    training positions — about one forward and backward of the model per token, without the lm_head.
+
+    With `heldout`, the KL of the whole model on held-out text (as `heal_`) is measured before, after
+    every `blocks / checks` trained blocks and at the end; blocks trained after the best check get their
+    unhealed factors back (every check is a state of the model: blocks ≤ j healed, the rest as they were).
+    Arguments as `heal_`; `loss`: 'rel' or 'mse' (`_block_loss`).
+    """
+    if loss not in BLOCK_LOSSES:
+        raise FascError(f"Unknown block-healing loss {loss!r}; choose one of {', '.join(BLOCK_LOSSES)}.")
+    batches, heldout, layers = _checked_inputs(model, batches, tokens, heldout, checks)
+    batches = used_batches(batches, tokens)   # each block cycles these: only their streams are kept
+    prefix, blocks = decoder_blocks(model)
+    try:
+        dense_blocks = dense_model.get_submodule(prefix)
+    except AttributeError:
+        dense_blocks = None
+    if not isinstance(dense_blocks, nn.ModuleList) or len(dense_blocks) != len(blocks):
+        raise FascError(f"The dense model has no {len(blocks)} decoder blocks at {prefix}; pass the model the "
+                        f"compressed one was made from.")
+    by_block = [[m for m in blk.modules() if isinstance(m, LowRankLinear)] for blk in blocks]
+    trained = [l for l, ms in enumerate(by_block) if ms]
+    dev = next(model.parameters()).device
+    t0, c0 = time.perf_counter(), time.process_time()
+    total = tokens * len(trained)
+    steps, done_all, losses = 0, 0, []
+    curve: list[tuple[int, float]] | None = None
+    best = None  # (held-out KL, trained blocks whose healed factors are kept)
+    with _frozen_but(model, dense_model, layers) as saved:
+        for m in layers:
+            balance_factors_(m)
+        if progress is not None and progress(0, total) is False:
+            raise Cancelled("Healing cancelled; the factors are as they were.")
+        if heldout is not None:
+            teacher = teacher_logits(dense_model, heldout, micro_batch)
+            curve = [(0, heldout_kl(model, dense_model, heldout, micro_batch, teacher))]
+            best = (curve[0][1], 0)
+        s = _BlockStreams(dense_model, dense_blocks, batches, micro_batch, dev)
+        heads = None
+        if head_kl and trained and trained[-1] == len(blocks) - 1:
+            heads = (_head(dense_model, prefix), _head(model, prefix))
+            if None in heads or not _head_matches(dense_model, heads[0], s, dense_blocks):
+                heads = None   # an unknown head layout: the last block keeps the residual-stream loss
+        by_batch = [[j for j, bj in enumerate(s.batch) if bj == bi] for bi in range(len(batches))]
+        next_check = len(trained) / checks
+        with torch.no_grad():
+            for l in range(len(blocks)):
+                for j in range(len(s.dense)):        # X_{l+1} = Y_l = f_l(X_l), in place
+                    s.dense[j] = s.run(dense_blocks[l], l, j, s.dense[j])
+                if by_block[l]:
+                    first_last = _train_block(s, l, blocks[l], by_block[l], batches, by_batch, tokens, lr, dev,
+                                              loss, heads if l == len(blocks) - 1 else None, progress,
+                                              done_all, total)
+                    steps += first_last[2]
+                    done = first_last[3]
+                    done_all += tokens
+                    losses.append(first_last[:2])
+                if l < len(blocks) - 1:
+                    for j in range(len(s.comp)):
+                        s.comp[j] = s.run(blocks[l], l, j, s.comp[j])
+                if by_block[l] and heldout is not None:
+                    n = trained.index(l) + 1
+                    if n >= next_check or n == len(trained):
+                        while next_check <= n:
+                            next_check += len(trained) / checks
+                        curve.append((n * done, heldout_kl(model, dense_model, heldout, micro_batch, teacher)))
+                        if curve[-1][1] < best[0]:
+                            best = (curve[-1][1], n)
+        del s
+        if best is not None and best[1] < len(trained):   # blocks after the best check: as they were
+            keep = {id(m) for l in trained[:best[1]] for m in by_block[l]}
+            _restore([m for m in layers if id(m) not in keep],
+                     [f for m, f in zip(layers, saved) if id(m) not in keep])
+    kl_first = sum(f for f, _, in losses) / max(len(losses), 1)
+    kl_last = sum(x for _, x in losses) / max(len(losses), 1)
+    res = HealResult(tokens=done if trained else 0, steps=steps, kl_first=kl_first, kl_last=kl_last,
+                     seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0, mode="block",
+                     blocks=len(trained), kept_blocks=len(trained))
+    if curve is not None:
+        res.heldout_kl_before, res.heldout_kl_after, res.heldout_curve = curve[0][1], best[0], curve
+        res.kept_blocks = best[1]
+        res.kept_tokens = best[1] * done
+    return res
+
+
+def _head_matches(dense_model: nn.Module, head, s: _BlockStreams, dense_blocks: nn.ModuleList) -> bool:
+    """Whether `head` on the last block's dense output gives the dense model's logits (first micro-batch)."""
+    ids, am = s.ids[0]
+    with torch.no_grad():
+        h = s.dense[0]
+        for l, blk in enumerate(dense_blocks):
+            h = s.run(blk, l, 0, h)
+        ref = dense_model(input_ids=ids, attention_mask=am, use_cache=False).logits
+        got = head(h)
+    return got.shape == ref.shape and bool(((got.float() - ref.float()).abs().max()
+                                            <= HEAD_ATOL * ref.float().abs().max().clamp_min(1.0)))
+
+
+def _train_block(s: _BlockStreams, l: int, block: nn.Module, layers: list[LowRankLinear], batches: list[Batch],
+                 by_batch: list[list[int]], tokens: int, lr: float, dev: torch.device, loss: str, heads,
+                 progress, done_all: int, total: int) -> tuple[float, float, int, int]:
+    """Train block `l`'s factors on (X̃_l → Y_l) for `tokens` tokens, cycling the batches, one step per
+    batch; (loss of the first step, of the last, steps, tokens). Called under no_grad (re-enabled here)."""
+    scale = 1.0
+    if loss == "mse":
+        sq = sum(float(y[m].float().pow(2).sum()) for y, m in zip(s.dense, s.masks))
+        scale = sq / max(sum(int(m.sum()) for m in s.masks), 1)
+    tr = _Trainer(layers, lr, dev)
+    done, steps, first, last, i = 0, 0, float("nan"), float("nan"), 0
+    try:
+        with torch.enable_grad():
+            while done < tokens:
+                bi = i % len(batches)
+                i += 1
+                n_b = int(batches[bi].attention_mask.sum())
+                tot = 0.0
+                for j in by_batch[bi]:
+                    out = s.run(block, l, j, s.comp[j])
+                    if heads is not None:
+                        with torch.no_grad():
+                            tl = heads[0](s.dense[j])
+                        val = kl_per_token(tl, heads[1](out), s.masks[j]) / n_b
+                    else:
+                        val = _block_loss(out, s.dense[j], s.masks[j], loss, scale) / n_b
+                    tr.backward(val)
+                    tot += float(val.detach())
+                if not math.isfinite(tot):
+                    raise FascError("Healing diverged (non-finite loss); lower the learning rate.")
+                tr.step()
+                steps += 1
+                first = tot if steps == 1 else first
+                last = tot
+                done += n_b
+                if progress is not None and progress(min(done_all + min(done, tokens), total), total) is False:
+                    raise Cancelled("Healing cancelled; the factors are as they were.")
+    finally:
+        tr.close()
+    return first, last, steps, done
