@@ -398,11 +398,7 @@ def cmd_compress(args) -> None:
         plan.save(args.save_plan)
     from .speed import plan_speed
 
-    heal_tokens, heal_why = args.heal_tokens, ""
-    if heal_tokens == "auto":
-        from .pipeline import auto_heal
-
-        heal_tokens, heal_why = auto_heal(model, an, plan, batches[0].input_ids.shape[1], args.merge)
+    heal_tokens, heal_mode, heal_why = _heal_choice(args, model, an, plan, batches)
     speedup, warn = plan_speed(model, an, plan, merge=args.merge)
     if warn is not None:
         logging.getLogger("fasc").warning(warn)
@@ -413,11 +409,16 @@ def cmd_compress(args) -> None:
         heal_heldout = _heldout(args, tok, batches, args.heal_check_tokens, "healing's held-out check",
                                 "--heal-check-tokens")
     hbar = _progress("healing", args) if heal_tokens else None
+    copies = None
+    if heal_tokens and heal_mode != "global":   # the pipeline heals globally: build the copy, heal it here
+        copies = _block_healed(model, an, batches, args.sequential or False, heal_tokens, heal_mode, bar, hbar,
+                               heal_heldout)
     try:
         res = compress_and_save(model, tok, an, plan, args.out, merge=args.merge, overwrite=args.overwrite,
                                 method=args.method, source_model=args.model, calibration=stats.key,
                                 model_fp=mfp, progress=bar, batches=batches, sequential=args.sequential or False,
-                                heal_tokens=heal_tokens, heal_progress=hbar, heal_heldout=heal_heldout)
+                                heal_tokens=heal_tokens, heal_progress=hbar, heal_heldout=heal_heldout,
+                                copies=copies)
     finally:
         bar.close()
         if hbar is not None:
@@ -426,6 +427,8 @@ def cmd_compress(args) -> None:
         res["rank_ratio"] = args.rank_ratio
     res["allocation"] = plan.note.get("allocation")
     res["heal_tokens"] = heal_tokens
+    if heal_tokens:
+        res["heal_mode"] = heal_mode
     if heal_why:
         res["heal_off"] = heal_why
     obj = {**res, "from_cache": hit, "predicted_speedup": round(speedup, 3),
@@ -437,6 +440,36 @@ def cmd_compress(args) -> None:
                      f"{res['model_params_after']:,} parameters, predicted ΔL {res['predicted_delta_loss']:.4f} "
                      f"nats/token" + (f"\nhealing: {res['heal']['summary']}" if res.get("heal") else
                      f"\nhealing: {heal_why}" if heal_why else ""))
+
+
+def _heal_choice(args, model, an, plan, batches) -> tuple[int, str, str]:
+    """(tokens, mode, why off) for --heal-tokens / --heal-mode (`fasc.heal.choose_heal`), with each mode's
+    device memory for this plan when the model is on a GPU."""
+    from .allocate import is_factored, module_params
+    from .heal import choose_heal, heal_block_memory_bytes, heal_memory_bytes, used_batches
+
+    dev = next(model.parameters()).device
+    need = None
+    if dev.type == "cuda" and not args.merge and args.heal_tokens:
+        fac = {f: module_params(an.info(f), k) for f, k in plan.ranks.items() if is_factored(an.info(f), k)}
+        replaced = sum(an.info(f).params for f in fac)
+        seq_len = batches[0].input_ids.shape[1]
+        n = HEAL_TOKENS_GPU if args.heal_tokens == "auto" else args.heal_tokens
+        positions = sum(b.input_ids.numel() for b in used_batches(batches, n))
+        need = {"global": heal_memory_bytes(model, sum(fac.values()), replaced, seq_len),
+                "block": heal_block_memory_bytes(model, fac, replaced, positions, seq_len)}
+    return choose_heal(dev, args.heal_tokens, args.heal_mode, need, args.merge)
+
+
+def _block_healed(model, an, batches, sequential, tokens: int, mode: str, bar, hbar, heldout):
+    """`copies` for `compress_and_save`: the compressed copy, healed in `mode` (`fasc.heal.heal_`)."""
+    from .heal import heal_
+    from .pipeline import compressed_copy
+
+    def build(plan):
+        work, _ = compressed_copy(model, an, plan, progress=bar, batches=batches, sequential=sequential)
+        return work, heal_(work, model, batches, tokens=tokens, progress=hbar, heldout=heldout, mode=mode).to_dict()
+    return build
 
 
 def _heal_tokens_arg(s: str):
@@ -752,6 +785,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "model into the low-rank factors for N calibration tokens (0 = off; factored exports only); auto "
                    f"(default): {HEAL_TOKENS_GPU:,} when the model is on a GPU (seconds to minutes there), 0 on the CPU "
                    "(≈ 16 min for SmolLM2 on one core; give the number to heal there too)")
+    s.add_argument("--heal-mode", choices=("auto", "global", "block"), default="auto", help="global: every factor "
+                   "trained at once on the KL of the whole model (Adam state for all factors); block: one decoder "
+                   "block after the other, each fitted to the dense block's outputs from the hidden states the "
+                   "partly healed model gives it (memory of one block's training state, does not grow with depth); "
+                   "auto (default): global where it fits the GPU, else block; global on the CPU")
     s.add_argument("--heal-check-tokens", type=int, default=HEAL_CHECK_TOKENS, help="healing measures the KL to the dense model on "
                    "this many held-out tokens (the tail of the calibration sources) before, 8 times during and after "
                    "training, and keeps the factors of the lowest (early stopping; 0 = no checks, keep the last)")

@@ -286,3 +286,53 @@ def test_block_memory_formula_against_the_measured_peak(d):
     grown = formula[4] - formula[2]
     assert grown == 4 * (sum(fac.values()) // 2)     # two more blocks' saved factors, nothing else
     assert measured[4] - measured[2] <= 1.2 * grown
+
+
+def test_choose_heal_picks_the_mode_that_fits():
+    """`--heal-tokens` × `--heal-mode` on a GPU with each mode's memory: auto is global where it fits, else
+    block-local, else off with both figures; a given token count always heals; the CPU follows the
+    measured default; a merged export is never healed."""
+    from fasc.config import HEAL_TOKENS_GPU
+    from fasc.heal import HEAL_MODE_CPU, choose_heal
+
+    need = {"global": 12 * 2**30, "block": 4 * 2**30}
+    gib = 2**30
+    assert choose_heal("cuda", "auto", "auto", need, free_bytes=20 * gib) == (HEAL_TOKENS_GPU, "global", "")
+    assert choose_heal("cuda", "auto", "auto", need, free_bytes=8 * gib) == (HEAL_TOKENS_GPU, "block", "")
+    tokens, mode, why = choose_heal("cuda", "auto", "auto", need, free_bytes=2 * gib)
+    assert tokens == 0 and "12.0 GiB global, 4.0 GiB block" in why and "2.0 GiB are free" in why
+    assert choose_heal("cuda", "auto", "global", need, free_bytes=8 * gib)[0] == 0
+    assert choose_heal("cuda", 500, "auto", need, free_bytes=2 * gib) == (500, "block", "")
+    assert choose_heal("cuda", 500, "global", need, free_bytes=2 * gib) == (500, "global", "")
+    assert choose_heal("cpu", 500, "auto") == (500, HEAL_MODE_CPU, "")
+    assert choose_heal("cpu", 500, "block") == (500, "block", "")
+    assert choose_heal("cpu", "auto", "block")[:2] == (0, "block") and "off on the CPU" in choose_heal("cpu", "auto", "block")[2]
+    assert choose_heal("cuda", "auto", "auto", need, merge=True, free_bytes=20 * gib)[0] == 0
+    with pytest.raises(fasc.FascError, match="Unknown healing mode"):
+        choose_heal("cpu", 500, "layers")
+
+
+def test_cli_heals_block_by_block_and_the_export_records_it(capsys, saved_llama, tmp_path):
+    """`fasc compress --heal-mode block`: the export's fasc_config.json and the JSON line name the mode
+    and the global mode is recorded as such."""
+    import json
+
+    from helpers import run_cli
+
+    common = ["--model", str(saved_llama / "model"), "--data", str(saved_llama / "calib.txt"), "--tokens", "512",
+              "--seq-len", "32", "--cache-dir", str(tmp_path / "cache"), "--quiet", "--param-ratio", "0.6",
+              "--heal-tokens", "300", "--json"]
+    code, out, err = run_cli(capsys, "compress", *common, "--heal-mode", "block", "--out", str(tmp_path / "b"))
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["heal_mode"] == "block" and res["heal"]["mode"] == "block" and res["heal"]["blocks"] == 2
+    meta = json.loads((tmp_path / "b" / "fasc_config.json").read_text())
+    assert meta["heal"]["mode"] == "block" and "block-local" in meta["heal"]["summary"]
+    assert meta["heal"]["heldout_curve"] is not None          # the held-out checks ran (default --heal-check-tokens)
+    code, out, err = run_cli(capsys, "compress", *common, "--out", str(tmp_path / "g"))
+    assert code == 0, err
+    assert json.loads(out)["heal"]["mode"] == "global"
+    assert json.loads((tmp_path / "g" / "fasc_config.json").read_text())["heal"]["mode"] == "global"
+    with pytest.raises(SystemExit):
+        run_cli(capsys, "compress", *common, "--heal-mode", "layers", "--out", str(tmp_path / "x"))
+    assert "invalid choice" in capsys.readouterr().err and not (tmp_path / "x").exists()
