@@ -1,6 +1,7 @@
 """A Llama-3-8B-shaped model end to end without a download: calibrate, analyse, compress at 80 %, export.
 
     python -m bench.scale8b                      # 1/8 width, 1 and 2 layers in memory: a few minutes (quiet CPU)
+    python -m bench.scale8b --width-scale 0.0625 --tokens 512 --seq-len 128 --heal-tokens 512   # + healing (block)
     python -m bench.scale8b --width-scale 1 --tokens 512 --seq-len 256        # the real layer shape
         # (≈ 17 GB RAM; one layer ≈ 8 min on one CPU thread with --layers 1 --whole, no eigh of 14336²;
         #  --diagnostics adds it: tens of minutes)
@@ -30,6 +31,7 @@ all four steps, at the measured width and tokens) and `peak_rss_mb=…` as its l
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import resource
 import subprocess
@@ -141,13 +143,17 @@ def child(a) -> dict:
     res["precision_checks"] = {str(k): v for k, v in an.precision_checks.items()}
     t, c = time.perf_counter(), time.process_time()
     plan = fasc.allocate(an, "fasc", param_ratio=a.param_ratio)
-    fasc.compress_(model, an, plan)  # in place: the dense original is not needed afterwards
+    dense = copy.deepcopy(model) if a.heal_tokens else None   # healing's teacher
+    fasc.compress_(model, an, plan)  # in place: without healing the dense original is not needed afterwards
     _sync(dev)
     res["compress_s"], res["compress_wall_s"] = time.process_time() - c, time.perf_counter() - t
     _progress(res, "compress", dev)
     kept, orig = plan.params(an)
     res["param_ratio"] = kept / orig
     del an, stats
+    if a.heal_tokens:
+        heal_step(a, res, model, dense, batches, dev)
+        del dense
     t, c = time.perf_counter(), time.process_time()
     with tempfile.TemporaryDirectory(dir=a.tmp) as d:
         save_compressed(model, None, Path(d) / "export", meta={"method": "fasc", "bench": "scale8b"})
@@ -158,6 +164,53 @@ def child(a) -> dict:
         res["peak_gpu_mb"] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
     print(json.dumps(res))
     return res
+
+
+def heal_step(a, res: dict, model, dense, batches, dev: torch.device) -> None:
+    """`heal_` for --heal-tokens tokens in --heal-mode (no held-out checks): CPU and wall seconds, the FLOPs
+    counted by torch's FlopCounterMode, and the peak memory healing adds (a GPU's allocator peak; on the
+    CPU the torch profiler's peak of tensor bytes, which also holds the factors' saved copy) beside each
+    mode's formula (`heal_memory_bytes`, `heal_block_memory_bytes`) for this model."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fasc.heal import heal_, heal_block_memory_bytes, heal_memory_bytes, used_batches
+    from fasc.layers import LowRankLinear
+
+    low = {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    fac = {n: m.U.numel() + m.V.numel() for n, m in low.items()}
+    replaced = sum(m.in_features * m.out_features for m in low.values())
+    used = used_batches(batches, a.heal_tokens)
+    positions = sum(b.input_ids.numel() for b in used)
+    copy_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    res["heal_formula_global_bytes"] = heal_memory_bytes(dense, sum(fac.values()), replaced, a.seq_len,
+                                                         a.batch_size) - copy_bytes
+    res["heal_formula_block_bytes"] = heal_block_memory_bytes(dense, fac, replaced, positions, a.seq_len,
+                                                              a.batch_size) - copy_bytes
+    flops = FlopCounterMode(display=False)
+    t, c = time.perf_counter(), time.process_time()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        with flops:
+            h = heal_(model, dense, batches, tokens=a.heal_tokens, mode=a.heal_mode, micro_batch=a.batch_size)
+        _sync(dev)
+        res["heal_peak_bytes"] = torch.cuda.max_memory_allocated(dev) - base
+    else:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, flops:
+            h = heal_(model, dense, batches, tokens=a.heal_tokens, mode=a.heal_mode, micro_batch=a.batch_size)
+        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]")
+        cur = peak = 0
+        for _, n in events:
+            cur += n
+            peak = max(peak, cur)
+        res["heal_peak_bytes"] = peak - 4 * sum(fac.values())   # less the factors' saved copy (host memory on a GPU)
+    res["heal_s"], res["heal_wall_s"] = time.process_time() - c, time.perf_counter() - t
+    res["heal_flops"] = flops.get_total_flops()
+    res["heal_tokens"], res["heal_mode"] = h.tokens, h.mode
+    _progress(res, "heal", dev)
 
 
 STEPS = ("calibrate_s", "analysis_s", "compress_s", "export_s")
@@ -223,6 +276,10 @@ def main(argv=None) -> int:
     p.add_argument("--tmp", default=None, help="folder for the temporary export")
     p.add_argument("--whole", action="store_true",
                    help="one run with --layers layers (e.g. 32: the whole model on a GPU), every step measured")
+    p.add_argument("--heal-tokens", type=int, default=0, help="also heal the compressed layers for this many tokens "
+                   "(per block in block mode; 0 = no healing step) and extrapolate to --heal-target-tokens")
+    p.add_argument("--heal-mode", default="block", choices=("block", "global"))
+    p.add_argument("--heal-target-tokens", type=int, default=65536, help="healing tokens of the extrapolated run")
     p.add_argument("--child-layers", type=int, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     a.dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
@@ -232,7 +289,8 @@ def main(argv=None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     gpu = a.device.startswith("cuda")
     # the CPU's work is its process time (steady on a shared machine); a GPU's is wall time (synchronized)
-    steps = tuple(k.replace("_s", "_wall_s") for k in STEPS) if gpu else STEPS
+    all_steps = STEPS + (("heal_s",) if a.heal_tokens else ())
+    steps = tuple(k.replace("_s", "_wall_s") for k in all_steps) if gpu else all_steps
     unit = "wall seconds" if gpu else "CPU seconds"
     if a.whole:
         return whole_model(a, args, steps, unit)
@@ -250,7 +308,9 @@ def main(argv=None) -> int:
     fixed = {k: max(lo[k] - a.layers * per_layer[k], 0.0) for k in steps}
     tok_scale = a.target_tokens / lo["tokens"]
     L_full = LLAMA3_8B["layers"]
-    whole = {k: (fixed[k] + L_full * per_layer[k]) * (tok_scale if k.startswith("calibrate") else 1.0) for k in steps}
+    heal_scale = a.heal_target_tokens / a.heal_tokens if a.heal_tokens else 1.0
+    whole = {k: (fixed[k] + L_full * per_layer[k]) * (tok_scale if k.startswith("calibrate") else
+                                                       heal_scale if k.startswith("heal") else 1.0) for k in steps}
     rss_layer = hi["peak_rss_mb"] - lo["peak_rss_mb"]
     f64 = stats_bytes_per_layer(sh["hidden"], sh["intermediate"], sh["kv_heads"], sh["head_dim"], 8)
     full = LLAMA3_8B
@@ -277,9 +337,62 @@ def main(argv=None) -> int:
           f"(float64); the real 8B layer: {f64_full / 2**30:.2f} GiB float64, {f64_full / 2 / 2**30:.2f} GiB float32; "
           f"peak RSS {lo['peak_rss_mb']:.0f} MB ({a.layers} layer) / {hi['peak_rss_mb']:.0f} MB ({a.layers + 1}), "
           f"+{rss_layer:.0f} MB per layer" + (f"; peak GPU {hi['peak_gpu_mb']:.0f} MB" if gpu else ""))
+    if a.heal_tokens:
+        res["heal"] = heal_figures(a, lo, hi)
+        (OUT / f"scale8b-w{a.width_scale:g}{'-' + a.device.replace(':', '') if gpu else ''}.json").write_text(
+            json.dumps(res, indent=1))
     print(f"layer_seconds={sum(per_layer.values()):.2f}")
     print(f"peak_rss_mb={hi['peak_rss_mb']:.0f}")
     return 0
+
+
+H100_BF16_PEAK = 989e12   # FLOP/s, dense bf16 tensor cores (H100 SXM datasheet)
+H100_MFU = 0.4            # the share of that peak assumed for healing's small matmuls (not measured)
+
+
+def heal_figures(a, lo: dict, hi: dict) -> dict:
+    """Healing per decoder layer (measured: L+1 minus L layers) and Llama-3-8B at 80 % with
+    --heal-target-tokens (EXTRAPOLATED): FLOPs per healed token scaled to the real width (a layer's
+    matmuls as width², the lm_head as width), time at `H100_MFU` of the H100's bf16 peak, and both
+    modes' memory by the formula for the real shape in bf16 (uniform 80 % of every module's parameters)."""
+    from fasc.heal import heal_block_memory_bytes, heal_memory_bytes
+    from fasc.modules import find_linears
+
+    n = lo["heal_tokens"]
+    flops_layer = (hi["heal_flops"] - lo["heal_flops"]) / n           # per healed token, one layer
+    flops_fixed = max(lo["heal_flops"] / n - a.layers * flops_layer, 0.0)
+    w = 1 / a.width_scale
+    flops_8b = (flops_fixed * w + LLAMA3_8B["layers"] * flops_layer * w * w) * a.heal_target_tokens
+    with torch.device("meta"):
+        full = build(shape(1.0), LLAMA3_8B["layers"], torch.bfloat16)
+    fac = {i.fqn: int(a.param_ratio * i.params) for i in find_linears(full)}
+    replaced = sum(i.params for i in find_linears(full))
+    seq = 2048
+    positions = -(-a.heal_target_tokens // (2 * seq)) * 2 * seq
+    mem = {"global": heal_memory_bytes(full, sum(fac.values()), replaced, seq),
+           "block": heal_block_memory_bytes(full, fac, replaced, positions, seq)}
+    dense = sum(p.numel() * p.element_size() for p in full.parameters())
+    out = {"mode": a.heal_mode, "tokens_measured": n, "layer_cpu_s": hi["heal_s"] - lo["heal_s"],
+           "layer_peak_bytes": hi["heal_peak_bytes"] - lo["heal_peak_bytes"],
+           "layer_formula_bytes": hi[f"heal_formula_{a.heal_mode}_bytes"] - lo[f"heal_formula_{a.heal_mode}_bytes"],
+           "peak_bytes": {"lo": lo["heal_peak_bytes"], "hi": hi["heal_peak_bytes"]},
+           "formula_bytes": {"lo": lo[f"heal_formula_{a.heal_mode}_bytes"],
+                             "hi": hi[f"heal_formula_{a.heal_mode}_bytes"]},
+           "flops_per_token_layer": flops_layer, "flops_per_token_fixed": flops_fixed,
+           "llama3_8b_flops_EXTRAPOLATED": flops_8b,
+           "llama3_8b_h100_minutes_EXTRAPOLATED": flops_8b / (H100_BF16_PEAK * H100_MFU) / 60,
+           "llama3_8b_dense_bf16_bytes": dense, "llama3_8b_formula_bytes": mem}
+    print(f"healing ({a.heal_mode}, {n} tokens measured): per decoder layer {out['layer_cpu_s']:.2f} CPU s, "
+          f"{flops_layer / 1e9:.3f} GFLOP per token; peak memory healing adds {lo['heal_peak_bytes'] / 2**20:.1f} MB "
+          f"({a.layers} layer) / {hi['heal_peak_bytes'] / 2**20:.1f} MB ({a.layers + 1}), by the formula "
+          f"{out['formula_bytes']['lo'] / 2**20:.1f} / {out['formula_bytes']['hi'] / 2**20:.1f} MB")
+    print(f"Llama-3-8B at {a.param_ratio:.0%}, {a.heal_target_tokens} healing tokens ({a.heal_mode}; EXTRAPOLATED): "
+          f"{flops_8b / 1e15:.1f} PFLOP, {out['llama3_8b_h100_minutes_EXTRAPOLATED']:.1f} min on one H100 at "
+          f"{H100_MFU:.0%} of its {H100_BF16_PEAK / 1e12:.0f} TFLOP/s bf16 peak; memory by the formula beside the "
+          f"{dense / 2**30:.1f} GiB dense model: global {mem['global'] / 2**30:.1f} GiB, block "
+          f"{mem['block'] / 2**30:.1f} GiB (bf16, micro-batches of 2 × {seq})")
+    print(f"heal_h100_minutes={out['llama3_8b_h100_minutes_EXTRAPOLATED']:.1f}")
+    return out
 
 
 if __name__ == "__main__":

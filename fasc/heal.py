@@ -123,6 +123,7 @@ def auto_heal_tokens(device: torch.device | str, merge: bool = False, need_bytes
                f"--heal-tokens {HEAL_TOKENS_GPU} tries anyway")
 
 
+KL_LOGIT_COPIES = 9   # (micro_batch, seq_len, vocab) float32 tensors alive at the KL's peak (measured)
 HEAL_MODES = ("global", "block")           # `heal_(mode=...)`, `--heal-mode`
 HEAL_MODE_ORDER = ("global", "block")   # `--heal-mode auto` on a GPU: the first that fits (global: measured better)
 HEAL_MODE_CPU = "global"                 # `--heal-mode auto` on the CPU (see docs/healing-results.md)
@@ -205,8 +206,11 @@ def heal_block_memory_bytes(model: nn.Module, factor_params: dict[str, int], rep
     - one block's forward and backward for one micro-batch: about each Linear's input and output —
       micro_batch × seq_len × Σ_linears (in + out) elements of the model's dtype (the largest block;
       measured on tiny Llamas: 1.03× that);
-    - the logits of one micro-batch as `heal_memory_bytes` counts them (the last block's KL through the
-      head; the held-out checks).
+    - the logits of one micro-batch (the last block's KL through the head; the held-out checks): nine
+      (micro_batch, seq_len, vocab) float32 tensors at the KL's peak (teacher and student logits, their
+      masked copies, two log-softmaxes, exp, difference, product), measured at 1/16 of Llama-3-8B's
+      width (`bench.scale8b --heal-tokens`) where they are 99 % of the total; `heal_memory_bytes`
+      counts six.
 
     Nothing here grows with the number of blocks except the compressed copy; `positions` are the rows ×
     seq_len of the batches one block cycles through (`used_batches`).
@@ -231,7 +235,7 @@ def heal_block_memory_bytes(model: nn.Module, factor_params: dict[str, int], rep
         linears[block_of(i.fqn)] = linears.get(block_of(i.fqn), 0) + i.in_features + i.out_features
     act = micro_batch * seq_len * max(linears.values(), default=0) * size
     vocab = model.get_output_embeddings().weight.shape[0]
-    return copy + state + streams + act + 6 * micro_batch * seq_len * vocab * 4
+    return copy + state + streams + act + KL_LOGIT_COPIES * micro_batch * seq_len * vocab * 4
 
 
 def balance_factors_(layer: LowRankLinear) -> None:
