@@ -34,3 +34,18 @@ def test_text_path_is_written_once_and_read_by_name(tmp_path, monkeypatch):
     assert real_text.text_path("lambada").stat().st_mtime_ns == mtime
     with pytest.raises(fasc.FascError, match="Unknown built-in text 'nosuch'"):
         real_text.text_path("nosuch")
+
+
+def test_real_models_calibrate_on_the_real_mix_by_default(tmp_path, monkeypatch):
+    """A real model's default calibration is general, knowledge and the real texts (plain and
+    question–answer), each read by name; the held-out real passages and LAMBADA never among them."""
+    from fasc.data import load_source
+    from fasc.pipeline import model_defaults
+
+    monkeypatch.setenv("FASC_CACHE", str(tmp_path))
+    files = model_defaults("smollm2").calib_files
+    assert [p.name for p in files] == ["general_en.txt", "knowledge_en.txt", "real", "real_qa"]
+    assert model_defaults("demo").calib_files == [model_defaults("demo").calib]    # the demo keeps its own
+    sources = [load_source(p) for p in files]
+    assert sources[3].startswith("Passage: ") and "real_heldout" not in map(str, files)
+
