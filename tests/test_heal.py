@@ -282,7 +282,7 @@ def test_block_memory_formula_against_the_measured_peak(d):
         formula[layers] = (heal_block_memory_bytes(dense, fac, replaced, positions, seq_len=L) - copy_bytes
                            + 4 * sum(fac.values()))          # the factors' saved copy, on the CPU here
         measured[layers] = _peak_bytes(lambda: heal_(work, dense, train, tokens=768, lr=1e-3, mode="block"))
-        assert 0.85 * measured[layers] <= formula[layers] <= 1.25 * measured[layers], (layers, formula, measured)
+        assert 0.9 * measured[layers] <= formula[layers] <= 1.1 * measured[layers], (layers, formula, measured)
     grown = formula[4] - formula[2]
     assert grown == 4 * (sum(fac.values()) // 2)     # two more blocks' saved factors, nothing else
     assert measured[4] - measured[2] <= 1.2 * grown
