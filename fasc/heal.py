@@ -45,7 +45,9 @@ class HealResult:
     """What healing did: tokens trained on, optimizer steps, KL (nats/token) over the first and the
     last step's batch, and wall time. With held-out batches also: the held-out KL before healing and
     of the factors kept, the tokens at which those factors were reached (0: healing did not help on
-    held-out text and the factors are as they were), and the (tokens, held-out KL) curve."""
+    held-out text and the factors are as they were), and the (tokens, held-out KL) curve. In block
+    mode `tokens` are per block and `kl_first`/`kl_last` the mean over the residual-stream blocks of
+    each block's error on its training tokens, over the first pass and after training."""
 
     tokens: int
     steps: int
@@ -60,6 +62,9 @@ class HealResult:
     mode: str = "global"
     blocks: int | None = None          # block mode: decoder blocks trained (each on `tokens` tokens)
     kept_blocks: int | None = None     # block mode: the first `kept_blocks` of them keep their healed factors
+    block_losses: list[tuple[float, float]] | None = None   # block mode: per trained block, its loss per token on
+    # its training tokens over the first pass (each batch before its own step) and after training
+    head_kl: bool = False              # block mode: the last block was trained on the KL through the head
 
     def to_dict(self) -> dict:
         """The fields and the `summary` line (what fasc_config.json, the CLI and the dashboard show)."""
@@ -67,7 +72,8 @@ class HealResult:
                "kl_last": self.kl_last, "seconds": self.seconds, "cpu_seconds": self.cpu_seconds,
                "summary": self.summary()}
         if self.mode == "block":
-            out.update({"blocks": self.blocks, "kept_blocks": self.kept_blocks})
+            out.update({"blocks": self.blocks, "kept_blocks": self.kept_blocks, "head_kl": self.head_kl,
+                        "block_losses": [list(x) for x in self.block_losses or []]})
         if self.heldout_curve is not None:
             out.update({"heldout_kl_before": self.heldout_kl_before, "heldout_kl_after": self.heldout_kl_after,
                         "kept_tokens": self.kept_tokens, "heldout_curve": [list(x) for x in self.heldout_curve]})
@@ -77,9 +83,11 @@ class HealResult:
         """One line for logs, the CLI and the dashboard."""
         if self.mode == "block":
             s = (f"block-local: {self.blocks} decoder blocks × {self.tokens:,} tokens in {self.steps} steps, "
-                 f"{self.seconds:.1f} s; each block's loss to the dense block's outputs {self.kl_first:.4g} → "
-                 f"{self.kl_last:.4g} (mean over blocks of the relative error, the last block's KL through the "
-                 f"head; first vs last step's batch)")
+                 f"{self.seconds:.1f} s; each block's error to the dense block's outputs on its training tokens "
+                 f"{self.kl_first:.4g} → {self.kl_last:.4g} (mean over the blocks, first pass vs after training)")
+            if self.head_kl and self.block_losses:
+                s += (f", the last block's KL through the head {self.block_losses[-1][0]:.4g} → "
+                      f"{self.block_losses[-1][1]:.4g} nats/token")
         else:
             s = (f"{self.tokens:,} tokens in {self.steps} steps, {self.seconds:.1f} s; KL to the dense model "
                  f"{self.kl_first:.4g} → {self.kl_last:.4g} nats/token (first vs last step's batch)")
@@ -682,17 +690,24 @@ def heal_blocks_(model: nn.Module, dense_model: nn.Module, batches: list[Batch],
             for l in range(len(blocks)):
                 for j in range(len(s.dense)):        # X_{l+1} = Y_l = f_l(X_l), in place
                     s.dense[j] = s.run(dense_blocks[l], l, j, s.dense[j])
+                head = heads if l == len(blocks) - 1 else None
                 if by_block[l]:
-                    first_last = _train_block(s, l, blocks[l], by_block[l], batches, by_batch, tokens, lr, dev,
-                                              loss, heads if l == len(blocks) - 1 else None, progress,
-                                              done_all, total)
-                    steps += first_last[2]
-                    done = first_last[3]
+                    first, n_steps, done = _train_block(s, l, blocks[l], by_block[l], batches, by_batch, tokens, lr,
+                                                        dev, loss, head, progress, done_all, total)
+                    steps += n_steps
                     done_all += tokens
-                    losses.append(first_last[:2])
-                if l < len(blocks) - 1:
-                    for j in range(len(s.comp)):
-                        s.comp[j] = s.run(blocks[l], l, j, s.comp[j])
+                    scale = _mse_scale(s) if loss == "mse" and head is None else 1.0
+                    after, n_after = 0.0, 0
+                for j in range(len(s.comp) if (by_block[l] or l < len(blocks) - 1) else 0):
+                    out = s.run(blocks[l], l, j, s.comp[j])      # the healed block on X̃_l: X̃_{l+1}
+                    if by_block[l]:                               # its loss on the tokens it trained on, after
+                        after += float(kl_per_token(head[0](s.dense[j]), head[1](out), s.masks[j]) if head
+                                       else _block_loss(out, s.dense[j], s.masks[j], loss, scale))
+                        n_after += int(s.masks[j].sum())
+                    if l < len(blocks) - 1:
+                        s.comp[j] = out
+                if by_block[l]:
+                    losses.append((first, after / max(n_after, 1)))
                 if by_block[l] and heldout is not None:
                     n = trained.index(l) + 1
                     if n >= next_check or n == len(trained):
@@ -706,11 +721,13 @@ def heal_blocks_(model: nn.Module, dense_model: nn.Module, batches: list[Batch],
             keep = {id(m) for l in trained[:best[1]] for m in by_block[l]}
             _restore([m for m in layers if id(m) not in keep],
                      [f for m, f in zip(layers, saved) if id(m) not in keep])
-    kl_first = sum(f for f, _, in losses) / max(len(losses), 1)
-    kl_last = sum(x for _, x in losses) / max(len(losses), 1)
+    resid = losses[:-1] if heads is not None else losses     # the residual-stream blocks (not the head's KL)
+    kl_first = sum(f for f, _ in resid) / len(resid) if resid else float("nan")
+    kl_last = sum(x for _, x in resid) / len(resid) if resid else float("nan")
     res = HealResult(tokens=done if trained else 0, steps=steps, kl_first=kl_first, kl_last=kl_last,
                      seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0, mode="block",
-                     blocks=len(trained), kept_blocks=len(trained))
+                     blocks=len(trained), kept_blocks=len(trained), block_losses=[tuple(x) for x in losses],
+                     head_kl=heads is not None)
     if curve is not None:
         res.heldout_kl_before, res.heldout_kl_after, res.heldout_curve = curve[0][1], best[0], curve
         res.kept_blocks = best[1]
@@ -735,13 +752,11 @@ def _train_block(s: _BlockStreams, l: int, block: nn.Module, layers: list[LowRan
                  by_batch: list[list[int]], tokens: int, lr: float, dev: torch.device, loss: str, heads,
                  progress, done_all: int, total: int) -> tuple[float, float, int, int]:
     """Train block `l`'s factors on (X̃_l → Y_l) for `tokens` tokens, cycling the batches, one step per
-    batch; (loss of the first step, of the last, steps, tokens). Called under no_grad (re-enabled here)."""
-    scale = 1.0
-    if loss == "mse":
-        sq = sum(float(y[m].float().pow(2).sum()) for y, m in zip(s.dense, s.masks))
-        scale = sq / max(sum(int(m.sum()) for m in s.masks), 1)
+    batch; (loss per token over the first pass through the batches — each batch's before its own step —,
+    steps, tokens). Called under no_grad (re-enabled here)."""
+    scale = _mse_scale(s) if loss == "mse" else 1.0
     tr = _Trainer(layers, lr, dev)
-    done, steps, first, last, i = 0, 0, float("nan"), float("nan"), 0
+    done, steps, first_sum, first_n, i = 0, 0, 0.0, 0, 0
     try:
         with torch.enable_grad():
             while done < tokens:
@@ -763,11 +778,17 @@ def _train_block(s: _BlockStreams, l: int, block: nn.Module, layers: list[LowRan
                     raise FascError("Healing diverged (non-finite loss); lower the learning rate.")
                 tr.step()
                 steps += 1
-                first = tot if steps == 1 else first
-                last = tot
+                if i <= len(batches):
+                    first_sum, first_n = first_sum + tot * n_b, first_n + n_b
                 done += n_b
                 if progress is not None and progress(min(done_all + min(done, tokens), total), total) is False:
                     raise Cancelled("Healing cancelled; the factors are as they were.")
     finally:
         tr.close()
-    return first, last, steps, done
+    return first_sum / max(first_n, 1), steps, done
+
+
+def _mse_scale(s: _BlockStreams) -> float:
+    """Mean ‖y_t‖² over the real tokens of the current dense outputs (the 'mse' loss's scale)."""
+    sq = sum(float(y[m].float().pow(2).sum()) for y, m in zip(s.dense, s.masks))
+    return sq / max(sum(int(m.sum()) for m in s.masks), 1)
