@@ -18,7 +18,7 @@ STATS_DTYPES = ("auto", "float64", "float32")
 ALLOCATIONS = ("greedy", "anchored", "uniform")  # how a parameter budget is spread (spec §6, fasc.allocate)
 ANCHOR_SHARE = 0.5  # anchored allocation: the reference rank keeps this share of a module's parameters
 HEAL_CHECK_TOKENS = 2048  # healing's held-out check: tokens from the end of the calibration sources
-HEAL_TOKENS_GPU = 65536  # `--heal-tokens auto` on a GPU: the measured SmolLM2 recipe at 80 % (1.28x -> 1.14x)
+HEAL_TOKENS_GPU = 65536  # `--heal-tokens auto` on a GPU: the SmolLM2 recipe measured at 80 % (BENCHMARKS.md)
 
 
 def _check(cond: bool, msg: str) -> None:

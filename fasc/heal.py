@@ -112,16 +112,16 @@ def auto_heal_tokens(device: torch.device | str, merge: bool = False, need_bytes
     free now); 0 on the CPU, where it is the longest step (≈ 16 min for SmolLM2 on one core) and stays
     opt-in, for merged exports (healing trains the factors; no reason given) and when it would not fit
     (Adam over the factors of an 8B bf16 model at 80 % needs ≈ 118 GiB beside the dense model,
-    `heal_memory_bytes`). What it buys, measured on SmolLM2 at 80 % of the parameters: perplexity
-    1.28× → 1.14× dense, known facts kept 0.749 → 0.821.
+    `heal_memory_bytes`). What it buys: BENCHMARKS.md and docs/healing-results.md (measured figures
+    live there, not in messages).
     """
     device = torch.device(device)
     if merge:
         return 0, ""
     if device.type != "cuda":
         return 0, (f"off on the CPU (--heal-tokens auto heals {HEAL_TOKENS_GPU:,} tokens on a GPU only); "
-                   f"--heal-tokens {HEAL_TOKENS_GPU} trains the factors here too (SmolLM2 at 80 %: perplexity "
-                   "1.28x -> 1.14x dense, ≈ 16 min on one core)")
+                   f"--heal-tokens {HEAL_TOKENS_GPU} trains the factors here too (≈ 16 min on one core for "
+                   "SmolLM2; what it buys: docs/healing-results.md)")
     if free_bytes is None:
         free_bytes = torch.cuda.mem_get_info(device)[0]
     if need_bytes <= free_bytes:
