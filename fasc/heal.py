@@ -38,6 +38,7 @@ from .config import HEAL_TOKENS_GPU
 from .data import Batch
 from .errors import Cancelled, FascError
 from .layers import LowRankLinear
+from .sequential import _first, block_inputs
 
 
 @dataclass
@@ -510,14 +511,6 @@ FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm")   # the de
 HEAD_ATOL = 1e-3   # the rebuilt head (final norm, lm_head) must give the model's logits to this (×max|logit|)
 
 
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass after the last decoder block's inputs were captured."""
-
-
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """(prefix, ModuleList) of the numbered decoder blocks that hold `model`'s low-rank factors."""
     from .sequential import decoder_layers
@@ -564,33 +557,13 @@ class _BlockStreams:
         self.batch: list[int] = []
         self.ctx: list[list[tuple[tuple, dict]]] = []
         self.ids: list[tuple[torch.Tensor, torch.Tensor]] = []
-        last = len(blocks) - 1
         for bi, b in enumerate(batches):
             for ids, am, mask in _micro_batches(b, micro_batch, dev):
-                per: list = [None] * len(blocks)
-
-                def make(i):
-                    def hook(mod, args, kwargs):
-                        kwargs = dict(kwargs)
-                        h = args[0] if args else kwargs.pop("hidden_states")   # positional or by name
-                        if i == 0:
-                            self.dense.append(h.detach())
-                        per[i] = (tuple(args[1:]), kwargs)
-                        if i == last:
-                            raise _Stop
-                    return hook
-                hs = [blk.register_forward_pre_hook(make(i), with_kwargs=True) for i, blk in enumerate(blocks)]
-                try:
-                    with torch.no_grad():
-                        dense_model(input_ids=ids, attention_mask=am, use_cache=False)
-                except _Stop:
-                    pass
-                finally:
-                    for h in hs:
-                        h.remove()
-                if any(c is None for c in per):
-                    raise FascError("Not every decoder block ran in the forward pass; block-local healing needs a "
-                                    "plain block stack — heal with --heal-mode global.")
+                with torch.no_grad():
+                    h, per = block_inputs(dense_model, blocks, ids, am,
+                                          "Not every decoder block ran in the forward pass; block-local healing "
+                                          "needs a plain block stack — heal with --heal-mode global.")
+                self.dense.append(h)
                 self.ctx.append(per)
                 self.masks.append(mask)
                 self.batch.append(bi)

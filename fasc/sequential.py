@@ -61,6 +61,40 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass early."""
 
 
+def block_inputs(model: nn.Module, blocks: nn.ModuleList, ids: Tensor, attention_mask: Tensor,
+                 missing: str) -> tuple[Tensor, list[tuple[tuple, dict]]]:
+    """One forward pass of `model`, stopped at its last decoder block: the first block's input hidden
+    states (detached) and, per block, the other arguments it receives (attention mask, position
+    embeddings …; hidden states given by name are taken out of them). `missing` is the error when a
+    block did not run (the model is not a plain block stack)."""
+    per: list = [None] * len(blocks)
+    first: list[Tensor] = []
+    last = len(blocks) - 1
+
+    def make(i):
+        def hook(mod, args, kwargs):
+            kwargs = dict(kwargs)
+            h = args[0] if args else kwargs.pop("hidden_states")   # positional or by name
+            if i == 0:
+                first.append(h.detach())
+            per[i] = (tuple(args[1:]), kwargs)
+            if i == last:
+                raise _Stop
+        return hook
+
+    handles = [blk.register_forward_pre_hook(make(i), with_kwargs=True) for i, blk in enumerate(blocks)]
+    try:
+        model(input_ids=ids, attention_mask=attention_mask, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    if not first or any(c is None for c in per):
+        raise FascError(missing)
+    return first[0], per
+
+
 def decoder_layers(model: nn.Module, fqns: list[str]) -> tuple[str, nn.ModuleList]:
     """(prefix, ModuleList) of the numbered decoder layers holding `fqns` (e.g. 'model.layers')."""
     mods = dict(model.named_modules())
@@ -88,29 +122,12 @@ class _Streams:
         self.comp: list[Tensor] = []
         self.ctx: list[list[tuple[tuple, dict]]] = []   # per batch, per layer: (extra args, kwargs)
         dev = next(model.parameters()).device
-        last = len(layers) - 1
         for b in batches:
-            per_layer: list = [None] * len(layers)
-
-            def make(i):
-                def hook(mod, args, kwargs):
-                    if i == 0:
-                        self.dense.append(args[0].detach())
-                    per_layer[i] = (tuple(args[1:]), dict(kwargs))
-                    if i == last:
-                        raise _Stop
-                return hook
-            handles = [layer.register_forward_pre_hook(make(i), with_kwargs=True) for i, layer in enumerate(layers)]
-            try:
-                model(input_ids=b.input_ids.to(dev), attention_mask=b.attention_mask.to(dev), use_cache=False)
-            except _Stop:
-                pass
-            finally:
-                for h in handles:
-                    h.remove()
-            if any(c is None for c in per_layer):
-                raise FascError("Not every decoder layer ran in the calibration forward pass; sequential "
-                                "compression needs a plain layer stack — compress without --sequential.")
+            h, per_layer = block_inputs(
+                model, layers, b.input_ids.to(dev), b.attention_mask.to(dev),
+                "Not every decoder layer ran in the calibration forward pass; sequential compression needs a "
+                "plain layer stack — compress without --sequential.")
+            self.dense.append(h)
             self.ctx.append(per_layer)
             self.rows.append(b.stat_mask.reshape(-1).nonzero().squeeze(1).to(dev))
         self.comp = [h.clone() for h in self.dense]
