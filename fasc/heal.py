@@ -112,7 +112,7 @@ def auto_heal_tokens(device: torch.device | str, merge: bool = False, need_bytes
     the `need_bytes` it needs there (`heal_memory_bytes`) fit in `free_bytes` (default: what the GPU has
     free now); 0 on the CPU, where it is the longest step (≈ 16 min for SmolLM2 on one core) and stays
     opt-in, for merged exports (healing trains the factors; no reason given) and when it would not fit
-    (Adam over the factors of an 8B bf16 model at 80 % needs ≈ 118 GiB beside the dense model,
+    (global healing of an 8B bf16 model at 80 % needs ≈ 144 GiB beside the dense model,
     `heal_memory_bytes`). What it buys: BENCHMARKS.md and docs/healing-results.md (measured figures
     live there, not in messages).
     """
@@ -178,19 +178,24 @@ def choose_heal(device: torch.device | str, tokens: int | str, mode: str, need: 
 
 def heal_memory_bytes(model: nn.Module, factor_params: int, replaced_params: int, seq_len: int,
                       micro_batch: int = 2) -> int:
-    """Device memory healing needs beside the dense `model` (an estimate, from sizes only): the
+    """Device memory global healing needs beside the dense `model` (an estimate, from sizes only): the
     compressed copy (`factor_params` in its factors instead of the `replaced_params` of the dense
     weights they replace), then per factor parameter its gradient, Adam's two float32 moments and,
-    for bf16/fp16 factors, a float32 master copy and its float32 gradient, and the logits of one
-    micro-batch (teacher and student, and the float32 copies of the KL: six (micro_batch, seq_len,
-    vocab) float32 tensors)."""
+    for bf16/fp16 factors, a float32 master copy and its float32 gradient; what the backward pass keeps
+    of one micro-batch through every block — about each Linear's input and output, micro_batch ×
+    seq_len × Σ_linears (in + out) elements of the model's dtype (measured on tiny Llamas: 1.1× that,
+    the rest is attention and norms) —; and the logits at the KL's peak (`KL_LOGIT_COPIES` float32
+    (micro_batch, seq_len, vocab) tensors, as in `heal_block_memory_bytes`)."""
+    from .modules import find_linears
+
     p = next(model.parameters())
     size = p.element_size()
     total = sum(q.numel() for q in model.parameters())
     copy = (total - replaced_params + factor_params) * size
     state = factor_params * (size + 8 + (8 if p.dtype in (torch.bfloat16, torch.float16) else 0))
+    act = micro_batch * seq_len * sum(i.in_features + i.out_features for i in find_linears(model)) * size
     vocab = model.get_output_embeddings().weight.shape[0]
-    return copy + state + 6 * micro_batch * seq_len * vocab * 4
+    return copy + state + act + KL_LOGIT_COPIES * micro_batch * seq_len * vocab * 4
 
 
 def block_of(fqn: str) -> str:
@@ -218,8 +223,7 @@ def heal_block_memory_bytes(model: nn.Module, factor_params: dict[str, int], rep
     - the logits of one micro-batch (the last block's KL through the head; the held-out checks): nine
       (micro_batch, seq_len, vocab) float32 tensors at the KL's peak (teacher and student logits, their
       masked copies, two log-softmaxes, exp, difference, product), measured at 1/16 of Llama-3-8B's
-      width (`bench.scale8b --heal-tokens`) where they are 99 % of the total; `heal_memory_bytes`
-      counts six.
+      width (`bench.scale8b --heal-tokens`) where they are 99 % of the total.
 
     Nothing here grows with the number of blocks except the compressed copy; `positions` are the rows ×
     seq_len of the batches one block cycles through (`used_batches`).

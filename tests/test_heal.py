@@ -289,6 +289,26 @@ def test_block_memory_formula_against_the_measured_peak(d):
     assert measured[4] - measured[2] <= 1.2 * grown
 
 
+@pytest.mark.parametrize("d", [128, 256])
+def test_global_memory_formula_against_the_measured_peak(d):
+    """`heal_memory_bytes` (global healing: every block's activations for the backward pass) against the
+    peak tensor memory of a real global healing run at two widths and two depths (on the CPU the saved copy
+    of the factors shares the memory: added to the formula)."""
+    from fasc.heal import heal_memory_bytes
+
+    L, train = 64, random_batches(3, L=64, seed=5)
+    for layers in (2, 4):
+        dense = _llama(layers=layers, d=d)
+        work = _compressed(dense, seq_len=L)
+        low = [m for m in work.modules() if isinstance(m, LowRankLinear)]
+        fac = sum(m.U.numel() + m.V.numel() for m in low)
+        replaced = sum(m.in_features * m.out_features for m in low)
+        copy_bytes = sum(p.numel() * p.element_size() for p in work.parameters())
+        formula = heal_memory_bytes(dense, fac, replaced, seq_len=L) - copy_bytes + 4 * fac
+        measured = _peak_bytes(lambda: heal_(work, dense, train, tokens=768, lr=1e-3, mode="global"))
+        assert 0.9 * measured <= formula <= 1.1 * measured, (layers, formula, measured)
+
+
 def test_choose_heal_picks_the_mode_that_fits():
     """`--heal-tokens` × `--heal-mode` on a GPU with each mode's memory: auto is global where it fits, else
     block-local, else off with both figures; a given token count always heals; the CPU follows the
