@@ -409,16 +409,12 @@ def cmd_compress(args) -> None:
         heal_heldout = _heldout(args, tok, batches, args.heal_check_tokens, "healing's held-out check",
                                 "--heal-check-tokens")
     hbar = _progress("healing", args) if heal_tokens else None
-    copies = None
-    if heal_tokens and heal_mode != "global":   # the pipeline heals globally: build the copy, heal it here
-        copies = _block_healed(model, an, batches, args.sequential or False, heal_tokens, heal_mode, bar, hbar,
-                               heal_heldout)
     try:
         res = compress_and_save(model, tok, an, plan, args.out, merge=args.merge, overwrite=args.overwrite,
                                 method=args.method, source_model=args.model, calibration=stats.key,
                                 model_fp=mfp, progress=bar, batches=batches, sequential=args.sequential or False,
                                 heal_tokens=heal_tokens, heal_progress=hbar, heal_heldout=heal_heldout,
-                                copies=copies)
+                                heal_mode=heal_mode)
     finally:
         bar.close()
         if hbar is not None:
@@ -443,33 +439,12 @@ def cmd_compress(args) -> None:
 
 
 def _heal_choice(args, model, an, plan, batches) -> tuple[int, str, str]:
-    """(tokens, mode, why off) for --heal-tokens / --heal-mode (`fasc.heal.choose_heal`), with each mode's
-    device memory for this plan when the model is on a GPU."""
-    from .allocate import is_factored, module_params
-    from .heal import choose_heal, heal_block_memory_bytes, heal_memory_bytes, used_batches
+    """(tokens, mode, why off) for --heal-tokens / --heal-mode (`fasc.pipeline.heal_choice`)."""
+    from .pipeline import heal_choice
 
-    dev = next(model.parameters()).device
-    need = None
-    if dev.type == "cuda" and not args.merge and args.heal_tokens:
-        fac = {f: module_params(an.info(f), k) for f, k in plan.ranks.items() if is_factored(an.info(f), k)}
-        replaced = sum(an.info(f).params for f in fac)
-        seq_len = batches[0].input_ids.shape[1]
-        n = HEAL_TOKENS_GPU if args.heal_tokens == "auto" else args.heal_tokens
-        positions = sum(b.input_ids.numel() for b in used_batches(batches, n))
-        need = {"global": heal_memory_bytes(model, sum(fac.values()), replaced, seq_len),
-                "block": heal_block_memory_bytes(model, fac, replaced, positions, seq_len)}
-    return choose_heal(dev, args.heal_tokens, args.heal_mode, need, args.merge)
-
-
-def _block_healed(model, an, batches, sequential, tokens: int, mode: str, bar, hbar, heldout):
-    """`copies` for `compress_and_save`: the compressed copy, healed in `mode` (`fasc.heal.heal_`)."""
-    from .heal import heal_
-    from .pipeline import compressed_copy
-
-    def build(plan):
-        work, _ = compressed_copy(model, an, plan, progress=bar, batches=batches, sequential=sequential)
-        return work, heal_(work, model, batches, tokens=tokens, progress=hbar, heldout=heldout, mode=mode).to_dict()
-    return build
+    rows, seq_len = batches[0].input_ids.shape
+    return heal_choice(model, an, plan, args.heal_tokens, args.heal_mode, seq_len=seq_len, rows=rows,
+                       calib_positions=sum(b.input_ids.numel() for b in batches), merge=args.merge)
 
 
 def _heal_tokens_arg(s: str):

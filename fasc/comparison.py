@@ -37,11 +37,11 @@ def evaluate_plan(model, tok, an: Analysis, plan: Plan, heldout: str | Path, pro
                   progress: Callable[[int, int], None] | None = None, allocation: str = "greedy",
                   baseline_anchors: dict[str, float] | None = None, batches=None,
                   sequential: bool | str = False, heal_tokens: int = 0, heal_heldout=None,
-                  copies: Copies | None = None) -> list[dict]:
+                  heal_mode: str = "global", copies: Copies | None = None) -> list[dict]:
     """Rows for: the uncompressed model, the plan, and `baseline` allocated at the plan's budget with
     the same `allocation` (`baseline_anchors`: its measured anchor scales, for 'anchored').
 
-    `sequential` and `heal_tokens` (on the calibration `batches`, `pipeline.compressed_copy`) apply
+    `sequential`, `heal_tokens` and `heal_mode` (on the calibration `batches`, `pipeline.compressed_copy`) apply
     to both compressed copies alike; the rows carry them ("sequential", "heal"). Every compression
     happens on a deep copy; `model` is left untouched. `copies(plan)` gives the compressed copy
     (e.g. from a `fasc.copies.CopyCache`, built with the same options); default: built here.
@@ -57,7 +57,8 @@ def evaluate_plan(model, tok, an: Analysis, plan: Plan, heldout: str | Path, pro
                  **r})
     if progress:
         progress(1, steps)
-    extra = {"batches": batches, "sequential": sequential, "heal_tokens": heal_tokens, "heal_heldout": heal_heldout}
+    extra = {"batches": batches, "sequential": sequential, "heal_tokens": heal_tokens, "heal_heldout": heal_heldout,
+             "heal_mode": heal_mode}
     if copies is None:
         def copies(p: Plan) -> tuple:
             return compressed_copy(model, an, p, **extra)

@@ -4,7 +4,7 @@ and Export compress the same plan with the same options into the same copy, so i
 A copy is built by `fasc.pipeline.compressed_copy` (deep copy, `compress_`, optional sequential
 refit and healing) and is read-only afterwards: callers run it, never modify it. The cache is
 keyed by everything that changes the copy — model, calibration, γ, the plan's ranks and methods,
-merge, sequential, healing tokens — (`copy_key`) and bounded in memory (`CopyCache.limit`): it keeps
+merge, sequential, healing tokens and mode — (`copy_key`) and bounded in memory (`CopyCache.limit`): it keeps
 at most `MAX_COPIES` copies and at most `MEMORY_SHARE` of the memory available to them (the
 device's free memory plus what the cached copies already hold), but always `MIN_COPIES` (a plan
 and its baseline, which Generate and Compare use together); the least recently used copy goes
@@ -30,10 +30,10 @@ Built = tuple[nn.Module, dict | None]   # (compressed copy, what healing did or 
 
 
 def copy_key(model_ident: str, calib_key: str, gamma: float, plan_key: str, *, merge: bool = False,
-             sequential: bool | str = False, heal_tokens: int = 0) -> str:
+             sequential: bool | str = False, heal_tokens: int = 0, heal_mode: str = "global") -> str:
     """The identity of a compressed copy: whatever changes its weights."""
     return json.dumps([model_ident, calib_key, float(gamma), plan_key, bool(merge), sequential or False,
-                       int(heal_tokens)])
+                       int(heal_tokens), heal_mode if heal_tokens else None])
 
 
 def module_bytes(model: nn.Module) -> int:

@@ -215,29 +215,39 @@ def export_meta(an: Analysis, plan: Plan, *, method: str, source_model: str, cal
             "compress_config": {**asdict(an.cfg), **hybrid}, "predicted_delta_loss": plan.predicted(an)}
 
 
-def auto_heal(model, an: Analysis, plan: Plan, seq_len: int, merge: bool = False) -> tuple[int, str]:
-    """What `--heal-tokens auto` (and the dashboard's default) does for this plan: (tokens, why not).
-
-    `fasc.heal.auto_heal_tokens` on the model's device; on a GPU with the memory healing this plan's
-    factors would need there (`fasc.heal.heal_memory_bytes`).
-    """
-    from .heal import auto_heal_tokens, heal_memory_bytes
+def heal_choice(model, an: Analysis, plan: Plan, tokens: int | str = "auto", mode: str = "auto", *,
+                seq_len: int, rows: int = 1, calib_positions: int | None = None,
+                merge: bool = False) -> tuple[int, str, str]:
+    """What `--heal-tokens` / `--heal-mode` (and the dashboard's healing widgets) do for this plan:
+    (tokens, mode, one line saying why healing is off, or '') — `fasc.heal.choose_heal` on the model's
+    device, with each mode's device memory for this plan on a GPU (`heal_memory_bytes`,
+    `heal_block_memory_bytes`; the training text as batches of `rows` × `seq_len` tokens, at most
+    `calib_positions` of them: block mode holds the hidden states of the batches it reads)."""
+    from .allocate import is_factored, module_params
+    from .config import HEAL_TOKENS_GPU
+    from .heal import choose_heal, heal_block_memory_bytes, heal_memory_bytes
 
     dev = next(model.parameters()).device
-    need = 0
-    if dev.type == "cuda" and not merge:
-        fac, replaced = plan.factored_params(an)
-        need = heal_memory_bytes(model, fac, replaced, seq_len)
-    return auto_heal_tokens(dev, merge, need)
+    need = None
+    if dev.type == "cuda" and not merge and tokens:
+        fac = {f: module_params(an.info(f), k) for f, k in plan.ranks.items() if is_factored(an.info(f), k)}
+        replaced = sum(an.info(f).params for f in fac)
+        n = HEAL_TOKENS_GPU if tokens == "auto" else int(tokens)
+        per = max(1, rows) * seq_len
+        positions = min(-(-n // per) * per, calib_positions or 2**62)
+        need = {"global": heal_memory_bytes(model, sum(fac.values()), replaced, seq_len),
+                "block": heal_block_memory_bytes(model, fac, replaced, positions, seq_len)}
+    return choose_heal(dev, tokens, mode, need, merge)
 
 
 def compressed_copy(model, an: Analysis, plan: Plan, *, merge: bool = False,
                     progress: Callable[[int, int], object] | None = None, batches=None,
                     sequential: bool | str = False, heal_tokens: int = 0,
                     heal_progress: Callable[[int, int], object] | None = None,
-                    heal_heldout=None) -> tuple[nn.Module, dict | None]:
+                    heal_heldout=None, heal_mode: str = "global") -> tuple[nn.Module, dict | None]:
     """A deep copy of `model` compressed with `plan` — sequentially ('refit'/True or 'restat',
-    `fasc.sequential`) and healed for `heal_tokens` tokens (`fasc.heal`) when asked, both on
+    `fasc.sequential`) and healed for `heal_tokens` tokens in `heal_mode` ('global' or 'block',
+    `fasc.heal.heal_`) when asked, both on
     `batches`; healing keeps the factors of the lowest KL on `heal_heldout` batches when given —
     and what healing did (`HealResult.to_dict()`, with its `summary` line, or None). `model` is left
     untouched."""
@@ -260,7 +270,7 @@ def compressed_copy(model, an: Analysis, plan: Plan, *, merge: bool = False,
     if heal_tokens:
         from .heal import heal_
         healed = heal_(work, model, batches, tokens=heal_tokens, progress=heal_progress,
-                       heldout=heal_heldout).to_dict()
+                       heldout=heal_heldout, mode=heal_mode).to_dict()
     return work, healed
 
 
@@ -270,16 +280,16 @@ def compress_and_save(model, tok, an: Analysis, plan: Plan, out: str | Path, *, 
                       progress: Callable[[int, int], None] | None = None, batches=None,
                       sequential: bool | str = False, heal_tokens: int = 0,
                       heal_progress: Callable[[int, int], None] | None = None, heal_heldout=None,
-                      copies: Callable[[Plan], tuple] | None = None) -> dict:
+                      heal_mode: str = "global", copies: Callable[[Plan], tuple] | None = None) -> dict:
     """Compress a deep copy of `model` with `plan` and export it (what `fasc compress` and the Export
     page do).
 
     `sequential` ('refit' or True, or 'restat') fits each module to the partly compressed model's
     inputs (`fasc.sequential`; 'restat' without the least-squares refit to the dense outputs) and
-    `heal_tokens` > 0 distils the dense model into the factors (`fasc.heal`); both use `batches`
+    `heal_tokens` > 0 distils the dense model into the factors (`fasc.heal`, in `heal_mode`); both use `batches`
     (healing checked on `heal_heldout`, see `compressed_copy`). `copies(plan)`, when given, returns
     that compressed copy (e.g. from a `fasc.copies.CopyCache`; it is only read) instead of building it
-    here: built with the same `merge`, `sequential` and `heal_tokens`, which the export records.
+    here: built with the same `merge`, `sequential`, `heal_tokens` and `heal_mode`, which the export records.
     Returns a summary: folder, sizes, parameter counts, predicted ΔL, files (name → bytes).
     """
     prepare_destination(out, overwrite)  # fail before any work
@@ -290,7 +300,7 @@ def compress_and_save(model, tok, an: Analysis, plan: Plan, out: str | Path, *, 
     else:
         work, healed = compressed_copy(model, an, plan, merge=merge, progress=progress, batches=batches,
                                        sequential=sequential, heal_tokens=heal_tokens, heal_progress=heal_progress,
-                                       heal_heldout=heal_heldout)
+                                       heal_heldout=heal_heldout, heal_mode=heal_mode)
     meta = export_meta(an, plan, method=method, source_model=source_model, calibration=calibration,
                        model_fp=model_fp)
     meta.update({"sequential": sequential, "heal": healed})

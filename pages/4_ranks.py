@@ -110,12 +110,12 @@ def totals(ctx: ui.Context, plan: Plan) -> None:
 
 
 def run_evaluation(ctx: ui.Context, plan: Plan, ekey: tuple, baseline: str, max_tok: int, plan_alloc: str,
-                   seq, heal: int) -> None:
+                   ref: ui.Refinement) -> None:
     """Evaluate the plan and the baseline (with a progress bar and a cancel button); kept under `ekey`."""
     data = model_defaults(ctx.lm.spec)
     base_anchors = ui.get_anchors(ctx, ctx.an, baseline, 0.0).scales if plan_alloc == "anchored" else None
-    batches = ui.calibration_batches(ctx)[0] if seq or heal else None
-    held = ui.heldout_tail(ctx, ui.HEAL_CHECK_TOKENS) if heal else None
+    batches = ui.calibration_batches(ctx)[0] if ref.sequential or ref.heal_tokens else None
+    held = ui.heldout_tail(ctx, ui.HEAL_CHECK_TOKENS) if ref.heal_tokens else None
     cancel = st.empty()   # cleared when the work ends: no Cancel left on screen
     cancel.button("Cancel", key="w.eval_cancel", icon=":material/cancel:")  # a click reruns: the run stops
     CP.baseline_plan(ctx, plan, baseline)   # the baseline Generate and Compare use too (remembered)
@@ -124,9 +124,8 @@ def run_evaluation(ctx: ui.Context, plan: Plan, ekey: tuple, baseline: str, max_
         state.put_evaluation(ekey, evaluate_plan(ctx.lm.model, ctx.lm.tok, ctx.an, plan, data.heldout, data.probe,
                                                  baseline=baseline, max_tokens=max_tok, progress=bar,
                                                  allocation=plan_alloc, baseline_anchors=base_anchors,
-                                                 batches=batches, sequential=seq, heal_tokens=heal,
-                                                 heal_heldout=held,
-                                                 copies=CP.provider(ctx, sequential=seq, heal_tokens=heal)))
+                                                 batches=batches, heal_heldout=held, **ref.opts(),
+                                                 copies=CP.provider(ctx, **ref.opts())))
     finally:
         bar.clear()
         cancel.empty()
@@ -142,14 +141,14 @@ def evaluation(ctx: ui.Context, plan: Plan) -> None:
                                                                  **ui.bind("eval_tokens", 4096)))))
     go = c[2].button("Evaluate", key="w.evaluate", icon=":material/play_arrow:")
     c[3].caption(f"Perplexity on {data.heldout.name}, fact recall on {data.probe.name}.")
-    seq, heal = ui.refinement_options("eval", ctx, plan)
+    ref = ui.refinement_options("eval", ctx, plan)
     plan_alloc = plan.note.get("allocation") or "greedy"   # the baseline is spread the same way
-    ekey = (ctx.lm.spec, ctx.calib["key"], ctx.an.cfg.gamma, plan.key(), baseline, max_tok, plan_alloc, seq, heal)
+    ekey = (ctx.lm.spec, ctx.calib["key"], ctx.an.cfg.gamma, plan.key(), baseline, max_tok, plan_alloc, ref)
     if go and state.evaluation(ekey) is None:
-        run_evaluation(ctx, plan, ekey, baseline, max_tok, plan_alloc, seq, heal)
+        run_evaluation(ctx, plan, ekey, baseline, max_tok, plan_alloc, ref)
     rows = state.evaluation(ekey)
     if rows is None:
-        st.caption(evaluation_cost(ctx, plan, baseline, max_tok, seq, heal) + ". Evaluation compresses copies of "
+        st.caption(evaluation_cost(ctx, plan, baseline, max_tok, ref) + ". Evaluation compresses copies of "
                    "the model (the plan and the baseline, both with the sequential and healing options above; kept "
                    "for Generate, Compare and Export); results are kept per plan and options.")
     else:
@@ -160,15 +159,15 @@ def evaluation(ctx: ui.Context, plan: Plan) -> None:
     generation_panel(ctx, plan, baseline)
 
 
-def evaluation_cost(ctx: ui.Context, plan, baseline: str, max_tok: int, seq, heal: int) -> str:
+def evaluation_cost(ctx: ui.Context, plan, baseline: str, max_tok: int, ref: ui.Refinement) -> str:
     """'≈ 50 s: builds 2 compressed copies (≈ 30 s), then 3 models × 4,600 tokens (≈ 20 s)' from this
     model's measured speeds (sequential compression and healing add passes their help texts describe)."""
     n_tok = max_tok + ui.probe_tokens(ctx)
     run = 3 * n_tok * ui.seconds_per_token(ctx)
     work = f"3 models × {n_tok:,} tokens (≈ {ui.minutes(run)})"
-    if seq or heal:
+    if ref.sequential or ref.heal_tokens:
         base = CP.known_baseline(ctx, plan, baseline)
-        todo = sum(p is None or not CP.ready(ctx, p, sequential=seq, heal_tokens=heal) for p in (plan, base))
+        todo = sum(p is None or not CP.ready(ctx, p, **ref.opts()) for p in (plan, base))
         build, known = 0.0, False
     else:
         (todo, build), known = CP.pair_cost(ctx, plan, baseline), True

@@ -47,7 +47,7 @@ def show_result(res: dict) -> None:
                                            f"trust_remote_code=True)`") + ".")
 
 
-def export(ctx, plan, target: Path, merged: bool, overwrite: bool, method: str, sequential, heal_tokens: int) -> dict:
+def export(ctx, plan, target: Path, merged: bool, overwrite: bool, method: str, ref: ui.Refinement) -> dict:
     """Compress a copy (or take the one Evaluate, Generate or Compare built with the same options) and
     write it, with progress bars; a click on Cancel (or anywhere) interrupts it before anything is written."""
     cancel = st.empty()   # cleared when the work ends: no Cancel left on screen
@@ -55,19 +55,19 @@ def export(ctx, plan, target: Path, merged: bool, overwrite: bool, method: str, 
     try:
         return compress_and_save(ctx.lm.model, ctx.lm.tok, ctx.an, plan, target, merge=merged, overwrite=overwrite,
                                  method=method, source_model=ctx.lm.spec, calibration=ctx.calib["key"],
-                                 model_fp=ctx.lm.fingerprint, sequential=sequential, heal_tokens=heal_tokens,
-                                 copies=CP.provider(ctx, merge=merged, sequential=sequential, heal_tokens=heal_tokens))
+                                 model_fp=ctx.lm.fingerprint, **ref.opts(),
+                                 copies=CP.provider(ctx, merge=merged, **ref.opts()))
     finally:
         cancel.empty()
 
 
-def export_cost(ctx, plan, merged: bool, sequential, heal_tokens: int) -> str:
+def export_cost(ctx, plan, merged: bool, ref: ui.Refinement) -> str:
     """What Export will do and ≈ how long, before it starts."""
-    opts = {"merge": merged, "sequential": sequential, "heal_tokens": heal_tokens}
+    opts = {"merge": merged, **ref.opts()}
     if CP.ready(ctx, plan, **opts):
         return "The compressed copy is already built (by Evaluate, Generate, Compare or an earlier export): " \
                "Export only writes it."
-    if sequential or heal_tokens:
+    if ref.sequential or ref.heal_tokens:
         return "Export builds the compressed copy (sequential / healing: their cost is in their help), then writes it."
     return f"≈ {ui.minutes(CP.build_seconds(ctx, plan, **opts))} to build the compressed copy, then it is written."
 
@@ -103,16 +103,16 @@ def main() -> None:
     ui.commit("export_overwrite", overwrite)
     if st.session_state.get("w.export_cancel"):
         st.warning("Export cancelled; nothing was written.", icon=":material/cancel:")
-    sequential, heal_tokens = ui.refinement_options("export", ctx, plan, merged)
+    ref = ui.refinement_options("export", ctx, plan, merged)
 
-    st.caption(export_cost(ctx, plan, merged, sequential, heal_tokens))
+    st.caption(export_cost(ctx, plan, merged, ref))
     if st.button("Export", type="primary", key="w.export", icon=":material/save:"):
         if not out.strip():
             raise FascError(f"No target folder given; enter a folder such as {default_dir}.")
         target = Path(out.strip()).expanduser()
         if target.parent == Path(default_dir).expanduser().parent:  # the proposed export root is created on demand
             target.parent.mkdir(parents=True, exist_ok=True)
-        res = export(ctx, plan, target, merged, overwrite, method, sequential, heal_tokens)
+        res = export(ctx, plan, target, merged, overwrite, method, ref)
         res["plan"] = plan.to_json()
         res["plan_key"] = plan.key()
         state.put_export_result(ctx.lm.ident, res)

@@ -588,6 +588,7 @@ def test_ranks_evaluate_sequential_and_healing(env):
     t = ok(at).dataframe[-1].value
     assert list(t["sequential"]) == ["off", "restat", "restat"]
     assert t["healed tokens"][0] == 0 and min(t["healed tokens"][1:]) >= 64
+    assert list(t["healing mode"]) == ["", "global", "global"]          # auto on the CPU
     assert t["held-out KL (healing)"][0] == "" and all("→" in x for x in t["held-out KL (healing)"][1:])
     assert t["perplexity"][0] == plain["perplexity"][0]
     assert all(t["perplexity"][i] != plain["perplexity"][i] for i in (1, 2))
@@ -644,6 +645,23 @@ def test_export_sequential_and_healing(env):
     assert any("Sequential (restat)" in c.value for c in at.caption)
     assert any("Healing:" in c.value and "→" in c.value for c in at.caption)
     assert any("two more forward passes" in (s.help or "") for s in at.selectbox)
+
+
+def test_export_heals_block_by_block(env):
+    """The healing mode reaches the export: 'block' heals decoder block after block (fasc.heal.heal_blocks_),
+    fasc_config.json and the summary say so; the mode is disabled while healing is off, and its 'auto'
+    resolves to global on the CPU."""
+    at = goto(calibrated(env), "pages/5_export.py")
+    mode = at.selectbox(key="w.export_heal_mode")
+    assert mode.value == "auto" and mode.disabled and "one decoder block at a time" in mode.help
+    at.number_input(key="w.export_heal_tokens").set_value(64).run()
+    assert not at.selectbox(key="w.export_heal_mode").disabled
+    at.selectbox(key="w.export_heal_mode").set_value("block").run()
+    at.button(key="w.export").click().run()
+    res = ok(at).session_state["exports"][env["ident"]]
+    cfg = json.loads((Path(res["out"]) / "fasc_config.json").read_text())
+    assert cfg["heal"]["mode"] == "block" and cfg["heal"]["blocks"] >= 1 and cfg["heal"] == res["heal"]
+    assert any("Healing: block-local" in c.value for c in at.caption)
 
 
 def test_export_healing_is_off_for_merged_exports_and_on_the_cpu_by_default(env):

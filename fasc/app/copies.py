@@ -28,9 +28,10 @@ def _speeds() -> dict:
     return {}
 
 
-def key(ctx, plan: Plan, merge: bool = False, sequential: bool | str = False, heal_tokens: int = 0) -> str:
+def key(ctx, plan: Plan, merge: bool = False, sequential: bool | str = False, heal_tokens: int = 0,
+        heal_mode: str = "global") -> str:
     return copy_key(f"{ctx.lm.ident}#{ctx.lm.fingerprint}", ctx.calib["key"], ctx.an.cfg.gamma, plan.key(),
-                    merge=merge, sequential=sequential, heal_tokens=heal_tokens)
+                    merge=merge, sequential=sequential, heal_tokens=heal_tokens, heal_mode=heal_mode)
 
 
 def ready(ctx, plan: Plan, **opts) -> bool:
@@ -39,7 +40,7 @@ def ready(ctx, plan: Plan, **opts) -> bool:
 
 
 def get_copy(ctx, plan: Plan, *, merge: bool = False, sequential: bool | str = False, heal_tokens: int = 0,
-             label: str = "plan") -> tuple:
+             heal_mode: str = "global", label: str = "plan") -> tuple:
     """(compressed copy of the model with `plan`, what healing did or None): from the cache, else built
     with a progress bar (and healing's), on the calibration batches when sequential or healed. Read-only."""
     def build() -> tuple:
@@ -47,12 +48,12 @@ def get_copy(ctx, plan: Plan, *, merge: bool = False, sequential: bool | str = F
         held = ui.heldout_tail(ctx, ui.HEAL_CHECK_TOKENS) if heal_tokens else None
         bar = ui.ProgressBar(f"Compressing a copy ({label})" + (f", sequential {sequential}" if sequential else ""),
                              unit="layers" if sequential else "modules")
-        hbar = ui.ProgressBar(f"Healing ({label})", unit="tokens") if heal_tokens else None
+        hbar = ui.ProgressBar(f"Healing ({label}, {heal_mode})", unit="tokens") if heal_tokens else None
         t0 = time.perf_counter()
         try:
             out = compressed_copy(ctx.lm.model, ctx.an, plan, merge=merge, progress=bar, batches=batches,
                                   sequential=sequential, heal_tokens=heal_tokens, heal_progress=hbar,
-                                  heal_heldout=held)
+                                  heal_heldout=held, heal_mode=heal_mode)
         finally:
             bar.clear()
             if hbar:
@@ -62,14 +63,16 @@ def get_copy(ctx, plan: Plan, *, merge: bool = False, sequential: bool | str = F
                 _speeds()[(ctx.lm.ident, m)] = (time.perf_counter() - t0) / len(plan.ranks)
         return out
 
-    return cache().get(key(ctx, plan, merge=merge, sequential=sequential, heal_tokens=heal_tokens), build)
+    return cache().get(key(ctx, plan, merge=merge, sequential=sequential, heal_tokens=heal_tokens,
+                           heal_mode=heal_mode), build)
 
 
-def provider(ctx, *, merge: bool = False, sequential: bool | str = False, heal_tokens: int = 0):
+def provider(ctx, *, merge: bool = False, sequential: bool | str = False, heal_tokens: int = 0,
+             heal_mode: str = "global"):
     """`copies(plan)` for `fasc.comparison` / `fasc.pipeline.compress_and_save`: the cached copy."""
     def copies(plan: Plan) -> tuple:
         return get_copy(ctx, plan, merge=merge, sequential=sequential, heal_tokens=heal_tokens,
-                        label=str((plan.note or {}).get("method") or "plan"))
+                        heal_mode=heal_mode, label=str((plan.note or {}).get("method") or "plan"))
     return copies
 
 
@@ -151,11 +154,13 @@ def build_seconds(ctx, plan: Plan, **opts) -> float:
 
 def _prior(ctx, plan: Plan, method: str) -> float:
     """Seconds per module of a first build of `method`: this analysis' measured decomposition speed when
-    it ran in this process (a build decomposes each module again), else a one-layer sample."""
+    it ran in this process (a build decomposes each module again), else a one-layer sample (timed on one
+    thread; a build shares the layers out over `Analysis.default_workers` threads)."""
     s = ui.decompose_speed().get((ctx.lm.ident, ctx.calib["key"], ctx.an.cfg.gamma))
     if s is not None:
         return s
-    return _sample_seconds(ctx.lm.ident, ctx.calib["key"], ctx.an.cfg.gamma, method, ctx.an, _sample(plan, method))
+    return (_sample_seconds(ctx.lm.ident, ctx.calib["key"], ctx.an.cfg.gamma, method, ctx.an, _sample(plan, method))
+            / max(1, ctx.an.default_workers()))
 
 
 def _sample(plan: Plan, method: str) -> dict[str, int]:

@@ -110,10 +110,11 @@ def _heal_kl(h: dict | None) -> str:
     """'before → kept' held-out KL of a healed row ('' when not healed or not checked)."""
     if not h or h.get("heldout_kl_before") is None:
         return ""
-    return f"{h['heldout_kl_before']:.3g} → {h['heldout_kl_after']:.3g}" + ("" if h["kept_tokens"] else " (unhealed kept)")
+    kept = h.get("kept_blocks") if h.get("mode") == "block" else h.get("kept_tokens")
+    return f"{h['heldout_kl_before']:.3g} → {h['heldout_kl_after']:.3g}" + ("" if kept else " (unhealed kept)")
 
 
-REFINEMENT_COLUMNS = {"sequential": "off", "healed tokens": 0, "held-out KL (healing)": ""}
+REFINEMENT_COLUMNS = {"sequential": "off", "healed tokens": 0, "healing mode": "", "held-out KL (healing)": ""}
 
 
 def eval_table(rows: list[dict]) -> list[dict]:
@@ -121,7 +122,7 @@ def eval_table(rows: list[dict]) -> list[dict]:
     healing columns only when some row used them, so the table fits the page."""
     out = [{"model": r["model"], "params kept": f"{r['params_kept']:.1%}",
             "sequential": r.get("sequential") or "off", "healed tokens": (r.get("heal") or {}).get("tokens", 0),
-            "held-out KL (healing)": _heal_kl(r.get("heal")),
+            "healing mode": (r.get("heal") or {}).get("mode", ""), "held-out KL (healing)": _heal_kl(r.get("heal")),
             "predicted ΔL": f"{r['predicted_dl']:.3g}", "perplexity": round(r["perplexity"], 3),
             "fact recall": f"{r['recall']:.1%}", "exact match": f"{r['exact_match']:.1%}",
             "facts": r["n_facts"]} for r in rows]

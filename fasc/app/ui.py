@@ -30,7 +30,7 @@ from ..data import Batch, data_fingerprint, load_source, make_batches
 from ..errors import FascError
 from ..loading import model_summary
 from ..modules import model_fingerprint
-from ..pipeline import auto_heal, calibrate_cached, model_defaults
+from ..pipeline import calibrate_cached, heal_choice, model_defaults
 from ..stats import CalibStats
 from . import choices as C
 from .format import dashboard_wording, eta_text
@@ -467,18 +467,48 @@ HEAL_HELP = ("Healing (`--heal-tokens`): after compressing, train only the low-r
              "on a GPU and healing fits in its free memory, 0 (off) on the CPU. Factored models only.")
 
 
-def refinement_options(name: str, ctx: Context, plan, merged: bool = False) -> tuple[bool | str, int]:
-    """Sequential compression (off by default) and healing (by default what `fasc compress --heal-tokens
-    auto` does for `plan`: `fasc.pipeline.auto_heal`; disabled, 0, for a merged export) — widgets
-    `w.<name>_sequential`, `w.<name>_heal_tokens`, with their cost in the help texts."""
-    c = st.columns(2)
+HEAL_MODE_HELP = ("Healing mode (`--heal-mode`): global trains every factor at once on the model's KL (memory grows "
+                  "with depth: Adam for all factors, every block's activations); block trains one decoder block at a "
+                  "time to reproduce the dense block's outputs (memory of one block: what fits a large model on one "
+                  "GPU). auto: global on the CPU (it heals more per token there); on a GPU the first that fits in "
+                  "free memory. Measured trade-off: docs/healing-results.md.")
+
+
+@dataclass(frozen=True)
+class Refinement:
+    """What the Evaluate and Export pages apply after compressing: sequential compression (False,
+    'restat', 'refit') and healing (tokens, 0 = off; mode 'global' or 'block')."""
+    sequential: bool | str = False
+    heal_tokens: int = 0
+    heal_mode: str = "global"
+
+    def opts(self) -> dict:
+        """Keyword arguments of `compressed_copy`, `compress_and_save`, `evaluate_plan` and the copy cache."""
+        return {"sequential": self.sequential, "heal_tokens": self.heal_tokens, "heal_mode": self.heal_mode}
+
+
+def refinement_options(name: str, ctx: Context, plan, merged: bool = False) -> Refinement:
+    """Sequential compression (off by default) and healing — tokens and mode, by default what `fasc compress
+    --heal-tokens auto --heal-mode auto` does for `plan` (`fasc.pipeline.heal_choice`); disabled, 0, for a
+    merged export — widgets `w.<name>_sequential`, `w.<name>_heal_tokens`, `w.<name>_heal_mode`, with their
+    cost in the help texts."""
+    cfg = ctx.calib["cfg"]
+    geometry = {"seq_len": int(cfg["seq_len"]), "rows": int(cfg.get("batch_size") or 1),
+                "calib_positions": int(cfg.get("n_tokens") or 0) or None}
+    c = st.columns(3)
     seq = commit(f"{name}_sequential", c[0].selectbox("Sequential", ["off", "restat", "refit"], help=SEQUENTIAL_HELP,
                                                        **bind(f"{name}_sequential", "off")))
+    auto_tokens = heal_choice(ctx.lm.model, ctx.an, plan, "auto", "auto", **geometry)[0]
     heal = commit(f"{name}_heal_tokens", c[1].number_input(
         "Healing tokens", 0, 10_000_000, step=1024, disabled=merged,
         help=HEAL_HELP + (" Off here: a merged export keeps no factors to heal." if merged else ""),
-        **bind(f"{name}_heal_tokens", auto_heal(ctx.lm.model, ctx.an, plan, int(ctx.calib["cfg"]["seq_len"]))[0])))
-    return (False if seq == "off" else seq), 0 if merged else int(heal)
+        **bind(f"{name}_heal_tokens", auto_tokens)))
+    heal = 0 if merged else int(heal)
+    mode = commit(f"{name}_heal_mode", c[2].selectbox("Healing mode", ["auto", "global", "block"],
+                                                       disabled=merged or not heal, help=HEAL_MODE_HELP,
+                                                       **bind(f"{name}_heal_mode", "auto")))
+    tokens, resolved, _ = heal_choice(ctx.lm.model, ctx.an, plan, heal, mode, **geometry, merge=merged)
+    return Refinement(False if seq == "off" else seq, tokens, resolved)
 
 
 def measure_rho_fisher(ctx: Context) -> None:
