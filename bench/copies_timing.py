@@ -1,9 +1,10 @@
 """Timing of side-by-side generation (`python -m bench.copies_timing`; issue 29 item 2): SmolLM2 at 80 %, three prompts × 32 tokens, dense + plan + asvd baseline.
 
-before      = the old dashboard path: allocate the baseline, build both copies (deep copy + compress_),
-              then `continuations` (one model after the other; key/value cache).
+before      = the old dashboard path: allocate the baseline, build both copies (deep copy + compress_, one
+              module after the other), then each prompt alone, model after model (key/value cache).
 after first = the new path with an empty copy cache: allocate the baseline (asvd decompositions), build the
-              two copies through CopyCache, stream the tokens (models take turns).
+              two copies through CopyCache (layers shared out over the threads), stream the tokens (each
+              model decodes the three prompts together; models take turns).
 after again = the same request again (copies from the cache).
 Each scenario starts from a fresh Analysis holding the pca/fasc summaries the dashboard has computed
 ("analysis already computed"); wall and process CPU seconds, with the load average.
@@ -16,7 +17,7 @@ from fasc.comparison import baseline_plan
 from fasc.config import CalibConfig, CompressConfig
 from fasc.copies import CopyCache, copy_key
 from fasc.data import load_probe, load_source, make_batches
-from fasc.generate import continuations, seconds_per_new_token, stream_continuations
+from fasc.generate import greedy_continuation, seconds_per_new_token, stream_continuations
 from fasc.modules import model_fingerprint
 from fasc.pipeline import analysis_cached, calibrate_cached, compressed_copy, model_defaults
 from fasc.surgery import compress_, compute_factors
@@ -60,11 +61,17 @@ an = fresh()
 L0, T = load(), clock()
 base = baseline_plan(an, plan, "asvd")       # the old knowledge.baseline_plan: same ranks (greedy)
 t_alloc = since(T)
-def old_copy(p):
-    w = copy.deepcopy(model); compress_(w, an, p); return w
+def old_copy(p):   # the old build: one module after the other
+    an.default_workers = lambda: 1
+    try:
+        w = copy.deepcopy(model); compress_(w, an, p); return w
+    finally:
+        del an.default_workers
 m1 = old_copy(plan); m2 = old_copy(base)
 t_build = since(T)
-rows = continuations({"uncompressed": model, "plan": m1, "asvd": m2}, tok, prompts, N)
+# the old decoding: one prompt at a time, model after model
+rows = [{n: greedy_continuation(m, tok, p, N) for n, m in {"uncompressed": model, "plan": m1, "asvd": m2}.items()}
+        for p in prompts]
 res["before"] = {"wall_cpu": since(T), "alloc": t_alloc, "alloc+build": t_build, "load": [L0, load()]}
 print("before", res["before"], flush=True)
 old_text = {n: [r[n] for r in rows] for n in ("uncompressed", "plan", "asvd")}
@@ -78,10 +85,11 @@ def sample(method):
     compute_factors(an, Plan(ranks={f: plan.ranks[f] for f in fq}, methods={f: method for f in fq}))
     return (time.perf_counter() - t) / len(fq)
 s_f, s_a = sample("fasc"), sample("asvd")
-step = seconds_per_new_token(model, tok)
+step = seconds_per_new_token(model, tok, batch=len(prompts))
 n = len(plan.ranks)
-est_build = n * s_f + n * s_a * (1 if an.decomposed(("asvd",)) else 2)
-est_gen = 3 * len(prompts) * (N + 1) * step
+workers = max(1, an.default_workers())      # a build shares the layers out over the threads
+est_build = (n * s_f + n * s_a * (1 if an.decomposed(("asvd",)) else 2)) / workers
+est_gen = 3 / min(3, torch.get_num_threads()) * (N + 1) * step   # the three models decode side by side
 res["estimate"] = {"build": round(est_build, 1), "generate": round(est_gen, 1), "per_module_fasc": s_f,
                    "per_module_asvd": s_a, "step": step}
 print("estimate", res["estimate"], flush=True)

@@ -448,6 +448,47 @@ class Analysis:
             raise FascError(f"Rank {k} for {fqn} is out of range; it must be in [1, {info.max_rank}].")
         return self.basis(fqn, method).factors(self.weight(fqn), k)
 
+    def factors_many(self, items: list[tuple[str, str, int]], progress: Callable[[int, int], None] | None = None,
+                     workers: int | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+        """{fqn: `factors(fqn, method, k)`} for (fqn, method, k) `items`. On the CPU the layers are shared
+        out over `workers` threads (default: `default_workers`) as in `precompute`, each computing its
+        modules single-threaded — the same factors as one at a time; `progress` is called from this
+        thread. The summaries the workers compute are kept."""
+        workers = min(len(items), self.default_workers() if workers is None else max(1, workers))
+        if workers <= 1:
+            out = {}
+            for i, (f, m, k) in enumerate(items):
+                out[f] = self.factors(f, m, k)
+                if progress is not None:
+                    progress(i + 1, len(items))
+            return out
+        for f in {self.info(f).in_features: f for f, _, _ in items}.values():
+            self.place_of(f)  # the float32 check, once per input width, before any worker starts
+        units: OrderedDict[int, list[tuple[str, str, int]]] = OrderedDict()
+        for it in items:
+            units.setdefault(self.info(it[0]).layer, []).append(it)
+
+        def unit(w: "Analysis", todo: list[tuple[str, str, int]]) -> tuple[dict, dict]:
+            return {f: w.factors(f, m, k) for f, m, k in todo}, w.summaries
+
+        out, done = {}, 0
+        with single_threaded_ops(), ThreadPoolExecutor(workers, thread_name_prefix="fasc-factors") as pool:
+            futures = [pool.submit(unit, self._fork(), todo) for todo in units.values()]
+            try:
+                for fut in as_completed(futures):
+                    res, summaries = fut.result()
+                    out.update(res)
+                    for key, v in summaries.items():
+                        self.summaries.setdefault(key, v)
+                    done += len(res)
+                    if progress is not None:
+                        progress(done, len(items))
+            except BaseException:  # cancelled (the progress callback raised) or failed: stop the queue
+                for fut in futures:
+                    fut.cancel()
+                raise
+        return {f: out[f] for f, _, _ in items}
+
     # ---------------------------------------------------------------- diagnostics
     def variance_spectrum(self, fqn: str) -> Tensor:
         """μ: eigenvalues of C_x (undamped), descending."""

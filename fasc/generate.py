@@ -3,6 +3,8 @@ perplexity can still print garbage)."""
 
 from __future__ import annotations
 
+import contextlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import torch
@@ -22,38 +24,67 @@ def _check(prompt, n_tokens) -> None:
 
 
 @torch.no_grad()
-def greedy_tokens(model: nn.Module, tokenizer, prompt: str, n_tokens: int = 32) -> Iterator[int]:
-    """Yield the token ids greedy decoding (argmax, no sampling) appends to `prompt`, one at a time, with
-    a key/value cache (each step runs one token); stops at the end-of-text token or the model's maximum
-    length. The model is left in the mode it was in."""
+def greedy_steps(model: nn.Module, tokenizer, prompts: list[str], n_tokens: int = 32) -> Iterator[list[int | None]]:
+    """Greedy decoding (argmax, no sampling) of all `prompts` at once with a key/value cache: yields, for
+    each step, every prompt's new token id, or None once that prompt has stopped (its end-of-text token,
+    or the model's maximum length reached). The prompts are left-padded to one batch with positions
+    that skip the padding, so each gets the tokens it would get alone; one step reads the weights once
+    for all of them (single-token decoding on a CPU is bound by reading the weights). The model is
+    left in the mode it was in."""
     from .prefix import cached_forward, new_cache
 
-    _check(prompt, n_tokens)
-    ids = tokenizer(prompt)["input_ids"]
-    if not ids:
-        raise FascError(f"The prompt {prompt!r} tokenizes to nothing; give some text.")
+    if not prompts:
+        raise FascError("No prompt given; pass at least one, e.g. --generate \"The capital of France is\".")
+    for p in prompts:
+        _check(p, n_tokens)
+    enc = [tokenizer(p)["input_ids"] for p in prompts]
+    for p, e in zip(prompts, enc):
+        if not e:
+            raise FascError(f"The prompt {p!r} tokenizes to nothing; give some text.")
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 10**9
     eos = getattr(tokenizer, "eos_token_id", None)
     dev = next(model.parameters()).device
-    if len(ids) >= limit:
+    lens = [len(e) for e in enc]
+    active = [n < limit for n in lens]
+    if not any(active):
         return
+    width = max(lens)
+    ids = torch.zeros((len(enc), width), dtype=torch.long)
+    mask = torch.zeros((len(enc), width), dtype=torch.long)
+    for r, e in enumerate(enc):
+        ids[r, width - len(e):] = torch.tensor(e)
+        mask[r, width - len(e):] = 1
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    mask, last = mask.to(dev), pos[:, -1:].to(dev)
     with eval_mode(model):
         cache = new_cache(model)
-        x = torch.tensor([ids], device=dev)
-        mask = torch.ones_like(x)
-        logits = cached_forward(model, x, mask, torch.arange(len(ids), device=dev)[None], cache, True)
-        n = len(ids)
-        for _ in range(n_tokens):
-            nxt = int(logits[0, -1].argmax())
-            if eos is not None and nxt == eos:
+        logits = cached_forward(model, ids.to(dev), mask, pos.to(dev), cache, True)
+        for step in range(n_tokens):
+            nxt = logits[:, -1].argmax(-1)
+            picked = nxt.tolist()
+            out: list[int | None] = []
+            for r, t in enumerate(picked):
+                if active[r] and eos is not None and t == eos:
+                    active[r] = False
+                out.append(t if active[r] else None)
+                if active[r]:
+                    lens[r] += 1
+                    active[r] = lens[r] < limit
+            yield out
+            if not any(active) or step == n_tokens - 1:
                 return
-            yield nxt
-            n += 1
-            if n >= limit:
-                return
-            mask = torch.ones((1, n), dtype=torch.long, device=dev)
-            logits = cached_forward(model, torch.tensor([[nxt]], device=dev), mask,
-                                    torch.tensor([[n - 1]], device=dev), cache, True)
+            mask = torch.cat([mask, torch.ones((len(enc), 1), dtype=torch.long, device=dev)], 1)
+            last = last + 1
+            logits = cached_forward(model, nxt[:, None], mask, last, cache, True)
+
+
+def greedy_tokens(model: nn.Module, tokenizer, prompt: str, n_tokens: int = 32) -> Iterator[int]:
+    """Yield the token ids greedy decoding appends to `prompt`, one at a time (`greedy_steps` of one
+    prompt); stops at the end-of-text token or the model's maximum length."""
+    for (t,) in greedy_steps(model, tokenizer, [prompt], n_tokens):
+        if t is None:
+            return
+        yield t
 
 
 def greedy_continuation(model: nn.Module, tokenizer, prompt: str, n_tokens: int = 32) -> str:
@@ -63,42 +94,69 @@ def greedy_continuation(model: nn.Module, tokenizer, prompt: str, n_tokens: int 
 
 
 def continuations(models: dict[str, nn.Module], tokenizer, prompts: list[str], n_tokens: int = 32) -> list[dict]:
-    """One row per prompt: {"prompt": …, <model name>: continuation, …}."""
-    if not prompts:
-        raise FascError("No prompt given; pass at least one, e.g. --generate \"The capital of France is\".")
-    return [{"prompt": p, **{name: greedy_continuation(m, tokenizer, p, n_tokens) for name, m in models.items()}}
-            for p in prompts]
+    """One row per prompt: {"prompt": …, <model name>: continuation, …} (`stream_continuations`' final texts)."""
+    rows = [{"prompt": p} for p in prompts]
+    for i, name, text, _ in stream_continuations(models, tokenizer, prompts, n_tokens):
+        rows[i][name] = text
+    return rows
 
 
 def stream_continuations(models: dict[str, nn.Module], tokenizer, prompts: list[str],
                          n_tokens: int = 32) -> Iterator[tuple[int, str, str, int]]:
-    """`continuations`, streamed: for each prompt, the models take one greedy token each in turn (so
-    side-by-side columns grow together). Yields (prompt index, model name, its continuation so far,
-    tokens done of len(models) · len(prompts) · n_tokens); a model that stops early (end of text)
-    counts its remaining tokens as done. The final texts equal `continuations`'."""
+    """Greedy continuations of `prompts` by each model, streamed: at each step every model decodes one
+    token for all prompts at once (`greedy_steps`; on the CPU the models side by side, one thread each:
+    one step of a small batch barely uses a second intra-op thread, see bench.copies_timing), and the
+    events come prompt by prompt with the models taking turns (so side-by-side columns grow together).
+    Yields (prompt index, model name, its continuation so far, tokens done of len(models) · len(prompts)
+    · n_tokens); a prompt that stops early (end of text) counts its remaining tokens as done. Each text
+    is what the model gives the prompt alone."""
     if not prompts:
         raise FascError("No prompt given; pass at least one, e.g. --generate \"The capital of France is\".")
     for p in prompts:
         _check(p, n_tokens)
+    gens = {name: greedy_steps(m, tokenizer, prompts, n_tokens) for name, m in models.items()}
+    ids: dict[str, list[list[int]]] = {name: [[] for _ in prompts] for name in models}
+    stopped = {name: [False] * len(prompts) for name in models}
     done = 0
-    for i, p in enumerate(prompts):
-        gens = {name: greedy_tokens(m, tokenizer, p, n_tokens) for name, m in models.items()}
-        ids: dict[str, list[int]] = {name: [] for name in models}
+    parallel = len(models) > 1 and all(next(m.parameters()).device.type == "cpu" for m in models.values())
+    with contextlib.ExitStack() as stack:
+        pool = None
+        if parallel:
+            from .linalg_device import single_threaded_ops
+
+            pool = stack.enter_context(ThreadPoolExecutor(len(models), thread_name_prefix="fasc-decode"))
+            stack.enter_context(single_threaded_ops())
         while gens:
-            for name in list(gens):
-                try:
-                    ids[name].append(next(gens[name]))
-                    done += 1
-                except StopIteration:
+            names = list(gens)
+            step = dict(zip(names, pool.map(_advance, [gens[n] for n in names]) if pool else
+                            [_advance(gens[n]) for n in names]))
+            for name, toks in step.items():
+                if toks is None:
                     del gens[name]
-                    done += n_tokens - len(ids[name])
-                yield i, name, tokenizer.decode(ids[name], skip_special_tokens=True), done
+                    step[name] = [None] * len(prompts)
+            for i in range(len(prompts)):
+                for name, toks in step.items():
+                    if stopped[name][i]:
+                        continue
+                    if toks[i] is None:
+                        stopped[name][i] = True
+                        done += n_tokens - len(ids[name][i])
+                    else:
+                        ids[name][i].append(toks[i])
+                        done += 1
+                    yield i, name, tokenizer.decode(ids[name][i], skip_special_tokens=True), done
+
+
+def _advance(gen: Iterator) -> list | None:
+    """The next item of `gen`, or None when it is exhausted."""
+    return next(gen, None)
 
 
 @torch.no_grad()
-def seconds_per_new_token(model: nn.Module, tokenizer, n: int = 8) -> float:
-    """Seconds one greedy step with the key/value cache takes here: `n` one-token steps after a short
-    prompt, timed (whatever tokens the model would pick, so an early end of text does not cut it)."""
+def seconds_per_new_token(model: nn.Module, tokenizer, n: int = 8, batch: int = 1) -> float:
+    """Seconds one greedy step with the key/value cache takes here for `batch` prompts decoded together
+    (`greedy_steps`): `n` one-token steps after a short prompt, timed (whatever tokens the model would
+    pick, so an early end of text does not cut it)."""
     import time
 
     from .prefix import cached_forward, new_cache
@@ -107,12 +165,13 @@ def seconds_per_new_token(model: nn.Module, tokenizer, n: int = 8) -> float:
     ids = (tokenizer("The capital of")["input_ids"] or [0])[:8]
     with eval_mode(model):
         cache = new_cache(model)
-        x = torch.tensor([ids], device=dev)
-        cached_forward(model, x, torch.ones_like(x), torch.arange(len(ids), device=dev)[None], cache, True)
+        x = torch.tensor([ids] * max(1, batch), device=dev)
+        cached_forward(model, x, torch.ones_like(x), torch.arange(len(ids), device=dev)[None].expand(x.shape[0], -1), cache,
+                       True)
         t = time.perf_counter()
         for j in range(len(ids), len(ids) + n):
-            cached_forward(model, x[:, -1:], torch.ones((1, j + 1), dtype=torch.long, device=dev),
-                           torch.tensor([[j]], device=dev), cache, True)
+            cached_forward(model, x[:, -1:], torch.ones((x.shape[0], j + 1), dtype=torch.long, device=dev),
+                           torch.full((x.shape[0], 1), j, device=dev), cache, True)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
     return (time.perf_counter() - t) / n

@@ -18,21 +18,28 @@ def compute_factors(an: Analysis, plan: Plan,
                     progress: Callable[[int, int], None] | None = None) -> dict[str, tuple[Tensor, Tensor]]:
     """{fqn: (U, V)} for the whole plan; validates the plan first.
 
-    Factors are computed on the linear-algebra device and moved at once to each module's own device,
-    in float32 at least (the module's dtype if wider), so the linear-algebra device never holds more
-    than one module's factors."""
+    Factors are computed on the linear-algebra device (on the CPU, layers in parallel threads:
+    `Analysis.factors_many`) and moved to each module's own device, in float32 at least (the module's
+    dtype if wider); on an accelerator one module at a time, so it never holds more than one module's
+    factors."""
     validate_plan(plan, an)
-    out, n = {}, len(plan.ranks)
-    for i, (f, k) in enumerate(plan.ranks.items()):
-        U, V = an.factors(f, plan.methods[f], k)
+    items = [(f, plan.methods[f], k) for f, k in plan.ranks.items()]
+
+    def place(f: str, U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
         if not (torch.isfinite(U).all() and torch.isfinite(V).all()):
-            raise FascError(f"Non-finite factors for {f} ({plan.methods[f]}, rank {k}); recalibrate with more "
-                            f"tokens or raise --damping.")
+            raise FascError(f"Non-finite factors for {f} ({plan.methods[f]}, rank {plan.ranks[f]}); recalibrate "
+                            f"with more tokens or raise --damping.")
         dev, dt = an.module_place(f)
         keep = torch.promote_types(dt, torch.float32)
-        out[f] = (U.to(dev, keep), V.to(dev, keep))
+        return U.to(dev, keep), V.to(dev, keep)
+
+    if an.place.device.type == "cpu":
+        return {f: place(f, U, V) for f, (U, V) in an.factors_many(items, progress).items()}
+    out = {}
+    for i, (f, m, k) in enumerate(items):
+        out[f] = place(f, *an.factors(f, m, k))
         if progress is not None:
-            progress(i + 1, n)
+            progress(i + 1, len(items))
     return out
 
 

@@ -11,7 +11,7 @@ from helpers import VOCAB, random_batches, tiny_model
 import fasc
 from fasc.comparison import evaluate_plan
 from fasc.copies import MIN_COPIES, CopyCache, copy_key, module_bytes
-from fasc.generate import continuations, seconds_per_new_token, stream_continuations
+from fasc.generate import continuations, greedy_continuation, seconds_per_new_token, stream_continuations
 from fasc.pipeline import compressed_copy
 
 MB = 2**20
@@ -127,6 +127,10 @@ def test_streamed_continuations_equal_the_plain_ones(llama, tokenizer):
         final[(i, name)] = text
     rows = continuations(models, tokenizer, prompts, 5)
     assert all(final[(i, n)] == rows[i][n] for i in range(2) for n in models)
+    # decoded together (left-padded: the prompts differ in length), each prompt gets what it gets alone
+    assert all(rows[i][n] == greedy_continuation(models[n], tokenizer, p, 5) for i, p in enumerate(prompts)
+               for n in models)
+    assert len({len(tokenizer(p)["input_ids"]) for p in prompts}) == 2
     done = [d for *_, d in events]
     assert done == sorted(done) and done[-1] == 2 * 2 * 5          # tokens done reach the total
     assert [e[1] for e in events[:2]] == ["a", "b"]                  # the models take turns

@@ -187,3 +187,16 @@ def test_fasc_beats_pca_when_signal_lives_in_low_variance_directions():
         res[method] = loss_of((U @ V.T).float())
     assert res["fasc"] < 1e-3 * res["pca"]
     assert res["fasc"] < 1e-3 * res["asvd"]
+
+
+def test_factors_in_parallel_equal_one_at_a_time(llama, llama_stats):
+    """`Analysis.factors_many` shares layers out over threads on the CPU (what every copy build uses):
+    the same factors, bit for bit, as one module at a time, in the plan's order, with progress to the end."""
+    plan = fasc.allocate(fasc.Analysis(llama, llama_stats), "fasc", rank_ratio=0.4)
+    items = [(f, m, plan.ranks[f]) for f, m in zip(plan.ranks, ("fasc", "asvd", "pca", "svd") * 99)]
+    one = fasc.Analysis(llama, llama_stats).factors_many(items, workers=1)
+    calls = []
+    many = fasc.Analysis(llama, llama_stats).factors_many(items, workers=2, progress=lambda d, n: calls.append((d, n)))
+    assert list(many) == [f for f, _, _ in items] == list(one)
+    assert all(torch.equal(one[f][0], many[f][0]) and torch.equal(one[f][1], many[f][1]) for f in one)
+    assert calls[-1] == (len(items), len(items))

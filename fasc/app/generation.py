@@ -42,14 +42,18 @@ def _results() -> OrderedDict:
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
-def _step_seconds(ident: str, _model, _tok) -> float:
-    return seconds_per_new_token(_model, _tok)
+def _step_seconds(ident: str, batch: int, _model, _tok) -> float:
+    return seconds_per_new_token(_model, _tok, batch=batch)
 
 
 def generation_seconds(ctx, n_models: int, n_prompts: int, n_tokens: int) -> float:
-    """≈ seconds of greedy decoding: models × prompts × (tokens + the prompt's pass) × this model's
-    measured seconds per step (timed once per model and device)."""
-    return n_models * n_prompts * (n_tokens + 1) * _step_seconds(ctx.lm.ident, ctx.lm.model, ctx.lm.tok)
+    """≈ seconds of greedy decoding: models × (tokens + the prompts' pass) × this model's measured seconds
+    per step for the prompts decoded together (timed once per model, device and number of prompts), the
+    models side by side over the CPU's threads (`fasc.generate.stream_continuations`)."""
+    import torch
+
+    side = min(n_models, torch.get_num_threads()) if next(ctx.lm.model.parameters()).device.type == "cpu" else 1
+    return n_models / max(1, side) * (n_tokens + 1) * _step_seconds(ctx.lm.ident, n_prompts, ctx.lm.model, ctx.lm.tok)
 
 
 def cost_line(ctx, plan: Plan, baseline: str, n_prompts: int, n_tokens: int) -> str:
