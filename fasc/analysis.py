@@ -448,38 +448,52 @@ class Analysis:
             raise FascError(f"Rank {k} for {fqn} is out of range; it must be in [1, {info.max_rank}].")
         return self.basis(fqn, method).factors(self.weight(fqn), k)
 
-    def factors_many(self, items: list[tuple[str, str, int]], progress: Callable[[int, int], None] | None = None,
-                     workers: int | None = None) -> dict[str, tuple[Tensor, Tensor]]:
-        """{fqn: `factors(fqn, method, k)`} for (fqn, method, k) `items`. On the CPU the layers are shared
-        out over `workers` threads (default: `default_workers`) as in `precompute`, each computing its
-        modules single-threaded — the same factors as one at a time; `progress` is called from this
-        thread. The summaries the workers compute are kept."""
-        workers = min(len(items), self.default_workers() if workers is None else max(1, workers))
-        if workers <= 1:
-            out = {}
-            for i, (f, m, k) in enumerate(items):
-                out[f] = self.factors(f, m, k)
-                if progress is not None:
-                    progress(i + 1, len(items))
-            return out
-        for f in {self.info(f).in_features: f for f, _, _ in items}.values():
-            self.place_of(f)  # the float32 check, once per input width, before any worker starts
+    def factors_many(self, items: list[tuple[str, str, int]], progress: Callable[[int, int], object] | None = None,
+                     workers: int | None = None, cholesky: bool = False) -> dict[str, tuple[Tensor, Tensor]]:
+        """{fqn: `factors(fqn, method, k)`} for (fqn, method, k) `items`, in their order. On the CPU the
+        layers are shared out over `workers` threads (default: `default_workers`) as in `precompute`, each
+        computing its modules single-threaded — the same factors as one at a time; `progress` is called
+        from this thread. `cholesky` whitens by Cholesky even where this analysis whitens by C_x's
+        eigenpairs (after pca or the diagnostics): the same maps W' up to rounding, without an n×n eigh per
+        input group. The summaries computed on the way are kept."""
+        def fork() -> "Analysis":
+            w = self._fork()
+            if cholesky:
+                w.eigen_whitening = False
+            return w
+
+        def keep(summaries: dict) -> None:
+            for key, v in summaries.items():   # kept like precompute's, never overwritten
+                self.summaries.setdefault(key, v)
+
         units: OrderedDict[int, list[tuple[str, str, int]]] = OrderedDict()
         for it in items:
             units.setdefault(self.info(it[0]).layer, []).append(it)
+        workers = min(len(units), self.default_workers() if workers is None else max(1, workers))
+        if workers <= 1:
+            a = fork() if cholesky and self.eigen_whitening else self
+            out = {}
+            for i, (f, m, k) in enumerate(items):
+                out[f] = a.factors(f, m, k)
+                if progress is not None:
+                    progress(i + 1, len(items))
+            if a is not self:
+                keep(a.summaries)
+            return out
+        for f in {self.info(f).in_features: f for f, _, _ in items}.values():
+            self.place_of(f)  # the float32 check, once per input width, before any worker starts
 
         def unit(w: "Analysis", todo: list[tuple[str, str, int]]) -> tuple[dict, dict]:
             return {f: w.factors(f, m, k) for f, m, k in todo}, w.summaries
 
         out, done = {}, 0
         with single_threaded_ops(), ThreadPoolExecutor(workers, thread_name_prefix="fasc-factors") as pool:
-            futures = [pool.submit(unit, self._fork(), todo) for todo in units.values()]
+            futures = [pool.submit(unit, fork(), todo) for todo in units.values()]
             try:
                 for fut in as_completed(futures):
                     res, summaries = fut.result()
                     out.update(res)
-                    for key, v in summaries.items():
-                        self.summaries.setdefault(key, v)
+                    keep(summaries)
                     done += len(res)
                     if progress is not None:
                         progress(done, len(items))

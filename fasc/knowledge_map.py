@@ -263,74 +263,22 @@ def map_factors(an: Analysis, fqns: list[str], methods: list[str], ranks: list[i
                 workers: int | None = None) -> dict[str, tuple[Tensor, Tensor]]:
     """{fqn: (U, V)} of every module's compression in the map (W' = U Vᵀ), as `fasc.surgery.compute_factors`
     stores them (the module's device, float32 at least). Each module is decomposed once; the fast and the
-    exact map share the result. On the CPU the layers are shared out over threads as in
-    `Analysis.precompute` (each module's arithmetic unchanged), and the methods' summaries (predicted ΔL
-    curves) are kept in `an`. `progress` returning False cancels (FascError)."""
-    from concurrent.futures import ThreadPoolExecutor, as_completed
-
-    from .linalg_device import single_threaded_ops
+    exact map share the result. On the CPU the layers are shared out over threads
+    (`Analysis.factors_many`, whitened by Cholesky), and the methods' summaries (predicted ΔL curves) are
+    kept in `an`. `progress` returning False cancels (FascError)."""
+    from .surgery import placed_factors
 
     items = list(zip(fqns, methods, ranks))
     for f, m, k in items:
         if not 1 <= k <= an.info(f).max_rank:
             raise FascError(f"Rank {k} for {f} is out of range; it must be in [1, {an.info(f).max_rank}].")
 
-    def one(a: Analysis, f: str, m: str, k: int) -> tuple[Tensor, Tensor]:
-        U, V = a.factors(f, m, k)
-        if not (torch.isfinite(U).all() and torch.isfinite(V).all()):
-            raise FascError(f"Non-finite factors for {f} ({m}, rank {k}); recalibrate with more tokens or raise "
-                            f"--damping.")
-        dev, dt = an.module_place(f)
-        keep = torch.promote_types(dt, torch.float32)
-        return U.to(dev, keep), V.to(dev, keep)
-
-    def tick(done: int) -> None:
-        if progress is not None and progress(done, len(items)) is False:
+    def tick(done: int, total: int) -> None:
+        if progress is not None and progress(done, total) is False:
             raise FascError("Knowledge map cancelled; nothing was stored.")
 
-    def fork() -> Analysis:
-        # its own caches; whitened by Cholesky even where the analysis whitens by C_x's eigenpairs (after
-        # pca or the diagnostics): the same maps W' up to rounding, without an n×n eigh per input group
-        a = an._fork()
-        a.eigen_whitening = False
-        return a
-
-    def keep(summaries: dict) -> None:
-        for key, v in summaries.items():   # kept like precompute's, never overwritten
-            an.summaries.setdefault(key, v)
-
-    out: dict[str, tuple[Tensor, Tensor]] = {}
-    units: dict[int, list] = {}
-    for it in items:
-        units.setdefault(an.info(it[0]).layer, []).append(it)
-    for f in {an.info(f).in_features: f for f, _, _ in items}.values():
-        an.place_of(f)  # the float32 check (GPU), once per input width, before any worker starts
-    workers = min(len(units), an.default_workers() if workers is None else max(1, workers))
-    if workers <= 1:
-        a = fork()
-        for i, (f, m, k) in enumerate(items):
-            out[f] = one(a, f, m, k)
-            tick(i + 1)
-        keep(a.summaries)
-        return out
-
-    def work(unit: list) -> tuple[dict, dict]:
-        a = fork()
-        return {f: one(a, f, m, k) for f, m, k in unit}, {"summaries": a.summaries}
-
-    with single_threaded_ops(), ThreadPoolExecutor(workers, thread_name_prefix="fasc-kmap") as pool:
-        futures = [pool.submit(work, u) for u in units.values()]
-        try:
-            for fut in as_completed(futures):
-                got, res = fut.result()
-                out.update(got)
-                keep(res["summaries"])
-                tick(len(out))
-        except BaseException:
-            for fut in futures:
-                fut.cancel()
-            raise
-    return {f: out[f] for f in fqns}
+    raw = an.factors_many(items, tick, workers=workers, cholesky=True)
+    return {f: placed_factors(an, f, U, V) for f, (U, V) in raw.items()}
 
 
 # ---------------------------------------------------------------------- the probe, batched

@@ -14,33 +14,34 @@ from .layers import LowRankLinear
 from .modules import stored_weight
 
 
-def compute_factors(an: Analysis, plan: Plan,
-                    progress: Callable[[int, int], None] | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+def compute_factors(an: Analysis, plan: Plan, progress: Callable[[int, int], object] | None = None,
+                    cholesky: bool = False) -> dict[str, tuple[Tensor, Tensor]]:
     """{fqn: (U, V)} for the whole plan; validates the plan first.
 
     Factors are computed on the linear-algebra device (on the CPU, layers in parallel threads:
-    `Analysis.factors_many`) and moved to each module's own device, in float32 at least (the module's
-    dtype if wider); on an accelerator one module at a time, so it never holds more than one module's
-    factors."""
+    `Analysis.factors_many`, which also explains `cholesky`) and moved to each module's own device, in
+    float32 at least (the module's dtype if wider); on an accelerator one module at a time, so it never
+    holds more than one module's factors."""
     validate_plan(plan, an)
     items = [(f, plan.methods[f], k) for f, k in plan.ranks.items()]
-
-    def place(f: str, U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
-        if not (torch.isfinite(U).all() and torch.isfinite(V).all()):
-            raise FascError(f"Non-finite factors for {f} ({plan.methods[f]}, rank {plan.ranks[f]}); recalibrate "
-                            f"with more tokens or raise --damping.")
-        dev, dt = an.module_place(f)
-        keep = torch.promote_types(dt, torch.float32)
-        return U.to(dev, keep), V.to(dev, keep)
-
     if an.place.device.type == "cpu":
-        return {f: place(f, U, V) for f, (U, V) in an.factors_many(items, progress).items()}
+        return {f: placed_factors(an, f, U, V) for f, (U, V) in an.factors_many(items, progress, cholesky=cholesky).items()}
     out = {}
     for i, (f, m, k) in enumerate(items):
-        out[f] = place(f, *an.factors(f, m, k))
+        out[f] = placed_factors(an, f, *an.factors_many([(f, m, k)], cholesky=cholesky)[f])
         if progress is not None:
             progress(i + 1, len(items))
     return out
+
+
+def placed_factors(an: Analysis, fqn: str, U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
+    """(U, V) checked finite and moved to the module's own device, in float32 at least."""
+    if not (torch.isfinite(U).all() and torch.isfinite(V).all()):
+        raise FascError(f"Non-finite factors for {fqn} (rank {U.shape[1]}); recalibrate with more tokens or raise "
+                        f"--damping.")
+    dev, dt = an.module_place(fqn)
+    keep = torch.promote_types(dt, torch.float32)
+    return U.to(dev, keep), V.to(dev, keep)
 
 
 def replace_module(model: nn.Module, fqn: str, new: nn.Module) -> None:
