@@ -409,12 +409,19 @@ def cmd_compress(args) -> None:
         heal_heldout = _heldout(args, tok, batches, args.heal_check_tokens, "healing's held-out check",
                                 "--heal-check-tokens")
     hbar = _progress("healing", args) if heal_tokens else None
+    heal_batches = None
+    if heal_tokens and args.heal_data:
+        from dataclasses import replace
+
+        from .pipeline import batches_from_files
+
+        heal_batches = batches_from_files(tok, args.heal_data, replace(_calib_cfg(args), n_tokens=heal_tokens))
     try:
         res = compress_and_save(model, tok, an, plan, args.out, merge=args.merge, overwrite=args.overwrite,
                                 method=args.method, source_model=args.model, calibration=stats.key,
                                 model_fp=mfp, progress=bar, batches=batches, sequential=args.sequential or False,
                                 heal_tokens=heal_tokens, heal_progress=hbar, heal_heldout=heal_heldout,
-                                heal_mode=heal_mode)
+                                heal_mode=heal_mode, heal_batches=heal_batches)
     finally:
         bar.close()
         if hbar is not None:
@@ -425,6 +432,7 @@ def cmd_compress(args) -> None:
     res["heal_tokens"] = heal_tokens
     if heal_tokens:
         res["heal_mode"] = heal_mode
+        res["heal_data"] = args.heal_data or "the calibration text"
     if heal_why:
         res["heal_off"] = heal_why
     obj = {**res, "from_cache": hit, "predicted_speedup": round(speedup, 3),
@@ -765,6 +773,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "block after the other, each fitted to the dense block's outputs from the hidden states the "
                    "partly healed model gives it (memory of one block's training state, does not grow with depth); "
                    "auto (default): global where it fits the GPU, else block; global on the CPU")
+    s.add_argument("--heal-data", nargs="+", help="healing text, in the forms --data takes (e.g. real_qa: "
+                   "passages with a question and its answer); default: the calibration text")
     s.add_argument("--heal-check-tokens", type=int, default=HEAL_CHECK_TOKENS, help="healing measures the KL to the dense model on "
                    "this many held-out tokens (the tail of the calibration sources) before, 8 times during and after "
                    "training, and keeps the factors of the lowest (early stopping; 0 = no checks, keep the last)")

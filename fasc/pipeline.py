@@ -244,14 +244,14 @@ def compressed_copy(model, an: Analysis, plan: Plan, *, merge: bool = False,
                     progress: Callable[[int, int], object] | None = None, batches=None,
                     sequential: bool | str = False, heal_tokens: int = 0,
                     heal_progress: Callable[[int, int], object] | None = None,
-                    heal_heldout=None, heal_mode: str = "global") -> tuple[nn.Module, dict | None]:
+                    heal_heldout=None, heal_mode: str = "global", heal_batches=None) -> tuple[nn.Module, dict | None]:
     """A deep copy of `model` compressed with `plan` — sequentially ('refit'/True or 'restat',
     `fasc.sequential`) and healed for `heal_tokens` tokens in `heal_mode` ('global' or 'block',
-    `fasc.heal.heal_`) when asked, both on
+    `fasc.heal.heal_`) when asked — healing on `heal_batches` when given (another text) —, both on
     `batches`; healing keeps the factors of the lowest KL on `heal_heldout` batches when given —
     and what healing did (`HealResult.to_dict()`, with its `summary` line, or None). `model` is left
     untouched."""
-    if (sequential or heal_tokens) and not batches:
+    if (sequential or (heal_tokens and not heal_batches)) and not batches:
         raise FascError("Sequential compression and healing need the calibration batches; pass batches=.")
     if heal_tokens < 0:
         raise FascError(f"Healing tokens must be ≥ 0 (0 = off), got {heal_tokens}.")
@@ -269,7 +269,7 @@ def compressed_copy(model, an: Analysis, plan: Plan, *, merge: bool = False,
     healed = None
     if heal_tokens:
         from .heal import heal_
-        healed = heal_(work, model, batches, tokens=heal_tokens, progress=heal_progress,
+        healed = heal_(work, model, heal_batches or batches, tokens=heal_tokens, progress=heal_progress,
                        heldout=heal_heldout, mode=heal_mode).to_dict()
     return work, healed
 
@@ -280,13 +280,14 @@ def compress_and_save(model, tok, an: Analysis, plan: Plan, out: str | Path, *, 
                       progress: Callable[[int, int], None] | None = None, batches=None,
                       sequential: bool | str = False, heal_tokens: int = 0,
                       heal_progress: Callable[[int, int], None] | None = None, heal_heldout=None,
-                      heal_mode: str = "global", copies: Callable[[Plan], tuple] | None = None) -> dict:
+                      heal_mode: str = "global", heal_batches=None, copies: Callable[[Plan], tuple] | None = None) -> dict:
     """Compress a deep copy of `model` with `plan` and export it (what `fasc compress` and the Export
     page do).
 
     `sequential` ('refit' or True, or 'restat') fits each module to the partly compressed model's
     inputs (`fasc.sequential`; 'restat' without the least-squares refit to the dense outputs) and
-    `heal_tokens` > 0 distils the dense model into the factors (`fasc.heal`, in `heal_mode`); both use `batches`
+    `heal_tokens` > 0 distils the dense model into the factors (`fasc.heal`, in `heal_mode`, on
+    `heal_batches` when given); both use `batches`
     (healing checked on `heal_heldout`, see `compressed_copy`). `copies(plan)`, when given, returns
     that compressed copy (e.g. from a `fasc.copies.CopyCache`; it is only read) instead of building it
     here: built with the same `merge`, `sequential`, `heal_tokens` and `heal_mode`, which the export records.
@@ -300,7 +301,7 @@ def compress_and_save(model, tok, an: Analysis, plan: Plan, out: str | Path, *, 
     else:
         work, healed = compressed_copy(model, an, plan, merge=merge, progress=progress, batches=batches,
                                        sequential=sequential, heal_tokens=heal_tokens, heal_progress=heal_progress,
-                                       heal_heldout=heal_heldout, heal_mode=heal_mode)
+                                       heal_heldout=heal_heldout, heal_mode=heal_mode, heal_batches=heal_batches)
     meta = export_meta(an, plan, method=method, source_model=source_model, calibration=calibration,
                        model_fp=model_fp)
     meta.update({"sequential": sequential, "heal": healed})

@@ -357,3 +357,11 @@ def test_cli_heals_block_by_block_and_the_export_records_it(capsys, saved_llama,
     with pytest.raises(SystemExit):
         run_cli(capsys, "compress", *common, "--heal-mode", "layers", "--out", str(tmp_path / "x"))
     assert "invalid choice" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    # another healing text (--heal-data): the same compression, healed on other batches
+    other = tmp_path / "other.txt"
+    other.write_text("Question: What is the capital of France?\nAnswer: Paris.\n\n" * 60)
+    code, out, err = run_cli(capsys, "compress", *common, "--heal-data", str(other), "--out", str(tmp_path / "q"))
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["heal_data"] == [str(other)] and res["heal"]["tokens"] >= 300
+    assert res["heal"]["kl_first"] != json.loads((tmp_path / "g" / "fasc_config.json").read_text())["heal"]["kl_first"]
