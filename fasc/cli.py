@@ -421,7 +421,8 @@ def cmd_compress(args) -> None:
                                 method=args.method, source_model=args.model, calibration=stats.key,
                                 model_fp=mfp, progress=bar, batches=batches, sequential=args.sequential or False,
                                 heal_tokens=heal_tokens, heal_progress=hbar, heal_heldout=heal_heldout,
-                                heal_mode=heal_mode, heal_batches=heal_batches)
+                                heal_mode=heal_mode, heal_batches=heal_batches,
+                                heal_text=", ".join(args.heal_data) if args.heal_data else "")
     finally:
         bar.close()
         if hbar is not None:

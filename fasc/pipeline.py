@@ -280,14 +280,15 @@ def compress_and_save(model, tok, an: Analysis, plan: Plan, out: str | Path, *, 
                       progress: Callable[[int, int], None] | None = None, batches=None,
                       sequential: bool | str = False, heal_tokens: int = 0,
                       heal_progress: Callable[[int, int], None] | None = None, heal_heldout=None,
-                      heal_mode: str = "global", heal_batches=None, copies: Callable[[Plan], tuple] | None = None) -> dict:
+                      heal_mode: str = "global", heal_batches=None, heal_text: str = "",
+                      copies: Callable[[Plan], tuple] | None = None) -> dict:
     """Compress a deep copy of `model` with `plan` and export it (what `fasc compress` and the Export
     page do).
 
     `sequential` ('refit' or True, or 'restat') fits each module to the partly compressed model's
     inputs (`fasc.sequential`; 'restat' without the least-squares refit to the dense outputs) and
     `heal_tokens` > 0 distils the dense model into the factors (`fasc.heal`, in `heal_mode`, on
-    `heal_batches` when given); both use `batches`
+    `heal_batches` when given, named `heal_text` in the export's record); both use `batches`
     (healing checked on `heal_heldout`, see `compressed_copy`). `copies(plan)`, when given, returns
     that compressed copy (e.g. from a `fasc.copies.CopyCache`; it is only read) instead of building it
     here: built with the same `merge`, `sequential`, `heal_tokens` and `heal_mode`, which the export records.
@@ -304,6 +305,8 @@ def compress_and_save(model, tok, an: Analysis, plan: Plan, out: str | Path, *, 
                                        heal_heldout=heal_heldout, heal_mode=heal_mode, heal_batches=heal_batches)
     meta = export_meta(an, plan, method=method, source_model=source_model, calibration=calibration,
                        model_fp=model_fp)
+    if healed is not None and heal_text:
+        healed = {**healed, "text": heal_text}
     meta.update({"sequential": sequential, "heal": healed})
     path = save_compressed(work, tok, out, meta=meta, overwrite=overwrite)
     kept, orig = plan.params(an)

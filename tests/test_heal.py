@@ -364,4 +364,6 @@ def test_cli_heals_block_by_block_and_the_export_records_it(capsys, saved_llama,
     assert code == 0, err
     res = json.loads(out)
     assert res["heal_data"] == [str(other)] and res["heal"]["tokens"] >= 300
+    assert json.loads((tmp_path / "q" / "fasc_config.json").read_text())["heal"]["text"] == str(other)
+    assert "text" not in json.loads((tmp_path / "g" / "fasc_config.json").read_text())["heal"]
     assert res["heal"]["kl_first"] != json.loads((tmp_path / "g" / "fasc_config.json").read_text())["heal"]["kl_first"]
