@@ -11,6 +11,7 @@ import logging
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -369,20 +370,12 @@ class Analysis:
                 if progress is not None:
                     progress(i + 1, len(todo))
             return
-        done = 0
-        with single_threaded_ops(), ThreadPoolExecutor(workers, thread_name_prefix="fasc-eigh") as pool:
-            futures = [pool.submit(self._fork()._decompose_all, items, diagnostics) for items in units.values()]
-            try:
-                for fut in as_completed(futures):
-                    res = fut.result()
-                    self._merge(res)
-                    done += res["n"]
-                    if progress is not None:
-                        progress(done, len(todo))
-            except BaseException:  # cancelled (the progress callback raised) or failed: stop the queue
-                for fut in futures:
-                    fut.cancel()
-                raise
+        def merge(res: dict) -> int:
+            self._merge(res)
+            return res["n"]
+
+        _in_threads(workers, "fasc-eigh", [partial(self._fork()._decompose_all, items, diagnostics)
+                                          for items in units.values()], merge, len(todo), progress)
 
     def _use_eigen_whitening(self) -> None:
         """Whiten by C_x's eigenpairs from now on (their work is shared with pca and misalignment)."""
@@ -486,21 +479,15 @@ class Analysis:
         def unit(w: "Analysis", todo: list[tuple[str, str, int]]) -> tuple[dict, dict]:
             return {f: w.factors(f, m, k) for f, m, k in todo}, w.summaries
 
-        out, done = {}, 0
-        with single_threaded_ops(), ThreadPoolExecutor(workers, thread_name_prefix="fasc-factors") as pool:
-            futures = [pool.submit(unit, fork(), todo) for todo in units.values()]
-            try:
-                for fut in as_completed(futures):
-                    res, summaries = fut.result()
-                    out.update(res)
-                    keep(summaries)
-                    done += len(res)
-                    if progress is not None:
-                        progress(done, len(items))
-            except BaseException:  # cancelled (the progress callback raised) or failed: stop the queue
-                for fut in futures:
-                    fut.cancel()
-                raise
+        out = {}
+
+        def merge(got: tuple[dict, dict]) -> int:
+            out.update(got[0])
+            keep(got[1])
+            return len(got[0])
+
+        _in_threads(workers, "fasc-factors", [partial(unit, fork(), todo) for todo in units.values()], merge,
+                    len(items), progress)
         return {f: out[f] for f, _, _ in items}
 
     # ---------------------------------------------------------------- diagnostics
@@ -600,6 +587,25 @@ class Analysis:
                 curves.setdefault((f, m), {})[kind] = t
         for key, d in curves.items():
             self.summaries[key] = Summary(d.get("curve"), d["values"])
+
+
+def _in_threads(workers: int, name: str, jobs: list[Callable[[], object]], merge: Callable[[object], int],
+                total: int, progress: Callable[[int, int], object] | None) -> None:
+    """Run `jobs` on `workers` threads, torch's own ops single-threaded; each result goes to `merge` (in
+    this thread), which returns how many items it completed, and `progress(done, total)` follows. A
+    failure, or a progress callback that raises (a cancel), stops the queue and propagates."""
+    done = 0
+    with single_threaded_ops(), ThreadPoolExecutor(workers, thread_name_prefix=name) as pool:
+        futures = [pool.submit(job) for job in jobs]
+        try:
+            for fut in as_completed(futures):
+                done += merge(fut.result())
+                if progress is not None:
+                    progress(done, total)
+        except BaseException:
+            for fut in futures:
+                fut.cancel()
+            raise
 
 
 def _share(vals: Tensor, k: int) -> float:
