@@ -411,11 +411,7 @@ def cmd_compress(args) -> None:
     hbar = _progress("healing", args) if heal_tokens else None
     heal_batches = None
     if heal_tokens and args.heal_data:
-        from dataclasses import replace
-
-        from .pipeline import batches_from_files
-
-        heal_batches = batches_from_files(tok, args.heal_data, replace(_calib_cfg(args), n_tokens=heal_tokens))
+        heal_batches = _heal_batches(args, model, tok, batches, heal_tokens)
     try:
         res = compress_and_save(model, tok, an, plan, args.out, merge=args.merge, overwrite=args.overwrite,
                                 method=args.method, source_model=args.model, calibration=stats.key,
@@ -445,6 +441,28 @@ def cmd_compress(args) -> None:
                      f"{res['model_params_after']:,} parameters, predicted ΔL {res['predicted_delta_loss']:.4f} "
                      f"nats/token" + (f"\nhealing: {res['heal']['summary']}" if res.get("heal") else
                      f"\nhealing: {heal_why}" if heal_why else ""))
+
+
+def _heal_batches(args, model, tok, batches, heal_tokens: int):
+    """The healing text of --heal-data: files or named sources, or `generated` (the dense model continues
+    the calibration rows, `fasc.heal_text`)."""
+    from dataclasses import replace
+
+    if "generated" in args.heal_data:
+        if args.heal_data != ["generated"]:
+            raise FascError("--heal-data generated stands alone (the dense model writes the healing text from the "
+                            "calibration rows); drop the other sources, or drop generated.")
+        from .heal_text import generated_batches
+
+        bar = _progress("writing the healing text", args, unit="step")
+        try:
+            return generated_batches(model, batches, heal_tokens, seed=args.seed,
+                                     eos=getattr(tok, "eos_token_id", None), progress=bar)
+        finally:
+            bar.close()
+    from .pipeline import batches_from_files
+
+    return batches_from_files(tok, args.heal_data, replace(_calib_cfg(args), n_tokens=heal_tokens))
 
 
 def _heal_choice(args, model, an, plan, batches) -> tuple[int, str, str]:
@@ -775,7 +793,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "partly healed model gives it (memory of one block's training state, does not grow with depth); "
                    "auto (default): global where it fits the GPU, else block; global on the CPU")
     s.add_argument("--heal-data", nargs="+", help="healing text, in the forms --data takes (e.g. real_qa: "
-                   "passages with a question and its answer); default: the calibration text")
+                   "passages with a question and its answer), or generated: the dense model's own text, sampled "
+                   "on from the first 32 tokens of each calibration row; default: the calibration text")
     s.add_argument("--heal-check-tokens", type=int, default=HEAL_CHECK_TOKENS, help="healing measures the KL to the dense model on "
                    "this many held-out tokens (the tail of the calibration sources) before, 8 times during and after "
                    "training, and keeps the factors of the lowest (early stopping; 0 = no checks, keep the last)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -31,8 +31,6 @@ def greedy_steps(model: nn.Module, tokenizer, prompts: list[str], n_tokens: int 
     that skip the padding, so each gets the tokens it would get alone; one step serves all of them (on
     the 2-core CPU a step of three SmolLM2 prompts costs ≈ 1.7× one prompt's, bench.copies_timing). The
     model is left in the mode it was in."""
-    from .prefix import cached_forward, new_cache
-
     if not prompts:
         raise FascError("No prompt given; pass at least one, e.g. --generate \"The capital of France is\".")
     for p in prompts:
@@ -41,8 +39,15 @@ def greedy_steps(model: nn.Module, tokenizer, prompts: list[str], n_tokens: int 
     for p, e in zip(prompts, enc):
         if not e:
             raise FascError(f"The prompt {p!r} tokenizes to nothing; give some text.")
+    yield from _decode(model, enc, n_tokens, getattr(tokenizer, "eos_token_id", None), lambda z: z.argmax(-1))
+
+
+def _decode(model: nn.Module, enc: list[list[int]], n_tokens: int, eos: int | None,
+            pick: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[list[int | None]]:
+    """The decoding loop of `greedy_steps` with its choice of token, `pick(last logits (B, V)) → ids (B,)`."""
+    from .prefix import cached_forward, new_cache
+
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 10**9
-    eos = getattr(tokenizer, "eos_token_id", None)
     dev = next(model.parameters()).device
     lens = [len(e) for e in enc]
     active = [n < limit for n in lens]
@@ -60,7 +65,7 @@ def greedy_steps(model: nn.Module, tokenizer, prompts: list[str], n_tokens: int 
         cache = new_cache(model)
         logits = cached_forward(model, ids.to(dev), mask, pos.to(dev), cache, True)
         for step in range(n_tokens):
-            nxt = logits[:, -1].argmax(-1)
+            nxt = pick(logits[:, -1])
             picked = nxt.tolist()
             out: list[int | None] = []
             for r, t in enumerate(picked):
@@ -76,6 +81,33 @@ def greedy_steps(model: nn.Module, tokenizer, prompts: list[str], n_tokens: int 
             mask = torch.cat([mask, torch.ones((len(enc), 1), dtype=torch.long, device=dev)], 1)
             last = last + 1
             logits = cached_forward(model, nxt[:, None], mask, last, cache, True)
+
+
+@torch.no_grad()
+def sampled_continuations(model: nn.Module, prompts: list[list[int]], n_tokens: int, temperature: float = 1.0,
+                          seed: int = 0, eos: int | None = None,
+                          progress: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    """Each prompt (token ids) continued by up to `n_tokens` tokens sampled from `model`'s softmax at
+    `temperature` (the prompts decoded together, as `greedy_steps` does), reproducible by `seed`; a row
+    stops before its `eos` token. Returns the new tokens of each prompt; `progress(step, n_tokens)`."""
+    if not prompts or any(not p for p in prompts):
+        raise FascError("Sampling needs at least one non-empty prompt.")
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise FascError(f"The sampling temperature must be > 0, got {temperature!r}.")
+    dev = next(model.parameters()).device
+    gen = torch.Generator(device=dev).manual_seed(seed)
+
+    def pick(z: torch.Tensor) -> torch.Tensor:
+        return torch.multinomial(torch.softmax(z.float() / temperature, -1), 1, generator=gen)[:, 0]
+
+    out: list[list[int]] = [[] for _ in prompts]
+    for step, toks in enumerate(_decode(model, prompts, n_tokens, eos, pick)):
+        for r, t in enumerate(toks):
+            if t is not None:
+                out[r].append(t)
+        if progress is not None:
+            progress(step + 1, n_tokens)
+    return out
 
 
 def greedy_tokens(model: nn.Module, tokenizer, prompt: str, n_tokens: int = 32) -> Iterator[int]:

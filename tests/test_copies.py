@@ -137,3 +137,18 @@ def test_streamed_continuations_equal_the_plain_ones(llama, tokenizer):
     assert seconds_per_new_token(llama, tokenizer, 3) > 0
     with pytest.raises(fasc.FascError, match="No prompt"):
         list(stream_continuations(models, tokenizer, [], 4))
+
+
+def test_sampled_continuations_follow_the_softmax(llama, tokenizer):
+    """`sampled_continuations`: near temperature 0 it is greedy decoding; at temperature 1 the seed decides
+    and the same seed gives the same tokens."""
+    from fasc.generate import greedy_tokens, sampled_continuations
+
+    prompts = [tokenizer(p)["input_ids"] for p in ("the cat sat on", "a big red")]
+    cold = sampled_continuations(llama, prompts, 6, temperature=1e-6)
+    assert cold == [list(greedy_tokens(llama, tokenizer, p, 6)) for p in ("the cat sat on", "a big red")]
+    hot = sampled_continuations(llama, prompts, 6, seed=3)
+    assert hot == sampled_continuations(llama, prompts, 6, seed=3) and hot != cold
+    assert all(len(t) == 6 for t in hot)
+    with pytest.raises(fasc.FascError, match="temperature"):
+        sampled_continuations(llama, prompts, 6, temperature=0)

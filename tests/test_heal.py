@@ -367,3 +367,37 @@ def test_cli_heals_block_by_block_and_the_export_records_it(capsys, saved_llama,
     assert json.loads((tmp_path / "q" / "fasc_config.json").read_text())["heal"]["text"] == str(other)
     assert "text" not in json.loads((tmp_path / "g" / "fasc_config.json").read_text())["heal"]
     assert res["heal"]["kl_first"] != json.loads((tmp_path / "g" / "fasc_config.json").read_text())["heal"]["kl_first"]
+    # the dense model's own text (--heal-data generated), recorded as such; it stands alone
+    code, out, err = run_cli(capsys, "compress", *common, "--heal-data", "generated", "--out", str(tmp_path / "s"))
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["heal_data"] == ["generated"] and res["heal"]["tokens"] >= 300
+    assert json.loads((tmp_path / "s" / "fasc_config.json").read_text())["heal"]["text"] == "generated"
+    code, out, err = run_cli(capsys, "compress", *common, "--heal-data", "generated", str(other),
+                             "--out", str(tmp_path / "s2"))
+    assert code != 0 and "stands alone" in err and not (tmp_path / "s2").exists()
+
+
+def test_generated_healing_text_is_the_dense_models_own_continuation(saved_llama):
+    """`fasc.heal_text.generated_batches`: rows shaped like the calibration rows, each its first tokens
+    followed by what the dense model samples (reproducible by seed; another seed, other text)."""
+    from fasc.data import make_batches
+    from fasc.heal_text import generated_batches
+
+    model, tok = fasc.load_model(str(saved_llama / "model"))
+    cfg = fasc.CalibConfig(n_tokens=256, seq_len=32, batch_size=4)
+    batches = make_batches(tok, (saved_llama / "calib.txt").read_text(), cfg)
+    steps = []
+    gen = generated_batches(model, batches, 200, prompt_tokens=8, progress=lambda d, t: steps.append((d, t)))
+    rows = lambda bs: sorted(b.input_ids[r][b.attention_mask[r].bool()].tolist() for b in bs for r in range(len(b.input_ids)))
+    src, new = rows(batches[:len(gen)]), rows(gen)
+    assert [len(r) for r in new] == [len(r) for r in src] and sum(map(len, new)) >= 200
+    assert sorted(r[:8] for r in new) == sorted(r[:8] for r in src)      # the calibration rows' first tokens
+    assert new != src                                                     # then the model's own text
+    assert rows(generated_batches(model, batches, 200, prompt_tokens=8)) == new
+    assert rows(generated_batches(model, batches, 200, prompt_tokens=8, seed=1)) != new
+    assert steps and steps[-1][0] == steps[-1][1]
+    for b in gen:  # a position predicts the next real token
+        assert torch.equal(b.target_mask[:, :-1], b.attention_mask[:, 1:].bool())
+    with pytest.raises(fasc.FascError, match="positive number of tokens"):
+        generated_batches(model, batches, 0)
