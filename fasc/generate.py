@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator
+from typing import Callable, Collection, Iterator
 
 import torch
 from torch import nn
@@ -39,48 +39,61 @@ def greedy_steps(model: nn.Module, tokenizer, prompts: list[str], n_tokens: int 
     for p, e in zip(prompts, enc):
         if not e:
             raise FascError(f"The prompt {p!r} tokenizes to nothing; give some text.")
-    yield from _decode(model, enc, n_tokens, getattr(tokenizer, "eos_token_id", None), lambda z: z.argmax(-1))
+    yield from decode_steps(model, enc, n_tokens, greedy_pick, end=_ends(getattr(tokenizer, "eos_token_id", None)))
 
 
-def _decode(model: nn.Module, enc: list[list[int]], n_tokens: int, eos: int | None,
-            pick: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[list[int | None]]:
-    """The decoding loop of `greedy_steps` with its choice of token, `pick(last logits (B, V)) → ids (B,)`."""
+def greedy_pick(z: torch.Tensor) -> torch.Tensor:
+    return z.argmax(-1)
+
+
+def _ends(eos: int | None) -> frozenset[int]:
+    return frozenset() if eos is None else frozenset({eos})
+
+
+def decode_steps(model: nn.Module, enc: list[list[int]], n_tokens: int, pick: Callable[[torch.Tensor], torch.Tensor], *,
+            end: Collection[int] = (), last: Collection[int] = (), prefix=None) -> Iterator[list[int | None]]:
+    """The one decoding loop (greedy, sampled, the QA answers): all rows of `enc` at once, left-padded,
+    with positions that skip the padding and a key/value cache; `pick(last logits (B, V)) → ids (B,)`.
+    Yields each step's token per row, None once a row has stopped: a token in `end` stops its row unseen
+    (end of text), one in `last` is yielded and then stops it (a line break), as does the model's maximum
+    length. `prefix` (a `fasc.prefix.Prefix`) is a shared start already run: `enc` continue it."""
     from .prefix import cached_forward, new_cache
 
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 10**9
     dev = next(model.parameters()).device
-    lens = [len(e) for e in enc]
+    n0 = prefix.n if prefix is not None else 0
+    lens = [n0 + len(e) for e in enc]
     active = [n < limit for n in lens]
     if not any(active):
         return
-    width = max(lens)
+    width = max(len(e) for e in enc)
     ids = torch.zeros((len(enc), width), dtype=torch.long)
     mask = torch.zeros((len(enc), width), dtype=torch.long)
     for r, e in enumerate(enc):
-        ids[r, width - len(e):] = torch.tensor(e)
+        ids[r, width - len(e):] = torch.tensor(e, dtype=torch.long)
         mask[r, width - len(e):] = 1
-    pos = (mask.cumsum(1) - 1).clamp(min=0)
-    mask, last = mask.to(dev), pos[:, -1:].to(dev)
+    pos = n0 + (mask.cumsum(1) - 1).clamp(min=0)
+    mask = torch.cat([torch.ones((len(enc), n0), dtype=torch.long), mask], 1).to(dev)
+    at = pos[:, -1:].to(dev)
     with eval_mode(model):
-        cache = new_cache(model)
+        cache = new_cache(model) if prefix is None else prefix.batch(len(enc))
         logits = cached_forward(model, ids.to(dev), mask, pos.to(dev), cache, True)
         for step in range(n_tokens):
             nxt = pick(logits[:, -1])
-            picked = nxt.tolist()
             out: list[int | None] = []
-            for r, t in enumerate(picked):
-                if active[r] and eos is not None and t == eos:
+            for r, t in enumerate(nxt.tolist()):
+                if active[r] and t in end:
                     active[r] = False
                 out.append(t if active[r] else None)
                 if active[r]:
                     lens[r] += 1
-                    active[r] = lens[r] < limit
+                    active[r] = lens[r] < limit and t not in last
             yield out
             if not any(active) or step == n_tokens - 1:
                 return
             mask = torch.cat([mask, torch.ones((len(enc), 1), dtype=torch.long, device=dev)], 1)
-            last = last + 1
-            logits = cached_forward(model, nxt[:, None], mask, last, cache, True)
+            at = at + 1
+            logits = cached_forward(model, nxt[:, None], mask, at, cache, True)
 
 
 @torch.no_grad()
@@ -101,7 +114,7 @@ def sampled_continuations(model: nn.Module, prompts: list[list[int]], n_tokens: 
         return torch.multinomial(torch.softmax(z.float() / temperature, -1), 1, generator=gen)[:, 0]
 
     out: list[list[int]] = [[] for _ in prompts]
-    for step, toks in enumerate(_decode(model, prompts, n_tokens, eos, pick)):
+    for step, toks in enumerate(decode_steps(model, prompts, n_tokens, pick, end=_ends(eos))):
         for r, t in enumerate(toks):
             if t is not None:
                 out[r].append(t)

@@ -191,12 +191,13 @@ def generate_answers(model: nn.Module, tokenizer, prompts: list[str], max_new_to
     examples) is run once and its key/value cache reused by every batch; each batch's own parts are
     left-padded after it, with positions that skip the padding (the same tokens as one prompt at a time)."""
     from .errors import Cancelled
-    from .prefix import Prefix, cached_forward, common_prefix
+    from .generate import greedy_pick, decode_steps
+    from .prefix import Prefix, common_prefix
 
-    stop = torch.tensor(sorted(_newline_ids(tokenizer) | ({tokenizer.eos_token_id} - {None})) or [-1])
+    lines = frozenset(_newline_ids(tokenizer))
+    end = frozenset({tokenizer.eos_token_id} - {None})
     enc = [tokenizer(p)["input_ids"] for p in prompts]
     n0 = common_prefix(enc)
-    dev = next(model.parameters()).device
     out: list[str] = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: -len(enc[i]))
     with eval_mode(model):
@@ -205,31 +206,12 @@ def generate_answers(model: nn.Module, tokenizer, prompts: list[str], max_new_to
             if should_stop is not None and should_stop():
                 raise Cancelled("Evaluation cancelled.")
             idx = order[b:b + batch_size]
-            suf = [enc[i][n0:] for i in idx]
-            width = max(len(s) for s in suf)
-            ids = torch.zeros((len(idx), width), dtype=torch.long)
-            smask = torch.zeros((len(idx), width), dtype=torch.long)
-            for r, s in enumerate(suf):
-                ids[r, width - len(s):] = torch.tensor(s)
-                smask[r, width - len(s):] = 1
-            mask = torch.cat([torch.ones((len(idx), n0), dtype=torch.long), smask], 1).to(dev)
-            pos = (n0 + (smask.cumsum(1) - 1).clamp(min=0)).to(dev)
-            cache = prefix.batch(len(idx))
-            nxt = cached_forward(model, ids.to(dev), mask, pos, cache, True)[:, -1].argmax(-1)
-            last = pos[:, -1:]
-            new = [[] for _ in idx]
-            done = torch.zeros(len(idx), dtype=torch.bool)
-            for t in range(max_new_tokens):
-                tok = nxt.cpu()
-                for r in range(len(idx)):
-                    if not done[r]:
-                        new[r].append(int(tok[r]))
-                done |= torch.isin(tok, stop)
-                if bool(done.all()) or t == max_new_tokens - 1:
-                    break
-                mask = torch.cat([mask, torch.ones((len(idx), 1), dtype=torch.long, device=dev)], 1)
-                last = last + 1
-                nxt = cached_forward(model, nxt[:, None], mask, last, cache, True)[:, -1].argmax(-1)
+            new: list[list[int]] = [[] for _ in idx]
+            for toks in decode_steps(model, [enc[i][n0:] for i in idx], max_new_tokens, greedy_pick, end=end, last=lines,
+                                prefix=prefix):
+                for r, t in enumerate(toks):
+                    if t is not None:
+                        new[r].append(t)
             for r, i in enumerate(idx):
                 out[i] = first_line(tokenizer.decode(new[r], skip_special_tokens=True))
             if progress is not None:
