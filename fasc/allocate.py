@@ -222,7 +222,7 @@ def validate_plan(plan: Plan, an: Analysis, model_fp: str | None = None) -> None
 
 def check_request(method: str = "fasc", *, rank_ratio: float | None = None, param_ratio: float | None = None,
                   ranks: object = None, allocation: str = "greedy", tau: float = HYBRID_TAU,
-                  fallback: str = HYBRID_FALLBACK) -> None:
+                  fallback: str = HYBRID_FALLBACK, attention_share: float | None = None) -> None:
     """What `allocate` checks before it reads the analysis: one of the three budgets, in range, a known
     method and allocation. The CLI calls it first, so a bad budget fails before minutes of calibration."""
     if allocation not in ALLOCATIONS:
@@ -240,13 +240,21 @@ def check_request(method: str = "fasc", *, rank_ratio: float | None = None, para
         raise FascError(f"Rank ratio must be in (0, 1], got {rank_ratio}; e.g. 0.5 keeps half the rank.")
     if param_ratio is not None and not 0 < param_ratio <= 1:
         raise FascError(f"Parameter ratio must be in (0, 1], got {param_ratio}; e.g. 0.5 keeps half.")
+    if attention_share is not None:
+        if param_ratio is None or allocation == "uniform":
+            raise FascError("--attention-share splits a greedy parameter budget between attention and MLP; give "
+                            "--param-ratio P with --allocation greedy (or anchored).")
+        if isinstance(attention_share, bool) or not isinstance(attention_share, (int, float)) \
+                or not 0 < attention_share <= 1:
+            raise FascError(f"The attention share must be in (0, 1], got {attention_share!r}; e.g. 0.8 keeps 80 % "
+                            f"of the attention modules' parameters.")
 
 
 def allocate(an: Analysis, method: str = "fasc", *, rank_ratio: float | None = None,
              param_ratio: float | None = None, ranks: dict[str, int] | None = None,
              modules: str | list[str] | None = "all", model_fp: str = "", tau: float = HYBRID_TAU,
              fallback: str = HYBRID_FALLBACK, allocation: str = "greedy",
-             anchors: dict[str, float] | None = None) -> Plan:
+             anchors: dict[str, float] | None = None, attention_share: float | None = None) -> Plan:
     """Make a plan: exactly one of `rank_ratio`, `param_ratio`, `ranks`.
 
     Args:
@@ -263,9 +271,12 @@ def allocate(an: Analysis, method: str = "fasc", *, rank_ratio: float | None = N
             parameters in every module, k = round(c·mn/(m+n)).
         anchors: {fqn: a_j} scale of each module's predicted curve (`fasc.anchors.Anchors.scales`);
             needed by 'anchored', modules without one keep a_j = 1.
+        attention_share: with a greedy (or anchored) `param_ratio`, the attention modules keep this share
+            of their parameters and the MLP modules the rest of the budget, each group allocated greedily
+            (`split_budget`); None lets one greedy allocation trade between them.
     """
     check_request(method, rank_ratio=rank_ratio, param_ratio=param_ratio, ranks=ranks, allocation=allocation,
-                  tau=tau, fallback=fallback)
+                  tau=tau, fallback=fallback, attention_share=attention_share)
     if allocation == "anchored" and not anchors:
         raise FascError("The anchored allocation needs measured anchors (fasc.anchors.measure_anchors); "
                         "use --allocation anchored on the CLI, which measures them.")
@@ -282,11 +293,17 @@ def allocate(an: Analysis, method: str = "fasc", *, rank_ratio: float | None = N
             curves = [an.curve(i.fqn, base_method(an, i.fqn, method, tau, fallback)) for i in infos]
             if allocation == "anchored":
                 curves = [c * float(anchors.get(i.fqn, 1.0)) for i, c in zip(infos, curves)]
-            chosen = greedy_ranks(infos, curves, param_ratio)
+            if attention_share is None:
+                chosen = greedy_ranks(infos, curves, param_ratio)
+            else:
+                chosen = {}
+                for group, ratio in split_budget(infos, param_ratio, attention_share):
+                    chosen.update(greedy_ranks([infos[j] for j in group], [curves[j] for j in group], ratio))
     methods = {f: base_method(an, f, method, tau, fallback) for f in chosen if f in {i.fqn for i in an.modules}}
     plan = Plan(ranks=chosen, methods=methods, model_fingerprint=model_fp,
                 note={"method": method, "rank_ratio": rank_ratio, "param_ratio": param_ratio,
                       "allocation": allocation if param_ratio is not None else None,
+                      **({"attention_share": attention_share} if attention_share is not None else {}),
                       **({"tau": tau, "fallback": fallback} if method == "hybrid" else {})})
     validate_plan(plan, an)
     return plan
@@ -315,6 +332,25 @@ def load_plan(src: str | Path | bytes, an: Analysis, model_fp: str = "", *, name
     plan.note = dict(note, loaded_from=name)
     validate_plan(plan, an)
     return plan
+
+
+def split_budget(infos: list[ModuleInfo], param_ratio: float, attention_share: float) -> list[tuple[list[int], float]]:
+    """[(indices of the attention modules, `attention_share`), (indices of the MLP modules, the share that
+    keeps `param_ratio` of all their parameters)]; a group that is absent is left out. The MLP's share
+    must land in (0, 1]: a FascError names the attention shares that fit."""
+    attn = [j for j, i in enumerate(infos) if not i.is_mlp]
+    mlp = [j for j, i in enumerate(infos) if i.is_mlp]
+    a = sum(infos[j].params for j in attn)
+    m = sum(infos[j].params for j in mlp)
+    if not attn or not mlp:
+        return [(attn or mlp, param_ratio)]
+    rest = (param_ratio * (a + m) - attention_share * a) / m
+    if not 0 < rest <= 1:
+        lo = max(0.0, (param_ratio * (a + m) - m) / a)
+        hi = min(1.0, param_ratio * (a + m) / a)
+        raise FascError(f"An attention share of {attention_share} with --param-ratio {param_ratio} would leave the MLP "
+                        f"modules {rest:.3f} of their parameters; choose an attention share between {lo:.3f} and {hi:.3f}.")
+    return [(attn, attention_share), (mlp, rest)]
 
 
 def uniform_ranks(infos: list[ModuleInfo], param_ratio: float) -> dict[str, int]:

@@ -367,7 +367,8 @@ def cmd_compress(args) -> None:
     if args.save_plan:
         check_output_file(args.save_plan, "--save-plan")
     check_request(args.method, rank_ratio=args.rank_ratio, param_ratio=args.param_ratio, ranks=args.ranks,
-                  allocation=args.allocation, tau=args.tau, fallback=args.fallback)
+                  allocation=args.allocation, tau=args.tau, fallback=args.fallback,
+                  attention_share=args.attention_share)
     if args.heal_tokens != "auto" and (args.heal_tokens < 0 or (args.heal_tokens and args.merge)):
         raise FascError("--heal-tokens must be ≥ 0 (0 = off) and needs a factored export (no --merge); got "
                         f"{args.heal_tokens}{' with --merge' if args.merge else ''}.")
@@ -393,7 +394,8 @@ def cmd_compress(args) -> None:
             anchors = _anchors(args, model, tok, an, batches)
         plan = allocate(an, args.method, rank_ratio=args.rank_ratio, param_ratio=args.param_ratio,
                         modules=args.modules, model_fp=mfp, allocation=args.allocation,
-                        anchors=None if anchors is None else anchors.scales, **hybrid)
+                        anchors=None if anchors is None else anchors.scales, attention_share=args.attention_share,
+                        **hybrid)
     if args.save_plan:
         plan.save(args.save_plan)
     from .speed import plan_speed
@@ -770,6 +772,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how --param-ratio is spread: greedy on predicted ΔL (default), anchored (predicted ΔL "
                         "scaled by one measured loss per module: one forward pass per module), uniform (the "
                         "same share of parameters in every module, the peers' baseline)")
+    s.add_argument("--attention-share", type=float, help="with --param-ratio: the attention modules keep this share "
+                   "of their parameters and the MLP modules the rest of the budget, each allocated greedily (one "
+                   "greedy allocation cuts attention deepest, which few-shot answers feel more than perplexity "
+                   "does; BENCHMARKS.md)")
     s.add_argument("--anchor-tokens", type=int, default=2048,
                    help="anchored: held-out calibration tokens per measurement (taken from the data's end)")
     s.add_argument("--anchor-share", type=float, default=ANCHOR_SHARE,

@@ -58,6 +58,37 @@ def test_anchored_with_unit_scales_is_greedy_and_scales_move_ranks(an):
                          anchors=light).ranks[target] <= greedy.ranks[target]
 
 
+def test_attention_share_splits_the_budget_and_allocates_each_group_greedily(an):
+    """`attention_share`: the attention modules keep that share of their parameters (up to the greedy
+    rounding), the MLP modules the rest of the budget; inside each group the ranks are the group's own
+    greedy allocation; shares that leave the MLP outside (0, 1] are one line naming the range."""
+    from fasc.allocate import split_budget
+
+    ratio, share = 0.6, 0.8
+    plan = fasc.allocate(an, "fasc", param_ratio=ratio, attention_share=share)
+    attn = [i for i in an.modules if not i.is_mlp]
+    mlp = [i for i in an.modules if i.is_mlp]
+    (ga, ra), (gm, rm) = split_budget(an.modules, ratio, share)
+    assert ra == share and [an.modules[j] for j in ga] == attn and [an.modules[j] for j in gm] == mlp
+    a, m = sum(i.params for i in attn), sum(i.params for i in mlp)
+    assert abs(share * a + rm * m - ratio * (a + m)) < 1e-6 * (a + m)
+    kept_a = sum(module_params(i, plan.ranks[i.fqn]) for i in attn)
+    kept_m = sum(module_params(i, plan.ranks[i.fqn]) for i in mlp)
+    assert kept_a <= share * a + 1e-9 and kept_a > share * a - max(i.out_features + i.in_features for i in attn)
+    assert kept_m <= rm * m + 1e-9
+    assert {f: plan.ranks[f] for f in (i.fqn for i in attn)} == \
+        fasc.allocate(an, "fasc", param_ratio=share, modules="attention").ranks
+    assert plan.note["attention_share"] == share
+    greedy = fasc.allocate(an, "fasc", param_ratio=ratio)
+    assert greedy.predicted(an) <= plan.predicted(an) + 1e-12   # one greedy allocation predicts no more loss
+    with pytest.raises(fasc.FascError, match="attention share between"):
+        fasc.allocate(an, "fasc", param_ratio=0.3, attention_share=1.0)
+    with pytest.raises(fasc.FascError, match="--param-ratio"):
+        fasc.allocate(an, "fasc", rank_ratio=0.5, attention_share=0.8)
+    with pytest.raises(fasc.FascError, match=r"in \(0, 1\]"):
+        fasc.allocate(an, "fasc", param_ratio=0.5, attention_share=1.5)
+
+
 def test_allocation_errors_are_one_clear_line(an):
     with pytest.raises(fasc.FascError, match="Unknown allocation"):
         fasc.allocate(an, "fasc", param_ratio=0.5, allocation="ilp")

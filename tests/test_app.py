@@ -570,6 +570,26 @@ def test_ranks_uniform_and_anchored_allocations_and_evaluation(env):
     assert list(table["model"])[-1] == "asvd (same budget, anchored)"
 
 
+def test_ranks_split_budget_between_attention_and_mlp(env):
+    """The attention / MLP split: the attention modules keep the slider's share, the plan records it; a
+    share the budget cannot honour is one line; the uniform allocation disables the split."""
+    at = goto(calibrated(env), "pages/4_ranks.py")
+    at.slider(key="w.alloc_ratio").set_value(0.6)
+    at.toggle(key="w.alloc_split").set_value(True).run()
+    at.slider(key="w.alloc_attn").set_value(0.9)
+    at.button(key="w.allocate").click().run()
+    p = plan(ok(at))
+    assert p.note["attention_share"] == 0.9
+    assert 0.55 <= float(metric(at, "Parameters kept").rstrip("%")) / 100 <= 0.65
+    at.slider(key="w.alloc_ratio").set_value(0.1)
+    at.slider(key="w.alloc_attn").set_value(1.0)
+    at.button(key="w.allocate").click().run()
+    assert any("attention share between" in e.value for e in at.error) and not at.exception
+    assert plan(at).ranks == p.ranks                       # the refused allocation changed nothing
+    at.radio(key="w.alloc_kind").set_value("uniform").run()
+    assert at.toggle(key="w.alloc_split").disabled
+
+
 def test_ranks_evaluate_sequential_and_healing(env):
     """Evaluate with restat + healing: both compressed copies (plan and baseline) get them; the
     dense row is unchanged and the compressed rows differ from the plain evaluation."""
