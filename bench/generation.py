@@ -8,7 +8,8 @@ example, a loop, the answer inside a longer reply, another answer, nothing) and 
 still the argmax; every gold token still the argmax teacher-forced — then only the generation around it
 failed); the gold answer's log-likelihood change (nats). Comparing k = 0 with k = 5 separates the
 in-context part (reading the examples) from the fact itself; compressing only the attention or only the
-MLP modules separates the two kinds.
+MLP modules separates the two kinds, and `--make "fasc plan, attention part" "fasc plan, MLP part"` splits
+the default plan itself (its ranks of one group, the other dense).
 
     python -m bench.generation --model smollm2 --budget 0.8              # exports made here (defaults)
     python -m bench.generation --exports fasc=/tmp/ex/fasc80 asvd=/tmp/ex/asvd80
@@ -28,7 +29,23 @@ OUT = Path(__file__).resolve().parent / "out"
 
 # name → fasc compress flags (beyond --model / --param-ratio / --out)
 EXPORTS = {"fasc": [], "asvd": ["--method", "asvd"], "asvd-uniform": ["--method", "asvd", "--allocation", "uniform"],
-           "fasc attention only": ["--modules", "attention"], "fasc mlp only": ["--modules", "mlp"]}
+           "fasc attention only": ["--modules", "attention"], "fasc mlp only": ["--modules", "mlp"],
+           "fasc attention share 0.8": ["--attention-share", "0.8"],
+           # the default plan's ranks of one group only (the other group stays dense): which part of the
+           # plan the lost answers come from
+           "fasc plan, attention part": ["PART", "attention"], "fasc plan, MLP part": ["PART", "mlp"]}
+
+
+def plan_part(plan_path: Path, part: str, out: Path) -> Path:
+    """The saved plan restricted to its attention or MLP modules (written to `out`)."""
+    from fasc.modules import MLP_KINDS, _kind
+
+    plan = json.loads(plan_path.read_text())
+    keep = lambda f: (_kind(f) in MLP_KINDS) == (part == "mlp")  # noqa: E731
+    plan["ranks"] = {f: k for f, k in plan["ranks"].items() if keep(f)}
+    plan["methods"] = {f: m for f, m in plan.get("methods", {}).items() if keep(f)}
+    out.write_text(json.dumps(plan))
+    return out
 
 
 def qa_run(model, tok, name: str, k: int, limit: int | None, probe) -> dict:
@@ -48,7 +65,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smollm2")
     p.add_argument("--budget", type=float, default=0.8)
     p.add_argument("--exports", nargs="*", default=[], help="NAME=FOLDER of exports made already")
-    p.add_argument("--make", nargs="*", default=list(EXPORTS), choices=list(EXPORTS),
+    p.add_argument("--make", nargs="*", default=[e for e in EXPORTS if "plan," not in e and "share" not in e],
+                   choices=list(EXPORTS),
                    help="exports to make here (those not given with --exports)")
     p.add_argument("--sets", nargs="+", default=["qa_facts", "jeopardy"])
     p.add_argument("--shots", nargs="+", type=int, default=[5, 0])
@@ -65,11 +83,20 @@ def main(argv=None) -> int:
     for name in args.make:
         if name in given:
             continue
-        out = str(Path(args.work) / name.replace(" ", "_"))
+        out = str(Path(args.work) / name.replace(" ", "_").replace(",", ""))
         if not (Path(out) / "fasc_config.json").is_file():
-            subprocess.run([sys.executable, "-m", "fasc", "compress", "--model", args.model, "--param-ratio",
-                            str(args.budget), "--heal-tokens", "0", "--out", out, "--overwrite", "--quiet",
-                            *EXPORTS[name]], check=True)
+            flags = EXPORTS[name]
+            if flags[0] == "PART":
+                whole = Path(args.work) / "fasc-plan.json"
+                if not whole.is_file():
+                    subprocess.run([sys.executable, "-m", "fasc", "compress", "--model", args.model, "--param-ratio",
+                                    str(args.budget), "--heal-tokens", "0", "--out", out, "--overwrite", "--quiet",
+                                    "--save-plan", str(whole)], check=True)
+                flags = ["--ranks", str(plan_part(whole, flags[1], Path(args.work) / f"plan-{flags[1]}.json"))]
+            else:
+                flags = ["--param-ratio", str(args.budget), *flags]
+            subprocess.run([sys.executable, "-m", "fasc", "compress", "--model", args.model, "--heal-tokens", "0",
+                            "--out", out, "--overwrite", "--quiet", *flags], check=True)
         given[name] = out
     models = {"dense": args.model, **given}
     _, tok = fasc.load_model(args.model)
