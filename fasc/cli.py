@@ -375,6 +375,11 @@ def cmd_compress(args) -> None:
     if args.heal_check_tokens < 0 or args.heal_check_tokens == 1:
         raise FascError(f"--heal-check-tokens must be 0 (no checks) or at least 2, got {args.heal_check_tokens}.")
     model, tok, t_load = _load(args)
+    if args.attention_share is not None:  # an impossible split fails before the calibration, not after it
+        from .allocate import split_budget
+        from .modules import find_linears, select
+
+        split_budget(select(find_linears(model), args.modules), args.param_ratio, args.attention_share)
     t0 = time.perf_counter()
     stats, hit, batches = _stats(args, model, tok)
     t_cal = time.perf_counter() - t0

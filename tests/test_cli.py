@@ -82,6 +82,8 @@ def test_cli_errors_are_one_line(capsys, common, saved_llama, tmp_path):
     ("report", ["--html", "{tmp}"], "is a folder; give a file name"),
     ("compress", ["--param-ratio", "0.5", "--save-plan", "{unwritable}/plan.json"], "choose another --save-plan"),
     ("compress", ["--param-ratio", "0.5", "--out", "{unwritable}/export"], "choose another --out"),
+    ("compress", ["--param-ratio", "0.1", "--attention-share", "1.0"], "attention share between"),
+    ("compress", ["--rank-ratio", "0.5", "--attention-share", "0.8"], "--attention-share splits"),
 ])
 def test_bad_options_fail_in_one_line_before_calibrating(capsys, common, tmp_path, unwritable, cmd, extra, needle):
     """A bad budget, device, window or pass size is one line naming it, before minutes of calibration:
@@ -202,3 +204,4 @@ def test_device_default_is_the_first_gpu_when_one_is_visible(capsys, common, mon
     assert code == 2 and err.count("\n") == 1 and "--device cuda:0" in err, err
     code, out, err = run(capsys, "calibrate", *common, "--device", "cpu", "--json")
     assert code == 0 and json.loads(out)["from_cache"] is True, err
+
