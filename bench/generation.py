@@ -86,12 +86,12 @@ def main(argv=None) -> int:
         out = str(Path(args.work) / name.replace(" ", "_").replace(",", ""))
         if not (Path(out) / "fasc_config.json").is_file():
             flags = EXPORTS[name]
-            if flags[0] == "PART":
+            if flags[0] == "PART":  # the plan comes from making the "fasc" row's export (reused by that row)
                 whole = Path(args.work) / "fasc-plan.json"
                 if not whole.is_file():
                     subprocess.run([sys.executable, "-m", "fasc", "compress", "--model", args.model, "--param-ratio",
-                                    str(args.budget), "--heal-tokens", "0", "--out", out, "--overwrite", "--quiet",
-                                    "--save-plan", str(whole)], check=True)
+                                    str(args.budget), "--heal-tokens", "0", "--out", str(Path(args.work) / "fasc"),
+                                    "--overwrite", "--quiet", "--save-plan", str(whole)], check=True)
                 flags = ["--ranks", str(plan_part(whole, flags[1], Path(args.work) / f"plan-{flags[1]}.json"))]
             else:
                 flags = ["--param-ratio", str(args.budget), *flags]

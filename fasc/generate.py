@@ -50,8 +50,8 @@ def _ends(eos: int | None) -> frozenset[int]:
     return frozenset() if eos is None else frozenset({eos})
 
 
-def decode_steps(model: nn.Module, enc: list[list[int]], n_tokens: int, pick: Callable[[torch.Tensor], torch.Tensor], *,
-            end: Collection[int] = (), last: Collection[int] = (), prefix=None) -> Iterator[list[int | None]]:
+def decode_steps(model: nn.Module, enc: list[list[int]], n_tokens: int, pick: Callable[[torch.Tensor], torch.Tensor],
+                 *, end: Collection[int] = (), last: Collection[int] = (), prefix=None) -> Iterator[list[int | None]]:
     """The one decoding loop (greedy, sampled, the QA answers): all rows of `enc` at once, left-padded,
     with positions that skip the padding and a key/value cache; `pick(last logits (B, V)) → ids (B,)`.
     Yields each step's token per row, None once a row has stopped: a token in `end` stops its row unseen

@@ -38,12 +38,12 @@ def generated_batches(dense_model: nn.Module, batches: list[Batch], tokens: int,
     rows = [b.input_ids[r][b.attention_mask[r].bool()].tolist() for b in used for r in range(b.input_ids.shape[0])]
     rows = [r for r in rows if len(r) >= 2]
     rows.sort(key=len)
-    chunks = [rows[i:i + rows_per_pass] for i in range(0, len(rows), rows_per_pass)]
-    steps = [max(len(r) for r in c) - min(prompt_tokens, min(len(r) for r in c) // 2) for c in chunks]
+    chunks = [rows[i:i + rows_per_pass] for i in range(0, len(rows), rows_per_pass)]  # sorted: chunk[0] is shortest
+    prompts = [min(prompt_tokens, len(c[0]) // 2) for c in chunks]
+    steps = [len(c[-1]) - p for c, p in zip(chunks, prompts)]
     total, done = sum(steps), 0
     out_rows: list[list[int]] = []
-    for j, (chunk, n) in enumerate(zip(chunks, steps)):
-        p = min(prompt_tokens, min(len(r) for r in chunk) // 2)
+    for j, (chunk, p, n) in enumerate(zip(chunks, prompts, steps)):
         inner = None if progress is None else (lambda i, _n, d=done: progress(d + i, total))
         new = sampled_continuations(dense_model, [r[:p] for r in chunk], n, temperature=temperature,
                                     seed=seed + j, eos=eos, progress=inner)

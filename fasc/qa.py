@@ -191,7 +191,7 @@ def generate_answers(model: nn.Module, tokenizer, prompts: list[str], max_new_to
     examples) is run once and its key/value cache reused by every batch; each batch's own parts are
     left-padded after it, with positions that skip the padding (the same tokens as one prompt at a time)."""
     from .errors import Cancelled
-    from .generate import greedy_pick, decode_steps
+    from .generate import decode_steps, greedy_pick
     from .prefix import Prefix, common_prefix
 
     lines = frozenset(_newline_ids(tokenizer))
@@ -207,8 +207,8 @@ def generate_answers(model: nn.Module, tokenizer, prompts: list[str], max_new_to
                 raise Cancelled("Evaluation cancelled.")
             idx = order[b:b + batch_size]
             new: list[list[int]] = [[] for _ in idx]
-            for toks in decode_steps(model, [enc[i][n0:] for i in idx], max_new_tokens, greedy_pick, end=end, last=lines,
-                                prefix=prefix):
+            for toks in decode_steps(model, [enc[i][n0:] for i in idx], max_new_tokens, greedy_pick,
+                                     end=end, last=lines, prefix=prefix):
                 for r, t in enumerate(toks):
                     if t is not None:
                         new[r].append(t)
