@@ -202,10 +202,16 @@ def test_pages_after_calibration_survive_a_pending_upload(env):
 
 
 def test_answers_on_plain_text_is_one_line_error(env):
-    at = new_app(env)
-    at.session_state["set.targets"] = "answers"
-    ok(at.run())
+    """Answers-only loss on an uploaded plain text is one line (the built-in mix of real models holds
+    prompt/answer rows, `fewshot_qa`, so there it is valid: loss on their answers, every token of the texts)."""
+    at = ok(new_app(env).run())
+    at.radio(key="w.data").set_value("upload").run()
+    at.file_uploader(key="w.upload").upload("plain.txt", b"the cat sat on the mat. " * 200, "text/plain")
+    at.radio(key="w.targets").set_value("answers").run()
+    ok(at)
     assert len(errors(at)) == 1 and "targets='answers' needs prompt/answer JSONL" in errors(at)[0]
+    at.radio(key="w.data").set_value("builtin").run()
+    assert errors(at) == [], errors(at)
 
 
 @pytest.mark.parametrize("case", ["missing", "not_a_model", "empty_folder_text"])
