@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import importlib.util
 import json
 import math
@@ -44,6 +45,7 @@ from bench.knowledge import split_facts
 from fasc.anchors import anchors_cached, heldout_batches, overlap
 from fasc.data import load_source, make_batches, read_text
 from fasc.evaluate import fact_recall, perplexity
+from fasc.modules import model_fingerprint
 from fasc.pipeline import DATA_DIR, KNOWLEDGE_TEXT
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -84,6 +86,28 @@ def row_specs(heal_tokens: int) -> list[Row]:
         Row("fasc-greedy + knowledge + sequential", "fasc", "greedy", "knowledge", flags=seq, item="2+3"),
         Row("asvd-greedy + knowledge + sequential", "asvd", "greedy", "knowledge", flags=seq, item="2+3"),
     ]
+
+
+# named groups for --rows: the issue-28 table (the peers' baseline, asvd at fasc's allocation, the defaults),
+# all on the model's default calibration mix ("knowledge"); "+healing" adds the defaults healed
+ROW_GROUPS = {
+    "field": ("asvd-uniform + knowledge calibration", "asvd-greedy + knowledge calibration",
+              "fasc-greedy + knowledge calibration"),
+}
+ROW_GROUPS["field+healing"] = (*ROW_GROUPS["field"], "fasc-greedy + knowledge + healing")
+
+
+def select_rows(specs: list[Row], names: tuple[str, ...]) -> list[Row]:
+    """The rows named (a group name expands to its rows), in the table's order; all rows when none is
+    named. An unknown name is an error naming the known ones."""
+    if not names:
+        return specs
+    wanted = {n for name in names for n in ROW_GROUPS.get(name, (name,))}
+    unknown = sorted(wanted - {r.name for r in specs})
+    if unknown:
+        raise fasc.FascError(f"unknown row {unknown[0]!r}: use a row name ({', '.join(repr(r.name) for r in specs)}) "
+                             f"or a group ({', '.join(ROW_GROUPS)})")
+    return [r for r in specs if r.name in wanted]
 
 
 FLAG_SUPPORT = {"sequential": ("fasc.sequential", "--sequential"), "heal_tokens": ("fasc.heal", "--heal-tokens")}
@@ -182,7 +206,41 @@ def evaluate(model, tok, facts, heldout, ppl_tokens, dense=None, tail: str | Non
     return out
 
 
+def dense_cached(model, tok, facts, heldout: str, ppl_tokens: int, tail: str | None, suite: dict,
+                 root: Path | None = None) -> tuple[dict, bool]:
+    """`evaluate` on the dense model, kept under bench/out/dense-cache/ by a digest of everything it
+    depends on (weights, facts, texts, tasks and limit, fasc / lm-eval / torch versions): the dense row,
+    with the suite its longest part, is computed once across budgets and runs. (result, from_cache)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def ver(pkg: str) -> str:
+        try:
+            return version(pkg)
+        except PackageNotFoundError:
+            return "-"
+
+    key = hashlib.sha256(json.dumps({
+        "model": model_fingerprint(model), "facts": [[f.prompt, f.answer] for f in facts], "heldout": heldout,
+        "ppl_tokens": ppl_tokens, "tail": tail, "tasks": list(suite["tasks"]), "limit": suite["limit"],
+        "probe": Path(suite["probe"]).read_text() if suite["tasks"] and suite["probe"] else None,
+        "versions": [fasc.__version__, ver("lm_eval"), ver("transformers"), torch.__version__],
+    }, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    path = (root or OUT / "dense-cache") / f"dense-{key}.json"
+    if path.exists():
+        return json.loads(path.read_text()), True
+    res = evaluate(model, tok, facts, heldout, ppl_tokens, tail=tail, **suite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.incomplete")
+    try:
+        tmp.write_text(json.dumps(res))
+        os.replace(tmp, path)                  # whole or absent: never a half-written entry
+    finally:
+        tmp.unlink(missing_ok=True)
+    return res, False
+
+
 def run(cfg: BudgetConfig, log=print, sink=None) -> dict:
+    t0 = time.perf_counter()
     torch.set_num_threads(cfg.threads)
     model, tok = fasc.load_model(cfg.model)
     files, facts, heldout = data_setup(cfg.model, cfg.knowledge_weight)
@@ -192,13 +250,13 @@ def run(cfg: BudgetConfig, log=print, sink=None) -> dict:
     temperature = fasc.model_defaults(cfg.model).temperature
     gamma = fasc.model_defaults(cfg.model).gamma if cfg.gamma is None else cfg.gamma
     ccfg = fasc.CalibConfig(n_tokens=cfg.tokens, seq_len=seq_len, temperature=temperature, fisher=cfg.fisher)
-    specs = [r for r in row_specs(cfg.heal_tokens) if not cfg.rows or r.name in cfg.rows]
+    specs = select_rows(row_specs(cfg.heal_tokens), cfg.rows)
     result = {"config": asdict(cfg), "n_facts": len(facts), "rows": [], "skipped": [], "timing": {},
               "machine": "shared 2-core CPU (7 engineers)"}
     t = time.perf_counter()
     suite = {"tasks": cfg.tasks, "limit": cfg.limit, "probe": fasc.model_defaults(cfg.model).probe}
-    dense = evaluate(model, tok, facts, heldout, cfg.ppl_tokens, tail=tail, **suite)
-    result["timing"]["dense_eval_s"] = time.perf_counter() - t
+    dense, hit = dense_cached(model, tok, facts, heldout, cfg.ppl_tokens, tail, suite)
+    result["timing"]["dense_eval"] = {"seconds": time.perf_counter() - t, "from_cache": hit}
     result["rows"].append({"row": "dense", "budget": 1.0, **{k: v for k, v in dense.items() if k != "correct"},
                            "kept_of_dense": 1.0, "predicted_dl": 0.0, "measured_dl": 0.0, "seconds": 0.0})
     log(f"dense: ppl {dense['perplexity']:.2f}" + (f" (knowledge tail {dense['ppl_knowledge_tail']:.2f})" if tail else "")
@@ -290,6 +348,7 @@ def run(cfg: BudgetConfig, log=print, sink=None) -> dict:
                     + (f"\n  healing: {heal['summary']}" if heal and "summary" in heal else ""))
                 if sink is not None:
                     sink(result)
+    result["wall_seconds"] = time.perf_counter() - t0
     return result
 
 
@@ -348,6 +407,10 @@ def markdown(results: list[dict]) -> str:
     out += ["", "One-time costs: " + "; ".join(
         f"{k} {v['seconds']:.0f} s" + (" (cache)" if v.get("from_cache") else "") if isinstance(v, dict)
         else f"{k} {v:.0f} s" for k, v in timing.items())]
+    walls = [r["wall_seconds"] for r in results if "wall_seconds" in r]
+    if walls:
+        out += ["", "Wall time: " + ", ".join(f"{w / 60:.1f} min" for w in walls)
+                + f" ({results[0]['config'].get('threads')} threads)"]
     return "\n".join(out)
 
 
@@ -395,13 +458,11 @@ def suite_tables(rows: list[dict], budgets, cfg: dict) -> str:
 
 
 def headline(results: list[dict]) -> float:
-    for res in results:
-        for r in res["rows"]:
-            if r["row"] == "fasc all on" and abs(r["budget"] - 0.8) < 1e-9:
-                return r["kept_of_dense"]
-        for r in res["rows"]:
-            if r["row"] == "fasc-greedy" and abs(r["budget"] - 0.8) < 1e-9:
-                return r["kept_of_dense"]
+    for name in ("fasc all on", "fasc-greedy", "fasc-greedy + knowledge calibration"):   # the first present
+        for res in results:
+            for r in res["rows"]:
+                if r["row"] == name and abs(r["budget"] - 0.8) < 1e-9:
+                    return r["kept_of_dense"]
     return float("nan")
 
 
@@ -415,7 +476,8 @@ def main(argv=None) -> int:
     p.add_argument("--ppl-tokens", type=int, default=d.ppl_tokens)
     p.add_argument("--anchor-tokens", type=int, default=d.anchor_tokens)
     p.add_argument("--heal-tokens", type=int, default=d.heal_tokens)
-    p.add_argument("--rows", nargs="*", default=[], help="row names to run (default: all)")
+    p.add_argument("--rows", nargs="*", default=[], help="row names to run (default: all), or a group: "
+                   + "; ".join(f"{g} = {', '.join(r)}" for g, r in ROW_GROUPS.items()))
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--knowledge-weight", type=int, default=d.knowledge_weight,
                    help="count the knowledge text this many times in the knowledge mix (rows repeated)")
