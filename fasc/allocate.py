@@ -40,9 +40,15 @@ def max_factored_rank(info: ModuleInfo) -> int:
     return max(1, min(info.max_rank, (info.params - 1) // (info.out_features + info.in_features)))
 
 
+QK_KINDS = ("q", "k")   # the projections whose product is the attention pattern
+
+
 def base_method(an: Analysis, fqn: str, method: str, tau: float = HYBRID_TAU,
-                fallback: str = HYBRID_FALLBACK) -> str:
-    """The base method used for `fqn`: `hybrid` → fasc where ρ ≥ τ, else `fallback`."""
+                fallback: str = HYBRID_FALLBACK, qk_method: str | None = None) -> str:
+    """The base method used for `fqn`: `qk_method` on the query and key projections when given (fused
+    qkv modules are not split); else `hybrid` → fasc where ρ ≥ τ, else `fallback`; else `method`."""
+    if qk_method is not None and an.info(fqn).kind in QK_KINDS:
+        return qk_method
     if method == "hybrid":
         return "fasc" if an.rho(fqn)[0] >= tau else fallback
     if method not in BASE_METHODS:
@@ -50,9 +56,11 @@ def base_method(an: Analysis, fqn: str, method: str, tau: float = HYBRID_TAU,
     return method
 
 
-def base_methods(method: str, fallback: str = HYBRID_FALLBACK) -> tuple[str, ...]:
-    """The base methods whose decompositions `method` reads (hybrid: fasc and its fallback)."""
-    return ("fasc", fallback) if method == "hybrid" else (method,)
+def base_methods(method: str, fallback: str = HYBRID_FALLBACK, qk_method: str | None = None) -> tuple[str, ...]:
+    """The base methods whose decompositions `method` reads (hybrid: fasc and its fallback; and
+    `qk_method` when the query/key projections have their own)."""
+    out = ("fasc", fallback) if method == "hybrid" else (method,)
+    return out + ((qk_method,) if qk_method is not None and qk_method not in out else ())
 
 
 @dataclass
@@ -222,9 +230,19 @@ def validate_plan(plan: Plan, an: Analysis, model_fp: str | None = None) -> None
 
 def check_request(method: str = "fasc", *, rank_ratio: float | None = None, param_ratio: float | None = None,
                   ranks: object = None, allocation: str = "greedy", tau: float = HYBRID_TAU,
-                  fallback: str = HYBRID_FALLBACK, attention_share: float | None = None) -> None:
+                  fallback: str = HYBRID_FALLBACK, attention_share: float | None = None,
+                  qk_method: str | None = None) -> None:
     """What `allocate` checks before it reads the analysis: one of the three budgets, in range, a known
     method and allocation. The CLI calls it first, so a bad budget fails before minutes of calibration."""
+    if qk_method is not None and qk_method not in BASE_METHODS:
+        raise FascError(f"Unknown method {qk_method!r} for the query/key projections; choose one of "
+                        f"{', '.join(BASE_METHODS)}.")
+    if qk_method is not None and ranks is not None:
+        raise FascError("A plan JSON names each module's method; drop --qk-method with --ranks (or edit the plan's "
+                        "methods).")
+    if qk_method is not None and allocation == "anchored":
+        raise FascError("The anchored allocation measures one method per module; drop --qk-method or use "
+                        "--allocation greedy.")
     if allocation not in ALLOCATIONS:
         raise FascError(f"Unknown allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}.")
     if allocation != "greedy" and param_ratio is None:
@@ -254,7 +272,8 @@ def allocate(an: Analysis, method: str = "fasc", *, rank_ratio: float | None = N
              param_ratio: float | None = None, ranks: dict[str, int] | None = None,
              modules: str | list[str] | None = "all", model_fp: str = "", tau: float = HYBRID_TAU,
              fallback: str = HYBRID_FALLBACK, allocation: str = "greedy",
-             anchors: dict[str, float] | None = None, attention_share: float | None = None) -> Plan:
+             anchors: dict[str, float] | None = None, attention_share: float | None = None,
+             qk_method: str | None = None) -> Plan:
     """Make a plan: exactly one of `rank_ratio`, `param_ratio`, `ranks`.
 
     Args:
@@ -274,9 +293,11 @@ def allocate(an: Analysis, method: str = "fasc", *, rank_ratio: float | None = N
         attention_share: with a greedy (or anchored) `param_ratio`, the attention modules keep this share
             of their parameters and the MLP modules the rest of the budget, each group allocated greedily
             (`split_budget`); None lets one greedy allocation trade between them.
+        qk_method: the base method of the query and key projections (None: `method` there too). The
+            greedy allocation prices each module with the curve of the method it will be compressed with.
     """
     check_request(method, rank_ratio=rank_ratio, param_ratio=param_ratio, ranks=ranks, allocation=allocation,
-                  tau=tau, fallback=fallback, attention_share=attention_share)
+                  tau=tau, fallback=fallback, attention_share=attention_share, qk_method=qk_method)
     if allocation == "anchored" and not anchors:
         raise FascError("The anchored allocation needs measured anchors (fasc.anchors.measure_anchors); "
                         "use --allocation anchored on the CLI, which measures them.")
@@ -290,7 +311,7 @@ def allocate(an: Analysis, method: str = "fasc", *, rank_ratio: float | None = N
         if allocation == "uniform":
             chosen = uniform_ranks(infos, param_ratio)
         else:
-            curves = [an.curve(i.fqn, base_method(an, i.fqn, method, tau, fallback)) for i in infos]
+            curves = [an.curve(i.fqn, base_method(an, i.fqn, method, tau, fallback, qk_method)) for i in infos]
             if allocation == "anchored":
                 curves = [c * float(anchors.get(i.fqn, 1.0)) for i, c in zip(infos, curves)]
             if attention_share is None:
@@ -299,11 +320,13 @@ def allocate(an: Analysis, method: str = "fasc", *, rank_ratio: float | None = N
                 chosen = {}
                 for group, ratio in split_budget(infos, param_ratio, attention_share):
                     chosen.update(greedy_ranks([infos[j] for j in group], [curves[j] for j in group], ratio))
-    methods = {f: base_method(an, f, method, tau, fallback) for f in chosen if f in {i.fqn for i in an.modules}}
+    methods = {f: base_method(an, f, method, tau, fallback, qk_method) for f in chosen
+               if f in {i.fqn for i in an.modules}}
     plan = Plan(ranks=chosen, methods=methods, model_fingerprint=model_fp,
                 note={"method": method, "rank_ratio": rank_ratio, "param_ratio": param_ratio,
                       "allocation": allocation if param_ratio is not None else None,
                       **({"attention_share": attention_share} if attention_share is not None else {}),
+                      **({"qk_method": qk_method} if qk_method is not None else {}),
                       **({"tau": tau, "fallback": fallback} if method == "hybrid" else {})})
     validate_plan(plan, an)
     return plan

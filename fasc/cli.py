@@ -15,8 +15,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from .config import (ALLOCATIONS, ANCHOR_SHARE, FALLBACK_HELP, FALLBACK_METHODS, HEAL_CHECK_TOKENS, HEAL_TOKENS_GPU,
-                     HYBRID_FALLBACK, HYBRID_TAU, METHODS, TAU_HELP, CalibConfig, CompressConfig, field_help)
+from .config import (ALLOCATIONS, ANCHOR_SHARE, BASE_METHODS, FALLBACK_HELP, FALLBACK_METHODS, HEAL_CHECK_TOKENS,
+                     HEAL_TOKENS_GPU, HYBRID_FALLBACK, HYBRID_TAU, METHODS, TAU_HELP, CalibConfig, CompressConfig,
+                     field_help)
 from .errors import FascError
 
 EXAMPLES = """examples:
@@ -366,9 +367,10 @@ def cmd_compress(args) -> None:
     prepare_destination(args.out, args.overwrite)  # fail before any work
     if args.save_plan:
         check_output_file(args.save_plan, "--save-plan")
+    qk = _qk_method(args)
     check_request(args.method, rank_ratio=args.rank_ratio, param_ratio=args.param_ratio, ranks=args.ranks,
                   allocation=args.allocation, tau=args.tau, fallback=args.fallback,
-                  attention_share=args.attention_share)
+                  attention_share=args.attention_share, qk_method=qk)
     if args.heal_tokens != "auto" and (args.heal_tokens < 0 or (args.heal_tokens and args.merge)):
         raise FascError("--heal-tokens must be ≥ 0 (0 = off) and needs a factored export (no --merge); got "
                         f"{args.heal_tokens}{' with --merge' if args.merge else ''}.")
@@ -386,7 +388,8 @@ def cmd_compress(args) -> None:
     t0 = time.perf_counter()
     # a budget allocation reads every module's ΔL curve first; fixed ranks decompose each module once,
     # while its factors are computed
-    an = _analysis(args, model, stats, base_methods(args.method, args.fallback) if args.param_ratio is not None else (),
+    an = _analysis(args, model, stats,
+                   base_methods(args.method, args.fallback, qk) if args.param_ratio is not None else (),
                    diagnostics=False)
     t_eig = time.perf_counter() - t0
     mfp = stats.model_fingerprint or model_fingerprint(model)
@@ -400,6 +403,7 @@ def cmd_compress(args) -> None:
         plan = allocate(an, args.method, rank_ratio=args.rank_ratio, param_ratio=args.param_ratio,
                         modules=args.modules, model_fp=mfp, allocation=args.allocation,
                         anchors=None if anchors is None else anchors.scales, attention_share=args.attention_share,
+                        qk_method=qk,
                         **hybrid)
     if args.save_plan:
         plan.save(args.save_plan)
@@ -448,6 +452,11 @@ def cmd_compress(args) -> None:
                      f"{res['model_params_after']:,} parameters, predicted ΔL {res['predicted_delta_loss']:.4f} "
                      f"nats/token" + (f"\nhealing: {res['heal']['summary']}" if res.get("heal") else
                      f"\nhealing: {heal_why}" if heal_why else ""))
+
+
+def _qk_method(args) -> str | None:
+    """The query/key projections' own method (--qk-method), or None where it is the plan's method."""
+    return None if args.qk_method in ("same", args.method) else args.qk_method
 
 
 def _heal_batches(args, model, tok, batches, heal_tokens: int):
@@ -778,6 +787,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how --param-ratio is spread: greedy on predicted ΔL (default), anchored (predicted ΔL "
                         "scaled by one measured loss per module: one forward pass per module), uniform (the "
                         "same share of parameters in every module, the peers' baseline)")
+    s.add_argument("--qk-method", choices=("same", *BASE_METHODS), default="same", help="the method of the query "
+                   "and key projections, whose product is the attention pattern (same = --method; greedy or uniform "
+                   "allocation). asvd with fasc elsewhere trades generated few-shot answers for long-context copying: "
+                   "SmolLM2 at 90 %% keeps LAMBADA but loses answers the Fisher-weighted q/k keep (BENCHMARKS.md)")
     s.add_argument("--attention-share", type=float, help="with --param-ratio: the attention modules keep this share "
                    "of their parameters and the MLP modules the rest of the budget, each allocated greedily (one "
                    "greedy allocation cuts attention deepest, which few-shot answers feel more than perplexity "

@@ -55,7 +55,7 @@ def allocation_box(ctx: ui.Context) -> float:
     alloc = ui.commit("alloc_kind", st.radio("Allocation", ALLOCATIONS, horizontal=True, format_func=ALLOCATION_LABEL.get,
                                              help=ALLOCATION_HELP.format(n=len(an.modules), t=ui.ANCHOR_TOKENS),
                                              **ui.bind("alloc_kind", "greedy")))
-    d = st.columns([3, 4], vertical_alignment="bottom")
+    d = st.columns([3, 4, 3], vertical_alignment="bottom")
     can_split = scope == "all" and alloc != "uniform"
     split = ui.commit("alloc_split", d[0].toggle(
         "Split the budget: attention / MLP", disabled=not can_split,
@@ -65,13 +65,21 @@ def allocation_box(ctx: ui.Context) -> float:
         **ui.bind("alloc_split", False))) and can_split
     share = float(ui.commit("alloc_attn", d[1].slider("Attention keeps (share of its parameters)", 0.05, 1.0,
                                                       step=0.05, disabled=not split, **ui.bind("alloc_attn", 0.8))))
+    can_qk = method == "fasc" and alloc != "anchored"
+    qk = ui.commit("alloc_qk", d[2].toggle(
+        "Whitened queries / keys (asvd)", disabled=not can_qk,
+        help="fasc with the query and key projections (their product is the attention pattern) compressed by "
+             "whitening (`fasc compress --qk-method asvd`): on SmolLM2 it keeps long-context copying (LAMBADA) "
+             "and loses generated few-shot answers that Fisher-weighted q/k keep.",
+        **ui.bind("alloc_qk", False))) and can_qk
     if c[4].button("Allocate", type="primary", key="w.allocate", icon=":material/auto_fix_high:"):
-        ui.get_analysis(ctx.lm, ctx.calib["key"], methods=base_methods(method))
+        qk_method = "asvd" if qk else None
+        ui.get_analysis(ctx.lm, ctx.calib["key"], methods=base_methods(method, qk_method=qk_method))
         anchors = ui.get_anchors(ctx, an, method, tau).scales if alloc == "anchored" else None
         try:
             ctx.plans.put(allocate(an, method, param_ratio=ratio, modules=scope, model_fp=ctx.lm.fingerprint,
                                    tau=tau, allocation=alloc, anchors=anchors,
-                                   attention_share=share if split else None))
+                                   attention_share=share if split else None, qk_method=qk_method))
         except FascError as e:
             st.error(str(e), icon=":material/error:")
     if method == "hybrid":

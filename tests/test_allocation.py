@@ -152,3 +152,27 @@ def test_anchors_are_cached_beside_the_statistics(llama, tmp_path, tokenizer):
     assert len(calls) == len(an2.modules)
     assert not list(tmp_path.rglob("*.incomplete"))
     assert np.isfinite(list(a1.scales.values())).all()
+
+
+def test_qk_method_gives_queries_and_keys_their_own_basis_priced_by_its_curve(an):
+    """`qk_method`: the query and key projections take their own method, and the greedy allocation prices
+    them with that method's curve (not fasc's), so its plan predicts less loss than fasc's ranks with
+    the q/k methods swapped afterwards."""
+    from fasc.allocate import base_methods, check_request
+
+    plan = fasc.allocate(an, "fasc", param_ratio=0.9, qk_method="asvd")
+    qk = {f for f in plan.ranks if an.info(f).kind in ("q", "k")}
+    assert qk and {plan.methods[f] for f in qk} == {"asvd"}
+    assert {m for f, m in plan.methods.items() if f not in qk} == {"fasc"}
+    assert plan.note["qk_method"] == "asvd"
+    kept, total = plan.params(an)
+    assert kept <= 0.9 * total
+    swapped = fasc.allocate(an, "fasc", param_ratio=0.9)
+    swapped.methods.update({f: "asvd" for f in qk})
+    assert swapped.ranks != plan.ranks and plan.predicted(an) < swapped.predicted(an)
+    assert fasc.allocate(an, "fasc", param_ratio=0.9, qk_method=None).methods == fasc.allocate(
+        an, "fasc", param_ratio=0.9).methods
+    assert base_methods("fasc", qk_method="asvd") == ("fasc", "asvd")
+    assert base_methods("asvd", qk_method="asvd") == ("asvd",)
+    with pytest.raises(fasc.FascError, match="Unknown method 'whiten' for the query/key projections"):
+        check_request("fasc", param_ratio=0.5, qk_method="whiten")

@@ -596,6 +596,25 @@ def test_ranks_split_budget_between_attention_and_mlp(env):
     assert at.toggle(key="w.alloc_split").disabled
 
 
+def test_ranks_whitened_queries_and_keys(env):
+    """The toggle (off by default) allocates fasc with whitened query/key projections, as `fasc compress
+    --qk-method asvd`; another method or the anchored allocation disables it."""
+    at = goto(calibrated(env), "pages/4_ranks.py")
+    qk = lambda p: {m for f, m in p.methods.items() if f.endswith(("q_proj", "k_proj"))}   # noqa: E731
+    rest = lambda p: {m for f, m in p.methods.items() if not f.endswith(("q_proj", "k_proj"))}   # noqa: E731
+    assert qk(plan(ok(at))) == {"fasc"} and not at.toggle(key="w.alloc_qk").value
+    at.slider(key="w.alloc_ratio").set_value(0.6)
+    at.toggle(key="w.alloc_qk").set_value(True).run()
+    at.button(key="w.allocate").click().run()
+    p = plan(ok(at))
+    assert qk(p) == {"asvd"} and rest(p) == {"fasc"} and p.note["qk_method"] == "asvd"
+    at.selectbox(key="w.alloc_method").set_value("asvd").run()
+    assert at.toggle(key="w.alloc_qk").disabled
+    at.selectbox(key="w.alloc_method").set_value("fasc").run()
+    at.radio(key="w.alloc_kind").set_value("anchored").run()
+    assert at.toggle(key="w.alloc_qk").disabled
+
+
 def test_ranks_evaluate_sequential_and_healing(env):
     """Evaluate with restat + healing: both compressed copies (plan and baseline) get them; the
     dense row is unchanged and the compressed rows differ from the plain evaluation."""

@@ -36,6 +36,7 @@ def test_cli_end_to_end(capsys, common, saved_llama, tmp_path):
     assert comp["param_ratio"] <= 0.5 and comp["model_params_after"] < comp["model_params_before"]
     fc = json.loads((out_dir / "fasc_config.json").read_text())
     assert fc["method"] == "fasc" and fc["calibration"] == first["cache_key"] and fc["factored"]
+    assert set(fc["methods"].values()) == {"fasc"}                # --qk-method same (the default)
 
     # the saved plan re-used with another method, merged export
     code, out, err = run(capsys, "compress", *common, "--method", "asvd", "--ranks", str(tmp_path / "plan.json"),
@@ -191,6 +192,26 @@ def test_gamma_default_is_per_model(capsys, saved_llama, tmp_path):
         code, _, err = run(capsys, "compress", *common, *extra, "--out", str(out))
         assert code == 0, err
         assert json.loads((out / "fasc_config.json").read_text())["compress_config"]["gamma"] == want
+
+
+def test_qk_method_whitens_queries_and_keys_and_refuses_the_anchored_allocation(capsys, common, tmp_path):
+    """--qk-method asvd: the export's query/key projections are asvd, the rest fasc, the plan says so; with
+    the anchored allocation (one measured basis per module) it is one line naming the fix."""
+    out = tmp_path / "qk"
+    code, _, err = run(capsys, "compress", *common, "--param-ratio", "0.6", "--qk-method", "asvd", "--out", str(out),
+                       "--save-plan", str(tmp_path / "qk.json"))
+    assert code == 0, err
+    methods = json.loads((out / "fasc_config.json").read_text())["methods"]
+    assert {m for f, m in methods.items() if f.endswith(("q_proj", "k_proj"))} == {"asvd"}
+    assert {m for f, m in methods.items() if not f.endswith(("q_proj", "k_proj"))} == {"fasc"}
+    assert json.loads((tmp_path / "qk.json").read_text())["note"]["qk_method"] == "asvd"
+    code, _, err = run(capsys, "compress", *common, "--param-ratio", "0.6", "--qk-method", "asvd", "--allocation",
+                       "anchored", "--out", str(tmp_path / "a"))
+    assert code == 2 and "anchored allocation measures one method per module" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "a").exists()
+    code, _, err = run(capsys, "compress", *common, "--ranks", str(tmp_path / "qk.json"), "--qk-method", "asvd",
+                       "--out", str(tmp_path / "b"))
+    assert code == 2 and "drop --qk-method with --ranks" in err and not (tmp_path / "b").exists()
 
 
 def test_device_default_is_the_first_gpu_when_one_is_visible(capsys, common, monkeypatch):
