@@ -211,19 +211,13 @@ def dense_cached(model, tok, facts, heldout: str, ppl_tokens: int, tail: str | N
     """`evaluate` on the dense model, kept under bench/out/dense-cache/ by a digest of everything it
     depends on (weights, facts, texts, tasks and limit, fasc / lm-eval / torch versions): the dense row,
     with the suite its longest part, is computed once across budgets and runs. (result, from_cache)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    def ver(pkg: str) -> str:
-        try:
-            return version(pkg)
-        except PackageNotFoundError:
-            return "-"
+    from importlib.metadata import version   # both pinned in requirements.txt
 
     key = hashlib.sha256(json.dumps({
         "model": model_fingerprint(model), "facts": [[f.prompt, f.answer] for f in facts], "heldout": heldout,
         "ppl_tokens": ppl_tokens, "tail": tail, "tasks": list(suite["tasks"]), "limit": suite["limit"],
         "probe": Path(suite["probe"]).read_text() if suite["tasks"] and suite["probe"] else None,
-        "versions": [fasc.__version__, ver("lm_eval"), ver("transformers"), torch.__version__],
+        "versions": [fasc.__version__, version("lm_eval"), version("transformers"), torch.__version__],
     }, sort_keys=True, default=str).encode()).hexdigest()[:24]
     path = (root or OUT / "dense-cache") / f"dense-{key}.json"
     if path.exists():

@@ -320,8 +320,8 @@ def allocate(an: Analysis, method: str = "fasc", *, rank_ratio: float | None = N
                 chosen = {}
                 for group, ratio in split_budget(infos, param_ratio, attention_share):
                     chosen.update(greedy_ranks([infos[j] for j in group], [curves[j] for j in group], ratio))
-    methods = {f: base_method(an, f, method, tau, fallback, qk_method) for f in chosen
-               if f in {i.fqn for i in an.modules}}
+    known = {i.fqn for i in an.modules}
+    methods = {f: base_method(an, f, method, tau, fallback, qk_method) for f in chosen if f in known}
     plan = Plan(ranks=chosen, methods=methods, model_fingerprint=model_fp,
                 note={"method": method, "rank_ratio": rank_ratio, "param_ratio": param_ratio,
                       "allocation": allocation if param_ratio is not None else None,
