@@ -43,6 +43,7 @@ import torch
 import fasc
 from bench.knowledge import split_facts
 from fasc.anchors import anchors_cached, heldout_batches, overlap
+from fasc.cache import write_text_atomic
 from fasc.data import load_source, make_batches, read_text
 from fasc.evaluate import fact_recall, perplexity
 from fasc.modules import model_fingerprint
@@ -224,12 +225,7 @@ def dense_cached(model, tok, facts, heldout: str, ppl_tokens: int, tail: str | N
         return json.loads(path.read_text()), True
     res = evaluate(model, tok, facts, heldout, ppl_tokens, tail=tail, **suite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.incomplete")
-    try:
-        tmp.write_text(json.dumps(res))
-        os.replace(tmp, path)                  # whole or absent: never a half-written entry
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text_atomic(path, json.dumps(res))   # whole or absent: never a half-written entry
     return res, False
 
 

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
-import uuid
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -185,12 +183,7 @@ def anchors_cached(model: nn.Module, an: Analysis, method: str, batches: list[Ba
             path.unlink(missing_ok=True)  # damaged: measured again
     res = measure_anchors(model, an, method, batches, share, temperature, progress, tau=tau, fallback=fallback)
     if path is not None and folder.is_dir():
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.incomplete")
-        try:
-            tmp.write_text(json.dumps(res.to_dict()))
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        cache.write_text_atomic(path, json.dumps(res.to_dict()))
     return res, False
 
 

@@ -77,6 +77,22 @@ def store(stats: CalibStats, key: str, root: Path | None = None) -> Path:
     return final
 
 
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write `path` whole or not at all: `write(tmp)` fills a hidden `.incomplete` sibling, which is
+    renamed into place (or removed if `write` fails), so a reader never sees a half-written file."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.incomplete")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """`write_atomic` for a UTF-8 text file."""
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
 def lock(key: str, root: Path | None = None) -> FileLock:
     root = Path(root or default_root())
     root.mkdir(parents=True, exist_ok=True)

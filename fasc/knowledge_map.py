@@ -30,9 +30,7 @@ import hashlib
 import inspect
 import json
 import math
-import os
 import time
-import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -143,12 +141,7 @@ def merge_maps(a: KnowledgeMap | None, b: KnowledgeMap, order: list[str]) -> Kno
 
 
 def _save_atomic(tensors: dict[str, Tensor], meta: dict[str, str], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.incomplete")
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    cache.write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def _load_checked(path: Path, kind: str | None) -> tuple[dict, dict[str, Tensor]]:

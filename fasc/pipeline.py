@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -198,12 +197,7 @@ def analysis_cached(model: nn.Module, stats: CalibStats, cfg: CompressConfig = C
     an.precompute(methods, progress=progress, diagnostics=diagnostics)
     changed = (len(an.summaries), len(an.misalignments)) != before
     if path is not None and folder.is_dir() and changed:
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.incomplete")
-        try:
-            save_file(an.summary_tensors(), str(tmp))
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        cache.write_atomic(path, lambda tmp: save_file(an.summary_tensors(), str(tmp)))
     return an, hit and not changed
 
 

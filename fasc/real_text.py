@@ -25,8 +25,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
-import uuid
 from pathlib import Path
 
 from .errors import FascError
@@ -130,7 +128,7 @@ def build(name: str) -> str:
 
 def text_path(name: str, root: Path | None = None) -> Path:
     """The file of built-in text `name`, written once under `<cache>/texts/` (atomically)."""
-    from .cache import default_root, lock
+    from .cache import default_root, lock, write_text_atomic
 
     if name not in NAMES:
         raise FascError(f"Unknown built-in text {name!r}; choose from {', '.join(NAMES)} or give a file.")
@@ -141,12 +139,7 @@ def text_path(name: str, root: Path | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     with lock(f"text-{name}", folder):
         if not path.is_file():
-            tmp = folder / f".{path.name}.{uuid.uuid4().hex[:8]}.incomplete"
-            try:
-                tmp.write_text(build(name), encoding="utf-8")
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
+            write_text_atomic(path, build(name))
     return path
 
 

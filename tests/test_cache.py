@@ -140,3 +140,20 @@ def test_gguf_plain_copy_is_written_once_when_two_loads_race(tokenizer, tmp_path
     assert all(torch.equal(a[k], b[k]) for k in a)
     copies = [p for p in (tmp_path / "cache" / "models").iterdir() if not p.name.endswith(".lock")]
     assert len(copies) == 1 and (copies[0] / "config.json").is_file()
+
+
+def test_write_atomic_leaves_the_old_file_or_the_new_one_never_a_half(tmp_path):
+    path = tmp_path / "entry.json"
+    cache.write_text_atomic(path, "old")
+    assert path.read_text() == "old"
+
+    def half(tmp):
+        tmp.write_text("ha")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        cache.write_atomic(path, half)
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["entry.json"]
+    cache.write_text_atomic(path, "new ✓")
+    assert path.read_text(encoding="utf-8") == "new ✓"
