@@ -34,7 +34,7 @@ def test_each_part_runs_once_per_model_and_the_table_pairs_against_the_reference
     tokenizer.save_pretrained(tmp_path / "other")
     specs = {"dense": str(saved_llama / "model"), "half": str(tmp_path / "other")}
     res = evaluate(specs, sl=SMALL, out=tmp_path / "sel", log=lambda s: None)
-    assert res["dense"]["lambada"]["samples"]["lambada_openai"].__len__() == 3
+    assert len(res["dense"]["lambada"]["samples"]["lambada_openai"]) == 3
     assert [len(res["half"]["mc"]["samples"][t]) for t in selection.MC_TASKS] == [2, 2, 2]
     assert res["half"]["real"]["perplexity"] > 1 and len(res["half"]["qa"]["jeopardy"]["correct"]) == 2
     assert len(list((tmp_path / "sel").glob("*.json"))) == 8 and not list((tmp_path / "sel").glob(".*"))
