@@ -225,7 +225,8 @@ def test_calibrate_heatmap_ranks_export(server, page):
     slider.focus()
     for _ in range(4):  # 0.50 → 0.30 in steps of 0.05
         page.keyboard.press("ArrowLeft")
-    _idle(page)
+    page.wait_for_timeout(1000)  # the slider sends its value after a debounce; on a loaded machine that rerun
+    _idle(page)                  # may not have started 300 ms later, and Allocate would then run at 0.50
     page.get_by_role("button", name="Allocate").click()
     _idle(page)
     kept = page.locator("[data-testid='stMetric']").filter(has_text="Parameters kept").inner_text()
