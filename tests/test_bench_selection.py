@@ -32,6 +32,7 @@ def test_each_part_runs_once_per_model_and_the_table_pairs_against_the_reference
         other.model.layers[0].mlp.down_proj.weight.mul_(0.5)   # another model: another fingerprint
     other.save_pretrained(tmp_path / "other")
     tokenizer.save_pretrained(tmp_path / "other")
+    monkeypatch.setenv("FASC_CACHE", str(tmp_path / "cache"))   # the real_heldout text is built there, not in cache/
     specs = {"dense": str(saved_llama / "model"), "half": str(tmp_path / "other")}
     res = evaluate(specs, sl=SMALL, out=tmp_path / "sel", log=lambda s: None)
     assert len(res["dense"]["lambada"]["samples"]["lambada_openai"]) == 3
