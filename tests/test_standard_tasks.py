@@ -100,7 +100,10 @@ def test_scores_equal_lm_eval_own_path_on_a_tiny_model(tokenizer, monkeypatch):
         assert ours["n_samples"][t] == 6
         assert set(ours["results"][t]) == set(theirs[t]), t
         for metric, v in theirs[t].items():
-            assert ours["results"][t][metric] == pytest.approx(v, rel=1e-9), (t, metric)
+            # ours runs shared prefixes once (fasc.prefix), lm-eval each request whole: float32 log-likelihoods
+            # agree to the last bits only (LAMBADA's perplexity: 8e-8 relative on one CPU, < 1e-9 on another);
+            # a change of definition moves a score far more than 1e-6
+            assert ours["results"][t][metric] == pytest.approx(v, rel=1e-6), (t, metric)
     assert ours["results"]["lambada_openai"]["perplexity"] > 1
 
 
