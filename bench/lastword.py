@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from bench.selection import named_models
+
 DOCS = (500, 800)
 
 
@@ -85,7 +87,7 @@ def compare(dense, models: dict, its: list[Item], progress=None) -> dict[str, La
 
         raise FascError("No LAMBADA documents in that range; give --docs START:END inside 0:5153.")
     names = ["dense", *models]
-    acc = {n: {"klc": 0.0, "nc": 0, "klw": 0.0, "cop": [], "new": [], "hit": 0} for n in names}
+    sums = {n: {"klc": 0.0, "nc": 0, "klw": 0.0, "cop": [], "new": [], "hit": 0} for n in names}
     for i, it in enumerate(its):
         d = _log_probs(dense, it)
         tgt = it.ids[0, it.n_ctx:]
@@ -93,7 +95,7 @@ def compare(dense, models: dict, its: list[Item], progress=None) -> dict[str, La
         for n in names:
             s = d if n == "dense" else _log_probs(models[n], it)
             kl = (d.exp() * (d - s)).sum(-1)
-            a = acc[n]
+            a = sums[n]
             a["klc"] += float(kl[:it.n_ctx - 1].sum())
             a["nc"] += it.n_ctx - 1
             a["klw"] += float(kl[rows].mean())
@@ -104,7 +106,7 @@ def compare(dense, models: dict, its: list[Item], progress=None) -> dict[str, La
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")   # noqa: E731
     return {n: LastWord(kl_context=a["klc"] / max(a["nc"], 1), kl_word=a["klw"] / len(its), nll_copied=mean(a["cop"]),
                         nll_new=mean(a["new"]), acc=a["hit"] / len(its), n_copied=len(a["cop"]), n_new=len(a["new"]))
-            for n, a in acc.items()}
+            for n, a in sums.items()}
 
 
 def table(res: dict[str, LastWord]) -> str:
@@ -142,12 +144,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         lo, hi = _docs(a.docs)
-        specs = {}
-        for m in a.models:
-            name, sep, spec = m.partition("=")
-            if not sep or not name or not spec or name == "dense":
-                raise FascError(f"--models takes NAME=MODEL (a name other than 'dense'), got {m!r}.")
-            specs[name] = spec
+        specs = named_models(a.models)
         import fasc
         from fasc.lm_tasks.standard import lambada_rows
 

@@ -139,6 +139,19 @@ def table(res: dict[str, dict[str, dict]], dense: str, reference: str | None = N
     return "\n".join(lines)
 
 
+def named_models(args: list[str]) -> dict[str, str]:
+    """{name: model spec} of `--models NAME=MODEL …` (a name other than 'dense'); bad input → FascError."""
+    from fasc.errors import FascError
+
+    specs = {}
+    for m in args:
+        name, sep, spec = m.partition("=")
+        if not sep or not name or not spec or name == "dense":
+            raise FascError(f"--models takes NAME=MODEL (a name other than 'dense'), got {m!r}.")
+        specs[name] = spec
+    return specs
+
+
 def main(argv=None) -> int:
     from fasc.errors import FascError
 
@@ -155,12 +168,7 @@ def main(argv=None) -> int:
         bad = [x for x in parts if x not in PARTS]
         if bad or not parts:
             raise FascError(f"Unknown part {', '.join(bad) or '(none)'}; choose from {', '.join(PARTS)}.")
-        specs = {"dense": a.dense}
-        for m in a.models:
-            name, sep, spec = m.partition("=")
-            if not sep or not name or not spec or name == "dense":
-                raise FascError(f"--models takes NAME=MODEL (a name other than 'dense'), got {m!r}.")
-            specs[name] = spec
+        specs = {"dense": a.dense, **named_models(a.models)}
         if a.reference is not None and a.reference not in specs:
             raise FascError(f"--reference {a.reference!r} is not one of the names given: {', '.join(specs)}.")
         from fasc.pipeline import model_defaults
