@@ -16,8 +16,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .config import (ALLOCATIONS, ANCHOR_SHARE, BASE_METHODS, FALLBACK_HELP, FALLBACK_METHODS, HEAL_CHECK_TOKENS,
-                     HEAL_TOKENS_GPU, HYBRID_FALLBACK, HYBRID_TAU, METHODS, TAU_HELP, CalibConfig, CompressConfig,
-                     field_help)
+                     HEAL_COPY_WEIGHT, HEAL_TOKENS_GPU, HYBRID_FALLBACK, HYBRID_TAU, METHODS, TAU_HELP, CalibConfig,
+                     CompressConfig, field_help)
 from .errors import FascError
 
 EXAMPLES = """examples:
@@ -410,6 +410,9 @@ def cmd_compress(args) -> None:
     from .speed import plan_speed
 
     heal_tokens, heal_mode, heal_why = _heal_choice(args, model, an, plan, batches)
+    if heal_tokens and args.heal_copy_weight is not None:   # before any work: heal_ would refuse it only at the end
+        from .heal import check_copy_weight
+        check_copy_weight(args.heal_copy_weight, heal_mode)
     speedup, warn = plan_speed(model, an, plan, merge=args.merge)
     if warn is not None:
         logging.getLogger("fasc").warning(warn)
@@ -429,7 +432,8 @@ def cmd_compress(args) -> None:
                                 model_fp=mfp, progress=bar, batches=batches, sequential=args.sequential or False,
                                 heal_tokens=heal_tokens, heal_progress=hbar, heal_heldout=heal_heldout,
                                 heal_mode=heal_mode, heal_batches=heal_batches,
-                                heal_text=", ".join(args.heal_data) if args.heal_data else "")
+                                heal_text=", ".join(args.heal_data) if args.heal_data else "",
+                                heal_copy_weight=args.heal_copy_weight)
     finally:
         bar.close()
         if hbar is not None:
@@ -820,6 +824,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--heal-data", nargs="+", help="healing text, in the forms --data takes (e.g. real_qa: "
                    "passages with a question and its answer), or generated: the dense model's own text, sampled "
                    "on from the first 32 tokens of each calibration row; default: the calibration text")
+    s.add_argument("--heal-copy-weight", type=float, metavar="W", help="global healing: weight the KL ×W at copy "
+                   "positions — where the dense model's next token follows an earlier occurrence of the current token "
+                   "(\"A B … A\" → B, what LAMBADA's last word asks) — against 1 elsewhere (1 = plain KL; default "
+                   f"{HEAL_COPY_WEIGHT:g}; docs/healing-results.md)")
     s.add_argument("--heal-check-tokens", type=int, default=HEAL_CHECK_TOKENS, help="healing measures the KL to the dense model on "
                    "this many held-out tokens (the tail of the calibration sources) before, 8 times during and after "
                    "training, and keeps the factors of the lowest (early stopping; 0 = no checks, keep the last)")

@@ -19,6 +19,7 @@ ALLOCATIONS = ("greedy", "anchored", "uniform")  # how a parameter budget is spr
 ANCHOR_SHARE = 0.5  # anchored allocation: the reference rank keeps this share of a module's parameters
 HEAL_CHECK_TOKENS = 2048  # healing's held-out check: tokens from the end of the calibration sources
 HEAL_TOKENS_GPU = 65536  # `--heal-tokens auto` on a GPU: the SmolLM2 recipe measured at 80 % (BENCHMARKS.md)
+HEAL_COPY_WEIGHT = 1.0  # global healing's KL weight at copy positions (`fasc.heal.copy_positions`); 1 = plain KL
 
 
 def _check(cond: bool, msg: str) -> None:

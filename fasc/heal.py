@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import HEAL_TOKENS_GPU
+from .config import HEAL_COPY_WEIGHT, HEAL_TOKENS_GPU
 from .data import Batch
 from .errors import Cancelled, FascError
 from .layers import LowRankLinear
@@ -66,12 +66,15 @@ class HealResult:
     block_losses: list[tuple[float, float]] | None = None   # block mode: per trained block, its loss per token on
     # its training tokens over the first pass (each batch before its own step) and after training
     head_kl: bool = False              # block mode: the last block was trained on the KL through the head
+    copy_weight: float = 1.0           # global mode: the KL's weight at copy positions (`copy_positions`)
 
     def to_dict(self) -> dict:
         """The fields and the `summary` line (what fasc_config.json, the CLI and the dashboard show)."""
         out = {"mode": self.mode, "tokens": self.tokens, "steps": self.steps, "kl_first": self.kl_first,
                "kl_last": self.kl_last, "seconds": self.seconds, "cpu_seconds": self.cpu_seconds,
                "summary": self.summary()}
+        if self.mode == "global":
+            out["copy_weight"] = self.copy_weight
         if self.mode == "block":
             out.update({"blocks": self.blocks, "kept_blocks": self.kept_blocks, "head_kl": self.head_kl,
                         "block_losses": [list(x) for x in self.block_losses or []]})
@@ -90,7 +93,8 @@ class HealResult:
                 s += (f", the last block's KL through the head {self.block_losses[-1][0]:.4g} → "
                       f"{self.block_losses[-1][1]:.4g} nats/token")
         else:
-            s = (f"{self.tokens:,} tokens in {self.steps} steps, {self.seconds:.1f} s; KL to the dense model "
+            kl = "KL" if self.copy_weight == 1 else f"KL (×{self.copy_weight:g} at copy positions)"
+            s = (f"{self.tokens:,} tokens in {self.steps} steps, {self.seconds:.1f} s; {kl} to the dense model "
                  f"{self.kl_first:.4g} → {self.kl_last:.4g} nats/token (first vs last step's batch)")
         if self.heldout_curve is not None:
             if self.mode == "block":
@@ -282,11 +286,47 @@ def _micro_batches(b: Batch, micro_batch: int, dev):
             yield ids, am, mask
 
 
-def _kl_sum(model: nn.Module, dense_model: nn.Module, ids, am, mask) -> torch.Tensor:
-    """Σ KL(dense ‖ model) over the real tokens of one micro-batch; gradients flow into `model` only."""
+def copy_positions(ids: torch.Tensor, am: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """Where the next token is a copy: position t of a row whose token A = ids[t] occurred earlier, at s < t,
+    followed by B = top[t] (the teacher's top-1 next token) — "… A B … A" → B, what induction heads do
+    and what LAMBADA's last word mostly asks (docs/healing-results.md). Padding never matches.
+    (B, L) ids, attention mask, top-1 → (B, L) bool."""
+    L = ids.shape[1]
+    hit = (ids[:, None, :-1] == ids[:, :, None]) & (ids[:, None, 1:] == top[:, :, None])   # (B, t, s): pair s, s+1
+    hit &= (torch.arange(L - 1, device=ids.device)[None, :] < torch.arange(L, device=ids.device)[:, None])[None]
+    hit &= am[:, None, 1:].bool() & am[:, None, :-1].bool()
+    return hit.any(-1) & am.bool()
+
+
+def kl_weights(ids: torch.Tensor, am: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+               copy_weight: float) -> torch.Tensor:
+    """Per-token weights of healing's KL at the real tokens (`mask`): `copy_weight` at `copy_positions`,
+    1 elsewhere, scaled so that they sum to the number of tokens (the loss keeps the plain KL's size and the
+    learning rate its meaning). (n_real,) float32."""
+    w = 1 + (copy_weight - 1) * copy_positions(ids, am, teacher_logits.argmax(-1))[mask].float()
+    return w * (w.numel() / w.sum())
+
+
+def check_copy_weight(copy_weight, mode: str) -> None:
+    """A copy weight (`kl_weights`) given for healing in `mode`: a number ≥ 1, global mode only; else FascError."""
+    if isinstance(copy_weight, bool) or not isinstance(copy_weight, (int, float)) or not math.isfinite(copy_weight) \
+            or copy_weight < 1:
+        raise FascError(f"The healing copy weight must be a number ≥ 1 (1 = plain KL), got {copy_weight!r}; e.g. 20.")
+    if mode == "block" and copy_weight != 1:
+        raise FascError("The copy weight weights global healing's KL; block-local healing fits hidden states — "
+                        "heal with --heal-mode global, or leave --heal-copy-weight out.")
+
+
+def _kl_sum(model: nn.Module, dense_model: nn.Module, ids, am, mask, copy_weight: float = 1.0) -> torch.Tensor:
+    """Σ KL(dense ‖ model) over the real tokens of one micro-batch — weighted (`kl_weights`) when
+    `copy_weight` ≠ 1; gradients flow into `model` only."""
     with torch.no_grad():
         tl = dense_model(input_ids=ids, attention_mask=am, use_cache=False).logits
-    return kl_per_token(tl, model(input_ids=ids, attention_mask=am, use_cache=False).logits, mask)
+    sl = model(input_ids=ids, attention_mask=am, use_cache=False).logits
+    if copy_weight == 1:
+        return kl_per_token(tl, sl, mask)
+    t, s = F.log_softmax(tl[mask].float(), -1), F.log_softmax(sl[mask].float(), -1)
+    return (kl_weights(ids, am, tl, mask, copy_weight) * (t.exp() * (t - s)).sum(-1)).sum()
 
 
 def master_weights(params: list[nn.Parameter]) -> list[torch.Tensor]:
@@ -429,7 +469,8 @@ class _Trainer:
 
 def heal_(model: nn.Module, dense_model: nn.Module, batches: list[Batch], tokens: int, lr: float = 1e-4,
           micro_batch: int = 2, progress: Callable[[int, int], object] | None = None,
-          heldout: list[Batch] | None = None, checks: int = 8, mode: str = "global", **block) -> HealResult:
+          heldout: list[Batch] | None = None, checks: int = 8, mode: str = "global", copy_weight: float | None = None,
+          **block) -> HealResult:
     """Distil `dense_model` into the low-rank factors of `model`, in place, for `tokens` real tokens.
 
     Args:
@@ -448,7 +489,11 @@ def heal_(model: nn.Module, dense_model: nn.Module, batches: list[Batch], tokens
         mode: 'global' (KL of the whole model, every factor trained at once) or 'block'
             (`heal_blocks_`: one decoder block at a time, memory bounded by one block); `block` holds
             `heal_blocks_`'s own options (`loss`, `head_kl`).
+        copy_weight: global mode: the KL's weight at `copy_positions` against 1 elsewhere (`kl_weights`);
+            None: `HEAL_COPY_WEIGHT`. Block mode takes none.
     """
+    if copy_weight is not None:
+        check_copy_weight(copy_weight, mode)
     if mode == "block":
         return heal_blocks_(model, dense_model, batches, tokens, lr=lr, micro_batch=micro_batch, progress=progress,
                             heldout=heldout, checks=checks, **block)
@@ -457,6 +502,7 @@ def heal_(model: nn.Module, dense_model: nn.Module, batches: list[Batch], tokens
     if block:
         raise FascError(f"{', '.join(block)}: options of block-local healing only; pass mode='block'.")
     batches, heldout, layers = _checked_inputs(model, batches, tokens, heldout, checks)
+    copy_weight = float(HEAL_COPY_WEIGHT if copy_weight is None else copy_weight)
     dev = next(model.parameters()).device
     t0, c0 = time.perf_counter(), time.process_time()
     done, steps, kl_first, kl_last = 0, 0, float("nan"), float("nan")
@@ -480,7 +526,7 @@ def heal_(model: nn.Module, dense_model: nn.Module, batches: list[Batch], tokens
             n_b = int(b.attention_mask.sum())
             total = 0.0
             for ids, am, mask in _micro_batches(b, micro_batch, dev):
-                loss = _kl_sum(model, dense_model, ids, am, mask) / n_b
+                loss = _kl_sum(model, dense_model, ids, am, mask, copy_weight) / n_b
                 tr.backward(loss)
                 total += float(loss.detach())
             if not math.isfinite(total):
@@ -503,7 +549,7 @@ def heal_(model: nn.Module, dense_model: nn.Module, batches: list[Batch], tokens
         if best is not None and best[1] != done:   # an earlier point (or no healing) did better on held-out text
             _restore(layers, best[2] if best[2] is not None else saved)
     res = HealResult(tokens=done, steps=steps, kl_first=kl_first, kl_last=kl_last, seconds=time.perf_counter() - t0,
-                     cpu_seconds=time.process_time() - c0)
+                     cpu_seconds=time.process_time() - c0, copy_weight=copy_weight)
     if curve is not None:
         res.heldout_kl_before, res.heldout_kl_after, res.kept_tokens, res.heldout_curve = curve[0][1], best[0], best[1], curve
     return res

@@ -245,11 +245,13 @@ def compressed_copy(model, an: Analysis, plan: Plan, *, merge: bool = False,
                     progress: Callable[[int, int], object] | None = None, batches=None,
                     sequential: bool | str = False, heal_tokens: int = 0,
                     heal_progress: Callable[[int, int], object] | None = None,
-                    heal_heldout=None, heal_mode: str = "global", heal_batches=None) -> tuple[nn.Module, dict | None]:
+                    heal_heldout=None, heal_mode: str = "global", heal_batches=None,
+                    heal_copy_weight: float | None = None) -> tuple[nn.Module, dict | None]:
     """A deep copy of `model` compressed with `plan` — sequentially ('refit'/True or 'restat',
     `fasc.sequential`) and healed for `heal_tokens` tokens in `heal_mode` ('global' or 'block',
     `fasc.heal.heal_`) when asked — healing on `heal_batches` when given (another text) —, both on
-    `batches`; healing keeps the factors of the lowest KL on `heal_heldout` batches when given —
+    `batches`; healing keeps the factors of the lowest KL on `heal_heldout` batches when given, and
+    weights its KL by `heal_copy_weight` at copy positions (`fasc.heal.kl_weights`; None: the default) —
     and what healing did (`HealResult.to_dict()`, with its `summary` line, or None). `model` is left
     untouched."""
     if (sequential or (heal_tokens and not heal_batches)) and not batches:
@@ -271,7 +273,7 @@ def compressed_copy(model, an: Analysis, plan: Plan, *, merge: bool = False,
     if heal_tokens:
         from .heal import heal_
         healed = heal_(work, model, heal_batches or batches, tokens=heal_tokens, progress=heal_progress,
-                       heldout=heal_heldout, mode=heal_mode).to_dict()
+                       heldout=heal_heldout, mode=heal_mode, copy_weight=heal_copy_weight).to_dict()
     return work, healed
 
 
@@ -282,6 +284,7 @@ def compress_and_save(model, tok, an: Analysis, plan: Plan, out: str | Path, *, 
                       sequential: bool | str = False, heal_tokens: int = 0,
                       heal_progress: Callable[[int, int], None] | None = None, heal_heldout=None,
                       heal_mode: str = "global", heal_batches=None, heal_text: str = "",
+                      heal_copy_weight: float | None = None,
                       copies: Callable[[Plan], tuple] | None = None) -> dict:
     """Compress a deep copy of `model` with `plan` and export it (what `fasc compress` and the Export
     page do).
@@ -289,7 +292,8 @@ def compress_and_save(model, tok, an: Analysis, plan: Plan, out: str | Path, *, 
     `sequential` ('refit' or True, or 'restat') fits each module to the partly compressed model's
     inputs (`fasc.sequential`; 'restat' without the least-squares refit to the dense outputs) and
     `heal_tokens` > 0 distils the dense model into the factors (`fasc.heal`, in `heal_mode`, on
-    `heal_batches` when given, named `heal_text` in the export's record); both use `batches`
+    `heal_batches` when given, named `heal_text` in the export's record; its KL weighted by
+    `heal_copy_weight` at copy positions); both use `batches`
     (healing checked on `heal_heldout`, see `compressed_copy`). `copies(plan)`, when given, returns
     that compressed copy (e.g. from a `fasc.copies.CopyCache`; it is only read) instead of building it
     here: built with the same `merge`, `sequential`, `heal_tokens` and `heal_mode`, which the export records.
@@ -303,7 +307,8 @@ def compress_and_save(model, tok, an: Analysis, plan: Plan, out: str | Path, *, 
     else:
         work, healed = compressed_copy(model, an, plan, merge=merge, progress=progress, batches=batches,
                                        sequential=sequential, heal_tokens=heal_tokens, heal_progress=heal_progress,
-                                       heal_heldout=heal_heldout, heal_mode=heal_mode, heal_batches=heal_batches)
+                                       heal_heldout=heal_heldout, heal_mode=heal_mode, heal_batches=heal_batches,
+                                       heal_copy_weight=heal_copy_weight)
     meta = export_meta(an, plan, method=method, source_model=source_model, calibration=calibration,
                        model_fp=model_fp)
     if healed is not None and heal_text:

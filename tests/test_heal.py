@@ -9,7 +9,8 @@ import torch
 
 import fasc
 from fasc.calibrate import Cancelled
-from fasc.heal import balance_factors_, heal_, heldout_kl, kl_per_token, teacher_logits
+from fasc.heal import (_kl_sum, balance_factors_, copy_positions, heal_, heldout_kl, kl_per_token, kl_weights,
+                       teacher_logits)
 from fasc.layers import LowRankLinear
 
 from helpers import random_batches
@@ -249,6 +250,62 @@ def test_block_mode_cancel_and_bad_input(llama, compressed):
         heal_(compressed, _llama(layers=3), train, tokens=10, mode="block")
 
 
+def test_copy_positions_find_an_earlier_pair():
+    """t is a copy position when (ids[t], top[t]) occurred as a pair (ids[s], ids[s+1]) with s < t; padding never."""
+    ids = torch.tensor([[5, 7, 9, 5, 3, 7, 4, 4]])
+    top = torch.tensor([[7, 1, 1, 7, 1, 9, 4, 4]])   # t=0: the pair (5, 7) lies at s=0, not before t; t=3, t=5: copies
+    am = torch.ones_like(ids)                        # t=6: (4, 4) at s=6, not before; t=7: at s=6 — a copy
+    assert copy_positions(ids, am, top).tolist() == [[False, False, False, True, False, True, False, True]]
+    am[0, :2] = 0                                    # the pair (5, 7) is padding now, (7, 9) half padding
+    assert copy_positions(ids, am, top).tolist() == [[False] * 7 + [True]]
+    am = torch.ones_like(ids)
+    am[0, 7] = 0
+    assert copy_positions(ids, am, top)[0, 7].item() is False
+
+
+def test_copy_weighted_kl_is_the_weighted_sum_with_the_plain_kls_size(llama, compressed):
+    """`_kl_sum(copy_weight=W)` = Σ w_t KL_t with w = W at copy positions, 1 elsewhere, scaled to sum to the
+    token count; W = 1 is the plain KL; the weights of a row that repeats itself fall on its second half."""
+    g = torch.Generator().manual_seed(3)
+    half = torch.randint(0, llama.config.vocab_size, (2, 12), generator=g)
+    ids = torch.cat([half, half], 1)
+    am = torch.ones_like(ids)
+    am[1, :3] = 0
+    mask = am.bool()
+    with torch.no_grad():
+        tl, sl = llama(input_ids=ids, attention_mask=am).logits, compressed(input_ids=ids, attention_mask=am).logits
+        plain = _kl_sum(compressed, llama, ids, am, mask)
+        assert torch.allclose(_kl_sum(compressed, llama, ids, am, mask, 1.0), plain)
+        kl_t = torch.stack([kl_per_token(tl[i:i + 1, j:j + 1], sl[i:i + 1, j:j + 1], mask[i:i + 1, j:j + 1])
+                            for i, j in mask.nonzero().tolist()])
+        assert torch.allclose(kl_t.sum(), plain, rtol=1e-4)
+        w = kl_weights(ids, am, tl, mask, 20.0)
+        assert w.shape == kl_t.shape and torch.isclose(w.sum(), torch.tensor(float(mask.sum())))
+        assert torch.allclose(_kl_sum(compressed, llama, ids, am, mask, 20.0), (w * kl_t).sum(), rtol=1e-4)
+    # a teacher whose top-1 always continues the first half: the second half's tokens are copies, weighted 20 : 1
+    forced = torch.cat([half[:, 1:], half[:, :1]], 1).repeat(1, 2)
+    fake = torch.nn.functional.one_hot(forced, llama.config.vocab_size).float()
+    full = torch.ones_like(ids, dtype=torch.bool)
+    assert copy_positions(ids, full.long(), forced)[:, 12:].all()
+    w = kl_weights(ids, full.long(), fake, full, 20.0).view(2, 24)
+    first = ~copy_positions(ids, full.long(), forced)[:, :12]
+    assert first.any() and torch.allclose(w[:, 12:] / w[:, :12][first].max(), torch.tensor(20.0))
+    assert torch.isclose(w.sum(), torch.tensor(48.0))
+
+
+def test_heal_with_a_copy_weight_records_it_and_refuses_bad_ones(llama, compressed):
+    batches = random_batches(2, seed=7)
+    res = heal_(compressed, llama, batches, tokens=300, lr=1e-3, copy_weight=20)
+    d = res.to_dict()
+    assert d["copy_weight"] == 20.0 and "×20 at copy positions" in d["summary"]
+    assert heal_(compressed, llama, batches, tokens=10, lr=1e-3).to_dict()["copy_weight"] == 1.0   # the default
+    for bad in (0.5, float("nan"), "20", True):
+        with pytest.raises(fasc.FascError, match="copy weight must be a number"):
+            heal_(compressed, llama, batches, tokens=10, copy_weight=bad)
+    with pytest.raises(fasc.FascError, match="heal with --heal-mode global"):
+        heal_(compressed, llama, batches, tokens=10, mode="block", copy_weight=5)
+
+
 def _peak_bytes(fn) -> int:
     """The peak of CPU tensor memory allocated by `fn()` above what was allocated before (torch profiler)."""
     from torch.profiler import ProfilerActivity, profile
@@ -376,6 +433,15 @@ def test_cli_heals_block_by_block_and_the_export_records_it(capsys, saved_llama,
     code, out, err = run_cli(capsys, "compress", *common, "--heal-data", "generated", str(other),
                              "--out", str(tmp_path / "s2"))
     assert code != 0 and "stands alone" in err and not (tmp_path / "s2").exists()
+    # the KL weighted at copy positions (--heal-copy-weight): recorded; block mode refuses it before any work
+    code, out, err = run_cli(capsys, "compress", *common, "--heal-copy-weight", "20", "--out", str(tmp_path / "c"))
+    assert code == 0, err
+    meta = json.loads((tmp_path / "c" / "fasc_config.json").read_text())["heal"]
+    assert meta["copy_weight"] == 20.0 and "×20 at copy positions" in meta["summary"]
+    code, out, err = run_cli(capsys, "compress", *common, "--heal-mode", "block", "--heal-copy-weight", "20",
+                             "--out", str(tmp_path / "c2"))
+    assert code != 0 and "heal with --heal-mode global" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "c2").exists()
 
 
 def test_generated_healing_text_is_the_dense_models_own_continuation(saved_llama):
