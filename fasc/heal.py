@@ -272,9 +272,14 @@ def kl_per_token(teacher_logits, student_logits, mask) -> torch.Tensor:
 
 def kl_rows(teacher_logits, student_logits) -> torch.Tensor:
     """Σ over rows of KL(p_teacher ‖ p_student), float32; (N,V),(N,V) -> ()."""
+    return kl_each(teacher_logits, student_logits).sum()
+
+
+def kl_each(teacher_logits, student_logits) -> torch.Tensor:
+    """KL(p_teacher ‖ p_student) of each row, float32; (N,V),(N,V) -> (N,)."""
     t = F.log_softmax(teacher_logits.float(), -1)
     s = F.log_softmax(student_logits.float(), -1)
-    return (t.exp() * (t - s)).sum()
+    return (t.exp() * (t - s)).sum(-1)
 
 
 def _micro_batches(b: Batch, micro_batch: int, dev):
@@ -325,8 +330,7 @@ def _kl_sum(model: nn.Module, dense_model: nn.Module, ids, am, mask, copy_weight
     sl = model(input_ids=ids, attention_mask=am, use_cache=False).logits
     if copy_weight == 1:
         return kl_per_token(tl, sl, mask)
-    t, s = F.log_softmax(tl[mask].float(), -1), F.log_softmax(sl[mask].float(), -1)
-    return (kl_weights(ids, am, tl, mask, copy_weight) * (t.exp() * (t - s)).sum(-1)).sum()
+    return (kl_weights(ids, am, tl, mask, copy_weight) * kl_each(tl[mask], sl[mask])).sum()
 
 
 def master_weights(params: list[nn.Parameter]) -> list[torch.Tensor]:
