@@ -82,6 +82,8 @@ def _log_probs(model, it: Item) -> torch.Tensor:
 @torch.no_grad()
 def compare(dense, models: dict, its: list[Item], progress=None) -> dict[str, LastWord]:
     """{name: LastWord} of each model, and of `dense` under 'dense', over the same items."""
+    from fasc.heal import kl_each
+
     if not its:
         from fasc.errors import FascError
 
@@ -94,7 +96,7 @@ def compare(dense, models: dict, its: list[Item], progress=None) -> dict[str, La
         rows = slice(it.n_ctx - 1, it.n_ctx - 1 + it.n_tgt)
         for n in names:
             s = d if n == "dense" else _log_probs(models[n], it)
-            kl = (d.exp() * (d - s)).sum(-1)
+            kl = kl_each(d, s)   # log-probabilities are their own log-softmax
             a = sums[n]
             a["klc"] += float(kl[:it.n_ctx - 1].sum())
             a["nc"] += it.n_ctx - 1

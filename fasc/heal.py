@@ -73,11 +73,11 @@ class HealResult:
         out = {"mode": self.mode, "tokens": self.tokens, "steps": self.steps, "kl_first": self.kl_first,
                "kl_last": self.kl_last, "seconds": self.seconds, "cpu_seconds": self.cpu_seconds,
                "summary": self.summary()}
-        if self.mode == "global":
-            out["copy_weight"] = self.copy_weight
         if self.mode == "block":
             out.update({"blocks": self.blocks, "kept_blocks": self.kept_blocks, "head_kl": self.head_kl,
                         "block_losses": [list(x) for x in self.block_losses or []]})
+        else:
+            out["copy_weight"] = self.copy_weight
         if self.heldout_curve is not None:
             out.update({"heldout_kl_before": self.heldout_kl_before, "heldout_kl_after": self.heldout_kl_after,
                         "kept_tokens": self.kept_tokens, "heldout_curve": [list(x) for x in self.heldout_curve]})
