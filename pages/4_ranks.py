@@ -45,7 +45,7 @@ def allocation_box(ctx: ui.Context) -> float:
         "Method", METHODS, help=" · ".join(f"**{m}**: {h}" for m, h in METHOD_HELP.items()),
         **ui.bind("alloc_method", "fasc")))
     ratio = float(ui.commit("alloc_ratio", c[1].slider("Parameter budget (share kept)", 0.05, 1.0, step=0.05,
-                                                       **ui.bind("alloc_ratio", 0.5))))
+                                                       **ui.bind("alloc_ratio", state.DEFAULT_SHARE))))
     scope = ui.commit("alloc_scope", c[2].selectbox("Modules", ["all", "mlp", "attention"],
                                                     **ui.bind("alloc_scope", "all")))
     tau = float(ui.commit("tau", c[3].slider("Hybrid threshold τ on ρ", 0.0, 1.0, step=0.01,
@@ -255,7 +255,7 @@ def benchmarks(ctx: ui.Context, plan: Plan, baseline: str, plan_alloc: str) -> N
     names = tab["models"]
     rows = []
     for r in tab["rows"]:
-        row = {"task": r["task"], "documents": r["n"]}
+        row = {"task": r["task"], "documents": str(r["n"])}
         for m in names:
             row[m] = f"{100 * r['values'][m]:.1f}" + ("" if m == tab["reference"] else
                                                       f" ({100 * r['retention'][m]:.1f} %)")
@@ -263,11 +263,11 @@ def benchmarks(ctx: ui.Context, plan: Plan, baseline: str, plan_alloc: str) -> N
             k = r.get("known_kept", {}).get(m)
             row[f"known kept · {m.split(' ')[0]}"] = "" if k is None or k != k else f"{100 * k:.1f} %"
         rows.append(row)
-    avg = {"task": "average (above chance)", "documents": None}
+    avg = {"task": "average (above chance)", "documents": ""}
     for m in names:
         avg[m] = f"{100 * tab['average'][m]:.1f}" + ("" if m == tab["reference"] else
                                                       f" ({100 * tab['retention'][m]:.1f} %)")
-    rows.append(avg)
+    rows.append(avg | {k: "" for k in rows[0] if k not in avg})   # no empty cell shown as "None"
     st.dataframe(rows, hide_index=True, width="stretch")
     st.plotly_chart(retention_figure(tab), width="stretch", key="bench_fig")
     for r in tab["rows"]:

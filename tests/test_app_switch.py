@@ -14,7 +14,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 from test_app import APP, TIMEOUT, TOKENS, _navigation_v2, env, errors, goto, metric, ok, plan  # noqa: F401 - fixtures
 
-from fasc.app import choices
+from fasc.app import choices, state
 from fasc.data import load_probe
 from fasc.pipeline import model_defaults
 
@@ -106,8 +106,8 @@ def test_every_page_follows_the_model_demo_other_demo(switch_env):
     goto(at, "pages/4_ranks.py")
     other_plan = plan(at)
     assert len(other_plan.ranks) == 14 and other_plan.ranks != {f: demo_plan.ranks[f] for f in other_plan.ranks}
-    assert at.slider(key="w.alloc_ratio").value == 0.5                # the budget widget of this model's plan
-    assert 0.45 <= float(metric(at, "Parameters kept").rstrip("%")) / 100 <= 0.5
+    assert at.slider(key="w.alloc_ratio").value == state.DEFAULT_SHARE   # the budget widget of this model's plan
+    assert state.DEFAULT_SHARE - 0.05 <= float(metric(at, "Parameters kept").rstrip("%")) / 100 <= state.DEFAULT_SHARE
     assert any("default plan" in c.value for c in at.caption)         # and the page says nobody made it
     assert at.text_area(key="w.gen_prompts").value == _default_prompts(env["spec"])   # real-world prompts
     assert "The capital of France is" in at.text_area(key="w.gen_prompts").value
@@ -149,7 +149,7 @@ def test_switch_on_the_ranks_page_rebuilds_its_widgets(switch_env):
     at.slider(key="w.alloc_ratio").set_value(0.7).run()
     at.text_area(key="w.gen_prompts").set_value("other prompt").run()
     _to_demo(ok(at))
-    assert at.slider(key="w.alloc_ratio").value == 0.5 and len(plan(at).ranks) == 42
+    assert at.slider(key="w.alloc_ratio").value == state.DEFAULT_SHARE and len(plan(at).ranks) == 42
     assert at.text_area(key="w.gen_prompts").value == _default_prompts("demo")
     _to_other(at, env)
     assert at.slider(key="w.alloc_ratio").value == 0.7

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from fasc.app.state import DEFAULT_SHARE
+
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 CHROMIUM = os.environ.get("FASC_CHROMIUM", "/usr/bin/chromium")
@@ -223,10 +225,10 @@ def test_calibrate_heatmap_ranks_export(server, page):
     _goto(page, "Ranks")
     slider = page.get_by_role("slider", name="Parameter budget (share kept)")
     slider.focus()
-    for _ in range(4):  # 0.50 → 0.30 in steps of 0.05
+    for _ in range(round((DEFAULT_SHARE - 0.3) / 0.05)):  # the default budget → 0.30 in steps of 0.05
         page.keyboard.press("ArrowLeft")
     page.wait_for_timeout(1000)  # the slider sends its value after a debounce; on a loaded machine that rerun
-    _idle(page)                  # may not have started 300 ms later, and Allocate would then run at 0.50
+    _idle(page)                  # may not have started 300 ms later, and Allocate would then run at the default
     page.get_by_role("button", name="Allocate").click()
     _idle(page)
     kept = page.locator("[data-testid='stMetric']").filter(has_text="Parameters kept").inner_text()

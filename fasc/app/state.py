@@ -25,6 +25,9 @@ MAX_EVALS = 8  # evaluation results kept per session
 MAX_PLANS = 8  # plans of other models / calibrations kept per session
 # Settings that belong to the model in the sidebar (kept per model spec): the allocation controls that
 # made its plan and the free prompts (each model has its own default prompts).
+# the budget of the plan a model starts with and of the allocation slider: the headline budget of the field's
+# tables (90 / 80 / 60 % of parameters; at half of them a real model's perplexity is many times the dense one's)
+DEFAULT_SHARE = 0.8
 MODEL_SETTINGS = frozenset({"alloc_method", "alloc_ratio", "alloc_scope", "tau", "alloc_kind", "gen_prompts"})
 # Widgets that select something in one model's data (a fact of its probe, one of its modules): reset when
 # the model changes.
@@ -114,13 +117,13 @@ class PlanStore:
         return d
 
     def get(self, an: Analysis, model_fp: str = "") -> Plan:
-        """The stored plan, or the default one (fasc at half the parameters) the first time."""
+        """The stored plan, or the default one (fasc at `DEFAULT_SHARE` of the parameters) the first time."""
         d = self._entry()
         if d:
             plan = Plan.from_dict(d["plan"])
             if plan.fits(an):
                 return plan
-        plan = allocate(an, "fasc", param_ratio=0.5, model_fp=model_fp)
+        plan = allocate(an, "fasc", param_ratio=DEFAULT_SHARE, model_fp=model_fp)
         self.put(plan, default=True)
         return plan
 
