@@ -168,3 +168,23 @@ def test_offset_scores_a_disjoint_slice(tokenizer):
     assert later["n_samples"]["winogrande"] == 3 and later["samples"]["winogrande"]["acc"] == first[3:]
     with pytest.raises(fasc.FascError, match="--offset 99999 is past the last document of winogrande"):
         run_tasks(model, tokenizer, ["winogrande"], probe=None, limit=3, offset=99999)
+
+
+@pytest.mark.parametrize("task", ["arc_easy", "piqa", "lambada_openai"])
+def test_cost_estimate_counts_the_tokens_the_model_reads(tokenizer, task):
+    """The dashboard's time estimate (`fasc.suite.estimate_tokens`) against the tokens lm-eval really sends
+    through the model (each distinct context once, plus every continuation), within what batch padding adds."""
+    from fasc.harness import run_tasks
+    from fasc.suite import estimate_tokens
+
+    model = tiny_model("llama")
+    seen = []
+    hook = model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append((kwargs.get("input_ids") if args == () else args[0]).numel()),
+        with_kwargs=True)
+    try:
+        run_tasks(model, tokenizer, [task], probe=None, limit=6, batch_size=4)
+    finally:
+        hook.remove()
+    est = estimate_tokens(tokenizer, [task], 6)[task]
+    assert 0.7 * sum(seen) <= est <= sum(seen), (est, sum(seen))
