@@ -23,11 +23,11 @@ from ..analysis import Analysis
 
 MAX_EVALS = 8  # evaluation results kept per session
 MAX_PLANS = 8  # plans of other models / calibrations kept per session
-# Settings that belong to the model in the sidebar (kept per model spec): the allocation controls that
-# made its plan and the free prompts (each model has its own default prompts).
 # the budget of the plan a model starts with and of the allocation slider: the headline budget of the field's
 # tables (90 / 80 / 60 % of parameters; at half of them a real model's perplexity is many times the dense one's)
 DEFAULT_SHARE = 0.8
+# Settings that belong to the model in the sidebar (kept per model spec): the allocation controls that
+# made its plan and the free prompts (each model has its own default prompts).
 MODEL_SETTINGS = frozenset({"alloc_method", "alloc_ratio", "alloc_scope", "tau", "alloc_kind", "gen_prompts"})
 # Widgets that select something in one model's data (a fact of its probe, one of its modules): reset when
 # the model changes.
