@@ -156,6 +156,12 @@ def run_evaluation(ctx: ui.Context, plan: Plan, ekey: tuple, baseline: str, max_
 def evaluation(ctx: ui.Context, plan: Plan) -> None:
     st.subheader("Evaluate")
     data = model_defaults(ctx.lm.spec)
+    if ctx.calib["n_tokens"] < data.tokens:
+        st.warning(f"Calibrated on {ctx.calib['n_tokens']:,} tokens (`fasc compress` uses {data.tokens:,}): "
+                   f"from few tokens the Fisher bases and the ranks are noisy, and fasc can trail the variance "
+                   f"baseline (SmolLM2 at 80 %: behind asvd on 2,048 tokens, ahead from 8,192; BENCHMARKS.md). "
+                   f"Raise the token budget on *Model & calibration* before judging the methods.",
+                   icon=":material/info:")
     c = st.columns([2, 2, 2, 3], vertical_alignment="bottom")
     baseline = ui.commit("eval_baseline", c[0].selectbox("Variance baseline", ["asvd", "pca"],
                                                          **ui.bind("eval_baseline", "asvd")))

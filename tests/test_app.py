@@ -899,3 +899,11 @@ def test_eval_table_shows_refinement_columns_only_when_used():
     healed = table.eval_table([dict(base, model="uncompressed"), dict(base, model="plan", heal=heal)])
     assert healed[1]["healed tokens"] == 64 and healed[1]["held-out KL (healing)"] == "0.2 → 0.1"
     assert "sequential" not in healed[0] and healed[0]["healed tokens"] == 0
+
+
+def test_ranks_says_when_the_calibration_is_smaller_than_the_clis(env):
+    """Few calibration tokens make noisy bases and ranks: Evaluate says so, with the CLI's budget and the fix."""
+    at = ok(goto(calibrated(env), "pages/4_ranks.py"))
+    n = at.session_state["calib"][env["ident"]]["n_tokens"]
+    warn = [w.value for w in at.warning if "Calibrated on" in w.value]
+    assert len(warn) == 1 and f"{n:,} tokens" in warn[0] and "32,768" in warn[0] and "Raise the token budget" in warn[0]
