@@ -156,8 +156,9 @@ def run_evaluation(ctx: ui.Context, plan: Plan, ekey: tuple, baseline: str, max_
 def evaluation(ctx: ui.Context, plan: Plan) -> None:
     st.subheader("Evaluate")
     data = model_defaults(ctx.lm.spec)
-    if ctx.calib["n_tokens"] < data.tokens:
-        st.warning(f"Calibrated on {ctx.calib['n_tokens']:,} tokens (`fasc compress` uses {data.tokens:,}): "
+    budget = ctx.calib["cfg"]["n_tokens"]   # the budget asked, as on the calibration page (fewer tokens have a target)
+    if budget < data.tokens:
+        st.warning(f"Calibrated on {budget:,} tokens (`fasc compress` uses {data.tokens:,}): "
                    f"from few tokens the Fisher bases and the ranks are noisy, and fasc can trail the variance "
                    f"baseline (SmolLM2 at 80 %: behind asvd on 2,048 tokens, ahead from 8,192; BENCHMARKS.md). "
                    f"Raise the token budget on *Model & calibration* before judging the methods.",
@@ -269,11 +270,11 @@ def benchmarks(ctx: ui.Context, plan: Plan, baseline: str, plan_alloc: str) -> N
             k = r.get("known_kept", {}).get(m)
             row[f"known kept · {m.split(' ')[0]}"] = "" if k is None or k != k else f"{100 * k:.1f} %"
         rows.append(row)
-    avg = {"task": "average (above chance)", "documents": ""}
+    avg = dict.fromkeys(rows[0], "") | {"task": "average (above chance)"}   # empty cells, never "None"
     for m in names:
         avg[m] = f"{100 * tab['average'][m]:.1f}" + ("" if m == tab["reference"] else
                                                       f" ({100 * tab['retention'][m]:.1f} %)")
-    rows.append(avg | {k: "" for k in rows[0] if k not in avg})   # no empty cell shown as "None"
+    rows.append(avg)
     st.dataframe(rows, hide_index=True, width="stretch")
     st.plotly_chart(retention_figure(tab), width="stretch", key="bench_fig")
     for r in tab["rows"]:
