@@ -108,6 +108,26 @@ def _batches(groups: list[tuple[tuple[int, ...], list]], batch_size: int) -> lis
     return out
 
 
+def _by_context(items: list[tuple[list[int], list[int]]]) -> list[tuple[tuple[int, ...], list]]:
+    """(context, [(item index, continuation), …]) for each distinct context, in first-seen order."""
+    by_ctx: dict[tuple[int, ...], list[tuple[int, tuple[int, ...]]]] = defaultdict(list)
+    for i, (c, k) in enumerate(items):
+        by_ctx[tuple(c)].append((i, tuple(k)))
+    return list(by_ctx.items())
+
+
+def forward_tokens(items: list[tuple[list[int], list[int]]], batch_size: int = 16) -> int:
+    """Token positions `loglikelihoods(model, items, batch_size)` runs through the model, padding included
+    (the shared prefix once, pass 1's padded contexts, pass 2's padded continuations): its cost, without a model."""
+    total = 0
+    for batch in _batches(_by_context(items), batch_size):
+        ctxs = [list(c) for c, _ in batch]
+        n0 = common_prefix(ctxs, keep=2)
+        conts = [k for _, ks in batch for _, k in ks]
+        total += n0 + len(batch) * max(len(c) - n0 - 1 for c in ctxs) + len(conts) * max(len(k) for k in conts)
+    return total
+
+
 @torch.no_grad()
 def loglikelihoods(model: nn.Module, items: list[tuple[list[int], list[int]]], batch_size: int = 16,
                    progress: Callable[[int, int], None] | None = None,
@@ -125,12 +145,9 @@ def loglikelihoods(model: nn.Module, items: list[tuple[list[int], list[int]]], b
     if any(len(c) < 2 or not k for c, k in items):
         raise ValueError("loglikelihoods needs contexts of ≥ 2 tokens and non-empty continuations")
     dev = next(model.parameters()).device
-    by_ctx: dict[tuple[int, ...], list[tuple[int, tuple[int, ...]]]] = defaultdict(list)
-    for i, (c, k) in enumerate(items):
-        by_ctx[tuple(c)].append((i, tuple(k)))
     out: list[tuple[float, bool, bool]] = [(0.0, False, False)] * len(items)
     done = 0
-    for batch in _batches(list(by_ctx.items()), batch_size):
+    for batch in _batches(_by_context(items), batch_size):
         if should_stop is not None and should_stop():
             raise Cancelled("Evaluation cancelled.")
         ctxs = [list(c) for c, _ in batch]

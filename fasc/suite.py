@@ -5,6 +5,7 @@ for the QA sets the generated answers under "qa")."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -52,10 +53,25 @@ def run_suite(model: nn.Module, tokenizer, tasks: list[str], *, probe: str | Pat
     return run
 
 
-def _lm_tokens(tokenizer, names: list[str], limit: int | None, sample: int = 16) -> dict[str, int]:
-    """Tokens each lm-eval task sends through the model for its first `limit` documents (estimated from
-    the requests of its first `sample` documents: each distinct context once, plus every continuation)."""
+def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of a (context, continuation) request as lm-eval's HF class splits them (trailing spaces
+    of the context moved to the continuation, the pair encoded whole and cut after the context's tokens)."""
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    enc = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]   # noqa: E731
+    if not context:
+        return [tokenizer.eos_token_id or 0], enc(continuation)
+    ctx = enc(context)
+    return ctx, enc(context + continuation)[len(ctx):]
+
+
+def _lm_tokens(tokenizer, names: list[str], limit: int | None, sample: int = 16,
+               batch_size: int = 16) -> dict[str, int]:
+    """Token positions each lm-eval task runs through the model for its first `limit` documents, padding
+    included (`fasc.prefix.forward_tokens` on the requests of its first `sample` documents, scaled)."""
     from .lm_tasks.standard import build_task
+    from .prefix import forward_tokens
 
     out = {}
     for name in names:
@@ -65,32 +81,39 @@ def _lm_tokens(tokenizer, names: list[str], limit: int | None, sample: int = 16)
         n_docs = len(list(task.eval_docs))
         n = min(sample, n_docs, limit or n_docs)
         task.build_all_requests(limit=n)
-        ctxs, conts = set(), 0
+        pairs, other = [], 0
         for inst in task.instances:
-            ctx, cont = inst.args[0], inst.args[1] if len(inst.args) > 1 else ""
-            ctxs.add(ctx)
-            conts += len(tokenizer(cont, add_special_tokens=False)["input_ids"])
-        toks = sum(len(tokenizer(c)["input_ids"]) for c in ctxs) + conts
+            if len(inst.args) > 1 and isinstance(inst.args[1], str):
+                c, k = _encode_pair(tokenizer, inst.args[0], inst.args[1])
+                pairs.append((c if len(c) >= 2 else [0, *c], k or [0]))
+            else:  # a rolling or generation request: its own tokens
+                other += len(tokenizer(inst.args[0])["input_ids"])
+        toks = forward_tokens(pairs, batch_size) + other
         out[name] = int(toks * min(limit or n_docs, n_docs) / max(n, 1))
     return out
 
 
-DECODE_TOKENS = 20  # a generated answer's decoding costs about as much as this many tokens of one forward
+@dataclass(frozen=True)
+class Work:
+    """What one model runs for a task: token positions of batched forward passes (padding included) and
+    decode steps (one new token for each row of a batch; a batch decodes until its last row stops: `steps`
+    when answers are as long as the gold ones, up to `max_steps` when rows loop to the length cap)."""
+
+    tokens: int
+    steps: int = 0
+    max_steps: int = 0
 
 
-def estimate_tokens(tokenizer, tasks: list[str], limit: int | None, probe=None, shots: int = SHOTS) -> dict[str, int]:
-    """{task: ≈ tokens of forward passes one model needs} for `run_suite(tasks, limit)`."""
-    from .qa import qa_set
+def estimate_work(tokenizer, tasks: list[str], limit: int | None, probe=None, shots: int = SHOTS,
+                  batch_size: int = 16) -> dict[str, Work]:
+    """{task: Work} for `run_suite(tasks, limit, batch_size)` on one model, without running it."""
+    from .qa import qa_set, qa_work
 
     lm, qa = split_tasks(tasks)
-    out = _lm_tokens(tokenizer, lm, limit)
+    out = {name: Work(n) for name, n in _lm_tokens(tokenizer, lm, limit, batch_size=batch_size).items()}
     for name in qa:
         qs = qa_set(name, probe)
-        items = list(qs.items[:limit] if limit else qs.items)
-        sample = items[:32]
-        per = sum(2 * len(tokenizer(it.question)["input_ids"]) + len(tokenizer(" " + it.answer)["input_ids"])
-                  for it in sample) / max(len(sample), 1) + DECODE_TOKENS
-        out[name] = int(per * len(items))
+        out[name] = Work(*qa_work(tokenizer, qs, list(qs.items[:limit] if limit else qs.items), shots, batch_size))
     return out
 
 
@@ -109,3 +132,26 @@ def seconds_per_token(model: nn.Module, n: int = 256) -> float:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
     return (time.perf_counter() - t) / x.numel()
+
+
+def seconds_per_step(model: nn.Module, rows: int = 16, context: int = 256) -> float:
+    """Seconds of one decode step of `model` here: `rows` new tokens after a key/value cache of `context`
+    tokens each (timed after a warm-up step; on a CPU it costs about a read of every weight)."""
+    import time
+
+    import torch
+
+    from .prefix import Prefix, cached_forward
+
+    dev = next(model.parameters()).device
+    context = min(context, int(getattr(model.config, "max_position_embeddings", None) or context + 2) - 2)
+    x = torch.ones((rows, 1), dtype=torch.long, device=dev)
+    with torch.no_grad():
+        cache = Prefix(model, [1] * context).batch(rows)
+        for step in range(2):
+            mask = torch.ones((rows, context + step + 1), dtype=torch.long, device=dev)
+            t = time.perf_counter()
+            cached_forward(model, x, mask, torch.full((rows, 1), context + step, device=dev), cache, True)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+    return time.perf_counter() - t

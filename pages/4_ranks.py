@@ -234,12 +234,15 @@ def benchmarks(ctx: ui.Context, plan: Plan, baseline: str, plan_alloc: str) -> N
     if not tasks:
         st.caption("Pick at least one task.")
         return
-    seconds = ui.benchmark_seconds(ctx, tuple(tasks), limit, str(data.probe)) + CP.pair_cost(ctx, plan, baseline)[1]
+    build = CP.pair_cost(ctx, plan, baseline)[1]
+    low, high = (build + t for t in ui.benchmark_seconds(ctx, tuple(tasks), limit, str(data.probe)))
     go = c[2].button("Run benchmarks", key="w.bench", icon=":material/play_arrow:",
                      help="three models: uncompressed, the plan, the baseline at the same budget")
-    st.caption(f"≈ {ui.minutes(seconds)} for the three models (and their compressed copies, unless built) on this "
-               f"{C.device_label(ctx.lm.device)} "
-               f"(the first {limit} documents of each task; the same documents for every model).")
+    span = ui.minutes_range(low, high)
+    loops = "; the longer time if generated answers run on to the length cap" if span != ui.minutes(low) else ""
+    st.caption(f"≈ {span} for the three models (and their compressed copies, unless built) on this "
+               f"{C.device_label(ctx.lm.device)} (the first {limit} documents of each task; the same documents for "
+               f"every model{loops}).")
     bkey = ("bench", ctx.lm.spec, ctx.calib["key"], ctx.an.cfg.gamma, plan.key(), baseline, plan_alloc,
             tuple(tasks), limit)
     if go and state.evaluation(bkey) is None:

