@@ -37,9 +37,12 @@ def evaluate_plan(model, tok, an: Analysis, plan: Plan, heldout: str | Path, pro
                   progress: Callable[[int, int], None] | None = None, allocation: str = "greedy",
                   baseline_anchors: dict[str, float] | None = None, batches=None,
                   sequential: bool | str = False, heal_tokens: int = 0, heal_heldout=None,
-                  heal_mode: str = "global", copies: Copies | None = None) -> list[dict]:
+                  heal_mode: str = "global", copies: Copies | None = None,
+                  reference: dict | None = None) -> list[dict]:
     """Rows for: the uncompressed model, the plan, and `baseline` allocated at the plan's budget with
-    the same `allocation` (`baseline_anchors`: its measured anchor scales, for 'anchored').
+    the same `allocation` (`baseline_anchors`: its measured anchor scales, for 'anchored'). `reference`:
+    the uncompressed model's row from an earlier call on the same text, probe and `max_tokens` (it does not
+    depend on the plan), else measured here.
 
     `sequential`, `heal_tokens` and `heal_mode` (on the calibration `batches`, `pipeline.compressed_copy`) apply
     to both compressed copies alike; the rows carry them ("sequential", "heal"). Every compression
@@ -52,9 +55,10 @@ def evaluate_plan(model, tok, an: Analysis, plan: Plan, heldout: str | Path, pro
     rows = []
     if progress:
         progress(0, steps)
-    r = evaluate_model(model, tok, heldout, probe, max_tokens)
-    rows.append({"model": "uncompressed", "params_kept": 1.0, "predicted_dl": 0.0, "sequential": False, "heal": None,
-                 **r})
+    if reference is None:
+        reference = {"model": "uncompressed", "params_kept": 1.0, "predicted_dl": 0.0, "sequential": False,
+                     "heal": None, **evaluate_model(model, tok, heldout, probe, max_tokens)}
+    rows.append(reference)
     if progress:
         progress(1, steps)
     extra = {"batches": batches, "sequential": sequential, "heal_tokens": heal_tokens, "heal_heldout": heal_heldout,

@@ -142,12 +142,14 @@ def run_evaluation(ctx: ui.Context, plan: Plan, ekey: tuple, baseline: str, max_
     cancel.button("Cancel", key="w.eval_cancel", icon=":material/cancel:")  # a click reruns: the run stops
     CP.baseline_plan(ctx, plan, baseline)   # the baseline Generate and Compare use too (remembered)
     bar = ui.ProgressBar("Evaluating", unit="models")
+    dense = ("uncompressed", ctx.lm.ident, str(data.heldout), str(data.probe), max_tok)   # the same for every plan
     try:
-        state.put_evaluation(ekey, evaluate_plan(ctx.lm.model, ctx.lm.tok, ctx.an, plan, data.heldout, data.probe,
-                                                 baseline=baseline, max_tokens=max_tok, progress=bar,
-                                                 allocation=plan_alloc, baseline_anchors=base_anchors,
-                                                 batches=batches, heal_heldout=held, **ref.opts(),
-                                                 copies=CP.provider(ctx, **ref.opts())))
+        rows = evaluate_plan(ctx.lm.model, ctx.lm.tok, ctx.an, plan, data.heldout, data.probe, baseline=baseline,
+                             max_tokens=max_tok, progress=bar, allocation=plan_alloc, baseline_anchors=base_anchors,
+                             batches=batches, heal_heldout=held, **ref.opts(), copies=CP.provider(ctx, **ref.opts()),
+                             reference=(state.evaluation(dense) or [None])[0])
+        state.put_evaluation(dense, rows[:1])
+        state.put_evaluation(ekey, rows)
     finally:
         bar.clear()
         cancel.empty()

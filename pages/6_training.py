@@ -28,7 +28,7 @@ def checkpoint_stats(path, tokens: int, calibrate: bool, decompose: bool = False
         if not calibrate:
             return None
         info = ui.calibrate_now(lm, req, label=f"Calibrating {path.name}")
-    an = ui.get_analysis(lm, info["key"], methods=("pca", "fasc") if decompose else ())
+    an = ui.get_analysis(lm, info["key"], methods=ui.DECOMPOSED if decompose else ())
     decomposed = an.decomposed()
     rows = ui.report_rows(ui.Context(lm, info, an), 0.5, decomposed)
     st.session_state.setdefault("ckpt_rho", {})[path.name] = mean_rho(rows)

@@ -66,6 +66,12 @@ def test_evaluation_with_cached_copies_equals_building_anew(setup, tokenizer, tm
     cached = evaluate_plan(*args, max_tokens=256, copies=copies)
     again = evaluate_plan(*args, max_tokens=256, copies=copies)
     assert cached == fresh == again and cache.builds_ == 2    # the plan and the baseline, built once each
+    calls = []   # the uncompressed model's row given: it is not run again (the copies were built before the hook)
+    hook = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        assert evaluate_plan(*args, max_tokens=256, copies=copies, reference=fresh[0]) == fresh and not calls
+    finally:
+        hook.remove()
 
 
 def test_export_takes_the_cached_copy(setup, tokenizer, tmp_path):
