@@ -189,3 +189,15 @@ def test_cost_estimate_counts_the_tokens_the_model_reads(tokenizer, task):
         hook.remove()
     work = estimate_work(tokenizer, [task], 6, batch_size=4)[task]
     assert work.tokens == sum(seen) and work.steps == work.max_steps == 0
+
+
+def test_speed_probes_run_on_models_with_few_positions():
+    """The benchmarks' estimate times scoring and decoding on the model itself (`seconds_per_scored_token`,
+    `seconds_per_step`); their synthetic requests fit a model with few positions (learned positions crash past them)."""
+    import transformers as tf
+
+    from fasc.suite import seconds_per_scored_token, seconds_per_step
+
+    short = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=48, vocab_size=64)).eval()
+    for model in (tiny_model("llama"), short):
+        assert 0 < seconds_per_scored_token(model) < 60 and 0 < seconds_per_step(model) < 60

@@ -577,6 +577,13 @@ def _seconds_per_token(ident: str, _model) -> float:
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
+def _seconds_per_scored_token(ident: str, _model) -> float:
+    from ..suite import seconds_per_scored_token
+
+    return seconds_per_scored_token(_model)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
 def _seconds_per_step(ident: str, _model) -> float:
     from ..suite import seconds_per_step
 
@@ -585,10 +592,10 @@ def _seconds_per_step(ident: str, _model) -> float:
 
 def benchmark_seconds(ctx, tasks: tuple[str, ...], limit: int, probe: str) -> tuple[float, float]:
     """≈ seconds `fasc.comparison.benchmark_plan` takes here, (low, high): three models × (the tasks' token
-    positions × this model's forward seconds per token + their decode steps × its seconds per step), both
+    positions × this model's seconds per scored token + their decode steps × its seconds per step), both
     timed once per model and device; high when generated answers loop to the length cap."""
     tokens, steps, max_steps = _suite_work(ctx.lm.spec, tasks, limit, probe, ctx.lm.tok)
-    spt, sps = _seconds_per_token(ctx.lm.ident, ctx.lm.model), _seconds_per_step(ctx.lm.ident, ctx.lm.model)
+    spt, sps = _seconds_per_scored_token(ctx.lm.ident, ctx.lm.model), _seconds_per_step(ctx.lm.ident, ctx.lm.model)
     return 3 * (tokens * spt + steps * sps), 3 * (tokens * spt + max_steps * sps)
 
 
