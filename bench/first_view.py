@@ -53,7 +53,8 @@ def main(argv=None) -> int:
         calibrated_s = round(time.perf_counter() - t0, 2)
         at.run()  # a fresh run of page 1, as after a page switch: "Loaded from cache"
     errs = [e.value for e in at.exception] + [e.value for e in at.error]
-    if errs or spec not in (at.session_state["calib"] if "calib" in at.session_state else {}):
+    calib = at.session_state["calib"] if "calib" in at.session_state else {}   # keyed by "spec · device · dtype"
+    if errs or not any(k.split(" · ")[0] == spec for k in calib):
         raise SystemExit(f"error: page 1 did not find the calibration in the cache ({errs or 'not calibrated'}); "
                          f"run `fasc calibrate --model {args.model}` with the same FASC_CACHE first")
     t0, c0 = time.perf_counter(), time.process_time()
