@@ -132,6 +132,12 @@ def expand_tasks(tasks: list[str]) -> list[str]:
     return out
 
 
+def quiet_lm_eval_logs() -> None:
+    """lm-eval's loggers at ERROR from now on (it logs at INFO and WARNING; the library never prints)."""
+    for name in ("lm_eval", "lm-eval"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def _progress_lm(base, progress, should_stop):
     """lm-eval's HF class scoring through `fasc.prefix` (shared contexts once), reporting (requests done,
     total) and stopping between batches when `should_stop()` (lm-eval has no callback of its own)."""
@@ -207,8 +213,7 @@ def run_tasks(model: nn.Module, tokenizer, tasks: list[str], *, probe: str | Pat
     if offset < 0:
         raise FascError(f"--offset must be ≥ 0, got {offset}.")
     names = expand_tasks(tasks)
-    for name in ("lm_eval", "lm-eval"):  # lm-eval logs at INFO; the library never prints
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_lm_eval_logs()
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager

@@ -70,17 +70,23 @@ def _lm_tokens(tokenizer, names: list[str], limit: int | None, sample: int = 16,
                batch_size: int = 16) -> dict[str, int]:
     """Token positions each lm-eval task runs through the model for its first `limit` documents, padding
     included (`fasc.prefix.forward_tokens` on the requests of its first `sample` documents, scaled)."""
+    import contextlib
+    import io
+
+    from .harness import quiet_lm_eval_logs
     from .lm_tasks.standard import build_task
     from .prefix import forward_tokens
 
+    quiet_lm_eval_logs()
     out = {}
     for name in names:
-        task = build_task(name)
-        if task.get_config("num_fewshot") is None:
-            task.set_config(key="num_fewshot", value=0)
-        n_docs = len(list(task.eval_docs))
-        n = min(sample, n_docs, limit or n_docs)
-        task.build_all_requests(limit=n)
+        with contextlib.redirect_stderr(io.StringIO()):   # lm-eval's request-building progress bars
+            task = build_task(name)
+            if task.get_config("num_fewshot") is None:
+                task.set_config(key="num_fewshot", value=0)
+            n_docs = len(list(task.eval_docs))
+            n = min(sample, n_docs, limit or n_docs)
+            task.build_all_requests(limit=n)
         pairs, other = [], 0
         for inst in task.instances:
             if len(inst.args) > 1 and isinstance(inst.args[1], str):
@@ -108,12 +114,14 @@ def estimate_work(tokenizer, tasks: list[str], limit: int | None, probe=None, sh
                   batch_size: int = 16) -> dict[str, Work]:
     """{task: Work} for `run_suite(tasks, limit, batch_size)` on one model, without running it."""
     from .qa import qa_set, qa_work
+    from .quiet import quiet_transformers
 
     lm, qa = split_tasks(tasks)
-    out = {name: Work(n) for name, n in _lm_tokens(tokenizer, lm, limit, batch_size=batch_size).items()}
-    for name in qa:
-        qs = qa_set(name, probe)
-        out[name] = Work(*qa_work(tokenizer, qs, list(qs.items[:limit] if limit else qs.items), shots, batch_size))
+    with quiet_transformers():   # prompts longer than a small model's maximum are counted, not warned about
+        out = {name: Work(n) for name, n in _lm_tokens(tokenizer, lm, limit, batch_size=batch_size).items()}
+        for name in qa:
+            qs = qa_set(name, probe)
+            out[name] = Work(*qa_work(tokenizer, qs, list(qs.items[:limit] if limit else qs.items), shots, batch_size))
     return out
 
 
