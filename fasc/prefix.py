@@ -116,15 +116,21 @@ def _by_context(items: list[tuple[list[int], list[int]]]) -> list[tuple[tuple[in
     return list(by_ctx.items())
 
 
+def _shape(batch: list) -> tuple[list[list[int]], int, int, int]:
+    """(contexts, n0, w1, w2) of one `loglikelihoods` batch: the prefix its contexts share (run once), the
+    width of pass 1 (each context after it, but its last token) and of pass 2 (the longest continuation)."""
+    ctxs = [list(c) for c, _ in batch]
+    n0 = common_prefix(ctxs, keep=2)
+    return ctxs, n0, max(len(c) - n0 - 1 for c in ctxs), max(len(k) for _, ks in batch for _, k in ks)
+
+
 def forward_tokens(items: list[tuple[list[int], list[int]]], batch_size: int = 16) -> int:
     """Token positions `loglikelihoods(model, items, batch_size)` runs through the model, padding included
     (the shared prefix once, pass 1's padded contexts, pass 2's padded continuations): its cost, without a model."""
     total = 0
     for batch in _batches(_by_context(items), batch_size):
-        ctxs = [list(c) for c, _ in batch]
-        n0 = common_prefix(ctxs, keep=2)
-        conts = [k for _, ks in batch for _, k in ks]
-        total += n0 + len(batch) * max(len(c) - n0 - 1 for c in ctxs) + len(conts) * max(len(k) for k in conts)
+        _, n0, w1, w2 = _shape(batch)
+        total += n0 + len(batch) * w1 + sum(len(ks) for _, ks in batch) * w2
     return total
 
 
@@ -150,12 +156,10 @@ def loglikelihoods(model: nn.Module, items: list[tuple[list[int], list[int]]], b
     for batch in _batches(_by_context(items), batch_size):
         if should_stop is not None and should_stop():
             raise Cancelled("Evaluation cancelled.")
-        ctxs = [list(c) for c, _ in batch]
-        n0 = common_prefix(ctxs, keep=2)
+        ctxs, n0, w1, w2 = _shape(batch)
         prefix = Prefix(model, ctxs[0][:n0])
         g = len(batch)
         own = [c[n0:-1] for c in ctxs]                                        # pass 1: ≥ 1 token each
-        w1 = max(len(o) for o in own)
         ids1 = torch.zeros((g, w1), dtype=torch.long)
         m1 = torch.zeros((g, w1), dtype=torch.long)
         for r, o in enumerate(own):
@@ -168,7 +172,6 @@ def loglikelihoods(model: nn.Module, items: list[tuple[list[int], list[int]]], b
         rows = [(r, i, k) for r, (_, conts) in enumerate(batch) for i, k in conts]
         index = torch.tensor([r for r, _, _ in rows])
         cache.batch_select_indices(index.to(dev))
-        w2 = max(len(k) for _, _, k in rows)
         ids2 = torch.zeros((len(rows), w2), dtype=torch.long)
         m2 = torch.zeros((len(rows), w2), dtype=torch.long)
         pos2 = torch.zeros((len(rows), w2), dtype=torch.long)

