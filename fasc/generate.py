@@ -51,12 +51,16 @@ def _ends(eos: int | None) -> frozenset[int]:
 
 
 def decode_steps(model: nn.Module, enc: list[list[int]], n_tokens: int, pick: Callable[[torch.Tensor], torch.Tensor],
-                 *, end: Collection[int] = (), last: Collection[int] = (), prefix=None) -> Iterator[list[int | None]]:
+                 *, end: Collection[int] = (), last: Collection[int] = (), prefix=None,
+                 shrink: bool = True) -> Iterator[list[int | None]]:
     """The one decoding loop (greedy, sampled, the QA answers): all rows of `enc` at once, left-padded,
     with positions that skip the padding and a key/value cache; `pick(last logits (B, V)) → ids (B,)`.
     Yields each step's token per row, None once a row has stopped: a token in `end` stops its row unseen
     (end of text), one in `last` is yielded and then stops it (a line break), as does the model's maximum
-    length. `prefix` (a `fasc.prefix.Prefix`) is a shared start already run: `enc` continue it."""
+    length. A stopped row leaves the batch (its cache rows too), so a step costs the rows still running:
+    few-shot answers stop after a few tokens while one row may run to `n_tokens` (`shrink=False` keeps
+    every row to the end: the same shapes each step; `bench.decode` compares the two). `prefix` (a
+    `fasc.prefix.Prefix`) is a shared start already run: `enc` continue it."""
     from .prefix import cached_forward, new_cache
 
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 10**9
@@ -75,23 +79,30 @@ def decode_steps(model: nn.Module, enc: list[list[int]], n_tokens: int, pick: Ca
     pos = n0 + (mask.cumsum(1) - 1).clamp(min=0)
     mask = torch.cat([torch.ones((len(enc), n0), dtype=torch.long), mask], 1).to(dev)
     at = pos[:, -1:].to(dev)
+    rows = list(range(len(enc)))      # the rows of `enc` still in the batch, in batch order
     with eval_mode(model):
         cache = new_cache(model) if prefix is None else prefix.batch(len(enc))
         logits = cached_forward(model, ids.to(dev), mask, pos.to(dev), cache, True)
         for step in range(n_tokens):
             nxt = pick(logits[:, -1])
-            out: list[int | None] = []
-            for r, t in enumerate(nxt.tolist()):
+            out: list[int | None] = [None] * len(enc)
+            for r, t in zip(rows, nxt.tolist()):
                 if active[r] and t in end:
                     active[r] = False
-                out.append(t if active[r] else None)
                 if active[r]:
+                    out[r] = t
                     lens[r] += 1
                     active[r] = lens[r] < limit and t not in last
             yield out
-            if not any(active) or step == n_tokens - 1:
+            keep = [b for b, r in enumerate(rows) if active[r]]
+            if not keep or step == n_tokens - 1:
                 return
-            mask = torch.cat([mask, torch.ones((len(enc), 1), dtype=torch.long, device=dev)], 1)
+            if shrink and len(keep) < len(rows):
+                sel = torch.tensor(keep, device=dev)
+                cache.batch_select_indices(sel)
+                mask, at, nxt = mask[sel], at[sel], nxt[sel]
+                rows = [rows[b] for b in keep]
+            mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long, device=dev)], 1)
             at = at + 1
             logits = cached_forward(model, nxt[:, None], mask, at, cache, True)
 

@@ -220,12 +220,12 @@ def generate_answers(model: nn.Module, tokenizer, prompts: list[str], max_new_to
 
 
 def qa_work(tokenizer, qs: QASet, items: list[QAItem], k: int = SHOTS, batch_size: int = 16,
-            max_new_tokens: int = MAX_NEW_TOKENS) -> tuple[int, int, int]:
-    """(token positions, decode steps, at most decode steps) that `run_qa` runs for `items`, without a model:
-    the prompts' shared prefix once and each batch's padded own parts (as `generate_answers` batches them), the
-    gold answers' scoring (`fasc.prefix.forward_tokens`), and a batch's decoding until its last row stops —
-    after its longest gold answer and a line break for a model that answers as the gold, after
-    `max_new_tokens` where a row loops."""
+            max_new_tokens: int = MAX_NEW_TOKENS) -> tuple[int, int, int, int, int]:
+    """(token positions, decode steps, at most decode steps, row steps, at most row steps) that `run_qa` runs
+    for `items`, without a model (`fasc.suite.Work`): the prompts' shared prefix once and each batch's padded
+    own parts (as `generate_answers` batches them), the gold answers' scoring (`fasc.prefix.forward_tokens`),
+    and decoding — each row until its gold answer and a line break for a model that answers as the gold, a
+    batch until its last row stops; every row to `max_new_tokens` where rows loop."""
     from .data import encode_example
     from .prefix import common_prefix, forward_tokens
 
@@ -236,8 +236,9 @@ def qa_work(tokenizer, qs: QASet, items: list[QAItem], k: int = SHOTS, batch_siz
     batches = [rows[b:b + batch_size] for b in range(0, len(rows), batch_size)]
     prefill = (n0 if rows else 0) + sum(len(b) * max(len(c) - n0 for c, _ in b) for b in batches)
     steps = sum(min(max_new_tokens, max(a for _, a in b) + 1) for b in batches)
+    row_steps = sum(min(max_new_tokens, a + 1) for _, a in rows)
     return (prefill + forward_tokens([(ids[:s], ids[s:]) for ids, s in scored], batch_size), steps,
-            len(batches) * max_new_tokens)
+            len(batches) * max_new_tokens, row_steps, len(rows) * max_new_tokens)
 
 
 def run_qa(model: nn.Module, tokenizer, qs: QASet, *, k: int = SHOTS, limit: int | None = None, offset: int = 0,

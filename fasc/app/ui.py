@@ -562,11 +562,12 @@ class ProgressBar:
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def _suite_work(spec: str, tasks: tuple[str, ...], limit: int, probe: str, _tok) -> tuple[int, int, int]:
-    from ..suite import estimate_work
+def _suite_work(spec: str, tasks: tuple[str, ...], limit: int, probe: str, _tok):
+    from ..suite import Work, estimate_work
 
     work = estimate_work(_tok, list(tasks), limit, probe).values()
-    return sum(w.tokens for w in work), sum(w.steps for w in work), sum(w.max_steps for w in work)
+    return Work(*(sum(getattr(w, f) for w in work) for f in ("tokens", "steps", "max_steps", "row_steps",
+                                                              "max_row_steps")))
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -584,7 +585,7 @@ def _seconds_per_scored_token(ident: str, _model) -> float:
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
-def _seconds_per_step(ident: str, _model) -> float:
+def _seconds_per_step(ident: str, _model) -> tuple[float, float]:
     from ..suite import seconds_per_step
 
     return seconds_per_step(_model)
@@ -592,11 +593,12 @@ def _seconds_per_step(ident: str, _model) -> float:
 
 def benchmark_seconds(ctx, tasks: tuple[str, ...], limit: int, probe: str) -> tuple[float, float]:
     """≈ seconds `fasc.comparison.benchmark_plan` takes here, (low, high): three models × (the tasks' token
-    positions × this model's seconds per scored token + their decode steps × its seconds per step), both
-    timed once per model and device; high when generated answers loop to the length cap."""
-    tokens, steps, max_steps = _suite_work(ctx.lm.spec, tasks, limit, probe, ctx.lm.tok)
+    positions × this model's seconds per scored token + their decode steps and rows × its seconds per step
+    and per row; `fasc.suite.Work.seconds`), both timed once per model and device; high when generated
+    answers loop to the length cap."""
+    work = _suite_work(ctx.lm.spec, tasks, limit, probe, ctx.lm.tok)
     spt, sps = _seconds_per_scored_token(ctx.lm.ident, ctx.lm.model), _seconds_per_step(ctx.lm.ident, ctx.lm.model)
-    return 3 * (tokens * spt + steps * sps), 3 * (tokens * spt + max_steps * sps)
+    return 3 * work.seconds(spt, sps), 3 * work.seconds(spt, sps, most=True)
 
 
 def seconds_per_token(ctx) -> float:
