@@ -376,12 +376,18 @@ def cmd_compress(args) -> None:
                         f"{args.heal_tokens}{' with --merge' if args.merge else ''}.")
     if args.heal_check_tokens < 0 or args.heal_check_tokens == 1:
         raise FascError(f"--heal-check-tokens must be 0 (no checks) or at least 2, got {args.heal_check_tokens}.")
+    _check_stages(args)
     model, tok, t_load = _load(args)
     if args.attention_share is not None:  # an impossible split fails before the calibration, not after it
         from .allocate import split_budget
         from .modules import find_linears, select
 
         split_budget(select(find_linears(model), args.modules), args.param_ratio, args.attention_share)
+    t0 = time.perf_counter()
+    dense, stages = model, []
+    if args.stages > 1:
+        model, stages = _stages(args, model, tok, qk)
+    t_stages = time.perf_counter() - t0
     t0 = time.perf_counter()
     stats, hit, batches = _stats(args, model, tok)
     t_cal = time.perf_counter() - t0
@@ -433,7 +439,8 @@ def cmd_compress(args) -> None:
                                 heal_tokens=heal_tokens, heal_progress=hbar, heal_heldout=heal_heldout,
                                 heal_mode=heal_mode, heal_batches=heal_batches,
                                 heal_text=", ".join(args.heal_data) if args.heal_data else "",
-                                heal_copy_weight=args.heal_copy_weight)
+                                heal_copy_weight=args.heal_copy_weight, teacher=dense,
+                                meta_extra=_stages_record(args, dense, stages) if stages else None)
     finally:
         bar.close()
         if hbar is not None:
@@ -447,15 +454,70 @@ def cmd_compress(args) -> None:
         res["heal_data"] = args.heal_data or "the calibration text"
     if heal_why:
         res["heal_off"] = heal_why
+    if stages:   # each stage's prediction is against the model it truncates; their sum against the source
+        res["stages"] = stages
+        res["predicted_delta_loss_stages"] = [s["predicted_delta_loss"] for s in stages] + [res["predicted_delta_loss"]]
+        res["predicted_delta_loss"] = sum(res["predicted_delta_loss_stages"])
     obj = {**res, "from_cache": hit, "predicted_speedup": round(speedup, 3),
-           "seconds": {"load": round(t_load, 2), "calibration": round(t_cal, 2), "eigen": round(t_eig, 2), "compress_and_export": res["seconds"]}}
+           "seconds": {"load": round(t_load, 2), **({"stages": round(t_stages, 2)} if stages else {}),
+                       "calibration": round(t_cal, 2), "eigen": round(t_eig, 2), "compress_and_export": res["seconds"]}}
+    pred = f"predicted ΔL {res['predicted_delta_loss']:.4f} nats/token"
+    if stages:
+        pred += " (stages: " + " + ".join(f"{d:.4f}" for d in res["predicted_delta_loss_stages"]) + ")"
+    heal_line = (f"\nhealing: {res['heal']['summary']}" if res.get("heal") else
+                 f"\nhealing: {heal_why}" if heal_why else "")
     _emit(args, obj, f"wrote {res['out']} ({'merged' if args.merge else 'factored'}): {res['modules']} modules, "
                      f"{res['param_ratio']:.1%} of their parameters kept"
                      f"{f' by --rank-ratio {args.rank_ratio}' if args.rank_ratio is not None else ''}"
-                     f"{f' ({args.allocation} allocation)' if args.param_ratio is not None else ''}, model {res['model_params_before']:,} → "
-                     f"{res['model_params_after']:,} parameters, predicted ΔL {res['predicted_delta_loss']:.4f} "
-                     f"nats/token" + (f"\nhealing: {res['heal']['summary']}" if res.get("heal") else
-                     f"\nhealing: {heal_why}" if heal_why else ""))
+                     f"{f' ({args.allocation} allocation)' if args.param_ratio is not None else ''}"
+                     f"{f' in {args.stages} stages' if stages else ''}, model {res['model_params_before']:,} → "
+                     f"{res['model_params_after']:,} parameters, {pred}" + heal_line)
+
+
+def _check_stages(args) -> None:
+    """--stages N needs a parameter budget and one model to calibrate at every stage (before any work)."""
+    if not isinstance(args.stages, int) or args.stages < 1:
+        raise FascError(f"--stages must be a whole number ≥ 1, got {args.stages!r}; 1 compresses in one step.")
+    if args.stages == 1:
+        return
+    clash = [f for f, on in (("--rank-ratio / --ranks", args.param_ratio is None),
+                             ("--allocation anchored", args.allocation == "anchored"),
+                             ("--attention-share", args.attention_share is not None),
+                             ("--sequential", bool(args.sequential))) if on]
+    if clash:
+        raise FascError(f"--stages {args.stages} works with a --param-ratio budget, greedy or uniform, not with "
+                        f"{clash[0]}; drop one of the two.")
+
+
+def _stages(args, model, tok, qk):
+    """--stages N: compress to each budget but the last (`fasc.pipeline.stage_budgets`), merged (dense W′),
+    calibrating again on each stage's model; returns the last stage's model and what each stage did."""
+    from .allocate import allocate, base_methods
+    from .modules import model_fingerprint
+    from .pipeline import compressed_copy, stage_budgets
+
+    done = []
+    for i, budget in enumerate(stage_budgets(args.param_ratio, args.stages)[:-1], 1):
+        stats, _, _ = _stats(args, model, tok)
+        an = _analysis(args, model, stats, base_methods(args.method, args.fallback, qk), diagnostics=False)
+        plan = allocate(an, args.method, param_ratio=budget, modules=args.modules,
+                        model_fp=stats.model_fingerprint or model_fingerprint(model), allocation=args.allocation,
+                        qk_method=qk, tau=args.tau, fallback=args.fallback)
+        bar = _progress(f"stage {i} of {args.stages}: {budget:.0%} of the parameters", args, unit="module")
+        try:
+            model, _ = compressed_copy(model, an, plan, merge=True, progress=bar)
+        finally:
+            bar.close()
+        done.append({"param_ratio": budget, "calibration": stats.key, "predicted_delta_loss": plan.predicted(an)})
+    return model, done
+
+
+def _stages_record(args, dense, stages: list[dict]) -> dict:
+    """The export's record of --stages: the stages before the last, and the source model's own fingerprint
+    (the last stage's plan is made on, and checked against, the stage model)."""
+    from .modules import model_fingerprint
+
+    return {"stages": stages, "source_fingerprint": model_fingerprint(dense)}
 
 
 def _qk_method(args) -> str | None:
@@ -809,6 +871,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out (a non-empty folder without "
                    "fasc_config.json is refused, never deleted)")
     s.add_argument("--save-plan", help="also write the rank plan as JSON here")
+    s.add_argument("--stages", type=int, default=1, help="progressive compression: reach --param-ratio P in N steps "
+                   "(1 − (1 − P)·i/N), each step merged and calibrated again, so that each plan is priced on the "
+                   "model it truncates (N calibrations; SmolLM2 at 80 %% in 2 stages: docs/method.md)")
     s.add_argument("--sequential", nargs="?", const="refit", choices=("refit", "restat"), help="error-aware: compress "
                    "layer by layer, each module fitted to the inputs of the partly compressed model (spec §5; ≈ 2 "
                    "more forward passes); 'refit' (default) also refits U to the dense outputs, 'restat' does not")

@@ -201,6 +201,15 @@ def analysis_cached(model: nn.Module, stats: CalibStats, cfg: CompressConfig = C
     return an, hit and not changed
 
 
+def stage_budgets(param_ratio: float, stages: int) -> list[float]:
+    """The budgets of progressive compression (`--stages N`): 1 − (1 − P)·i/N for i = 1..N, the last one P.
+    Each stage but the last is compressed, merged (dense W′) and calibrated again before the next allocation:
+    the next plan's statistics are those of the model it truncates (e.g. 0.8 in 2 stages: 0.9, then 0.8)."""
+    if not (isinstance(stages, int) and stages >= 1):
+        raise FascError(f"--stages must be a whole number ≥ 1, got {stages!r}; 1 compresses in one step.")
+    return [round(1 - (1 - param_ratio) * i / stages, 6) for i in range(1, stages)] + [param_ratio]
+
+
 def export_meta(an: Analysis, plan: Plan, *, method: str, source_model: str, calibration: str,
                 model_fp: str) -> dict:
     """The `fasc_config.json` fields `fasc compress` writes beside the weights (spec §7)."""
@@ -246,12 +255,13 @@ def compressed_copy(model, an: Analysis, plan: Plan, *, merge: bool = False,
                     sequential: bool | str = False, heal_tokens: int = 0,
                     heal_progress: Callable[[int, int], object] | None = None,
                     heal_heldout=None, heal_mode: str = "global", heal_batches=None,
-                    heal_copy_weight: float | None = None) -> tuple[nn.Module, dict | None]:
+                    heal_copy_weight: float | None = None, teacher: nn.Module | None = None) -> tuple[nn.Module, dict | None]:
     """A deep copy of `model` compressed with `plan` — sequentially ('refit'/True or 'restat',
     `fasc.sequential`) and healed for `heal_tokens` tokens in `heal_mode` ('global' or 'block',
     `fasc.heal.heal_`) when asked — healing on `heal_batches` when given (another text) —, both on
     `batches`; healing keeps the factors of the lowest KL on `heal_heldout` batches when given, and
-    weights its KL by `heal_copy_weight` at copy positions (`fasc.heal.kl_weights`; None: the default) —
+    weights its KL by `heal_copy_weight` at copy positions (`fasc.heal.kl_weights`; None: the default),
+    distilling `teacher` (default `model`; the uncompressed model when `model` is a stage of `--stages`) —
     and what healing did (`HealResult.to_dict()`, with its `summary` line, or None). `model` is left
     untouched."""
     if (sequential or (heal_tokens and not heal_batches)) and not batches:
@@ -272,7 +282,8 @@ def compressed_copy(model, an: Analysis, plan: Plan, *, merge: bool = False,
     healed = None
     if heal_tokens:
         from .heal import heal_
-        healed = heal_(work, model, heal_batches or batches, tokens=heal_tokens, progress=heal_progress,
+        healed = heal_(work, model if teacher is None else teacher, heal_batches or batches, tokens=heal_tokens,
+                       progress=heal_progress,
                        heldout=heal_heldout, mode=heal_mode, copy_weight=heal_copy_weight).to_dict()
     return work, healed
 
@@ -285,7 +296,8 @@ def compress_and_save(model, tok, an: Analysis, plan: Plan, out: str | Path, *, 
                       heal_progress: Callable[[int, int], None] | None = None, heal_heldout=None,
                       heal_mode: str = "global", heal_batches=None, heal_text: str = "",
                       heal_copy_weight: float | None = None,
-                      copies: Callable[[Plan], tuple] | None = None) -> dict:
+                      copies: Callable[[Plan], tuple] | None = None, teacher: nn.Module | None = None,
+                      meta_extra: dict | None = None) -> dict:
     """Compress a deep copy of `model` with `plan` and export it (what `fasc compress` and the Export
     page do).
 
@@ -297,6 +309,8 @@ def compress_and_save(model, tok, an: Analysis, plan: Plan, out: str | Path, *, 
     (healing checked on `heal_heldout`, see `compressed_copy`). `copies(plan)`, when given, returns
     that compressed copy (e.g. from a `fasc.copies.CopyCache`; it is only read) instead of building it
     here: built with the same `merge`, `sequential`, `heal_tokens` and `heal_mode`, which the export records.
+    `teacher` is the model healing distils (default `model`); `meta_extra` adds to (or overrides) the export's
+    `fasc_config.json` fields (`--stages` records its stages and the source model's fingerprint).
     Returns a summary: folder, sizes, parameter counts, predicted ΔL, files (name → bytes).
     """
     prepare_destination(out, overwrite)  # fail before any work
@@ -308,12 +322,12 @@ def compress_and_save(model, tok, an: Analysis, plan: Plan, out: str | Path, *, 
         work, healed = compressed_copy(model, an, plan, merge=merge, progress=progress, batches=batches,
                                        sequential=sequential, heal_tokens=heal_tokens, heal_progress=heal_progress,
                                        heal_heldout=heal_heldout, heal_mode=heal_mode, heal_batches=heal_batches,
-                                       heal_copy_weight=heal_copy_weight)
+                                       heal_copy_weight=heal_copy_weight, teacher=teacher)
     meta = export_meta(an, plan, method=method, source_model=source_model, calibration=calibration,
                        model_fp=model_fp)
     if healed is not None and heal_text:
         healed = {**healed, "text": heal_text}
-    meta.update({"sequential": sequential, "heal": healed})
+    meta.update({"sequential": sequential, "heal": healed, **(meta_extra or {})})
     path = save_compressed(work, tok, out, meta=meta, overwrite=overwrite)
     kept, orig = plan.params(an)
     files = {p.name: p.stat().st_size for p in sorted(Path(path).iterdir()) if p.is_file()}
