@@ -65,7 +65,7 @@ class Row:
 
 
 def row_specs(heal_tokens: int) -> list[Row]:
-    seq, heal = {"sequential": True}, {"heal_tokens": heal_tokens}
+    seq, heal, stages = {"sequential": True}, {"heal_tokens": heal_tokens}, {"stages": "auto"}
     everything = {**seq, **heal}
     return [
         Row("dense", method="dense"),
@@ -86,14 +86,18 @@ def row_specs(heal_tokens: int) -> list[Row]:
         Row("asvd-greedy + knowledge + healing", "asvd", "greedy", "knowledge", flags=heal, item="2+5"),
         Row("fasc-greedy + knowledge + sequential", "fasc", "greedy", "knowledge", flags=seq, item="2+3"),
         Row("asvd-greedy + knowledge + sequential", "asvd", "greedy", "knowledge", flags=seq, item="2+3"),
+        # `fasc compress`'s default: one stage per 10 % of the parameters removed (--stages auto)
+        Row("fasc-greedy + knowledge + stages", "fasc", "greedy", "knowledge", flags=stages, item="28"),
+        Row("asvd-greedy + knowledge + stages", "asvd", "greedy", "knowledge", flags=stages, item="28"),
     ]
 
 
-# named groups for --rows: the issue-28 table (the peers' baseline, asvd at fasc's allocation, the defaults),
-# all on the model's default calibration mix ("knowledge"); "+healing" adds the defaults healed
+# named groups for --rows: the issue-28 table (the peers' baseline, asvd at fasc's allocation, fasc in one
+# stage, and the defaults: fasc in stages), all on the model's default calibration mix ("knowledge");
+# "+healing" adds the one-stage fasc healed
 ROW_GROUPS = {
     "field": ("asvd-uniform + knowledge calibration", "asvd-greedy + knowledge calibration",
-              "fasc-greedy + knowledge calibration"),
+              "fasc-greedy + knowledge calibration", "fasc-greedy + knowledge + stages"),
 }
 ROW_GROUPS["field+healing"] = (*ROW_GROUPS["field"], "fasc-greedy + knowledge + healing")
 
@@ -111,7 +115,8 @@ def select_rows(specs: list[Row], names: tuple[str, ...]) -> list[Row]:
     return [r for r in specs if r.name in wanted]
 
 
-FLAG_SUPPORT = {"sequential": ("fasc.sequential", "--sequential"), "heal_tokens": ("fasc.heal", "--heal-tokens")}
+FLAG_SUPPORT = {"sequential": ("fasc.sequential", "--sequential"), "heal_tokens": ("fasc.heal", "--heal-tokens"),
+                "stages": ("fasc.pipeline", "--stages")}
 
 
 def compress_options() -> set[str]:
@@ -134,8 +139,9 @@ def available(flags: dict) -> tuple[bool, str]:
 
 def cli_args(flags: dict) -> list[str]:
     """The row's options for `fasc compress`; a row without healing says --heal-tokens 0 (the CLI's
-    default, auto, heals on a GPU)."""
+    default, auto, heals on a GPU) and one without stages --stages 1 (auto stages budgets below 90 %)."""
     out = [] if "heal_tokens" in flags else ["--heal-tokens", "0"]
+    out += [] if "stages" in flags else ["--stages", "1"]
     for f, v in flags.items():
         opt = FLAG_SUPPORT[f][1]
         out += [opt] if v is True else [opt, str(v)]

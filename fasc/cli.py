@@ -440,7 +440,8 @@ def cmd_compress(args) -> None:
                                 heal_mode=heal_mode, heal_batches=heal_batches,
                                 heal_text=", ".join(args.heal_data) if args.heal_data else "",
                                 heal_copy_weight=args.heal_copy_weight, teacher=dense,
-                                meta_extra=_stages_record(args, dense, stages) if stages else None)
+                                meta_extra=_stages_record(args, dense, stages) if stages else None,
+                                in_place=bool(stages))
     finally:
         bar.close()
         if hbar is not None:
@@ -475,16 +476,21 @@ def cmd_compress(args) -> None:
 
 
 def _check_stages(args) -> None:
-    """--stages N needs a parameter budget and one model to calibrate at every stage (before any work)."""
-    if not isinstance(args.stages, int) or args.stages < 1:
-        raise FascError(f"--stages must be a whole number ≥ 1, got {args.stages!r}; 1 compresses in one step.")
-    if args.stages == 1:
-        return
+    """Resolve --stages (auto: `fasc.pipeline.stage_count` with the model's `stage_step`, one stage where the
+    request takes no stages); N > 1 needs a parameter budget and one model to calibrate at every stage. Before
+    any work."""
+    from .pipeline import default_stages
+
     clash = [f for f, on in (("--rank-ratio / --ranks", args.param_ratio is None),
                              ("--allocation anchored", args.allocation == "anchored"),
                              ("--attention-share", args.attention_share is not None),
                              ("--sequential", bool(args.sequential))) if on]
-    if clash:
+    if args.stages == "auto":
+        args.stages = 1 if clash else default_stages(args.model, args.param_ratio)
+        return
+    if args.stages < 1:
+        raise FascError(f"--stages must be a whole number ≥ 1 or auto, got {args.stages!r}; 1 compresses in one step.")
+    if args.stages > 1 and clash:
         raise FascError(f"--stages {args.stages} works with a --param-ratio budget, greedy or uniform, not with "
                         f"{clash[0]}; drop one of the two.")
 
@@ -556,14 +562,16 @@ def _heal_choice(args, model, an, plan, batches) -> tuple[int, str, str]:
                        calib_positions=sum(b.input_ids.numel() for b in batches), merge=args.merge)
 
 
-def _heal_tokens_arg(s: str):
-    """`--heal-tokens`: 'auto' or a token count."""
-    if s == "auto":
-        return s
-    try:
-        return int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of tokens (e.g. 65536), got {s!r}") from None
+def _auto_or_int(example: str):
+    """An option's parser: 'auto' or a whole number (`example` shows one in the error)."""
+    def parse(s: str):
+        if s == "auto":
+            return s
+        try:
+            return int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected 'auto' or {example}, got {s!r}") from None
+    return parse
 
 
 def _heldout(args, tok, calib_batches, n_tokens: int, what: str, option: str):
@@ -871,13 +879,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out (a non-empty folder without "
                    "fasc_config.json is refused, never deleted)")
     s.add_argument("--save-plan", help="also write the rank plan as JSON here")
-    s.add_argument("--stages", type=int, default=1, help="progressive compression: reach --param-ratio P in N steps "
-                   "(1 − (1 − P)·i/N), each step merged and calibrated again, so that each plan is priced on the "
-                   "model it truncates (N calibrations; SmolLM2 at 80 %% in 2 stages: docs/method.md)")
+    s.add_argument("--stages", type=_auto_or_int("a number of stages (e.g. 2)"), default="auto", help="progressive compression: reach --param-ratio P "
+                   "in N steps (1 − (1 − P)·i/N), each step merged and calibrated again, so that each plan is priced "
+                   "on the model it truncates (N calibrations, cached); auto (default): one stage per 10 %% of the "
+                   "parameters removed for real models (90 %%: 1, 80 %%: 2, 60 %%: 4), one for the demo; 1 with "
+                   "--rank-ratio, --ranks, anchored, --attention-share or --sequential (BENCHMARKS.md)")
     s.add_argument("--sequential", nargs="?", const="refit", choices=("refit", "restat"), help="error-aware: compress "
                    "layer by layer, each module fitted to the inputs of the partly compressed model (spec §5; ≈ 2 "
                    "more forward passes); 'refit' (default) also refits U to the dense outputs, 'restat' does not")
-    s.add_argument("--heal-tokens", type=_heal_tokens_arg, default="auto", help="after compressing, distil the dense "
+    s.add_argument("--heal-tokens", type=_auto_or_int("a number of tokens (e.g. 65536)"), default="auto", help="after compressing, distil the dense "
                    "model into the low-rank factors for N calibration tokens (0 = off; factored exports only); auto "
                    f"(default): {HEAL_TOKENS_GPU:,} when the model is on a GPU (seconds to minutes there), 0 on the CPU "
                    "(≈ 16 min for SmolLM2 on one core; give the number to heal there too)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -58,6 +59,10 @@ class ModelDefaults:
     # tokens: 32k → kept 0.812 of the known facts at 1.14× dense perplexity, 16k → 0.767 at 1.17×)
     tokens: int = 32768
     gamma: float = 0.0                   # Fisher shrinkage γ of the analysis (CompressConfig.gamma)
+    # `--stages auto`: one stage per this share of the parameters removed (0: one stage); SmolLM2 on the
+    # selection slice: 80 % in 2 stages and 60 % in 4 beat one stage on LAMBADA, multiple choice and real text,
+    # 90 % in 2 changed nothing, 80 % in 3 gave back part of 2's gain (BENCHMARKS.md)
+    stage_step: float = 0.1
 
     @property
     def calib_files(self) -> list[Path]:
@@ -94,7 +99,8 @@ def model_defaults(model_spec: str | None) -> ModelDefaults:
             builtin = None
     if builtin == "demo":
         return ModelDefaults(DEMO_DATA / "calib.txt", DEMO_DATA / "heldout.txt", DEMO_DATA / "facts.jsonl",
-                         DEMO_DATA / "filler.txt", temperature=2.0, seq_len=64, tokens=16384, gamma=1.0)
+                         DEMO_DATA / "filler.txt", temperature=2.0, seq_len=64, tokens=16384, gamma=1.0,
+                         stage_step=0.0)
     general = DATA_DIR / "general_en.txt"
     return ModelDefaults(general, DATA_DIR / "general_en_heldout.txt", DATA_DIR / "real_facts.jsonl", general,
                          calib_extra=REAL_MIX)
@@ -201,6 +207,19 @@ def analysis_cached(model: nn.Module, stats: CalibStats, cfg: CompressConfig = C
     return an, hit and not changed
 
 
+def stage_count(param_ratio: float, step: float) -> int:
+    """`--stages auto`: one stage per `step` of the parameters removed, at least one (0.8 with 0.1: 2; 0.9: 1;
+    0.6: 4); `step` 0 is one stage."""
+    if step <= 0:
+        return 1
+    return max(1, math.ceil((1 - param_ratio) / step - 1e-9))
+
+
+def default_stages(model_spec: str | None, param_ratio: float) -> int:
+    """The stages `fasc compress --stages auto` takes for this model and budget."""
+    return stage_count(param_ratio, model_defaults(model_spec).stage_step)
+
+
 def stage_budgets(param_ratio: float, stages: int) -> list[float]:
     """The budgets of progressive compression (`--stages N`): 1 − (1 − P)·i/N for i = 1..N, the last one P.
     Each stage but the last is compressed, merged (dense W′) and calibrated again before the next allocation:
@@ -255,7 +274,8 @@ def compressed_copy(model, an: Analysis, plan: Plan, *, merge: bool = False,
                     sequential: bool | str = False, heal_tokens: int = 0,
                     heal_progress: Callable[[int, int], object] | None = None,
                     heal_heldout=None, heal_mode: str = "global", heal_batches=None,
-                    heal_copy_weight: float | None = None, teacher: nn.Module | None = None) -> tuple[nn.Module, dict | None]:
+                    heal_copy_weight: float | None = None, teacher: nn.Module | None = None,
+                    in_place: bool = False) -> tuple[nn.Module, dict | None]:
     """A deep copy of `model` compressed with `plan` — sequentially ('refit'/True or 'restat',
     `fasc.sequential`) and healed for `heal_tokens` tokens in `heal_mode` ('global' or 'block',
     `fasc.heal.heal_`) when asked — healing on `heal_batches` when given (another text) —, both on
@@ -263,7 +283,7 @@ def compressed_copy(model, an: Analysis, plan: Plan, *, merge: bool = False,
     weights its KL by `heal_copy_weight` at copy positions (`fasc.heal.kl_weights`; None: the default),
     distilling `teacher` (default `model`; the uncompressed model when `model` is a stage of `--stages`) —
     and what healing did (`HealResult.to_dict()`, with its `summary` line, or None). `model` is left
-    untouched."""
+    untouched, unless `in_place` (a throwaway model, e.g. a stage of `--stages`: one model less in memory)."""
     if (sequential or (heal_tokens and not heal_batches)) and not batches:
         raise FascError("Sequential compression and healing need the calibration batches; pass batches=.")
     if heal_tokens < 0:
@@ -273,7 +293,7 @@ def compressed_copy(model, an: Analysis, plan: Plan, *, merge: bool = False,
                         "factored, or turn healing off (0 tokens).")
     if sequential not in (False, True, "refit", "restat"):
         raise FascError(f"sequential must be 'refit' or 'restat', got {sequential!r}.")
-    work = copy.deepcopy(model)
+    work = model if in_place else copy.deepcopy(model)
     if sequential:
         from .sequential import compress_sequential_
         compress_sequential_(work, an, plan, batches, merge=merge, progress=progress, refit=sequential != "restat")
@@ -297,7 +317,7 @@ def compress_and_save(model, tok, an: Analysis, plan: Plan, out: str | Path, *, 
                       heal_mode: str = "global", heal_batches=None, heal_text: str = "",
                       heal_copy_weight: float | None = None,
                       copies: Callable[[Plan], tuple] | None = None, teacher: nn.Module | None = None,
-                      meta_extra: dict | None = None) -> dict:
+                      meta_extra: dict | None = None, in_place: bool = False) -> dict:
     """Compress a deep copy of `model` with `plan` and export it (what `fasc compress` and the Export
     page do).
 
@@ -310,19 +330,21 @@ def compress_and_save(model, tok, an: Analysis, plan: Plan, out: str | Path, *, 
     that compressed copy (e.g. from a `fasc.copies.CopyCache`; it is only read) instead of building it
     here: built with the same `merge`, `sequential`, `heal_tokens` and `heal_mode`, which the export records.
     `teacher` is the model healing distils (default `model`); `meta_extra` adds to (or overrides) the export's
-    `fasc_config.json` fields (`--stages` records its stages and the source model's fingerprint).
+    `fasc_config.json` fields (`--stages` records its stages and the source model's fingerprint); `in_place`
+    compresses `model` itself (a throwaway stage model) instead of a copy.
     Returns a summary: folder, sizes, parameter counts, predicted ΔL, files (name → bytes).
     """
     prepare_destination(out, overwrite)  # fail before any work
     validate_plan(plan, an, model_fp or None)
     t0 = time.perf_counter()
+    params_before = parameter_count(model)
     if copies is not None:
         work, healed = copies(plan)
     else:
         work, healed = compressed_copy(model, an, plan, merge=merge, progress=progress, batches=batches,
                                        sequential=sequential, heal_tokens=heal_tokens, heal_progress=heal_progress,
                                        heal_heldout=heal_heldout, heal_mode=heal_mode, heal_batches=heal_batches,
-                                       heal_copy_weight=heal_copy_weight, teacher=teacher)
+                                       heal_copy_weight=heal_copy_weight, teacher=teacher, in_place=in_place)
     meta = export_meta(an, plan, method=method, source_model=source_model, calibration=calibration,
                        model_fp=model_fp)
     if healed is not None and heal_text:
@@ -333,6 +355,6 @@ def compress_and_save(model, tok, an: Analysis, plan: Plan, out: str | Path, *, 
     files = {p.name: p.stat().st_size for p in sorted(Path(path).iterdir()) if p.is_file()}
     return {"out": str(path), "merged": merge, "method": method, "modules": len(plan.ranks),
             "params_kept_in_modules": kept, "params_original_in_modules": orig, "param_ratio": kept / orig,
-            "model_params_before": parameter_count(model), "model_params_after": parameter_count(work),
+            "model_params_before": params_before, "model_params_after": parameter_count(work),
             "predicted_delta_loss": plan.predicted(an), "export_bytes": folder_size(path), "files": files,
             "sequential": sequential, "heal": healed, "seconds": round(time.perf_counter() - t0, 2)}

@@ -13,7 +13,7 @@ from fasc.app.format import human_bytes
 from fasc.app.table import plan_label
 from fasc.errors import FascError
 from fasc.export import FASC_CONFIG
-from fasc.pipeline import compress_and_save
+from fasc.pipeline import compress_and_save, default_stages
 from fasc.speed import plan_speed
 
 
@@ -106,6 +106,13 @@ def main() -> None:
     ref = ui.refinement_options("export", ctx, plan, merged)
 
     st.caption(export_cost(ctx, plan, merged, ref))
+    budget = plan.note.get("param_ratio")   # the budget asked for (None: explicit ranks or a rank ratio)
+    stages = default_stages(ctx.lm.spec, budget) if budget else 1
+    if stages > 1:
+        st.caption(f"This page exports in one stage, from the calibration on screen. `fasc compress --param-ratio "
+                   f"{budget:g}` reaches this budget in {stages} stages, each merged and calibrated again "
+                   f"(one more calibration each; on SmolLM2 at 80 %: 97.6 % of the dense multiple-choice average "
+                   f"instead of 96.1 %); `--stages 1` there makes this page's export.")
     if st.button("Export", type="primary", key="w.export", icon=":material/save:"):
         if not out.strip():
             raise FascError(f"No target folder given; enter a folder such as {default_dir}.")

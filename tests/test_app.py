@@ -645,6 +645,11 @@ def test_ranks_evaluate_sequential_and_healing(env):
 # ------------------------------------------------------------------------------------------ page 5
 def test_export_factored_and_merged(env):
     at = goto(calibrated(env), "pages/5_export.py")
+    from fasc.pipeline import default_stages
+
+    n = default_stages(env["spec"], plan(at).note["param_ratio"])   # the CLI stages the budget; the page says so
+    staged = [c.value for c in at.caption if "`--stages 1`" in c.value]
+    assert n > 1 and len(staged) == 1 and f"in {n} stages" in staged[0]
     out = at.text_input[0].value
     assert out.startswith(str(env["tmp"] / "out"))
     at.button(key="w.export").click().run()

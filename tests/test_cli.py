@@ -29,8 +29,8 @@ def test_cli_end_to_end(capsys, common, saved_llama, tmp_path):
     assert (tmp_path / "rho.html").stat().st_size > 1000
 
     out_dir = tmp_path / "compressed"
-    code, out, err = run(capsys, "compress", *common, "--method", "fasc", "--param-ratio", "0.5", "--out",
-                         str(out_dir), "--save-plan", str(tmp_path / "plan.json"), "--json")
+    code, out, err = run(capsys, "compress", *common, "--method", "fasc", "--param-ratio", "0.5", "--stages", "1",
+                         "--out", str(out_dir), "--save-plan", str(tmp_path / "plan.json"), "--json")
     assert code == 0, err
     comp = json.loads(out)
     assert comp["param_ratio"] <= 0.5 and comp["model_params_after"] < comp["model_params_before"]
