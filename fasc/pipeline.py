@@ -303,8 +303,8 @@ def compressed_copy(model, an: Analysis, plan: Plan, *, merge: bool = False,
     if heal_tokens:
         from .heal import heal_
         healed = heal_(work, model if teacher is None else teacher, heal_batches or batches, tokens=heal_tokens,
-                       progress=heal_progress,
-                       heldout=heal_heldout, mode=heal_mode, copy_weight=heal_copy_weight).to_dict()
+                       progress=heal_progress, heldout=heal_heldout, mode=heal_mode,
+                       copy_weight=heal_copy_weight).to_dict()
     return work, healed
 
 
