@@ -440,7 +440,7 @@ def cmd_compress(args) -> None:
                                 heal_mode=heal_mode, heal_batches=heal_batches,
                                 heal_text=", ".join(args.heal_data) if args.heal_data else "",
                                 heal_copy_weight=args.heal_copy_weight, teacher=dense,
-                                meta_extra=_stages_record(args, dense, stages) if stages else None,
+                                meta_extra=_stages_record(dense, stages) if stages else None,
                                 in_place=bool(stages))
     finally:
         bar.close()
@@ -476,23 +476,20 @@ def cmd_compress(args) -> None:
 
 
 def _check_stages(args) -> None:
-    """Resolve --stages (auto: `fasc.pipeline.stage_count` with the model's `stage_step`, one stage where the
-    request takes no stages); N > 1 needs a parameter budget and one model to calibrate at every stage. Before
-    any work."""
-    from .pipeline import default_stages
+    """Resolve --stages (auto: `fasc.pipeline.default_stages`, one stage where the request takes no stages);
+    N > 1 needs a parameter budget and one model to calibrate at every stage (`stage_clash`). Before any work."""
+    from .pipeline import default_stages, stage_clash
 
-    clash = [f for f, on in (("--rank-ratio / --ranks", args.param_ratio is None),
-                             ("--allocation anchored", args.allocation == "anchored"),
-                             ("--attention-share", args.attention_share is not None),
-                             ("--sequential", bool(args.sequential))) if on]
+    request = (args.param_ratio, args.allocation, args.attention_share, args.sequential)
     if args.stages == "auto":
-        args.stages = 1 if clash else default_stages(args.model, args.param_ratio)
+        args.stages = default_stages(args.model, *request)
         return
     if args.stages < 1:
         raise FascError(f"--stages must be a whole number ≥ 1 or auto, got {args.stages!r}; 1 compresses in one step.")
+    clash = stage_clash(*request)
     if args.stages > 1 and clash:
         raise FascError(f"--stages {args.stages} works with a --param-ratio budget, greedy or uniform, not with "
-                        f"{clash[0]}; drop one of the two.")
+                        f"{clash}; drop one of the two.")
 
 
 def _stages(args, model, tok, qk):
@@ -510,15 +507,15 @@ def _stages(args, model, tok, qk):
                         model_fp=stats.model_fingerprint or model_fingerprint(model), allocation=args.allocation,
                         qk_method=qk, tau=args.tau, fallback=args.fallback)
         bar = _progress(f"stage {i} of {args.stages}: {budget:.0%} of the parameters", args, unit="module")
-        try:
-            model, _ = compressed_copy(model, an, plan, merge=True, progress=bar)
+        try:   # the first stage copies the source model; later ones compress their own stage model
+            model, _ = compressed_copy(model, an, plan, merge=True, progress=bar, in_place=i > 1)
         finally:
             bar.close()
         done.append({"param_ratio": budget, "calibration": stats.key, "predicted_delta_loss": plan.predicted(an)})
     return model, done
 
 
-def _stages_record(args, dense, stages: list[dict]) -> dict:
+def _stages_record(dense, stages: list[dict]) -> dict:
     """The export's record of --stages: the stages before the last, and the source model's own fingerprint
     (the last stage's plan is made on, and checked against, the stage model)."""
     from .modules import model_fingerprint

@@ -215,8 +215,22 @@ def stage_count(param_ratio: float, step: float) -> int:
     return max(1, math.ceil((1 - param_ratio) / step - 1e-9))
 
 
-def default_stages(model_spec: str | None, param_ratio: float) -> int:
-    """The stages `fasc compress --stages auto` takes for this model and budget."""
+def stage_clash(param_ratio: float | None, allocation: str = "greedy", attention_share: float | None = None,
+                sequential: bool | str = False) -> str | None:
+    """The option that keeps a request to one stage, or None: stages need a greedy or uniform `--param-ratio`
+    budget and one model to calibrate at every stage."""
+    for name, on in (("--rank-ratio / --ranks", param_ratio is None), ("--allocation anchored", allocation == "anchored"),
+                     ("--attention-share", attention_share is not None), ("--sequential", bool(sequential))):
+        if on:
+            return name
+    return None
+
+
+def default_stages(model_spec: str | None, param_ratio: float | None, allocation: str = "greedy",
+                   attention_share: float | None = None, sequential: bool | str = False) -> int:
+    """The stages `fasc compress --stages auto` takes for this model and request (one where `stage_clash`)."""
+    if stage_clash(param_ratio, allocation, attention_share, sequential):
+        return 1
     return stage_count(param_ratio, model_defaults(model_spec).stage_step)
 
 
@@ -293,6 +307,8 @@ def compressed_copy(model, an: Analysis, plan: Plan, *, merge: bool = False,
                         "factored, or turn healing off (0 tokens).")
     if sequential not in (False, True, "refit", "restat"):
         raise FascError(f"sequential must be 'refit' or 'restat', got {sequential!r}.")
+    if in_place and heal_tokens and teacher is None:
+        raise FascError("Healing a model compressed in place needs the uncompressed model to distil; pass teacher=.")
     work = model if in_place else copy.deepcopy(model)
     if sequential:
         from .sequential import compress_sequential_

@@ -107,12 +107,13 @@ def main() -> None:
 
     st.caption(export_cost(ctx, plan, merged, ref))
     budget = plan.note.get("param_ratio")   # the budget asked for (None: explicit ranks or a rank ratio)
-    stages = default_stages(ctx.lm.spec, budget) if budget else 1
+    stages = default_stages(ctx.lm.spec, budget, plan.note.get("allocation") or "greedy",
+                            plan.note.get("attention_share"), ref.sequential)
     if stages > 1:
         st.caption(f"This page exports in one stage, from the calibration on screen. `fasc compress --param-ratio "
-                   f"{budget:g}` reaches this budget in {stages} stages, each merged and calibrated again "
-                   f"(one more calibration each; on SmolLM2 at 80 %: 97.6 % of the dense multiple-choice average "
-                   f"instead of 96.1 %); `--stages 1` there makes this page's export.")
+                   f"{budget:g}` reaches this budget in {stages} stages, each merged and calibrated again (one more "
+                   f"calibration each; measured in BENCHMARKS.md, *Progressive compression*); `--stages 1` there "
+                   f"makes this page's export.")
     if st.button("Export", type="primary", key="w.export", icon=":material/save:"):
         if not out.strip():
             raise FascError(f"No target folder given; enter a folder such as {default_dir}.")

@@ -688,6 +688,7 @@ def test_export_sequential_and_healing(env):
     them and the summary shows the KL before/after."""
     at = goto(calibrated(env), "pages/5_export.py")
     at.selectbox(key="w.export_sequential").set_value("restat").run()
+    assert not [c for c in at.caption if "`--stages 1`" in c.value]   # sequential: the CLI takes one stage too
     at.number_input(key="w.export_heal_tokens").set_value(64).run()
     at.button(key="w.export").click().run()
     res = ok(at).session_state["exports"][env["ident"]]

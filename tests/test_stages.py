@@ -11,12 +11,15 @@ from safetensors.torch import load_file
 import fasc
 from fasc.cli import main
 from fasc.modules import model_fingerprint
-from fasc.pipeline import stage_budgets, stage_count
+from fasc.pipeline import compressed_copy, default_stages, stage_budgets, stage_count
 
 
 def test_stage_budgets_and_the_auto_count():
     assert [stage_count(p, 0.1) for p in (0.95, 0.9, 0.85, 0.8, 0.6, 0.5)] == [1, 1, 2, 2, 4, 5]
     assert stage_count(0.5, 0.0) == 1
+    assert default_stages("smollm2", 0.8) == 2 and default_stages("demo", 0.5) == 1
+    assert [default_stages("smollm2", *r) for r in ((None,), (0.8, "anchored"), (0.8, "greedy", 0.7),
+                                                     (0.8, "uniform", None, "restat"), (0.8, "uniform"))] == [1, 1, 1, 1, 2]
     assert stage_budgets(0.8, 1) == [0.8]
     assert stage_budgets(0.8, 2) == [0.9, 0.8]
     assert stage_budgets(0.6, 4) == [0.9, 0.8, 0.7, 0.6]
@@ -90,3 +93,14 @@ def test_auto_stages_follow_the_budget(common, tmp_path, capsys, extra, stages):
 def test_the_demo_compresses_in_one_stage():
     from fasc.pipeline import model_defaults
     assert model_defaults("demo").stage_step == 0 and model_defaults("smollm2").stage_step == 0.1
+
+
+def test_healing_in_place_needs_its_teacher(llama, llama_stats):
+    """A model compressed in place is no longer the uncompressed one: healing it without `teacher` is one line."""
+    from fasc.allocate import allocate
+    from fasc.analysis import Analysis
+
+    an = Analysis(llama, llama_stats)
+    plan = allocate(an, "fasc", param_ratio=0.8)
+    with pytest.raises(fasc.FascError, match="pass teacher="):
+        compressed_copy(llama, an, plan, in_place=True, heal_tokens=64, batches=[object()])

@@ -563,11 +563,12 @@ class ProgressBar:
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def _suite_work(spec: str, tasks: tuple[str, ...], limit: int, probe: str, _tok):
+    from dataclasses import fields
+
     from ..suite import Work, estimate_work
 
     work = estimate_work(_tok, list(tasks), limit, probe).values()
-    return Work(*(sum(getattr(w, f) for w in work) for f in ("tokens", "steps", "max_steps", "row_steps",
-                                                              "max_row_steps")))
+    return Work(*(sum(getattr(w, f.name) for w in work) for f in fields(Work)))
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
