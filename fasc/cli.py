@@ -362,7 +362,7 @@ def cmd_compress(args) -> None:
     from .allocate import allocate, base_methods, check_request, load_plan
     from .export import check_output_file, prepare_destination
     from .modules import model_fingerprint
-    from .pipeline import compress_and_save
+    from .pipeline import compress_and_save, stages_record
 
     prepare_destination(args.out, args.overwrite)  # fail before any work
     if args.save_plan:
@@ -440,7 +440,7 @@ def cmd_compress(args) -> None:
                                 heal_mode=heal_mode, heal_batches=heal_batches,
                                 heal_text=", ".join(args.heal_data) if args.heal_data else "",
                                 heal_copy_weight=args.heal_copy_weight, teacher=dense,
-                                meta_extra=_stages_record(dense, stages) if stages else None,
+                                meta_extra=stages_record(dense, stages) if stages else None,
                                 in_place=bool(stages))
     finally:
         bar.close()
@@ -497,30 +497,18 @@ def _stages(args, model, tok, qk):
     calibrating again on each stage's model; returns the last stage's model and what each stage did."""
     from .allocate import allocate, base_methods
     from .modules import model_fingerprint
-    from .pipeline import compressed_copy, stage_budgets
+    from .pipeline import compress_stages, stage_budgets
 
-    done = []
-    for i, budget in enumerate(stage_budgets(args.param_ratio, args.stages)[:-1], 1):
-        stats, _, _ = _stats(args, model, tok)
-        an = _analysis(args, model, stats, base_methods(args.method, args.fallback, qk), diagnostics=False)
-        plan = allocate(an, args.method, param_ratio=budget, modules=args.modules,
-                        model_fp=stats.model_fingerprint or model_fingerprint(model), allocation=args.allocation,
-                        qk_method=qk, tau=args.tau, fallback=args.fallback)
-        bar = _progress(f"stage {i} of {args.stages}: {budget:.0%} of the parameters", args, unit="module")
-        try:   # the first stage copies the source model; later ones compress their own stage model
-            model, _ = compressed_copy(model, an, plan, merge=True, progress=bar, in_place=i > 1)
-        finally:
-            bar.close()
-        done.append({"param_ratio": budget, "calibration": stats.key, "predicted_delta_loss": plan.predicted(an)})
-    return model, done
+    def stage_plan(m, budget):
+        stats, _, _ = _stats(args, m, tok)
+        an = _analysis(args, m, stats, base_methods(args.method, args.fallback, qk), diagnostics=False)
+        return an, allocate(an, args.method, param_ratio=budget, modules=args.modules,
+                            model_fp=stats.model_fingerprint or model_fingerprint(m), allocation=args.allocation,
+                            qk_method=qk, tau=args.tau, fallback=args.fallback), stats.key
 
-
-def _stages_record(dense, stages: list[dict]) -> dict:
-    """The export's record of --stages: the stages before the last, and the source model's own fingerprint
-    (the last stage's plan is made on, and checked against, the stage model)."""
-    from .modules import model_fingerprint
-
-    return {"stages": stages, "source_fingerprint": model_fingerprint(dense)}
+    return compress_stages(model, stage_budgets(args.param_ratio, args.stages)[:-1], stage_plan,
+                           lambda i, budget: _progress(f"stage {i} of {args.stages}: {budget:.0%} of the parameters",
+                                                       args, unit="module"))
 
 
 def _qk_method(args) -> str | None:

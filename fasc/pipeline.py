@@ -243,6 +243,37 @@ def stage_budgets(param_ratio: float, stages: int) -> list[float]:
     return [round(1 - (1 - param_ratio) * i / stages, 6) for i in range(1, stages)] + [param_ratio]
 
 
+def compress_stages(model, budgets: list[float],
+                    stage_plan: Callable[[nn.Module, float], tuple[Analysis, Plan, str]],
+                    progress: Callable[[int, float], object] | None = None) -> tuple[nn.Module, list[dict]]:
+    """Progressive compression up to its last stage (`fasc compress --stages`, the Export page): for each of
+    `budgets` (`stage_budgets(P, N)[:-1]`) `stage_plan(stage model, budget)` calibrates the model as it is now
+    and allocates its plan — (analysis, plan, calibration key) —, which is applied and merged (dense W′): the
+    first stage compresses a copy of `model`, later ones their own stage model in place. `progress(i, budget)`
+    makes stage i's progress bar (closed after it, when it has `close`). Returns the last stage model (for the
+    last budget's plan) and each stage's record: budget, calibration key, predicted ΔL against the model it
+    truncated."""
+    done = []
+    for i, budget in enumerate(budgets, 1):
+        an, plan, key = stage_plan(model, budget)
+        bar = progress(i, budget) if progress is not None else None
+        try:
+            model, _ = compressed_copy(model, an, plan, merge=True, progress=bar, in_place=i > 1)
+        finally:
+            if hasattr(bar, "close"):
+                bar.close()
+        done.append({"param_ratio": budget, "calibration": key, "predicted_delta_loss": plan.predicted(an)})
+    return model, done
+
+
+def stages_record(dense: nn.Module, stages: list[dict]) -> dict:
+    """An export's record of its stages (`fasc_config.json`): the stages before the last, and the source
+    model's own fingerprint (the last stage's plan is made on, and checked against, the stage model)."""
+    from .modules import model_fingerprint
+
+    return {"stages": stages, "source_fingerprint": model_fingerprint(dense)}
+
+
 def export_meta(an: Analysis, plan: Plan, *, method: str, source_model: str, calibration: str,
                 model_fp: str) -> dict:
     """The `fasc_config.json` fields `fasc compress` writes beside the weights (spec §7)."""

@@ -7,13 +7,14 @@ from pathlib import Path
 import streamlit as st
 
 from fasc.app import copies as CP
+from fasc.app import stages as ST
 from fasc.app import state, ui
 from fasc.app.choices import default_export_dir
 from fasc.app.format import human_bytes
 from fasc.app.table import plan_label
 from fasc.errors import FascError
 from fasc.export import FASC_CONFIG
-from fasc.pipeline import compress_and_save, default_stages
+from fasc.pipeline import compress_and_save
 from fasc.speed import plan_speed
 
 
@@ -37,6 +38,11 @@ def show_result(res: dict) -> None:
                              mime="application/json", icon=":material/download:", key="w.dl_cfg")
         with st.expander(FASC_CONFIG):
             st.json(json.loads(cfg_path.read_text()), expanded=1)
+    if res.get("stages"):
+        st.caption(f"Progressive: {len(res['stages']) + 1} stages ("
+                   + ", ".join(f"{s['param_ratio']:.0%}" for s in res["stages"]) + f", {res['param_ratio']:.0%}), "
+                   f"predicted ΔL " + " + ".join(f"{d:.4f}" for d in res["predicted_delta_loss_stages"])
+                   + "; the last plan, allocated on the stage model, is the plan.json below.")
     if res.get("sequential"):
         st.caption(f"Sequential ({res['sequential']}): each module was fitted to the partly compressed model's inputs.")
     if res.get("heal"):
@@ -47,12 +53,16 @@ def show_result(res: dict) -> None:
                                            f"trust_remote_code=True)`") + ".")
 
 
-def export(ctx, plan, target: Path, merged: bool, overwrite: bool, method: str, ref: ui.Refinement) -> dict:
-    """Compress a copy (or take the one Evaluate, Generate or Compare built with the same options) and
-    write it, with progress bars; a click on Cancel (or anywhere) interrupts it before anything is written."""
+def export(ctx, plan, target: Path, merged: bool, overwrite: bool, method: str, ref: ui.Refinement,
+           stages: int = 1) -> dict:
+    """Compress a copy (or take the one Evaluate, Generate or Compare built with the same options), or the
+    plan's budget in `stages` stages, and write it, with progress bars; a click on Cancel (or anywhere)
+    interrupts it before anything is written."""
     cancel = st.empty()   # cleared when the work ends: no Cancel left on screen
     cancel.button("Cancel", key="w.export_cancel", icon=":material/cancel:")
     try:
+        if stages > 1:
+            return ST.staged_export(ctx, plan, stages, target, merge=merged, overwrite=overwrite, ref=ref)
         return compress_and_save(ctx.lm.model, ctx.lm.tok, ctx.an, plan, target, merge=merged, overwrite=overwrite,
                                  method=method, source_model=ctx.lm.spec, calibration=ctx.calib["key"],
                                  model_fp=ctx.lm.fingerprint, **ref.opts(),
@@ -105,23 +115,31 @@ def main() -> None:
         st.warning("Export cancelled; nothing was written.", icon=":material/cancel:")
     ref = ui.refinement_options("export", ctx, plan, merged)
 
-    st.caption(export_cost(ctx, plan, merged, ref))
-    budget = plan.note.get("param_ratio")   # the budget asked for (None: explicit ranks or a rank ratio)
-    stages = default_stages(ctx.lm.spec, budget, plan.note.get("allocation") or "greedy",
-                            plan.note.get("attention_share"), ref.sequential)
+    n = ST.stages_for(ctx, plan, ref.sequential)
+    stages = 1
+    if n > 1:
+        pick = st.radio("Stages", [1, n], horizontal=True, **ui.bind(f"export_stages.{n}", 1),
+                        format_func=lambda k: "1: the plan on screen" if k == 1 else
+                        f"{k}: progressive, as `fasc compress --param-ratio {plan.note['param_ratio']:g}`",
+                        help="Progressive compression reaches the budget in steps, each merged and calibrated "
+                             "again on the page's calibration text, so each stage's plan is priced on the model it "
+                             "truncates (the last plan is not the one on screen). One calibration and "
+                             "decomposition more per stage; measured in BENCHMARKS.md, *Progressive compression*.")
+        stages = int(ui.commit(f"export_stages.{n}", pick))
     if stages > 1:
-        st.caption(f"This page exports in one stage, from the calibration on screen. `fasc compress --param-ratio "
-                   f"{budget:g}` reaches this budget in {stages} stages, each merged and calibrated again (one more "
-                   f"calibration each; measured in BENCHMARKS.md, *Progressive compression*); `--stages 1` there "
-                   f"makes this page's export.")
+        st.caption(f"≈ {ui.minutes(ST.stages_seconds(ctx, plan, stages))}: {stages - 1} more "
+                   f"calibration{'s' if stages > 2 else ''} of the stage model and {stages} compressions, then it is "
+                   f"written{' (healing: see its help for the cost)' if ref.heal_tokens else ''}.")
+    else:
+        st.caption(export_cost(ctx, plan, merged, ref))
     if st.button("Export", type="primary", key="w.export", icon=":material/save:"):
         if not out.strip():
             raise FascError(f"No target folder given; enter a folder such as {default_dir}.")
         target = Path(out.strip()).expanduser()
         if target.parent == Path(default_dir).expanduser().parent:  # the proposed export root is created on demand
             target.parent.mkdir(parents=True, exist_ok=True)
-        res = export(ctx, plan, target, merged, overwrite, method, ref)
-        res["plan"] = plan.to_json()
+        res = export(ctx, plan, target, merged, overwrite, method, ref, stages)
+        res["plan"] = res.pop("staged_plan", None) or plan.to_json()
         res["plan_key"] = plan.key()
         state.put_export_result(ctx.lm.ident, res)
 

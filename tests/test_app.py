@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import streamlit as st
+from safetensors.torch import load_file
 from streamlit.testing.v1 import AppTest
 
 import fasc
@@ -647,9 +648,10 @@ def test_export_factored_and_merged(env):
     at = goto(calibrated(env), "pages/5_export.py")
     from fasc.pipeline import default_stages
 
-    n = default_stages(env["spec"], plan(at).note["param_ratio"])   # the CLI stages the budget; the page says so
-    staged = [c.value for c in at.caption if "`--stages 1`" in c.value]
-    assert n > 1 and len(staged) == 1 and f"in {n} stages" in staged[0]
+    n = default_stages(env["spec"], plan(at).note["param_ratio"])   # the CLI stages the budget; the page offers it
+    assert n > 1 and at.radio(key=f"w.export_stages.{n}").options == ["1: the plan on screen", f"{n}: progressive, "
+                                                                     "as `fasc compress --param-ratio 0.8`"]
+    assert at.radio(key=f"w.export_stages.{n}").value == 1            # the plan on screen, unless asked
     out = at.text_input[0].value
     assert out.startswith(str(env["tmp"] / "out"))
     at.button(key="w.export").click().run()
@@ -683,12 +685,47 @@ def test_export_factored_and_merged(env):
     assert json.loads((Path(res2["out"]) / "fasc_config.json").read_text())["merged"]
 
 
+def test_export_in_stages_equals_the_cli(env, capsys):
+    """Progressive on the Export page writes, bit for bit, what `fasc compress --stages 2` writes from the same
+    calibration settings (the stage model calibrated again, its plan allocated there); an edited plan takes one."""
+    from fasc.cli import main
+    from fasc.modules import model_fingerprint
+
+    at = goto(calibrated(env), "pages/5_export.py")
+    at.radio(key="w.export_stages.2").set_value(2).run()
+    assert any(c.value.startswith("≈ ") and "1 more calibration of the stage model" in c.value for c in ok(at).caption)
+    at.button(key="w.export").click().run()
+    res = ok(at).session_state["exports"][env["ident"]]
+    cfg = json.loads((Path(res["out"]) / "fasc_config.json").read_text())
+    assert [s["param_ratio"] for s in cfg["stages"]] == [0.9] and res["stages"] == cfg["stages"]
+    assert cfg["stages"][0]["calibration"] == at.session_state["calib"][env["ident"]]["key"]   # stage 1: the page's
+    assert cfg["calibration"] != cfg["stages"][0]["calibration"]                                # the last: its own
+    assert cfg["source_fingerprint"] == model_fingerprint(fasc.load_model(env["spec"])[0])
+    assert Plan.from_dict(json.loads(res["plan"])).ranks == cfg["ranks"]     # plan.json: the last stage's plan
+    assert any(c.value.startswith("Progressive: 2 stages (90%, 80%)") for c in at.caption)
+    code = main(["compress", "--model", env["spec"], "--param-ratio", "0.8", "--tokens", str(TOKENS), "--quiet",
+                 "--out", str(env["tmp"] / "cli")])      # --stages auto: 2, as the page said
+    assert code == 0, capsys.readouterr().err
+    cli = json.loads((env["tmp"] / "cli" / "fasc_config.json").read_text())
+    strip = lambda stages: [{k: v for k, v in s.items() if k != "predicted_delta_loss"} for s in stages]  # noqa: E731
+    assert strip(cli["stages"]) == strip(cfg["stages"]) and cli["ranks"] == cfg["ranks"]
+    assert cli["stages"][0]["predicted_delta_loss"] == pytest.approx(cfg["stages"][0]["predicted_delta_loss"])
+    a, b = load_file(str(Path(res["out"]) / "model.safetensors")), load_file(str(env["tmp"] / "cli" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+    at = goto(at, "pages/4_ranks.py")                  # a plan edited by hand: its ranks, one stage
+    layer = next(sl for sl in at.slider if sl.key.startswith("w.layer.0."))
+    layer.set_value(0.25).run()
+    assert ok(at).session_state["plan"]["plan"]["note"].get("edited")
+    at = goto(at, "pages/5_export.py")
+    assert not [r for r in at.radio if r.key.startswith("w.export_stages")]
+
+
 def test_export_sequential_and_healing(env):
     """Sequential (restat) and healing on the Export page reach the export: fasc_config.json records
     them and the summary shows the KL before/after."""
     at = goto(calibrated(env), "pages/5_export.py")
     at.selectbox(key="w.export_sequential").set_value("restat").run()
-    assert not [c for c in at.caption if "`--stages 1`" in c.value]   # sequential: the CLI takes one stage too
+    assert not [r for r in at.radio if r.key.startswith("w.export_stages")]   # sequential: one stage, as the CLI
     at.number_input(key="w.export_heal_tokens").set_value(64).run()
     at.button(key="w.export").click().run()
     res = ok(at).session_state["exports"][env["ident"]]

@@ -142,8 +142,11 @@ def build_seconds(ctx, plan: Plan, **opts) -> float:
     """≈ seconds to build the copy of `plan` (with `opts`: merge …) here, 0 when cached: planned modules ×
     this model's measured build seconds per module (of a plain copy built earlier in this process),
     else `_prior`."""
-    if ready(ctx, plan, **opts):
-        return 0.0
+    return 0.0 if ready(ctx, plan, **opts) else fresh_build_seconds(ctx, plan)
+
+
+def fresh_build_seconds(ctx, plan: Plan) -> float:
+    """≈ seconds to build a copy of `plan` that is not cached (see `build_seconds`)."""
     speeds = _speeds()
     total = 0.0
     for m, n in _method_counts(plan).items():

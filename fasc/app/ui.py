@@ -560,6 +560,8 @@ class ProgressBar:
     def clear(self) -> None:
         self.slot.empty()
 
+    close = clear   # tqdm's name: library loops that make their own bars close them (`compress_stages`)
+
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def _suite_work(spec: str, tasks: tuple[str, ...], limit: int, probe: str, _tok):

@@ -1,0 +1,91 @@
+"""Progressive compression from the Export page: the plan's budget reached in the stages `fasc compress
+--stages auto` takes (`fasc.pipeline.compress_stages`), each stage model calibrated on the page's calibration
+text and settings, with progress bars. The export is bit for bit what the CLI writes for the same request."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import copies as CP
+from . import ui
+from ..allocate import Plan, allocate, base_methods
+from ..config import HYBRID_FALLBACK, HYBRID_TAU
+from ..modules import model_fingerprint
+from ..pipeline import (analysis_cached, calibrate_cached, compress_and_save, compress_stages, default_stages,
+                        stage_budgets, stages_record)
+
+
+def stages_for(ctx, plan: Plan, sequential: bool | str = False) -> int:
+    """The stages the CLI takes for the plan's request (`fasc.pipeline.default_stages`); one for a plan edited
+    or loaded by hand, whose ranks no budget re-allocates."""
+    note = plan.note if isinstance(plan.note, dict) else {}
+    if note.get("edited") or note.get("loaded_from"):
+        return 1
+    return default_stages(ctx.lm.spec, note.get("param_ratio"), note.get("allocation") or "greedy",
+                          note.get("attention_share"), sequential)
+
+
+def stages_seconds(ctx, plan: Plan, stages: int) -> float:
+    """≈ seconds of a staged export here: each stage before the last calibrates its model (forward and
+    backward: ≈ 3 forward passes over the calibration tokens) and decomposes it again, and every stage builds
+    its copy (this model's measured speeds)."""
+    n_tok = int(ctx.calib["cfg"].get("n_tokens") or 0)
+    per_module = ui.decompose_speed().get((ctx.lm.ident, ctx.calib["key"], ctx.an.cfg.gamma))
+    decompose = (per_module or 0.0) * len(ctx.an.modules) * len(_methods(plan))
+    return (stages - 1) * (3 * n_tok * ui.seconds_per_token(ctx) + decompose) + stages * CP.fresh_build_seconds(ctx, plan)
+
+
+def _methods(plan: Plan) -> tuple[str, ...]:
+    note = plan.note if isinstance(plan.note, dict) else {}
+    return base_methods(note.get("method") or "fasc", note.get("fallback") or HYBRID_FALLBACK, note.get("qk_method"))
+
+
+def staged_export(ctx, plan: Plan, stages: int, target: Path, *, merge: bool, overwrite: bool,
+                  ref: ui.Refinement) -> dict:
+    """Export `plan`'s request in `stages` stages: the plan on screen is stage 1's only when it is one stage;
+    each later plan is allocated, with the same method, allocation and modules, on the stage model it
+    truncates. Returns `compress_and_save`'s summary with the stages and the last plan (JSON)."""
+    note = plan.note
+    method = note.get("method") or "fasc"
+    batches, _ = ui.calibration_batches(ctx)   # fails when the settings no longer match the calibration
+
+    def stage_plan(model, budget: float):
+        if model is ctx.lm.model:   # the dense model: the page's own calibration and analysis
+            an = ui.get_analysis(ctx.lm, ctx.calib["key"], methods=_methods(plan))
+            key, fp = ctx.calib["key"], ctx.lm.fingerprint
+        else:
+            bar = ui.ProgressBar(f"Calibrating the stage model ({budget:.0%} of the parameters next)")
+            try:
+                stats, _ = calibrate_cached(model, batches, ui.calib_request(ctx.lm.spec).cfg, progress=bar)
+            finally:
+                bar.clear()
+            bar = ui.ProgressBar("Eigen-decompositions of the stage model", unit="bases", lazy=0.3)
+            try:
+                an, _ = analysis_cached(model, stats, ctx.an.cfg, _methods(plan), progress=bar, diagnostics=False)
+            finally:
+                bar.clear()
+            key, fp = stats.key, stats.model_fingerprint or model_fingerprint(model)
+        return an, allocate(an, method, param_ratio=budget, modules=sorted(plan.ranks), model_fp=fp, allocation=note.get("allocation") or "greedy",
+                            qk_method=note.get("qk_method"), tau=note.get("tau", HYBRID_TAU),
+                            fallback=note.get("fallback") or HYBRID_FALLBACK), key
+
+    budgets = stage_budgets(note["param_ratio"], stages)
+    model, done = compress_stages(ctx.lm.model, budgets[:-1], stage_plan, lambda i, b: ui.ProgressBar(
+        f"Stage {i} of {stages}: compressing to {b:.0%} of the parameters (merged)", unit="modules"))
+    an, last, key = stage_plan(model, budgets[-1])
+    bar = ui.ProgressBar(f"Stage {stages} of {stages}: compressing to {budgets[-1]:.0%}", unit="modules")
+    hbar = ui.ProgressBar("Healing", unit="tokens") if ref.heal_tokens else None
+    try:
+        res = compress_and_save(model, ctx.lm.tok, an, last, target, merge=merge, overwrite=overwrite, method=method,
+                                source_model=ctx.lm.spec, calibration=key, model_fp=last.model_fingerprint,
+                                progress=bar, batches=batches, heal_progress=hbar, teacher=ctx.lm.model,
+                                meta_extra=stages_record(ctx.lm.model, done), in_place=True, **ref.opts())
+    finally:
+        bar.clear()
+        if hbar is not None:
+            hbar.clear()
+    res["stages"] = done
+    res["predicted_delta_loss_stages"] = [s["predicted_delta_loss"] for s in done] + [res["predicted_delta_loss"]]
+    res["predicted_delta_loss"] = sum(res["predicted_delta_loss_stages"])
+    res["staged_plan"] = last.to_json()
+    return res
