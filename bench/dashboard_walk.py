@@ -1,7 +1,8 @@
 """Every view of the dashboard on a real model, timed as a user gets it: headless Chromium drives a fresh
 `streamlit run app.py` through the pages — open, calibration (from the cache when the statistics are
 there), ρ map, Spectra, Ranks (the default plan), *Evaluate*, the benchmarks (the page's default tasks,
-`--limit` documents; its own time estimate printed beside the measured time), Generate, Export.
+`--limit` documents; its own time estimate printed beside the measured time), Generate, Export, and Export in
+the stages `fasc compress` takes (its estimate beside the measured time; where the model takes more than one).
 
     OMP_NUM_THREADS=2 FASC_CACHE=$PWD/cache python -m bench.dashboard_walk --model smollm2
 
@@ -31,6 +32,8 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=100, help="documents per benchmark task")
     p.add_argument("--shots", default=str(Path(tempfile.gettempdir()) / "fasc-walk"), help="screenshot folder")
     p.add_argument("--timeout", type=int, default=900, help="seconds one view may take")
+    p.add_argument("--only", default="", help="comma-separated views to time (open and calibration always run), "
+                                                "e.g. ranks,export,export_stages")
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT / "tests"))
     import test_browser as tb
@@ -56,7 +59,11 @@ def main(argv=None) -> int:
             time.sleep(0.5)
     out: dict = {"model": args.model, "limit": args.limit, "seconds": {}}
 
+    only = {v.strip() for v in args.only.split(",") if v.strip()}
+
     def step(name, f) -> None:
+        if only and name not in only | {"open", "calibration"}:
+            return
         t = time.time()
         try:
             f()
@@ -102,6 +109,21 @@ def main(argv=None) -> int:
                 pg.get_by_text("Wrote ").wait_for()
                 tb._idle(pg)
 
+            def export_stages():
+                tb._goto(pg, "Export")
+                progressive = pg.get_by_text("progressive, as")
+                if not progressive.count():
+                    raise RuntimeError("no Stages choice on the Export page for this model")
+                progressive.first.click()
+                tb._idle(pg)
+                out["export_stages_estimate"] = pg.locator("[data-testid='stCaptionContainer']",
+                                                           has_text="more calibration").first.inner_text()
+                pg.get_by_text("Overwrite").first.click()
+                tb._idle(pg)
+                pg.get_by_role("button", name="Export").click()
+                pg.get_by_text("Progressive: ").wait_for()
+                tb._idle(pg)
+
             step("open", lambda: (pg.goto(url), pg.get_by_role("heading", name="Model & calibration").wait_for(),
                                   tb._idle(pg)))
             step("calibration", calibration)
@@ -113,6 +135,7 @@ def main(argv=None) -> int:
             step("generate", lambda: (pg.get_by_role("button", name="Generate").click(),
                                       tb._wait_text(pg, "(same budget)"), tb._idle(pg)))
             step("export", export)
+            step("export_stages", export_stages)
             browser.close()
     finally:
         proc.terminate()

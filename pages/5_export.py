@@ -123,8 +123,10 @@ def main() -> None:
                         f"{k}: progressive, as `fasc compress --param-ratio {plan.note['param_ratio']:g}`",
                         help="Progressive compression reaches the budget in steps, each merged and calibrated "
                              "again on the page's calibration text, so each stage's plan is priced on the model it "
-                             "truncates (the last plan is not the one on screen). One calibration and "
-                             "decomposition more per stage; measured in BENCHMARKS.md, *Progressive compression*.")
+                             "truncates (the last plan is not the one on screen); bit for bit what `fasc compress` "
+                             "writes from the same calibration settings. One calibration and decomposition more per "
+                             "stage. On SmolLM2 it helped on the CLI's 32,768 calibration tokens and not on 8,192 "
+                             "(BENCHMARKS.md, *Progressive compression*).")
         stages = int(ui.commit(f"export_stages.{n}", pick))
     if stages > 1:
         st.caption(f"≈ {ui.minutes(ST.stages_seconds(ctx, plan, stages))}: {stages - 1} more "
