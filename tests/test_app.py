@@ -712,6 +712,11 @@ def test_export_in_stages_equals_the_cli(env, capsys):
     assert cli["stages"][0]["predicted_delta_loss"] == pytest.approx(cfg["stages"][0]["predicted_delta_loss"])
     a, b = load_file(str(Path(res["out"]) / "model.safetensors")), load_file(str(env["tmp"] / "cli" / "model.safetensors"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+    at.number_input(key="w.export_heal_tokens").set_value(64).run()   # healed: distils the dense model
+    at.checkbox(key="w.export_overwrite").check().run()
+    at.button(key="w.export").click().run()
+    cfg = json.loads((Path(ok(at).session_state["exports"][env["ident"]]["out"]) / "fasc_config.json").read_text())
+    assert cfg["heal"]["tokens"] >= 64 and "heldout_kl_after" in cfg["heal"] and len(cfg["stages"]) == 1
     at = goto(at, "pages/4_ranks.py")                  # a plan edited by hand: its ranks, one stage
     layer = next(sl for sl in at.slider if sl.key.startswith("w.layer.0."))
     layer.set_value(0.25).run()

@@ -87,6 +87,7 @@ def staged_export(ctx, plan: Plan, stages: int, target: Path, *, merge: bool, ov
         res = compress_and_save(model, ctx.lm.tok, an, last, target, merge=merge, overwrite=overwrite, method=method,
                                 source_model=ctx.lm.spec, calibration=key, model_fp=last.model_fingerprint,
                                 progress=bar, batches=batches, heal_progress=hbar, teacher=ctx.lm.model,
+                                heal_heldout=ui.heldout_tail(ctx, ui.HEAL_CHECK_TOKENS) if ref.heal_tokens else None,
                                 meta_extra=stages_record(ctx.lm.model, done), in_place=True, **ref.opts())
     finally:
         bar.clear()
