@@ -129,9 +129,10 @@ def main() -> None:
                              "(BENCHMARKS.md, *Progressive compression*).")
         stages = int(ui.commit(f"export_stages.{n}", pick))
     if stages > 1:
-        st.caption(f"≈ {ui.minutes(ST.stages_seconds(ctx, plan, stages))}: {stages - 1} more "
-                   f"calibration{'s' if stages > 2 else ''} of the stage model and {stages} compressions, then it is "
-                   f"written{' (healing: see its help for the cost)' if ref.heal_tokens else ''}.")
+        more = "1 more calibration of the stage model" if stages == 2 else \
+            f"{stages - 1} more calibrations of the stage models"
+        st.caption(f"≈ {ui.minutes(ST.stages_seconds(ctx, plan, stages))}: {more} and {stages} compressions, then "
+                   f"it is written{' (healing: see its help for the cost)' if ref.heal_tokens else ''}.")
     else:
         st.caption(export_cost(ctx, plan, merged, ref))
     if st.button("Export", type="primary", key="w.export", icon=":material/save:"):

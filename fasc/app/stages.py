@@ -49,9 +49,10 @@ def _methods(plan: Plan) -> tuple[str, ...]:
 
 def staged_export(ctx, plan: Plan, stages: int, target: Path, *, merge: bool, overwrite: bool,
                   ref: ui.Refinement) -> dict:
-    """Export `plan`'s request in `stages` stages: the plan on screen is stage 1's only when it is one stage;
-    each later plan is allocated, with the same method, allocation and modules, on the stage model it
-    truncates. Returns `compress_and_save`'s summary with the stages and the last plan (JSON)."""
+    """Export `plan`'s budget in `stages` stages: stage 1's plan is allocated on the page's calibration at the
+    first stage's budget, each later one on the stage model it truncates, all with the plan's method,
+    allocation and modules (the plan on screen itself is not exported). Returns `compress_and_save`'s summary
+    with the stages, their predicted ΔL, the last plan (JSON) and the seconds of the whole export."""
     t0 = time.perf_counter()
     note = plan.note
     method = note.get("method") or "fasc"
@@ -62,7 +63,7 @@ def staged_export(ctx, plan: Plan, stages: int, target: Path, *, merge: bool, ov
             an = ui.get_analysis(ctx.lm, ctx.calib["key"], methods=_methods(plan))
             key, fp = ctx.calib["key"], ctx.lm.fingerprint
         else:
-            bar = ui.ProgressBar(f"Calibrating the stage model ({budget:.0%} of the parameters next)")
+            bar = ui.ProgressBar(f"Calibrating the stage model for the {budget:.0%} plan")
             try:
                 stats, _ = calibrate_cached(model, batches, ui.calib_request(ctx.lm.spec).cfg, progress=bar)
             finally:
@@ -73,9 +74,9 @@ def staged_export(ctx, plan: Plan, stages: int, target: Path, *, merge: bool, ov
             finally:
                 bar.clear()
             key, fp = stats.key, stats.model_fingerprint or model_fingerprint(model)
-        return an, allocate(an, method, param_ratio=budget, modules=sorted(plan.ranks), model_fp=fp, allocation=note.get("allocation") or "greedy",
-                            qk_method=note.get("qk_method"), tau=note.get("tau", HYBRID_TAU),
-                            fallback=note.get("fallback") or HYBRID_FALLBACK), key
+        return an, allocate(an, method, param_ratio=budget, modules=sorted(plan.ranks), model_fp=fp,
+                            allocation=note.get("allocation") or "greedy", qk_method=note.get("qk_method"),
+                            tau=note.get("tau", HYBRID_TAU), fallback=note.get("fallback") or HYBRID_FALLBACK), key
 
     budgets = stage_budgets(note["param_ratio"], stages)
     model, done = compress_stages(ctx.lm.model, budgets[:-1], stage_plan, lambda i, b: ui.ProgressBar(
