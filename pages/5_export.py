@@ -131,8 +131,9 @@ def main() -> None:
     if stages > 1:
         more = "1 more calibration of the stage model" if stages == 2 else \
             f"{stages - 1} more calibrations of the stage models"
-        st.caption(f"≈ {ui.minutes(ST.stages_seconds(ctx, plan, stages))}: {more} and {stages} compressions, then "
-                   f"it is written{' (healing: see its help for the cost)' if ref.heal_tokens else ''}.")
+        st.caption(f"≈ {ui.minutes(ST.stages_seconds(ctx, plan, stages))}: {more} (less when an earlier export "
+                   f"left it in the cache) and {stages} compressions, then it is written"
+                   f"{' (healing: see its help for the cost)' if ref.heal_tokens else ''}.")
     else:
         st.caption(export_cost(ctx, plan, merged, ref))
     if st.button("Export", type="primary", key="w.export", icon=":material/save:"):
