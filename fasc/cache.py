@@ -20,7 +20,7 @@ from typing import Callable
 from filelock import FileLock
 
 from .config import CalibConfig
-from .errors import FascError
+from .errors import FascError, disk_error
 from .stats import FORMAT_VERSION, CalibStats
 
 log = logging.getLogger("fasc")
@@ -71,8 +71,11 @@ def store(stats: CalibStats, key: str, root: Path | None = None) -> Path:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if disk_error(e):
+            raise FascError(f"Writing the calibration cache in {root} failed ({disk_error(e)}); nothing was kept — "
+                            f"free disk space, or set FASC_CACHE to a folder on a larger disk.") from None
         raise
     return final
 
@@ -84,6 +87,11 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     try:
         write(tmp)
         os.replace(tmp, path)
+    except BaseException as e:
+        if disk_error(e):
+            raise FascError(f"Writing {path} failed ({disk_error(e)}); nothing was kept — free disk space (a cache "
+                            f"entry: or set FASC_CACHE to a folder on a larger disk).") from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import FascError
+from .errors import FascError, disk_error
 from .hf_code import base_config, write_remote_code
 from .layers import LowRankLinear
 from .quiet import quiet_transformers
@@ -105,8 +105,8 @@ def atomic_folder(out: Path, write) -> Path:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise FascError(f"Export to {out} failed ({e.strerror or e}); nothing was changed there — free disk "
+        if disk_error(e):
+            raise FascError(f"Export to {out} failed ({disk_error(e)}); nothing was changed there — free disk "
                             f"space or choose another folder.") from None
         raise
     return out

@@ -151,9 +151,26 @@ def test_write_atomic_leaves_the_old_file_or_the_new_one_never_a_half(tmp_path):
         tmp.write_text("ha")
         raise OSError("disk full")
 
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(fasc.FascError, match=r"entry.json failed \(disk full\); nothing was kept — free disk space"):
         cache.write_atomic(path, half)
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["entry.json"]
     cache.write_text_atomic(path, "new ✓")
     assert path.read_text(encoding="utf-8") == "new ✓"
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing_in_the_cache(llama_stats, tmp_path, monkeypatch):
+    """safetensors' error on a full disk (not an OSError) becomes one line naming the fix; no entry, no
+    half-written folder is left."""
+    from safetensors import SafetensorError
+
+    from fasc.stats import CalibStats
+
+    def disk_full(self, folder):
+        (folder / "stats.safetensors").write_bytes(b"half")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(CalibStats, "save", disk_full)
+    with pytest.raises(fasc.FascError, match=r"cache in .* failed \(No space left on device \(os error 28\)\); "
+                                             r"nothing was kept — free disk space, or set FASC_CACHE"):
+        cache.store(llama_stats, "k" * 32, tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -3,6 +3,7 @@
 import copy
 
 import pytest
+from safetensors import SafetensorError
 import torch
 
 import fasc
@@ -71,7 +72,10 @@ def test_export_refuses_non_empty_folder_and_overwrites_only_an_export(compresse
     assert not (again / "stale.txt").exists() and (again / "fasc_config.json").exists()
 
 
-def test_failed_export_leaves_destination_as_it_was(compressed, tokenizer, tmp_path, monkeypatch):
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
+                                   SafetensorError("Error while serializing: I/O error: No space left on device "
+                                                   "(os error 28)")])   # what safetensors raises on a full disk
+def test_failed_export_leaves_destination_as_it_was(compressed, tokenizer, tmp_path, monkeypatch, error):
     _, _, _, m2 = compressed
     dest = tmp_path / "dest"
     dest.mkdir()
@@ -80,9 +84,9 @@ def test_failed_export_leaves_destination_as_it_was(compressed, tokenizer, tmp_p
     import safetensors.torch
 
     def disk_full(*a, **k):
-        raise OSError(28, "No space left on device")
+        raise error
     monkeypatch.setattr(safetensors.torch, "save_model", disk_full)
-    with pytest.raises(fasc.FascError, match="nothing was changed"):
+    with pytest.raises(fasc.FascError, match=r"\(No space left on device.*nothing was changed there — free disk"):
         fasc.save_compressed(m2, tokenizer, dest, overwrite=True)
     assert sorted(p.name for p in dest.iterdir()) == ["fasc_config.json", "old.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dest"]
