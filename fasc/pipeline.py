@@ -245,14 +245,14 @@ def stage_budgets(param_ratio: float, stages: int) -> list[float]:
 
 def compress_stages(model, budgets: list[float],
                     stage_plan: Callable[[nn.Module, float], tuple[Analysis, Plan, str]],
-                    progress: Callable[[int, float], object] | None = None) -> tuple[nn.Module, list[dict]]:
+                    progress: Callable[[int, float], Callable] | None = None) -> tuple[nn.Module, list[dict]]:
     """Progressive compression up to its last stage (`fasc compress --stages`, the Export page): for each of
     `budgets` (`stage_budgets(P, N)[:-1]`) `stage_plan(stage model, budget)` calibrates the model as it is now
     and allocates its plan — (analysis, plan, calibration key) —, which is applied and merged (dense W′): the
     first stage compresses a copy of `model`, later ones their own stage model in place. `progress(i, budget)`
-    makes stage i's progress bar (closed after it, when it has `close`). Returns the last stage model (for the
-    last budget's plan) and each stage's record: budget, calibration key, predicted ΔL against the model it
-    truncated."""
+    makes stage i's progress bar (a callable with `close`, closed after the stage). Returns the last stage
+    model (for the last budget's plan) and each stage's record: budget, calibration key, predicted ΔL against
+    the model it truncated."""
     done = []
     for i, budget in enumerate(budgets, 1):
         an, plan, key = stage_plan(model, budget)
@@ -260,7 +260,7 @@ def compress_stages(model, budgets: list[float],
         try:
             model, _ = compressed_copy(model, an, plan, merge=True, progress=bar, in_place=i > 1)
         finally:
-            if hasattr(bar, "close"):
+            if bar is not None:
                 bar.close()
         done.append({"param_ratio": budget, "calibration": key, "predicted_delta_loss": plan.predicted(an)})
     return model, done
