@@ -73,8 +73,8 @@ def store(stats: CalibStats, key: str, root: Path | None = None) -> Path:
         os.replace(tmp, final)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if disk_error(e):
-            raise FascError(f"Writing the calibration cache in {root} failed ({disk_error(e)}); nothing was kept — "
+        if why := disk_error(e):
+            raise FascError(f"Writing the calibration cache in {root} failed ({why}); nothing was kept — "
                             f"free disk space, or set FASC_CACHE to a folder on a larger disk.") from None
         raise
     return final
@@ -88,8 +88,8 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         os.replace(tmp, path)
     except BaseException as e:
-        if disk_error(e):
-            raise FascError(f"Writing {path} failed ({disk_error(e)}); nothing was kept — free disk space (a cache "
+        if why := disk_error(e):
+            raise FascError(f"Writing {path} failed ({why}); nothing was kept — free disk space (a cache "
                             f"entry: or set FASC_CACHE to a folder on a larger disk).") from None
         raise
     finally:

@@ -362,7 +362,7 @@ def cmd_compress(args) -> None:
     from .allocate import allocate, base_methods, check_request, load_plan
     from .export import check_output_file, prepare_destination
     from .modules import model_fingerprint
-    from .pipeline import compress_and_save, stages_record
+    from .pipeline import add_stages, compress_and_save, stages_record
 
     prepare_destination(args.out, args.overwrite)  # fail before any work
     if args.save_plan:
@@ -456,9 +456,7 @@ def cmd_compress(args) -> None:
     if heal_why:
         res["heal_off"] = heal_why
     if stages:   # each stage's prediction is against the model it truncates; their sum against the source
-        res["stages"] = stages
-        res["predicted_delta_loss_stages"] = [s["predicted_delta_loss"] for s in stages] + [res["predicted_delta_loss"]]
-        res["predicted_delta_loss"] = sum(res["predicted_delta_loss_stages"])
+        add_stages(res, stages)
     obj = {**res, "from_cache": hit, "predicted_speedup": round(speedup, 3),
            "seconds": {"load": round(t_load, 2), **({"stages": round(t_stages, 2)} if stages else {}),
                        "calibration": round(t_cal, 2), "eigen": round(t_eig, 2), "compress_and_export": res["seconds"]}}

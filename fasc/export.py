@@ -105,8 +105,8 @@ def atomic_folder(out: Path, write) -> Path:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if disk_error(e):
-            raise FascError(f"Export to {out} failed ({disk_error(e)}); nothing was changed there — free disk "
+        if why := disk_error(e):
+            raise FascError(f"Export to {out} failed ({why}); nothing was changed there — free disk "
                             f"space or choose another folder.") from None
         raise
     return out

@@ -266,6 +266,14 @@ def compress_stages(model, budgets: list[float],
     return model, done
 
 
+def add_stages(res: dict, stages: list[dict]) -> None:
+    """A staged export's summary (`compress_and_save`'s, made for the last stage) gains the stages before it and
+    each stage's predicted ΔL; its own becomes their sum (each against the model it truncated)."""
+    res["stages"] = stages
+    res["predicted_delta_loss_stages"] = [s["predicted_delta_loss"] for s in stages] + [res["predicted_delta_loss"]]
+    res["predicted_delta_loss"] = sum(res["predicted_delta_loss_stages"])
+
+
 def stages_record(dense: nn.Module, stages: list[dict]) -> dict:
     """An export's record of its stages (`fasc_config.json`): the stages before the last, and the source
     model's own fingerprint (the last stage's plan is made on, and checked against, the stage model)."""

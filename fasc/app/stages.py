@@ -12,8 +12,8 @@ from . import ui
 from ..allocate import Plan, allocate, base_methods
 from ..config import HYBRID_FALLBACK, HYBRID_TAU
 from ..modules import model_fingerprint
-from ..pipeline import (analysis_cached, calibrate_cached, compress_and_save, compress_stages, default_stages,
-                        stage_budgets, stages_record)
+from ..pipeline import (add_stages, analysis_cached, calibrate_cached, compress_and_save, compress_stages,
+                        default_stages, stage_budgets, stages_record)
 
 
 def stages_for(ctx, plan: Plan, sequential: bool | str = False) -> int:
@@ -94,9 +94,7 @@ def staged_export(ctx, plan: Plan, stages: int, target: Path, *, merge: bool, ov
         bar.clear()
         if hbar is not None:
             hbar.clear()
-    res["stages"] = done
-    res["predicted_delta_loss_stages"] = [s["predicted_delta_loss"] for s in done] + [res["predicted_delta_loss"]]
-    res["predicted_delta_loss"] = sum(res["predicted_delta_loss_stages"])
+    add_stages(res, done)
     res["staged_plan"] = last.to_json()
     res["seconds"] = round(time.perf_counter() - t0, 2)   # every stage, not only the last one's export
     return res
