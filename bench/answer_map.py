@@ -105,16 +105,13 @@ def main(argv=None) -> int:
     p.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated, of {', '.join(GROUPS)}")
     a = p.parse_args(argv)
     try:
-        which = tuple(x.strip() for x in a.groups.split(",") if x.strip())
-        bad = [x for x in which if x not in GROUPS]
-        if bad or not which:
-            raise FascError(f"Unknown group {', '.join(bad) or '(none)'}; choose from {', '.join(GROUPS)}.")
+        from bench.selection import Slices, comma_choices
+
+        which = comma_choices(a.groups, GROUPS, "group")
         import fasc
         from fasc.export import read_fasc_config
         from fasc.pipeline import model_defaults
         from fasc.qa import qa_set
-
-        from bench.selection import Slices
 
         ranks = read_fasc_config(a.model).get("ranks") or {}
         dense, tok = fasc.load_model(a.dense)

@@ -152,6 +152,17 @@ def named_models(args: list[str]) -> dict[str, str]:
     return specs
 
 
+def comma_choices(text: str, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
+    """The comma-separated names of `text`, each one of `allowed`; none or an unknown one → FascError naming them."""
+    from fasc.errors import FascError
+
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [x for x in names if x not in allowed]
+    if bad or not names:
+        raise FascError(f"Unknown {what} {', '.join(bad) or '(none)'}; choose from {', '.join(allowed)}.")
+    return names
+
+
 def main(argv=None) -> int:
     from fasc.errors import FascError
 
@@ -164,10 +175,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=OUT, help="where each (model, part) result is kept")
     a = p.parse_args(argv)
     try:
-        parts = tuple(x.strip() for x in a.parts.split(",") if x.strip())
-        bad = [x for x in parts if x not in PARTS]
-        if bad or not parts:
-            raise FascError(f"Unknown part {', '.join(bad) or '(none)'}; choose from {', '.join(PARTS)}.")
+        parts = comma_choices(a.parts, PARTS, "part")
         specs = {"dense": a.dense, **named_models(a.models)}
         if a.reference is not None and a.reference not in specs:
             raise FascError(f"--reference {a.reference!r} is not one of the names given: {', '.join(specs)}.")
