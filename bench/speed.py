@@ -18,12 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from bench.selection import comma_choices
+from fasc.config import FACTORS
+from fasc.errors import FascError
 
 RATIOS = (0.9, 0.8, 0.6)
 
@@ -47,8 +53,16 @@ def load_dense(name: str, args):
     return llama_shaped(args.hidden, args.intermediate, args.layers, args.heads, args.vocab, 2048), None
 
 
-def factored_copies(model, tok, ratios, folder: Path) -> dict[float, tuple[object, float]]:
-    """{p: (model loaded by transformers with trust_remote_code, predicted speed-up)}."""
+def uniform_rank(m: int, n: int, p: float, factors: str = "uv") -> int:
+    """⌊k⌋ keeping share p of an m×n weight's parameters: k(m+n) = p·mn, or pivoted k(m+n−k) = p·mn."""
+    if factors == "pivoted":
+        return max(1, int(((m + n) - math.sqrt((m + n) ** 2 - 4 * p * m * n)) / 2))
+    return max(1, int(p * m * n / (m + n)))
+
+
+def factored_copies(model, tok, ratios, folder: Path, factors=("uv",)) -> dict[str, tuple[object, float]]:
+    """{variant: (model loaded by transformers with trust_remote_code, predicted speed-up)}, a variant per
+    ratio and storage ("80%", "80% pivoted")."""
     import copy
 
     from transformers import AutoModelForCausalLM
@@ -67,9 +81,8 @@ def factored_copies(model, tok, ratios, folder: Path) -> dict[float, tuple[objec
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
         svd[i.fqn] = (U * S, Vh.T)
     out = {}
-    for p in ratios:
-        ranks = {i.fqn: max(1, int(p * i.out_features * i.in_features / (i.out_features + i.in_features)))
-                 for i in infos}
+    for p, f in [(p, f) for p in ratios for f in factors]:
+        ranks = {i.fqn: uniform_rank(i.out_features, i.in_features, p, f) for i in infos}
         work = copy.deepcopy(model)
         for i in infos:
             US, V = svd[i.fqn]
@@ -77,11 +90,12 @@ def factored_copies(model, tok, ratios, folder: Path) -> dict[float, tuple[objec
             bias = work.get_submodule(i.fqn).bias
             replace_module(work, i.fqn, LowRankLinear.from_factors(
                 US[:, :k].contiguous(), V[:, :k].contiguous(), None if bias is None else bias.detach()))
-        path = fasc.save_compressed(work, tok, folder / f"p{int(p * 100)}")
+        name = f"{int(p * 100)}%" + (" pivoted" if f == "pivoted" else "")
+        path = fasc.save_compressed(work, tok, folder / name.replace("%", "").replace(" ", "-"), factors=f)
         del work
         hf = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()
         shapes = {i.fqn: (i.out_features, i.in_features) for i in infos}
-        out[p] = (hf, predicted_speedup(model, shapes, ranks))
+        out[name] = (hf, predicted_speedup(model, shapes, ranks, factors=f))
     return out
 
 
@@ -110,7 +124,7 @@ def time_once(model, ids: torch.Tensor, new: int, device: str) -> tuple[float, f
 def measure(name: str, args, folder: Path) -> list[dict]:
     dense, tok = load_dense(name, args)
     variants = {"dense": (dense, 1.0)}
-    variants.update({f"{int(p * 100)}%": v for p, v in factored_copies(dense, tok, args.ratios, folder).items()})
+    variants.update(factored_copies(dense, tok, args.ratios, folder, args.factors))
     for m, _ in variants.values():
         m.to(args.device)
     vocab = dense.config.vocab_size
@@ -146,6 +160,9 @@ def main(argv=None) -> int:
     p.add_argument("--ratios", type=lambda s: tuple(float(x) for x in s.split(",")), default=RATIOS)
     p.add_argument("--prompt", type=int, default=128, help="prefill length (tokens)")
     p.add_argument("--new", type=int, default=32, help="decode steps (tokens)")
+    p.add_argument("--factors", default="uv",
+                   help="comma-separated factor storages to time at each ratio: uv (default), pivoted "
+                        "(`fasc compress --factors`: the same parameters at higher ranks)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared)")
     p.add_argument("--device", default="cpu")
@@ -155,6 +172,11 @@ def main(argv=None) -> int:
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--vocab", type=int, default=8192)
     args = p.parse_args(argv)
+    try:
+        args.factors = comma_choices(args.factors, FACTORS, "storage")
+    except FascError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     all_rows = []
@@ -164,10 +186,10 @@ def main(argv=None) -> int:
             all_rows += rows
             print(f"\n{name} ({args.device}, {args.threads} thread(s), prompt {args.prompt}, {args.new} decode steps, "
                   f"median of {args.reps} interleaved rounds)")
-            print(f"{'variant':<8} {'params':>12} {'weights MB':>10} {'prefill ms':>10} {'prefill tok/s':>13} "
+            print(f"{'variant':<12} {'params':>12} {'weights MB':>10} {'prefill ms':>10} {'prefill tok/s':>13} "
                   f"{'decode ms/tok':>13} {'decode tok/s':>12} {'prefill ×':>9} {'decode ×':>8} {'predicted ×':>11}")
             for r in rows:
-                print(f"{r['variant']:<8} {r['params']:>12,} {r['weight_mb']:>10.1f} {r['prefill_ms']:>10.2f} "
+                print(f"{r['variant']:<12} {r['params']:>12,} {r['weight_mb']:>10.1f} {r['prefill_ms']:>10.2f} "
                       f"{r['prefill_tok_s']:>13.1f} {r['decode_ms_per_tok']:>13.3f} {r['decode_tok_s']:>12.1f} "
                       f"{r['prefill_speedup']:>9.3f} {r['decode_speedup']:>8.3f} {r['predicted_speedup']:>11.3f}")
     for r in all_rows:

@@ -3,21 +3,24 @@ under a parameter budget — greedily on predicted ΔL (`greedy`), greedily on p
 one measured point per module (`anchored`, see `fasc.anchors`), or the same share of parameters in
 every module (`uniform`, the peers' baseline).
 
-A module of rank k costs min(k(m+n), mn) parameters: once k ≥ mn/(m+n) the factorization saves
-nothing, so the compressed weight is stored dense (still of rank k).
+A module of rank k costs min(k(m+n), mn) parameters as two factors (`factors="uv"`): once k ≥ mn/(m+n)
+the factorization saves nothing, so the compressed weight is stored dense (still of rank k). Stored pivoted
+(`factors="pivoted"`, `fasc.layers.PivotedLowRankLinear`) the same rank-k map costs k(m+n−k), which saves
+parameters at every k < min(m,n).
 """
 
 from __future__ import annotations
 
 import heapq
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .analysis import Analysis
-from .config import ALLOCATIONS, BASE_METHODS, HYBRID_FALLBACK, HYBRID_TAU, METHODS, check_hybrid
+from .config import ALLOCATIONS, BASE_METHODS, FACTORS, HYBRID_FALLBACK, HYBRID_TAU, METHODS, check_hybrid
 from .data import decode_text
 from .errors import FascError
 from .modules import ModuleInfo, select
@@ -25,19 +28,32 @@ from .modules import ModuleInfo, select
 PLAN_FORMAT = 1
 
 
-def module_params(info: ModuleInfo, k: int) -> int:
-    """Parameters of the compressed weight at rank k (bias excluded)."""
-    return min(k * (info.out_features + info.in_features), info.params)
+def factor_cost(info: ModuleInfo, k: int, factors: str = "uv") -> int:
+    """Parameters of rank k stored factored (bias excluded): k(m+n) as U, V; k(m+n−k) pivoted."""
+    m_n = info.out_features + info.in_features
+    return k * (m_n - k) if factors == "pivoted" else k * m_n
 
 
-def is_factored(info: ModuleInfo, k: int) -> bool:
-    """True when two factors are smaller than the dense weight (spec §6)."""
-    return k * (info.out_features + info.in_features) < info.params
+def module_params(info: ModuleInfo, k: int, factors: str = "uv") -> int:
+    """Parameters of the compressed weight at rank k (bias excluded): factored or dense, the smaller."""
+    return min(factor_cost(info, k, factors), info.params)
 
 
-def max_factored_rank(info: ModuleInfo) -> int:
-    """K: the largest rank still stored as two factors (at least 1)."""
+def is_factored(info: ModuleInfo, k: int, factors: str = "uv") -> bool:
+    """True when the factored form is smaller than the dense weight (spec §6)."""
+    return factor_cost(info, k, factors) < info.params
+
+
+def max_factored_rank(info: ModuleInfo, factors: str = "uv") -> int:
+    """K: the largest rank still stored factored (at least 1)."""
+    if factors == "pivoted":
+        return max(1, info.max_rank - 1)
     return max(1, min(info.max_rank, (info.params - 1) // (info.out_features + info.in_features)))
+
+
+def check_factors(factors: str) -> None:
+    if factors not in FACTORS:
+        raise FascError(f"Unknown factor storage {factors!r}; choose one of {', '.join(FACTORS)}.")
 
 
 QK_KINDS = ("q", "k")   # the projections whose product is the attention pattern
@@ -86,10 +102,12 @@ class Plan:
     methods: dict[str, str]
     model_fingerprint: str = ""
     note: dict = field(default_factory=dict)
+    factors: str = "uv"     # how its factored modules are stored, so what each rank costs (FACTORS)
 
     def to_dict(self) -> dict:
         return {"format": PLAN_FORMAT, "ranks": self.ranks, "methods": self.methods,
-                "model_fingerprint": self.model_fingerprint, "note": self.note}
+                "model_fingerprint": self.model_fingerprint, "note": self.note,
+                **({"factors": self.factors} if self.factors != "uv" else {})}
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1))
@@ -114,8 +132,12 @@ class Plan:
         method = d.get("method")
         if method is not None:
             methods = {f: methods.get(f, method) for f in ranks}
+        factors = d.get("factors", "uv")
+        if factors not in FACTORS:
+            raise FascError(f"{name} stores its factors as {factors!r}; a plan's \"factors\" is one of "
+                            f"{', '.join(FACTORS)}.")
         return cls(ranks=ranks, methods=methods, model_fingerprint=d.get("model_fingerprint", ""),
-                   note=d.get("note", {}))
+                   note=d.get("note", {}), factors=factors)
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
@@ -142,14 +164,14 @@ class Plan:
 
     def params(self, an: Analysis) -> tuple[int, int]:
         """(parameters kept, original parameters) over the planned modules."""
-        kept = sum(module_params(an.info(f), k) for f, k in self.ranks.items())
+        kept = sum(module_params(an.info(f), k, self.factors) for f, k in self.ranks.items())
         return kept, sum(an.info(f).params for f in self.ranks)
 
     def factored_params(self, an: Analysis) -> tuple[int, int]:
         """(parameters in the factors, parameters of the dense weights they replace) over the modules
         this plan factors (a module at a rank too high to save anything stays dense)."""
-        fac = [(an.info(f), k) for f, k in self.ranks.items() if is_factored(an.info(f), k)]
-        return sum(module_params(i, k) for i, k in fac), sum(i.params for i, _ in fac)
+        fac = [(an.info(f), k) for f, k in self.ranks.items() if is_factored(an.info(f), k, self.factors)]
+        return sum(module_params(i, k, self.factors) for i, k in fac), sum(i.params for i, _ in fac)
 
     def predicted(self, an: Analysis) -> float:
         """Σ predicted ΔL over the planned modules, nats per token."""
@@ -158,7 +180,7 @@ class Plan:
     def totals(self, an: Analysis) -> Totals:
         """Parameters kept / original, Σ predicted ΔL and factored modules: O(modules) lookups."""
         kept, orig = self.params(an)
-        n_fac = sum(is_factored(an.info(f), k) for f, k in self.ranks.items())
+        n_fac = sum(is_factored(an.info(f), k, self.factors) for f, k in self.ranks.items())
         return Totals(kept, orig, self.predicted(an), len(self.ranks), n_fac)
 
     def key(self) -> str:
@@ -167,7 +189,7 @@ class Plan:
 
     def _edited(self, ranks: dict[str, int], methods: dict[str, str]) -> "Plan":
         return Plan(ranks=ranks, methods=methods, model_fingerprint=self.model_fingerprint,
-                    note=dict(self.note, edited=True))
+                    note=dict(self.note, edited=True), factors=self.factors)
 
     def with_rank(self, an: Analysis, fqn: str, k: int) -> "Plan":
         """This plan with `fqn` at rank k (fasc if it was not planned)."""
@@ -273,7 +295,7 @@ def allocate(an: Analysis, method: str = "fasc", *, rank_ratio: float | None = N
              modules: str | list[str] | None = "all", model_fp: str = "", tau: float = HYBRID_TAU,
              fallback: str = HYBRID_FALLBACK, allocation: str = "greedy",
              anchors: dict[str, float] | None = None, attention_share: float | None = None,
-             qk_method: str | None = None) -> Plan:
+             qk_method: str | None = None, factors: str = "uv") -> Plan:
     """Make a plan: exactly one of `rank_ratio`, `param_ratio`, `ranks`.
 
     Args:
@@ -295,7 +317,10 @@ def allocate(an: Analysis, method: str = "fasc", *, rank_ratio: float | None = N
             (`split_budget`); None lets one greedy allocation trade between them.
         qk_method: the base method of the query and key projections (None: `method` there too). The
             greedy allocation prices each module with the curve of the method it will be compressed with.
+        factors: how the factored modules will be stored ('uv' or 'pivoted'), so what a rank costs in a
+            `param_ratio` budget.
     """
+    check_factors(factors)
     check_request(method, rank_ratio=rank_ratio, param_ratio=param_ratio, ranks=ranks, allocation=allocation,
                   tau=tau, fallback=fallback, attention_share=attention_share, qk_method=qk_method)
     if allocation == "anchored" and not anchors:
@@ -309,20 +334,21 @@ def allocate(an: Analysis, method: str = "fasc", *, rank_ratio: float | None = N
         chosen = {i.fqn: max(1, min(i.max_rank, round(rank_ratio * i.max_rank))) for i in infos}
     else:
         if allocation == "uniform":
-            chosen = uniform_ranks(infos, param_ratio)
+            chosen = uniform_ranks(infos, param_ratio, factors)
         else:
             curves = [an.curve(i.fqn, base_method(an, i.fqn, method, tau, fallback, qk_method)) for i in infos]
             if allocation == "anchored":
                 curves = [c * float(anchors.get(i.fqn, 1.0)) for i, c in zip(infos, curves)]
             if attention_share is None:
-                chosen = greedy_ranks(infos, curves, param_ratio)
+                chosen = greedy_ranks(infos, curves, param_ratio, factors)
             else:
                 chosen = {}
                 for group, ratio in split_budget(infos, param_ratio, attention_share):
-                    chosen.update(greedy_ranks([infos[j] for j in group], [curves[j] for j in group], ratio))
+                    chosen.update(greedy_ranks([infos[j] for j in group], [curves[j] for j in group], ratio,
+                                               factors))
     known = {i.fqn for i in an.modules}
     methods = {f: base_method(an, f, method, tau, fallback, qk_method) for f in chosen if f in known}
-    plan = Plan(ranks=chosen, methods=methods, model_fingerprint=model_fp,
+    plan = Plan(ranks=chosen, methods=methods, model_fingerprint=model_fp, factors=factors,
                 note={"method": method, "rank_ratio": rank_ratio, "param_ratio": param_ratio,
                       "allocation": allocation if param_ratio is not None else None,
                       **({"attention_share": attention_share} if attention_share is not None else {}),
@@ -349,7 +375,8 @@ def load_plan(src: str | Path | bytes, an: Analysis, model_fp: str = "", *, name
     note = loaded.note if isinstance(loaded.note, dict) else {}
     if method is None:
         method = note.get("method") if note.get("method") in METHODS else "fasc"
-    plan = allocate(an, method, ranks=loaded.ranks, model_fp=model_fp, tau=tau, fallback=fallback)
+    plan = allocate(an, method, ranks=loaded.ranks, model_fp=model_fp, tau=tau, fallback=fallback,
+                    factors=loaded.factors)
     plan.methods.update({f: base_method(an, f, m, tau, fallback) for f, m in loaded.methods.items()
                          if f in plan.ranks})
     plan.note = dict(note, loaded_from=name)
@@ -376,13 +403,18 @@ def split_budget(infos: list[ModuleInfo], param_ratio: float, attention_share: f
     return [(attn, attention_share), (mlp, rest)]
 
 
-def uniform_ranks(infos: list[ModuleInfo], param_ratio: float) -> dict[str, int]:
+def uniform_ranks(infos: list[ModuleInfo], param_ratio: float, factors: str = "uv") -> dict[str, int]:
     """Every module keeps the same share c of its parameters: k = round(c·mn/(m+n)), at least 1
-    (spec §6, the baseline SVD-LLM / LEMS call "uniform"). c = 1 keeps every weight dense."""
+    (spec §6, the baseline SVD-LLM / LEMS call "uniform"); pivoted, the k with k(m+n−k) = c·mn.
+    c = 1 keeps every weight dense."""
     out = {}
     for i in infos:
         m, n = i.out_features, i.in_features
-        out[i.fqn] = max(1, min(i.max_rank, round(param_ratio * m * n / (m + n))))
+        if factors == "pivoted":
+            k = ((m + n) - math.sqrt(max((m + n) ** 2 - 4 * param_ratio * m * n, 0.0))) / 2
+        else:
+            k = param_ratio * m * n / (m + n)
+        out[i.fqn] = max(1, min(i.max_rank, round(k)))
     return out
 
 
@@ -394,12 +426,14 @@ def rank_ratio_cost(infos: list[ModuleInfo], rank_ratio: float) -> float:
     return kept / total
 
 
-def _step_ratio(info: ModuleInfo, curve: np.ndarray, k: int) -> float:
-    """Predicted loss saved per parameter by rank k → k+1 (a factored step costs m + n)."""
-    return max(float(curve[k] - curve[k + 1]), 0.0) / (info.out_features + info.in_features)
+def _step_ratio(info: ModuleInfo, curve: np.ndarray, k: int, factors: str) -> float:
+    """Predicted loss saved per parameter by rank k → k+1 (a factored step costs m + n; pivoted m + n − 2k − 1)."""
+    cost = factor_cost(info, k + 1, factors) - factor_cost(info, k, factors)
+    return max(float(curve[k] - curve[k + 1]), 0.0) / max(cost, 1)
 
 
-def greedy_ranks(infos: list[ModuleInfo], curves: list[np.ndarray], param_ratio: float) -> dict[str, int]:
+def greedy_ranks(infos: list[ModuleInfo], curves: list[np.ndarray], param_ratio: float,
+                 factors: str = "uv") -> dict[str, int]:
     """Minimise Σ ΔL_j(k_j) subject to Σ params_j(k_j) ≤ ratio·Σ m_j n_j (spec §6).
 
     Each module's options are ranks 1..K (factored, K = largest factored rank) and "full" (dense,
@@ -408,17 +442,30 @@ def greedy_ranks(infos: list[ModuleInfo], curves: list[np.ndarray], param_ratio:
     that does not fit is skipped (with that module's later ones), not the end of the allocation, and
     what budget is left is filled one rank at a time (best gain per parameter first), so that a few
     coarse hull steps — a plan of a handful of modules — do not leave the budget unused.
+    Pivoted (`factors="pivoted"`), a rank's price falls as it rises (m + n − 2k − 1), so a module's hull can
+    be one step too coarse to fit: the two-factor plan (which costs less pivoted) topped up by the same
+    fill is the other candidate, and the one with the smaller Σ ΔL is returned.
     """
     total = sum(i.params for i in infos)
     budget = param_ratio * total
-    base = sum(module_params(i, 1) for i in infos)
+    base = sum(module_params(i, 1, factors) for i in infos)
     if base > budget + 1e-9:
         raise FascError(f"A parameter ratio of {param_ratio} is below the minimum {base / total:.4f} (rank 1 "
                         f"everywhere); raise --param-ratio.")
+    ranks = _fill(infos, curves, budget, factors, _hull_ranks(infos, curves, budget, factors))
+    if factors != "uv":
+        other = _fill(infos, curves, budget, factors, _hull_ranks(infos, curves, budget, "uv"))
+        if sum(float(c[k]) for c, k in zip(curves, other)) < sum(float(c[k]) for c, k in zip(curves, ranks)):
+            ranks = other
+    return {info.fqn: r for info, r in zip(infos, ranks)}
+
+
+def _hull_ranks(infos: list[ModuleInfo], curves: list[np.ndarray], budget: float, factors: str) -> list[int]:
+    """`greedy_ranks`' first phase: whole hull steps by gain per parameter, priced as `factors` stores them."""
     items = []  # (ratio, cost, module index, rank reached)
     for j, (info, c) in enumerate(zip(infos, curves)):
-        K = max_factored_rank(info)
-        pts = [(module_params(info, k), float(c[k]), k) for k in range(1, K + 1)]
+        K = max_factored_rank(info, factors)
+        pts = [(module_params(info, k, factors), float(c[k]), k) for k in range(1, K + 1)]
         pts.append((info.params, 0.0, info.max_rank))      # full: original weight, no loss
         hull: list[tuple[float, float, int]] = []           # steps (cost, gain, rank reached)
         for (c0, l0, _), (c1, l1, k1) in zip(pts[:-1], pts[1:]):
@@ -431,7 +478,7 @@ def greedy_ranks(infos: list[ModuleInfo], curves: list[np.ndarray], param_ratio:
             items.append((gain / cost if cost > 0 else np.inf, cost, j, k))
     items.sort(key=lambda t: -t[0])
     ranks = [1] * len(infos)
-    spent = base
+    spent = sum(module_params(i, 1, factors) for i in infos)
     blocked: set[int] = set()
     for ratio, cost, j, k in items:
         if j in blocked:
@@ -441,19 +488,28 @@ def greedy_ranks(infos: list[ModuleInfo], curves: list[np.ndarray], param_ratio:
             continue
         spent += cost
         ranks[j] = k
-    heap = []   # the fill: single factored rank steps k → k+1 inside the segments not taken
+    return ranks
+
+
+def _fill(infos: list[ModuleInfo], curves: list[np.ndarray], budget: float, factors: str,
+          ranks: list[int]) -> list[int]:
+    """`greedy_ranks`' second phase: what budget `ranks` leave, spent one factored rank at a time, best gain
+    per parameter first."""
+    ranks = list(ranks)
+    spent = sum(module_params(i, k, factors) for i, k in zip(infos, ranks))
+    heap = []   # single factored rank steps k → k+1 inside the segments not taken
     for j, (info, c) in enumerate(zip(infos, curves)):
-        K = max_factored_rank(info)
+        K = max_factored_rank(info, factors)
         if ranks[j] < K:
-            heapq.heappush(heap, (-_step_ratio(info, c, ranks[j]), j, K))
+            heapq.heappush(heap, (-_step_ratio(info, c, ranks[j], factors), j, K))
     while heap:
         _, j, K = heapq.heappop(heap)
         info, c = infos[j], curves[j]
-        step = module_params(info, ranks[j] + 1) - module_params(info, ranks[j])
+        step = module_params(info, ranks[j] + 1, factors) - module_params(info, ranks[j], factors)
         if spent + step > budget + 1e-9:
-            continue            # every step of this module costs the same: none fits any more
+            continue            # this module's next steps cost as much (pivoted: at most m + n less)
         spent += step
         ranks[j] += 1
         if ranks[j] < K:
-            heapq.heappush(heap, (-_step_ratio(info, c, ranks[j]), j, K))
-    return {info.fqn: r for info, r in zip(infos, ranks)}
+            heapq.heappush(heap, (-_step_ratio(info, c, ranks[j], factors), j, K))
+    return ranks

@@ -21,7 +21,7 @@ def baseline_plan(an: Analysis, plan: Plan, baseline: str = "asvd", allocation: 
     (`allocation`; `anchors`: the baseline's measured anchor scales, for 'anchored')."""
     ratio = plan.totals(an).ratio
     return allocate(an, baseline, param_ratio=min(1.0, max(ratio, 1e-6)), modules=list(plan.ranks),
-                    allocation=allocation, anchors=anchors)
+                    allocation=allocation, anchors=anchors, factors=plan.factors)
 
 
 def evaluate_model(model, tok, heldout: str | Path, probe: str | Path, max_tokens: int | None = 4096,

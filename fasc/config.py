@@ -15,6 +15,7 @@ BASE_METHODS = ("svd", "asvd", "pca", "fwsvd", "fasc")  # hybrid resolves to one
 FISHER_TYPES = ("empirical", "sampled")
 TARGETS = ("all", "answers")
 STATS_DTYPES = ("auto", "float64", "float32")
+FACTORS = ("uv", "pivoted")  # how a factored module is stored (fasc.layers): k(m+n) or k(m+n-k) parameters
 ALLOCATIONS = ("greedy", "anchored", "uniform")  # how a parameter budget is spread (spec §6, fasc.allocate)
 ANCHOR_SHARE = 0.5  # anchored allocation: the reference rank keeps this share of a module's parameters
 HEAL_CHECK_TOKENS = 2048  # healing's held-out check: tokens from the end of the calibration sources

@@ -1,6 +1,7 @@
 """Export (spec §7): a compressed model as an ordinary Hugging Face folder plus `fasc_config.json`.
 
-Factored: `model.safetensors` holds each compressed module as `<fqn>.U` (out,k) and `<fqn>.V` (in,k);
+Factored: `model.safetensors` holds each compressed module as `<fqn>.U` (out,k) and `<fqn>.V` (in,k), or
+pivoted (`factors="pivoted"`) as `<fqn>.R` (k,in), `<fqn>.P` (out−k,k) and `<fqn>.order` (`fasc.layers`);
 `fasc.load_compressed` rebuilds the architecture from `config.json`, swaps in `LowRankLinear` shells
 and loads strictly; the folder also carries `modeling_fasc.py` (see `fasc.hf_code`), so plain
 `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` builds the same factored
@@ -19,9 +20,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .config import FACTORS
 from .errors import FascError, disk_error
 from .hf_code import base_config, write_remote_code
-from .layers import LowRankLinear
+from .layers import LowRankLinear, PivotedLowRankLinear, pivoted
 from .quiet import quiet_transformers
 from .surgery import replace_module
 from .version import __version__
@@ -113,15 +115,20 @@ def atomic_folder(out: Path, write) -> Path:
 
 
 def save_compressed(model: nn.Module, tokenizer, out: str | Path, *, meta: dict | None = None,
-                    overwrite: bool = False) -> Path:
+                    overwrite: bool = False, factors: str = "uv") -> Path:
     """Write a compressed model (factored if it holds `LowRankLinear` layers, else merged/dense).
 
     Args:
         meta: extra fields for `fasc_config.json` (method, ranks, ρ, calibration key, source ...).
     """
     out = prepare_destination(out, overwrite)
+    if factors not in FACTORS:
+        raise FascError(f"Unknown factor storage {factors!r}; choose one of {', '.join(FACTORS)}.")
+    layers = {f: m for f, m in model.named_modules() if isinstance(m, (LowRankLinear, PivotedLowRankLinear))}
+    to_pivot = {f for f, m in layers.items() if factors == "pivoted" and isinstance(m, LowRankLinear)}
     factored = {f: [m.in_features, m.out_features, m.rank, m.bias is not None]
-                for f, m in model.named_modules() if isinstance(m, LowRankLinear)}
+                + (["pivoted"] if f in to_pivot or isinstance(m, PivotedLowRankLinear) else [])
+                for f, m in layers.items()}
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     fields = {"merged": not factored, "factored": factored, "dtype": dtype, **(meta or {})}
 
@@ -130,7 +137,13 @@ def save_compressed(model: nn.Module, tokenizer, out: str | Path, *, meta: dict 
             if factored:
                 from safetensors.torch import save_model
                 write_remote_code(tmp, model.config, factored)  # loadable by from_pretrained(trust_remote_code)
-                save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+                try:      # the pivoted layers only while writing: the model in memory keeps U, V (healing trains them)
+                    for f in to_pivot:
+                        replace_module(model, f, pivoted(layers[f]))
+                    save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+                finally:
+                    for f in to_pivot:
+                        replace_module(model, f, layers[f])
             else:
                 model.save_pretrained(tmp, safe_serialization=True)
             if tokenizer is not None:
@@ -155,8 +168,9 @@ def load_compressed(path: str | Path, device: str = "cpu"):
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         else:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-            for fqn, (n, m, k, bias) in fc["factored"].items():
-                replace_module(model, fqn, LowRankLinear(n, m, k, bias=bias, dtype=dtype))
+            for fqn, (n, m, k, bias, *stored) in fc["factored"].items():
+                shell = PivotedLowRankLinear if stored == ["pivoted"] else LowRankLinear
+                replace_module(model, fqn, shell(n, m, k, bias=bias, dtype=dtype))
             wfile = path / "model.safetensors"
             if not wfile.is_file():
                 raise FascError(f"{path} has no model.safetensors; re-export the model.")

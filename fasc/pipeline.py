@@ -25,6 +25,7 @@ from .config import CalibConfig, CompressConfig
 from .data import Batch, data_fingerprint, load_source, make_batches
 from .errors import FascError
 from .export import folder_size, prepare_destination, save_compressed
+from .layers import LowRankLinear
 from .linalg_device import LinalgConfig
 from .loading import PACKAGE_DIR, model_source
 from .modules import model_fingerprint, parameter_count
@@ -305,14 +306,15 @@ def heal_choice(model, an: Analysis, plan: Plan, tokens: int | str = "auto", mod
     device, with each mode's device memory for this plan on a GPU (`heal_memory_bytes`,
     `heal_block_memory_bytes`; the training text as batches of `rows` × `seq_len` tokens, at most
     `calib_positions` of them: block mode holds the hidden states of the batches it reads)."""
-    from .allocate import is_factored, module_params
+    from .allocate import factor_cost, is_factored
     from .config import HEAL_TOKENS_GPU
     from .heal import choose_heal, heal_block_memory_bytes, heal_memory_bytes
 
     dev = next(model.parameters()).device
     need = None
     if dev.type == "cuda" and not merge and tokens:
-        fac = {f: module_params(an.info(f), k) for f, k in plan.ranks.items() if is_factored(an.info(f), k)}
+        fac = {f: factor_cost(an.info(f), k) for f, k in plan.ranks.items()   # trained as U, V however stored
+               if is_factored(an.info(f), k, plan.factors)}
         replaced = sum(an.info(f).params for f in fac)
         n = HEAL_TOKENS_GPU if tokens == "auto" else int(tokens)
         per = max(1, rows) * seq_len
@@ -405,11 +407,14 @@ def compress_and_save(model, tok, an: Analysis, plan: Plan, out: str | Path, *, 
     if healed is not None and heal_text:
         healed = {**healed, "text": heal_text}
     meta.update({"sequential": sequential, "heal": healed, **(meta_extra or {})})
-    path = save_compressed(work, tok, out, meta=meta, overwrite=overwrite)
+    path = save_compressed(work, tok, out, meta=meta, overwrite=overwrite, factors=plan.factors)
     kept, orig = plan.params(an)
+    after = parameter_count(work)
+    if plan.factors == "pivoted":   # written k(m+n−k) per module, held in memory as U, V: k(m+n)
+        after -= sum(m.rank ** 2 for m in work.modules() if isinstance(m, LowRankLinear))
     files = {p.name: p.stat().st_size for p in sorted(Path(path).iterdir()) if p.is_file()}
     return {"out": str(path), "merged": merge, "method": method, "modules": len(plan.ranks),
             "params_kept_in_modules": kept, "params_original_in_modules": orig, "param_ratio": kept / orig,
-            "model_params_before": params_before, "model_params_after": parameter_count(work),
+            "model_params_before": params_before, "model_params_after": after,
             "predicted_delta_loss": plan.predicted(an), "export_bytes": folder_size(path), "files": files,
             "sequential": sequential, "heal": healed, "seconds": round(time.perf_counter() - t0, 2)}

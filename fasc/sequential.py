@@ -157,8 +157,8 @@ def _capture(layer: nn.Module, module: nn.Module, streams: _Streams, l: int, b: 
     return x.reshape(-1, x.shape[-1]).index_select(0, streams.rows[b]).to(LINALG_DTYPE)
 
 
-def _new_module(old: nn.Module, info, k: int, U: Tensor, V: Tensor, merge: bool) -> nn.Module:
-    if merge or not is_factored(info, k):
+def _new_module(old: nn.Module, info, k: int, U: Tensor, V: Tensor, merge: bool, factors: str) -> nn.Module:
+    if merge or not is_factored(info, k, factors):
         return dense_module(old, U @ V.T)
     dev = old.weight.device
     return LowRankLinear.from_factors(U.to(dev), V.to(dev), None if old.bias is None else old.bias.detach(),
@@ -296,7 +296,7 @@ def _compress_layer(model, an: Analysis, plan: Plan, streams: _Streams, l: int, 
                 raise FascError(f"Non-finite factors for {f} in sequential compression; raise --damping or "
                                 f"compress without --sequential.")
             old = live[rel]
-            replace_module(model, f, _new_module(old, info, k, U, V, merge))
+            replace_module(model, f, _new_module(old, info, k, U, V, merge, plan.factors))
             swapped[f] = old
 
 

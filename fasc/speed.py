@@ -13,29 +13,33 @@ from __future__ import annotations
 
 from torch import nn
 
-from .layers import LowRankLinear
 
 MIN_SPEEDUP = 1.10  # below this predicted speed-up, two matmuls per layer rarely beat one (bench.speed)
 
 
 def matmul_params(model: nn.Module) -> int:
-    """Σ over matmul layers (Linear, Conv1D, LowRankLinear, the LM head) of the weights a token uses."""
+    """Σ over matmul layers (Linear, Conv1D, LowRankLinear, PivotedLowRankLinear, the LM head) of the weights a
+    token uses."""
     total = 0
     for m in model.modules():
-        if isinstance(m, LowRankLinear) or type(m).__name__ == "LowRankLinear":  # also the remote-code copy
+        name = type(m).__name__      # also the remote-code copies
+        if name == "LowRankLinear":
             total += m.rank * (m.in_features + m.out_features)
+        elif name == "PivotedLowRankLinear":
+            total += m.rank * (m.in_features + m.out_features - m.rank)
         elif isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D":
             total += m.weight.numel()
     return total
 
 
 def predicted_speedup(model: nn.Module, shapes: dict[str, tuple[int, int]], ranks: dict[str, int],
-                      merge: bool = False) -> float:
+                      merge: bool = False, factors: str = "uv") -> float:
     """Dense matmul work over the work after compressing `ranks` ({fqn: k}) of `model` (dense).
 
     Args:
         shapes: {fqn: (out m, in n)} of the planned modules.
         merge: a merged export keeps dense layers: speed-up 1.
+        factors: how the factored modules are stored: 'uv' works k(m+n) per token, 'pivoted' k(m+n−k).
     """
     dense = matmul_params(model)
     if merge:
@@ -43,8 +47,9 @@ def predicted_speedup(model: nn.Module, shapes: dict[str, tuple[int, int]], rank
     saved = 0
     for f, k in ranks.items():
         m, n = shapes[f]
-        if k * (m + n) < m * n:  # else `compress_` keeps the layer dense (spec §6)
-            saved += m * n - k * (m + n)
+        work = k * (m + n - k) if factors == "pivoted" else k * (m + n)
+        if work < m * n:  # else `compress_` keeps the layer dense (spec §6)
+            saved += m * n - work
     return dense / max(dense - saved, 1)
 
 
@@ -64,5 +69,5 @@ def plan_speed(model: nn.Module, an, plan, merge: bool = False) -> tuple[float, 
     """(predicted speed-up, warning or None) of compressing `model` with `plan` (an `Analysis` gives
     the modules' shapes): what `fasc compress` prints and the Export page shows."""
     shapes = {f: (an.info(f).out_features, an.info(f).in_features) for f in plan.ranks}
-    speedup = predicted_speedup(model, shapes, plan.ranks, merge=merge)
+    speedup = predicted_speedup(model, shapes, plan.ranks, merge=merge, factors=plan.factors)
     return speedup, speed_warning(speedup, merge)

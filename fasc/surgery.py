@@ -67,9 +67,10 @@ def compress_(model: nn.Module, an: Analysis, plan: Plan, merge: bool = False,
               progress: Callable[[int, int], None] | None = None) -> None:
     """Replace every planned module of `model` in place (returns None).
 
-    Modules whose rank would not save parameters (k ≥ mn/(m+n)), and every module when `merge` is
-    set, keep a dense layer of the original type holding W' = U Vᵀ; the others become
-    `LowRankLinear`. The whole plan is validated and all factors computed before anything changes.
+    Modules whose rank would not save parameters as the plan stores them (`plan.factors`: k ≥ mn/(m+n) as
+    U, V; k = min(m, n) pivoted), and every module when `merge` is set, keep a dense layer of the original
+    type holding W' = U Vᵀ; the others become `LowRankLinear` (`save_compressed` writes them pivoted where
+    the plan says so). The whole plan is validated and all factors computed before anything changes.
     `model` must have the architecture `an` was built on (compress a copy of the analysed model).
     """
     factors = compute_factors(an, plan, progress)
@@ -82,7 +83,7 @@ def compress_(model: nn.Module, an: Analysis, plan: Plan, merge: bool = False,
         for f, k in plan.ranks.items():
             old = mods[f]
             U, V = factors[f]
-            if merge or not is_factored(an.info(f), k):
+            if merge or not is_factored(an.info(f), k, plan.factors):
                 new = dense_module(old, U @ V.T)
             else:
                 new = LowRankLinear.from_factors(U, V,

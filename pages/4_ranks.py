@@ -55,7 +55,7 @@ def allocation_box(ctx: ui.Context) -> float:
     alloc = ui.commit("alloc_kind", st.radio("Allocation", ALLOCATIONS, horizontal=True, format_func=ALLOCATION_LABEL.get,
                                              help=ALLOCATION_HELP.format(n=len(an.modules), t=ui.ANCHOR_TOKENS),
                                              **ui.bind("alloc_kind", "greedy")))
-    d = st.columns([3, 4, 3], vertical_alignment="bottom")
+    d = st.columns([3, 4, 3, 3], vertical_alignment="bottom")
     can_split = scope == "all" and alloc != "uniform"
     split = ui.commit("alloc_split", d[0].toggle(
         "Split the budget: attention / MLP", disabled=not can_split,
@@ -72,6 +72,11 @@ def allocation_box(ctx: ui.Context) -> float:
              "whitening (`fasc compress --qk-method asvd`): on SmolLM2 it keeps long-context copying (LAMBADA) "
              "and loses generated few-shot answers that Fisher-weighted q/k keep.",
         **ui.bind("alloc_qk", False))) and can_qk
+    pivot = ui.commit("alloc_pivot", d[3].toggle(
+        "Pivoted factors", help="Store each factored module as k rows of W′ and the other rows as their "
+        "combinations: k(m+n−k) parameters instead of k(m+n) for the same rank-k map, so a budget keeps higher "
+        "ranks (`fasc compress --factors pivoted`; SmolLM2 at 90 %: LAMBADA, multiple choice and real text at the "
+        "dense model's level, BENCHMARKS.md).", **ui.bind("alloc_pivot", False)))
     if c[4].button("Allocate", type="primary", key="w.allocate", icon=":material/auto_fix_high:"):
         qk_method = "asvd" if qk else None
         ui.get_analysis(ctx.lm, ctx.calib["key"], methods=base_methods(method, qk_method=qk_method))
@@ -79,7 +84,8 @@ def allocation_box(ctx: ui.Context) -> float:
         try:
             ctx.plans.put(allocate(an, method, param_ratio=ratio, modules=scope, model_fp=ctx.lm.fingerprint,
                                    tau=tau, allocation=alloc, anchors=anchors,
-                                   attention_share=share if split else None, qk_method=qk_method))
+                                   attention_share=share if split else None, qk_method=qk_method,
+                                   factors="pivoted" if pivot else "uv"))
         except FascError as e:
             st.error(str(e), icon=":material/error:")
     if method == "hybrid":

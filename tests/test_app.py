@@ -617,6 +617,21 @@ def test_ranks_whitened_queries_and_keys(env):
     assert at.toggle(key="w.alloc_qk").disabled
 
 
+def test_ranks_pivoted_factors(env):
+    """The toggle (off by default) prices the budget as pivoted factors, k(m+n−k): the same share of parameters
+    keeps higher ranks, and the plan carries its storage to the Export page (`fasc compress --factors pivoted`)."""
+    at = goto(calibrated(env), "pages/4_ranks.py")
+    at.slider(key="w.alloc_ratio").set_value(0.6)
+    at.button(key="w.allocate").click().run()
+    uv = plan(ok(at))
+    assert uv.factors == "uv" and not at.toggle(key="w.alloc_pivot").value
+    at.toggle(key="w.alloc_pivot").set_value(True).run()
+    at.button(key="w.allocate").click().run()
+    pv = plan(ok(at))
+    assert pv.factors == "pivoted" and sum(pv.ranks.values()) > sum(uv.ranks.values())
+    assert 0.55 <= float(metric(at, "Parameters kept").rstrip("%")) / 100 <= 0.61
+
+
 def test_ranks_evaluate_sequential_and_healing(env):
     """Evaluate with restat + healing: both compressed copies (plan and baseline) get them; the
     dense row is unchanged and the compressed rows differ from the plain evaluation."""

@@ -37,6 +37,28 @@ def test_prediction_is_the_ratio_of_matmul_parameters_before_and_after(arch):
     assert predicted_speedup(model, shapes, ranks, merge=True) == 1.0
 
 
+def test_pivoted_prediction_counts_the_pivoted_layers_parameters():
+    """Pivoted, a module works k(m+n−k) per token, as many as its parameters; bench.speed's uniform ranks keep
+    the same share of parameters in either storage."""
+    from bench.speed import uniform_rank
+    from fasc.layers import PivotedLowRankLinear
+
+    model = tiny_model("llama")
+    infos = find_linears(model)
+    ranks = {i.fqn: uniform_rank(i.out_features, i.in_features, 0.8, "pivoted") for i in infos}
+    small = copy.deepcopy(model)
+    for i in infos:
+        replace_module(small, i.fqn, PivotedLowRankLinear(i.in_features, i.out_features, ranks[i.fqn], bias=False))
+    shapes = {i.fqn: (i.out_features, i.in_features) for i in infos}
+    assert predicted_speedup(model, shapes, ranks, factors="pivoted") == \
+        pytest.approx(matmul_params(model) / matmul_params(small))
+    for i in infos:
+        for f in ("uv", "pivoted"):
+            k = uniform_rank(i.out_features, i.in_features, 0.8, f)
+            cost = k * (i.out_features + i.in_features - (k if f == "pivoted" else 0))
+            assert 0.8 * i.params - (i.out_features + i.in_features) <= cost <= 0.8 * i.params
+
+
 def test_warning_fires_near_break_even_and_for_merged_exports():
     model = tiny_model("llama")
     infos = find_linears(model)

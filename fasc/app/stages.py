@@ -76,7 +76,8 @@ def staged_export(ctx, plan: Plan, stages: int, target: Path, *, merge: bool, ov
             key, fp = stats.key, stats.model_fingerprint or model_fingerprint(model)
         return an, allocate(an, method, param_ratio=budget, modules=sorted(plan.ranks), model_fp=fp,
                             allocation=note.get("allocation") or "greedy", qk_method=note.get("qk_method"),
-                            tau=note.get("tau", HYBRID_TAU), fallback=note.get("fallback") or HYBRID_FALLBACK), key
+                            tau=note.get("tau", HYBRID_TAU), fallback=note.get("fallback") or HYBRID_FALLBACK,
+                            factors=plan.factors), key
 
     budgets = stage_budgets(note["param_ratio"], stages)
     model, done = compress_stages(ctx.lm.model, budgets[:-1], stage_plan, lambda i, b: ui.ProgressBar(

@@ -54,7 +54,7 @@ def plan_table(plan: Plan, an: Analysis):
         recs.append({"module": f, "layer": info.layer, "kind": info.kind,
                      "shape": f"{info.out_features}×{info.in_features}", "max_rank": info.max_rank,
                      "rank": int(k), "method": m, "rho": round(an.rho(f)[0], 4),
-                     "kept": module_params(info, k) / info.params if f in plan.ranks else 1.0,
+                     "kept": module_params(info, k, plan.factors) / info.params if f in plan.ranks else 1.0,
                      "dl": an.predicted(f, m, k) if f in plan.ranks else 0.0})
     return pd.DataFrame(recs, columns=TABLE_COLUMNS).set_index("module", drop=False)
 
@@ -87,7 +87,8 @@ def apply_table(plan: Plan, an: Analysis, table, tau: float = HYBRID_TAU,
             continue
         ranks[f] = k
         methods[f] = base_method(an, f, m, tau, fallback)
-    new = Plan(ranks=ranks, methods=methods, model_fingerprint=plan.model_fingerprint, note=dict(plan.note))
+    new = Plan(ranks=ranks, methods=methods, model_fingerprint=plan.model_fingerprint, note=dict(plan.note),
+                factors=plan.factors)
     if new.ranks != plan.ranks or new.methods != plan.methods:
         new.note["edited"] = True
     return new, errors

@@ -5,7 +5,8 @@
 builds the original architecture (resolved from `base_model_type` through transformers' own
 AutoModelForCausalLM mapping), replaces every module listed in `fasc_factored` by a `LowRankLinear`
 shell *before* the weights are read, and lets transformers' `from_pretrained` load
-`model.safetensors` (tensors `<fqn>.U`, `<fqn>.V`, `<fqn>.bias`), so the model in memory holds
+`model.safetensors` (tensors `<fqn>.U`, `<fqn>.V`, `<fqn>.bias`; `<fqn>.R`, `<fqn>.P`, `<fqn>.order` for
+a module stored pivoted), so the model in memory holds
 the low-rank factors: its parameter count is the compressed one, and generation, pipelines and
 lm-evaluation-harness run on the small model. Needs only torch and transformers; the project
 that wrote it is FASC (knowledge-aware low-rank compression).
@@ -38,14 +39,37 @@ class LowRankLinear(nn.Module):
                f"bias={self.bias is not None}"
 
 
+class PivotedLowRankLinear(nn.Module):
+    """The same rank-k map in k (out + in - k) numbers: y = [R x; P R x][order] + b, R (k, in) the pivot rows
+    of W' = U Vᵀ, P (out - k, k) the other rows in terms of them, `order` (out,) a permutation."""
+
+    def __init__(self, in_features, out_features, rank, bias=True):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.R = nn.Parameter(torch.empty(rank, in_features))
+        self.P = nn.Parameter(torch.empty(out_features - rank, rank))
+        self.register_buffer("order", torch.arange(out_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def forward(self, x):
+        z = F.linear(x, self.R)
+        y = torch.cat([z, F.linear(z, self.P)], dim=-1).index_select(-1, self.order)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, " \
+               f"bias={self.bias is not None}, pivoted"
+
+
 def factored_class(base_cls, factored):
     """A subclass of the original model class whose constructor swaps in the low-rank shells."""
 
     def __init__(self, config, *args, **kwargs):
         base_cls.__init__(self, config, *args, **kwargs)
-        for fqn, (n, m, k, bias) in factored.items():
+        for fqn, (n, m, k, bias, *stored) in factored.items():
             parent, _, child = fqn.rpartition(".")
-            setattr(self.get_submodule(parent) if parent else self, child, LowRankLinear(n, m, k, bias))
+            shell = PivotedLowRankLinear if stored == ["pivoted"] else LowRankLinear
+            setattr(self.get_submodule(parent) if parent else self, child, shell(n, m, k, bias))
 
     return type(f"Fasc{base_cls.__name__}", (base_cls,), {"__init__": __init__, "__module__": __name__})
 
