@@ -7,6 +7,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def check_factors(U: Tensor, V: Tensor) -> None:
+    """U (out,k) and V (in,k) of one rank k, finite: a ValueError otherwise."""
+    if U.shape[1] != V.shape[1]:
+        raise ValueError(f"Factor ranks differ: U {tuple(U.shape)}, V {tuple(V.shape)}.")
+    if not (torch.isfinite(U).all() and torch.isfinite(V).all()):
+        raise ValueError("Low-rank factors contain NaN or Inf.")
+
+
 class LowRankLinear(nn.Module):
     """y = U (Vᵀ x) + b: a rank-k linear map W' = U Vᵀ stored as two factors.
 
@@ -26,10 +34,7 @@ class LowRankLinear(nn.Module):
     def from_factors(cls, U: Tensor, V: Tensor, bias: Tensor | None = None,
                      dtype: torch.dtype | None = None) -> "LowRankLinear":
         """Build from U (out,k), V (in,k) (any float dtype; stored in `dtype`, default U's)."""
-        if U.shape[1] != V.shape[1]:
-            raise ValueError(f"Factor ranks differ: U {tuple(U.shape)}, V {tuple(V.shape)}.")
-        if not (torch.isfinite(U).all() and torch.isfinite(V).all()):
-            raise ValueError("Low-rank factors contain NaN or Inf.")
+        check_factors(U, V)
         dtype = dtype or U.dtype
         layer = cls(V.shape[0], U.shape[0], U.shape[1], bias=bias is not None, dtype=dtype, device=U.device)
         with torch.no_grad():
@@ -91,8 +96,7 @@ class PivotedLowRankLinear(nn.Module):
     def from_factors(cls, U: Tensor, V: Tensor, bias: Tensor | None = None,
                      dtype: torch.dtype | None = None) -> "PivotedLowRankLinear":
         """Build from U (out,k), V (in,k): the pivots chosen on U, computed in float64 (float32 on a GPU)."""
-        if U.shape[1] != V.shape[1]:
-            raise ValueError(f"Factor ranks differ: U {tuple(U.shape)}, V {tuple(V.shape)}.")
+        check_factors(U, V)
         dtype = dtype or U.dtype
         wide = torch.float64 if U.device.type == "cpu" else torch.float32
         U64, V64 = U.to(wide), V.to(wide)
@@ -102,7 +106,7 @@ class PivotedLowRankLinear(nn.Module):
         R = Up @ V64.T                                            # the pivot rows of W'
         P = torch.linalg.solve(Up.T, Ur.T).T                      # Ur = P Up
         if not (torch.isfinite(R).all() and torch.isfinite(P).all()):
-            raise ValueError("Low-rank factors contain NaN or Inf, or U is rank-deficient.")
+            raise ValueError("Low-rank factor U is rank-deficient: its pivot block cannot be inverted.")
         layer = cls(V.shape[0], U.shape[0], k, bias=bias is not None, dtype=dtype, device=U.device)
         with torch.no_grad():
             layer.R.copy_(R.to(dtype))
