@@ -52,10 +52,11 @@ def allocation_box(ctx: ui.Context) -> float:
                                              disabled=method != "hybrid",
                                              help="hybrid uses fasc on modules with ρ ≥ τ and asvd elsewhere",
                                              **ui.bind("tau", 0.3))))
-    alloc = ui.commit("alloc_kind", st.radio("Allocation", ALLOCATIONS, horizontal=True, format_func=ALLOCATION_LABEL.get,
-                                             help=ALLOCATION_HELP.format(n=len(an.modules), t=ui.ANCHOR_TOKENS),
-                                             **ui.bind("alloc_kind", "greedy")))
-    d = st.columns([3, 4, 3, 3], vertical_alignment="bottom")
+    e = st.columns([7, 3], vertical_alignment="bottom")
+    alloc = ui.commit("alloc_kind", e[0].radio("Allocation", ALLOCATIONS, horizontal=True, format_func=ALLOCATION_LABEL.get,
+                                               help=ALLOCATION_HELP.format(n=len(an.modules), t=ui.ANCHOR_TOKENS),
+                                               **ui.bind("alloc_kind", "greedy")))
+    d = st.columns([3, 4, 3], vertical_alignment="bottom")
     can_split = scope == "all" and alloc != "uniform"
     split = ui.commit("alloc_split", d[0].toggle(
         "Split the budget: attention / MLP", disabled=not can_split,
@@ -72,7 +73,7 @@ def allocation_box(ctx: ui.Context) -> float:
              "whitening (`fasc compress --qk-method asvd`): on SmolLM2 it keeps long-context copying (LAMBADA) "
              "and loses generated few-shot answers that Fisher-weighted q/k keep.",
         **ui.bind("alloc_qk", False))) and can_qk
-    pivot = ui.commit("alloc_pivot", d[3].toggle(
+    pivot = ui.commit("alloc_pivot", e[1].toggle(
         "Pivoted factors", help="Store each factored module as k rows of W′ and the other rows as their "
         "combinations: k(m+n−k) parameters instead of k(m+n) for the same rank-k map, so a budget keeps higher "
         "ranks (`fasc compress --factors pivoted`; SmolLM2 at 90 %: LAMBADA, multiple choice and real text at the "
