@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import FACTORS
+from .allocate import check_factors
 from .errors import FascError, disk_error
 from .hf_code import base_config, write_remote_code
 from .layers import LowRankLinear, PivotedLowRankLinear, pivoted
@@ -120,10 +120,11 @@ def save_compressed(model: nn.Module, tokenizer, out: str | Path, *, meta: dict 
 
     Args:
         meta: extra fields for `fasc_config.json` (method, ranks, ρ, calibration key, source ...).
+        factors: 'pivoted' writes each `LowRankLinear` as a `PivotedLowRankLinear` (the same map in k(m+n−k)
+            parameters; the plan's `factors`), 'uv' as it is.
     """
     out = prepare_destination(out, overwrite)
-    if factors not in FACTORS:
-        raise FascError(f"Unknown factor storage {factors!r}; choose one of {', '.join(FACTORS)}.")
+    check_factors(factors)
     layers = {f: m for f, m in model.named_modules() if isinstance(m, (LowRankLinear, PivotedLowRankLinear))}
     to_pivot = {f for f, m in layers.items() if factors == "pivoted" and isinstance(m, LowRankLinear)}
     factored = {f: [m.in_features, m.out_features, m.rank, m.bias is not None]
