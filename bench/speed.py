@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import tempfile
@@ -54,10 +53,10 @@ def load_dense(name: str, args):
 
 
 def uniform_rank(m: int, n: int, p: float, factors: str = "uv") -> int:
-    """⌊k⌋ keeping share p of an m×n weight's parameters: k(m+n) = p·mn, or pivoted k(m+n−k) = p·mn."""
-    if factors == "pivoted":
-        return max(1, int(((m + n) - math.sqrt((m + n) ** 2 - 4 * p * m * n)) / 2))
-    return max(1, int(p * m * n / (m + n)))
+    """⌊k⌋ keeping share p of an m×n weight's parameters (`fasc.allocate.uniform_rank`, rounded down)."""
+    from fasc.allocate import uniform_rank as exact
+
+    return max(1, int(exact(m, n, p, factors)))
 
 
 def factored_copies(model, tok, ratios, folder: Path, factors=("uv",)) -> dict[str, tuple[object, float]]:

@@ -28,10 +28,23 @@ from .modules import ModuleInfo, select
 PLAN_FORMAT = 1
 
 
+def rank_cost(m: int, n: int, k: int, factors: str = "uv") -> int:
+    """Parameters of an m×n map of rank k stored factored (bias excluded), also its multiply-adds per token:
+    k(m+n) as U, V; k(m+n−k) pivoted."""
+    return k * (m + n - k) if factors == "pivoted" else k * (m + n)
+
+
 def factor_cost(info: ModuleInfo, k: int, factors: str = "uv") -> int:
-    """Parameters of rank k stored factored (bias excluded): k(m+n) as U, V; k(m+n−k) pivoted."""
-    m_n = info.out_features + info.in_features
-    return k * (m_n - k) if factors == "pivoted" else k * m_n
+    """`rank_cost` of a module."""
+    return rank_cost(info.out_features, info.in_features, k, factors)
+
+
+def uniform_rank(m: int, n: int, share: float, factors: str = "uv") -> float:
+    """The rank, unrounded, at which an m×n weight keeps `share` of its parameters: k(m+n) = c·mn as U, V;
+    k(m+n−k) = c·mn pivoted."""
+    if factors == "pivoted":
+        return ((m + n) - math.sqrt(max((m + n) ** 2 - 4 * share * m * n, 0.0))) / 2
+    return share * m * n / (m + n)
 
 
 def module_params(info: ModuleInfo, k: int, factors: str = "uv") -> int:
@@ -407,15 +420,8 @@ def uniform_ranks(infos: list[ModuleInfo], param_ratio: float, factors: str = "u
     """Every module keeps the same share c of its parameters: k = round(c·mn/(m+n)), at least 1
     (spec §6, the baseline SVD-LLM / LEMS call "uniform"); pivoted, the k with k(m+n−k) = c·mn.
     c = 1 keeps every weight dense."""
-    out = {}
-    for i in infos:
-        m, n = i.out_features, i.in_features
-        if factors == "pivoted":
-            k = ((m + n) - math.sqrt(max((m + n) ** 2 - 4 * param_ratio * m * n, 0.0))) / 2
-        else:
-            k = param_ratio * m * n / (m + n)
-        out[i.fqn] = max(1, min(i.max_rank, round(k)))
-    return out
+    return {i.fqn: max(1, min(i.max_rank, round(uniform_rank(i.out_features, i.in_features, param_ratio, factors))))
+            for i in infos}
 
 
 def rank_ratio_cost(infos: list[ModuleInfo], rank_ratio: float) -> float:

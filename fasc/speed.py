@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from .allocate import rank_cost
+
 
 MIN_SPEEDUP = 1.10  # below this predicted speed-up, two matmuls per layer rarely beat one (bench.speed)
 
@@ -23,11 +25,10 @@ def matmul_params(model: nn.Module) -> int:
     total = 0
     for m in model.modules():
         name = type(m).__name__      # also the remote-code copies
-        if name == "LowRankLinear":
-            total += m.rank * (m.in_features + m.out_features)
-        elif name == "PivotedLowRankLinear":
-            total += m.rank * (m.in_features + m.out_features - m.rank)
-        elif isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D":
+        if name in ("LowRankLinear", "PivotedLowRankLinear"):
+            total += rank_cost(m.out_features, m.in_features, m.rank,
+                               "pivoted" if name == "PivotedLowRankLinear" else "uv")
+        elif isinstance(m, nn.Linear) or name == "Conv1D":
             total += m.weight.numel()
     return total
 
@@ -47,7 +48,7 @@ def predicted_speedup(model: nn.Module, shapes: dict[str, tuple[int, int]], rank
     saved = 0
     for f, k in ranks.items():
         m, n = shapes[f]
-        work = k * (m + n - k) if factors == "pivoted" else k * (m + n)
+        work = rank_cost(m, n, k, factors)
         if work < m * n:  # else `compress_` keeps the layer dense (spec §6)
             saved += m * n - work
     return dense / max(dense - saved, 1)
