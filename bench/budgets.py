@@ -44,6 +44,7 @@ import fasc
 from bench.knowledge import split_facts
 from fasc.anchors import anchors_cached, heldout_batches, overlap
 from fasc.cache import write_text_atomic
+from fasc.config import DEFAULT_FACTORS, FACTORS
 from fasc.data import load_source, make_batches, read_text
 from fasc.evaluate import fact_recall, perplexity
 from fasc.modules import model_fingerprint
@@ -163,6 +164,7 @@ class BudgetConfig:
     fisher: str = "empirical"       # Fisher type of the calibration (spec §1)
     tasks: tuple[str, ...] = ()     # the field's suite and generated QA per row (fasc.suite), e.g. zeroshot,qa_facts
     limit: int | None = None        # the first N documents of each task
+    factors: str = DEFAULT_FACTORS  # how every row's factored modules are stored (`fasc compress --factors`)
 
 
 def knowledge_tail(chars: int = 3000) -> str:
@@ -325,7 +327,7 @@ def run(cfg: BudgetConfig, log=print, sink=None) -> dict:
                     work, pred, heal = compress_via_cli(cfg, r, budget, files, data)
                 else:
                     plan = fasc.allocate(an, r.method, param_ratio=budget, allocation=r.allocation,
-                                         anchors=None if a is None else a.scales)
+                                         anchors=None if a is None else a.scales, factors=cfg.factors)
                     work = copy.deepcopy(model)
                     fasc.compress_(work, an, plan)
                     pred = plan.predicted(an)
@@ -355,6 +357,7 @@ def compress_via_cli(cfg: BudgetConfig, r: Row, budget: float, files, data: str)
         cmd = [sys.executable, "-m", "fasc", "compress", "--model", cfg.model, "--method", r.method,
                "--param-ratio", str(budget), "--allocation", r.allocation, "--anchor-tokens", str(cfg.anchor_tokens),
                "--tokens", str(cfg.tokens), "--out", str(out), "--json", "--quiet", *cli_args(r.flags),
+               "--factors", cfg.factors,
                "--fisher", cfg.fisher] + (["--gamma", str(cfg.gamma)] if cfg.gamma is not None else [])
         cmd += ["--data", *map(str, files[data])]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
@@ -391,7 +394,8 @@ def markdown(results: list[dict]) -> str:
     budgets = sorted({r["budget"] for r in rows if r["row"] != "dense"}, reverse=True)
     cfg = results[0]["config"]
     gamma = cfg.get("gamma")
-    out = [f"Model `{cfg['model']}`, all modules, {cfg['tokens']} calibration tokens ({cfg.get('fisher', 'empirical')} "
+    out = [f"Model `{cfg['model']}`, all modules stored {cfg.get('factors', 'uv')}, {cfg['tokens']} calibration tokens "
+           f"({cfg.get('fisher', 'empirical')} "
            f"Fisher, γ {'= the model default' if gamma is None else f'= {gamma:g}'}), perplexity on "
            f"{cfg['ppl_tokens']} held-out tokens, {results[0]['n_facts']} facts never used in calibration "
            f"(recall = first token top-1, exact = greedy whole answer, kept = share of the facts the dense model "
@@ -483,6 +487,8 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", default="", help="comma-separated suite tasks per row (fasc eval --tasks), e.g. "
                    "zeroshot,qa_facts,jeopardy")
     p.add_argument("--limit", type=int, help="the first N documents of each task")
+    p.add_argument("--factors", choices=FACTORS, default=d.factors, help="how every row stores its factored modules "
+                   f"(default {d.factors}; uv: U, V, as the peers publish their uniform baseline)")
     p.add_argument("--tag", default="")
     p.add_argument("--from-json", nargs="+", help="render earlier runs' JSON files together and exit")
     a = p.parse_args(argv)
@@ -494,7 +500,7 @@ def main(argv=None) -> int:
     cfg = BudgetConfig(model=a.model, budgets=tuple(a.budgets), tokens=a.tokens, ppl_tokens=a.ppl_tokens,
                        anchor_tokens=a.anchor_tokens, heal_tokens=a.heal_tokens, rows=tuple(a.rows),
                        threads=a.threads, knowledge_weight=a.knowledge_weight, gamma=a.gamma, fisher=a.fisher,
-                       tasks=tuple(t for t in a.tasks.split(",") if t), limit=a.limit)
+                       tasks=tuple(t for t in a.tasks.split(",") if t), limit=a.limit, factors=a.factors)
     OUT.mkdir(exist_ok=True)
     stem = f"budgets-{Path(cfg.model).name}{('-' + a.tag) if a.tag else ''}"
 

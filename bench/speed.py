@@ -6,7 +6,8 @@ factored at 90 / 80 / 60 % of the compressed modules' parameters.
 
 Each factored model is written with `fasc.save_compressed` and read back with plain
 `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` — the model other tools get.
-Ranks are uniform (k = ⌊p·mn/(m+n)⌋ on every linear layer, the LM head excluded) and the factors come
+Ranks are uniform (every linear layer but the LM head keeps share p: k(m+n−k) = p·mn pivoted, the
+default; k = ⌊p·mn/(m+n)⌋ with `--factors uv`) and the factors come
 from the weights' SVD: speed depends on shapes only, not on how the ranks were chosen. Variants are
 timed in interleaved rounds (median of `--reps`), so ratios come from one run under the same load.
 Prefill: one forward over a `--prompt`-token prompt. Decode: `--new` single-token steps with the KV
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 from bench.selection import comma_choices
-from fasc.config import FACTORS
+from fasc.config import DEFAULT_FACTORS, FACTORS
 from fasc.errors import FascError
 
 RATIOS = (0.9, 0.8, 0.6)
@@ -52,16 +53,16 @@ def load_dense(name: str, args):
     return llama_shaped(args.hidden, args.intermediate, args.layers, args.heads, args.vocab, 2048), None
 
 
-def uniform_rank(m: int, n: int, p: float, factors: str = "uv") -> int:
+def uniform_rank(m: int, n: int, p: float, factors: str = DEFAULT_FACTORS) -> int:
     """⌊k⌋ keeping share p of an m×n weight's parameters (`fasc.allocate.uniform_rank`, rounded down)."""
     from fasc.allocate import uniform_rank as exact
 
     return max(1, int(exact(m, n, p, factors)))
 
 
-def factored_copies(model, tok, ratios, folder: Path, factors=("uv",)) -> dict[str, tuple[object, float]]:
+def factored_copies(model, tok, ratios, folder: Path, factors=(DEFAULT_FACTORS,)) -> dict[str, tuple[object, float]]:
     """{variant: (model loaded by transformers with trust_remote_code, predicted speed-up)}, a variant per
-    ratio and storage ("80%", "80% pivoted")."""
+    ratio and storage ("80%" the default storage, "80% uv" the other)."""
     import copy
 
     from transformers import AutoModelForCausalLM
@@ -89,7 +90,7 @@ def factored_copies(model, tok, ratios, folder: Path, factors=("uv",)) -> dict[s
             bias = work.get_submodule(i.fqn).bias
             replace_module(work, i.fqn, LowRankLinear.from_factors(
                 US[:, :k].contiguous(), V[:, :k].contiguous(), None if bias is None else bias.detach()))
-        name = f"{int(p * 100)}%" + (" pivoted" if f == "pivoted" else "")
+        name = f"{int(p * 100)}%" + ("" if f == DEFAULT_FACTORS else f" {f}")
         path = fasc.save_compressed(work, tok, folder / name.replace("%", "").replace(" ", "-"), factors=f)
         del work
         hf = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()
@@ -159,9 +160,9 @@ def main(argv=None) -> int:
     p.add_argument("--ratios", type=lambda s: tuple(float(x) for x in s.split(",")), default=RATIOS)
     p.add_argument("--prompt", type=int, default=128, help="prefill length (tokens)")
     p.add_argument("--new", type=int, default=32, help="decode steps (tokens)")
-    p.add_argument("--factors", default="uv",
-                   help="comma-separated factor storages to time at each ratio: uv (default), pivoted "
-                        "(`fasc compress --factors`: the same parameters at higher ranks)")
+    p.add_argument("--factors", default=DEFAULT_FACTORS,
+                   help=f"comma-separated factor storages to time at each ratio (`fasc compress --factors`): "
+                        f"pivoted, uv (default {DEFAULT_FACTORS})")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared)")
     p.add_argument("--device", default="cpu")

@@ -5,8 +5,8 @@ every module (`uniform`, the peers' baseline).
 
 A module of rank k costs min(k(m+n), mn) parameters as two factors (`factors="uv"`): once k ≥ mn/(m+n)
 the factorization saves nothing, so the compressed weight is stored dense (still of rank k). Stored pivoted
-(`factors="pivoted"`, `fasc.layers.PivotedLowRankLinear`) the same rank-k map costs k(m+n−k), which saves
-parameters at every k < min(m,n).
+(`factors="pivoted"`, `fasc.layers.PivotedLowRankLinear`, the default) the same rank-k map costs k(m+n−k),
+which saves parameters at every k < min(m,n).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from .analysis import Analysis
-from .config import ALLOCATIONS, BASE_METHODS, FACTORS, HYBRID_FALLBACK, HYBRID_TAU, METHODS, check_hybrid
+from .config import (ALLOCATIONS, BASE_METHODS, DEFAULT_FACTORS, FACTORS, HYBRID_FALLBACK, HYBRID_TAU, METHODS,
+                     check_hybrid)
 from .data import decode_text
 from .errors import FascError
 from .modules import ModuleInfo, select
@@ -28,18 +29,18 @@ from .modules import ModuleInfo, select
 PLAN_FORMAT = 1
 
 
-def rank_cost(m: int, n: int, k: int, factors: str = "uv") -> int:
+def rank_cost(m: int, n: int, k: int, factors: str = DEFAULT_FACTORS) -> int:
     """Parameters of an m×n map of rank k stored factored (bias excluded), also its multiply-adds per token:
     k(m+n) as U, V; k(m+n−k) pivoted."""
     return k * (m + n - k) if factors == "pivoted" else k * (m + n)
 
 
-def factor_cost(info: ModuleInfo, k: int, factors: str = "uv") -> int:
+def factor_cost(info: ModuleInfo, k: int, factors: str = DEFAULT_FACTORS) -> int:
     """`rank_cost` of a module."""
     return rank_cost(info.out_features, info.in_features, k, factors)
 
 
-def uniform_rank(m: int, n: int, share: float, factors: str = "uv") -> float:
+def uniform_rank(m: int, n: int, share: float, factors: str = DEFAULT_FACTORS) -> float:
     """The rank, unrounded, at which an m×n weight keeps `share` of its parameters: k(m+n) = c·mn as U, V;
     k(m+n−k) = c·mn pivoted."""
     if factors == "pivoted":
@@ -47,17 +48,17 @@ def uniform_rank(m: int, n: int, share: float, factors: str = "uv") -> float:
     return share * m * n / (m + n)
 
 
-def module_params(info: ModuleInfo, k: int, factors: str = "uv") -> int:
+def module_params(info: ModuleInfo, k: int, factors: str = DEFAULT_FACTORS) -> int:
     """Parameters of the compressed weight at rank k (bias excluded): factored or dense, the smaller."""
     return min(factor_cost(info, k, factors), info.params)
 
 
-def is_factored(info: ModuleInfo, k: int, factors: str = "uv") -> bool:
+def is_factored(info: ModuleInfo, k: int, factors: str = DEFAULT_FACTORS) -> bool:
     """True when the factored form is smaller than the dense weight (spec §6)."""
     return factor_cost(info, k, factors) < info.params
 
 
-def max_factored_rank(info: ModuleInfo, factors: str = "uv") -> int:
+def max_factored_rank(info: ModuleInfo, factors: str = DEFAULT_FACTORS) -> int:
     """K: the largest rank still stored factored (at least 1)."""
     if factors == "pivoted":
         return max(1, info.max_rank - 1)
@@ -115,12 +116,11 @@ class Plan:
     methods: dict[str, str]
     model_fingerprint: str = ""
     note: dict = field(default_factory=dict)
-    factors: str = "uv"     # how its factored modules are stored, so what each rank costs (FACTORS)
+    factors: str = DEFAULT_FACTORS     # how its factored modules are stored, so what each rank costs (FACTORS)
 
     def to_dict(self) -> dict:
         return {"format": PLAN_FORMAT, "ranks": self.ranks, "methods": self.methods,
-                "model_fingerprint": self.model_fingerprint, "note": self.note,
-                **({"factors": self.factors} if self.factors != "uv" else {})}
+                "model_fingerprint": self.model_fingerprint, "note": self.note, "factors": self.factors}
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1))
@@ -145,7 +145,7 @@ class Plan:
         method = d.get("method")
         if method is not None:
             methods = {f: methods.get(f, method) for f in ranks}
-        factors = d.get("factors", "uv")
+        factors = d.get("factors", "uv")  # plans saved before pivoted factors (2026-12-07) were U, V
         if factors not in FACTORS:
             raise FascError(f"{name} stores its factors as {factors!r}; a plan's \"factors\" is one of "
                             f"{', '.join(FACTORS)}.")
@@ -308,7 +308,7 @@ def allocate(an: Analysis, method: str = "fasc", *, rank_ratio: float | None = N
              modules: str | list[str] | None = "all", model_fp: str = "", tau: float = HYBRID_TAU,
              fallback: str = HYBRID_FALLBACK, allocation: str = "greedy",
              anchors: dict[str, float] | None = None, attention_share: float | None = None,
-             qk_method: str | None = None, factors: str = "uv") -> Plan:
+             qk_method: str | None = None, factors: str = DEFAULT_FACTORS) -> Plan:
     """Make a plan: exactly one of `rank_ratio`, `param_ratio`, `ranks`.
 
     Args:
@@ -416,7 +416,7 @@ def split_budget(infos: list[ModuleInfo], param_ratio: float, attention_share: f
     return [(attn, attention_share), (mlp, rest)]
 
 
-def uniform_ranks(infos: list[ModuleInfo], param_ratio: float, factors: str = "uv") -> dict[str, int]:
+def uniform_ranks(infos: list[ModuleInfo], param_ratio: float, factors: str = DEFAULT_FACTORS) -> dict[str, int]:
     """Every module keeps the same share c of its parameters: k = round(c·mn/(m+n)), at least 1
     (spec §6, the baseline SVD-LLM / LEMS call "uniform"); pivoted, the k with k(m+n−k) = c·mn.
     c = 1 keeps every weight dense."""
@@ -424,11 +424,11 @@ def uniform_ranks(infos: list[ModuleInfo], param_ratio: float, factors: str = "u
             for i in infos}
 
 
-def rank_ratio_cost(infos: list[ModuleInfo], rank_ratio: float) -> float:
+def rank_ratio_cost(infos: list[ModuleInfo], rank_ratio: float, factors: str = DEFAULT_FACTORS) -> float:
     """Share of the modules' parameters that `--rank-ratio r` keeps (k = round(r·min(m,n)) costs
-    min(k(m+n), mn)): e.g. 0.5 on square modules keeps 100 %, since k(m+n) = mn."""
+    `module_params`): e.g. 0.5 on square modules keeps 100 % as U, V (k(m+n) = mn), 75 % pivoted."""
     total = sum(i.params for i in infos)
-    kept = sum(module_params(i, max(1, min(i.max_rank, round(rank_ratio * i.max_rank)))) for i in infos)
+    kept = sum(module_params(i, max(1, min(i.max_rank, round(rank_ratio * i.max_rank))), factors) for i in infos)
     return kept / total
 
 
@@ -439,7 +439,7 @@ def _step_ratio(info: ModuleInfo, curve: np.ndarray, k: int, factors: str) -> fl
 
 
 def greedy_ranks(infos: list[ModuleInfo], curves: list[np.ndarray], param_ratio: float,
-                 factors: str = "uv") -> dict[str, int]:
+                 factors: str = DEFAULT_FACTORS) -> dict[str, int]:
     """Minimise Σ ΔL_j(k_j) subject to Σ params_j(k_j) ≤ ratio·Σ m_j n_j (spec §6).
 
     Each module's options are ranks 1..K (factored, K = largest factored rank) and "full" (dense,

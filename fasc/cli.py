@@ -15,9 +15,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from .config import (ALLOCATIONS, ANCHOR_SHARE, BASE_METHODS, FACTORS, FALLBACK_HELP, FALLBACK_METHODS, HEAL_CHECK_TOKENS,
-                     HEAL_COPY_WEIGHT, HEAL_TOKENS_GPU, HYBRID_FALLBACK, HYBRID_TAU, METHODS, TAU_HELP, CalibConfig,
-                     CompressConfig, field_help)
+from .config import (ALLOCATIONS, ANCHOR_SHARE, BASE_METHODS, DEFAULT_FACTORS, FACTORS, FALLBACK_HELP, FALLBACK_METHODS,
+                     HEAL_CHECK_TOKENS, HEAL_COPY_WEIGHT, HEAL_TOKENS_GPU, HYBRID_FALLBACK, HYBRID_TAU, METHODS,
+                     TAU_HELP, CalibConfig, CompressConfig, field_help)
 from .errors import FascError
 
 EXAMPLES = """examples:
@@ -410,7 +410,7 @@ def cmd_compress(args) -> None:
         plan = allocate(an, args.method, rank_ratio=args.rank_ratio, param_ratio=args.param_ratio,
                         modules=args.modules, model_fp=mfp, allocation=args.allocation,
                         anchors=None if anchors is None else anchors.scales, attention_share=args.attention_share,
-                        qk_method=qk, factors=args.factors or "uv",
+                        qk_method=qk, factors=args.factors or DEFAULT_FACTORS,
                         **hybrid)
     if args.save_plan:
         plan.save(args.save_plan)
@@ -504,7 +504,7 @@ def _stages(args, model, tok, qk):
         return an, allocate(an, args.method, param_ratio=budget, modules=args.modules,
                             model_fp=stats.model_fingerprint or model_fingerprint(m), allocation=args.allocation,
                             qk_method=qk, tau=args.tau, fallback=args.fallback,
-                            factors=args.factors or "uv"), stats.key
+                            factors=args.factors or DEFAULT_FACTORS), stats.key
 
     return compress_stages(model, stage_budgets(args.param_ratio, args.stages)[:-1], stage_plan,
                            lambda i, budget: _progress(f"stage {i} of {args.stages}: {budget:.0%} of the parameters",
@@ -847,9 +847,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "scaled by one measured loss per module: one forward pass per module), uniform (the "
                         "same share of parameters in every module, the peers' baseline)")
     s.add_argument("--factors", choices=FACTORS, help="how each factored module is stored, so what its rank "
-                   "costs in the budget: uv (default; U and V, k(m+n) parameters, saving only below "
-                   "k = mn/(m+n)) or pivoted (k rows of W′ kept and the others as their combinations, k(m+n−k): "
-                   "the same map, saving at every k < min(m,n), so a budget keeps higher ranks); with --ranks, "
+                   "costs in the budget: pivoted (default; k rows of W′ kept and the others as their combinations, "
+                   "k(m+n−k): the same map, saving at every k < min(m,n), so a budget keeps higher ranks) or uv "
+                   "(U and V, k(m+n) parameters, saving only below k = mn/(m+n), as the peers store); with --ranks, "
                    "the plan's own \"factors\" unless given")
     s.add_argument("--qk-method", choices=("same", *BASE_METHODS), default="same", help="the method of the query "
                    "and key projections, whose product is the attention pattern (same = --method; greedy or uniform "

@@ -16,6 +16,7 @@ FISHER_TYPES = ("empirical", "sampled")
 TARGETS = ("all", "answers")
 STATS_DTYPES = ("auto", "float64", "float32")
 FACTORS = ("uv", "pivoted")  # how a factored module is stored (fasc.layers): k(m+n) or k(m+n-k) parameters
+DEFAULT_FACTORS = "pivoted"  # the same maps in fewer parameters, so higher ranks at a budget (BENCHMARKS.md)
 ALLOCATIONS = ("greedy", "anchored", "uniform")  # how a parameter budget is spread (spec §6, fasc.allocate)
 ANCHOR_SHARE = 0.5  # anchored allocation: the reference rank keeps this share of a module's parameters
 HEAL_CHECK_TOKENS = 2048  # healing's held-out check: tokens from the end of the calibration sources

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .allocate import check_factors
+from .config import DEFAULT_FACTORS
 from .errors import FascError, disk_error
 from .hf_code import base_config, write_remote_code
 from .layers import LowRankLinear, PivotedLowRankLinear, pivoted
@@ -115,13 +116,13 @@ def atomic_folder(out: Path, write) -> Path:
 
 
 def save_compressed(model: nn.Module, tokenizer, out: str | Path, *, meta: dict | None = None,
-                    overwrite: bool = False, factors: str = "uv") -> Path:
+                    overwrite: bool = False, factors: str = DEFAULT_FACTORS) -> Path:
     """Write a compressed model (factored if it holds `LowRankLinear` layers, else merged/dense).
 
     Args:
         meta: extra fields for `fasc_config.json` (method, ranks, ρ, calibration key, source ...).
         factors: 'pivoted' writes each `LowRankLinear` as a `PivotedLowRankLinear` (the same map in k(m+n−k)
-            parameters; the plan's `factors`), 'uv' as it is.
+            parameters; the default, as `allocate` prices it), 'uv' as it is; pass the plan's `factors`.
     """
     out = prepare_destination(out, overwrite)
     check_factors(factors)

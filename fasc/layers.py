@@ -118,7 +118,12 @@ class PivotedLowRankLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         z = F.linear(x, self.R)
-        y = torch.cat([z, F.linear(z, self.P)], dim=-1).index_select(-1, self.order)
+        if x.numel() == x.shape[-1]:  # one token (decoding): one gather of [z; P z] is the fastest
+            y = torch.cat([z, F.linear(z, self.P)], dim=-1).index_select(-1, self.order)
+        else:  # several tokens (prefill): each part written in place, one copy less (`bench.speed`)
+            at = torch.argsort(self.order)  # where each of [z; P z] goes
+            y = z.new_empty(*z.shape[:-1], self.out_features)
+            y.index_copy_(-1, at[:self.rank], z).index_copy_(-1, at[self.rank:], F.linear(z, self.P))
         return y if self.bias is None else y + self.bias
 
     def to_dense(self) -> Tensor:

@@ -313,7 +313,7 @@ def heal_choice(model, an: Analysis, plan: Plan, tokens: int | str = "auto", mod
     dev = next(model.parameters()).device
     need = None
     if dev.type == "cuda" and not merge and tokens:
-        fac = {f: factor_cost(an.info(f), k) for f, k in plan.ranks.items()   # trained as U, V however stored
+        fac = {f: factor_cost(an.info(f), k, "uv") for f, k in plan.ranks.items()   # trained as U, V however stored
                if is_factored(an.info(f), k, plan.factors)}
         replaced = sum(an.info(f).params for f in fac)
         n = HEAL_TOKENS_GPU if tokens == "auto" else int(tokens)

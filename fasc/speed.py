@@ -14,6 +14,7 @@ from __future__ import annotations
 from torch import nn
 
 from .allocate import rank_cost
+from .config import DEFAULT_FACTORS
 
 
 MIN_SPEEDUP = 1.10  # below this predicted speed-up, two matmuls per layer rarely beat one (bench.speed)
@@ -34,7 +35,7 @@ def matmul_params(model: nn.Module) -> int:
 
 
 def predicted_speedup(model: nn.Module, shapes: dict[str, tuple[int, int]], ranks: dict[str, int],
-                      merge: bool = False, factors: str = "uv") -> float:
+                      merge: bool = False, factors: str = DEFAULT_FACTORS) -> float:
     """Dense matmul work over the work after compressing `ranks` ({fqn: k}) of `model` (dense).
 
     Args:

@@ -52,9 +52,10 @@ def main() -> None:
     c[3].metric("ΔL fasc(k)", f"{dl['fasc'][k]:.3g}",
                 delta=f"{(dl['fasc'][k] - dl['pca'][k]) / dl['pca'][k]:+.0%} vs pca" if dl["pca"][k] > 0 else None,
                 delta_color="inverse")
-    c[4].metric("Parameters kept", f"{module_params(info, k) / info.params:.0%}",
-                help=f"{module_params(info, k):,} of {info.params:,} (shape {info.out_features}×{info.in_features}); "
-                     f"plan method {method}")
+    kept = module_params(info, k, plan.factors)
+    c[4].metric("Parameters kept", f"{kept / info.params:.0%}",
+                help=f"{kept:,} of {info.params:,} (shape {info.out_features}×{info.in_features}, stored "
+                     f"{plan.factors}); plan method {method}")
 
     left, right = st.columns(2)
     left.plotly_chart(spectra_figure(mu, lam, k, title=f"Spectra · {sel}"), width="stretch", key="spec_fig")

@@ -10,7 +10,7 @@ from fasc.app import copies as CP
 from fasc.app.generation import generation_panel
 from fasc.app import state, table, ui
 from fasc.comparison import evaluate_plan
-from fasc.config import ALLOCATIONS, METHODS
+from fasc.config import ALLOCATIONS, DEFAULT_FACTORS, METHODS
 from fasc.errors import FascError
 from fasc.pipeline import model_defaults
 from fasc.plots import eval_figure, retention_figure
@@ -76,8 +76,9 @@ def allocation_box(ctx: ui.Context) -> float:
     pivot = ui.commit("alloc_pivot", e[1].toggle(
         "Pivoted factors", help="Store each factored module as k rows of W′ and the other rows as their "
         "combinations: k(m+n−k) parameters instead of k(m+n) for the same rank-k map, so a budget keeps higher "
-        "ranks (`fasc compress --factors pivoted`; SmolLM2 at 90 %: LAMBADA, multiple choice and real text at the "
-        "dense model's level, BENCHMARKS.md).", **ui.bind("alloc_pivot", False)))
+        "ranks (the default, `fasc compress --factors pivoted`; SmolLM2 at 90 %: LAMBADA, multiple choice and "
+        "real text at the dense model's level, BENCHMARKS.md). Off: U and V, as the peers store them.",
+        **ui.bind("alloc_pivot", DEFAULT_FACTORS == "pivoted")))
     if c[4].button("Allocate", type="primary", key="w.allocate", icon=":material/auto_fix_high:"):
         qk_method = "asvd" if qk else None
         ui.get_analysis(ctx.lm, ctx.calib["key"], methods=base_methods(method, qk_method=qk_method))

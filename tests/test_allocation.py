@@ -21,12 +21,12 @@ def an(llama, llama_stats):
 
 @pytest.mark.parametrize("ratio", [0.3, 0.6, 0.9])
 def test_uniform_keeps_the_same_share_of_every_module(an, ratio):
-    plan = fasc.allocate(an, "fasc", param_ratio=ratio, allocation="uniform")
+    plan = fasc.allocate(an, "fasc", param_ratio=ratio, allocation="uniform", factors="uv")   # pivoted: test_pivoted
     for f, k in plan.ranks.items():
         i = an.info(f)
         assert k == max(1, round(ratio * i.params / (i.out_features + i.in_features)))
         # within one rank step of the target share
-        assert abs(module_params(i, k) - ratio * i.params) <= (i.out_features + i.in_features) / 2 + 1e-9
+        assert abs(module_params(i, k, "uv") - ratio * i.params) <= (i.out_features + i.in_features) / 2 + 1e-9
     kept, total = plan.params(an)
     assert abs(kept / total - ratio) < 0.05
     assert plan.note["allocation"] == "uniform"

@@ -618,13 +618,15 @@ def test_ranks_whitened_queries_and_keys(env):
 
 
 def test_ranks_pivoted_factors(env):
-    """The toggle (off by default) prices the budget as pivoted factors, k(m+n−k): the same share of parameters
-    keeps higher ranks, and the plan carries its storage to the Export page (`fasc compress --factors pivoted`)."""
+    """The toggle (on by default) prices the budget as pivoted factors, k(m+n−k): the same share of parameters
+    keeps higher ranks than U, V (off), and the plan carries its storage to the Export page (`--factors`)."""
     at = goto(calibrated(env), "pages/4_ranks.py")
     at.slider(key="w.alloc_ratio").set_value(0.6)
+    assert at.toggle(key="w.alloc_pivot").value
+    at.toggle(key="w.alloc_pivot").set_value(False).run()
     at.button(key="w.allocate").click().run()
     uv = plan(ok(at))
-    assert uv.factors == "uv" and not at.toggle(key="w.alloc_pivot").value
+    assert uv.factors == "uv"
     at.toggle(key="w.alloc_pivot").set_value(True).run()
     at.button(key="w.allocate").click().run()
     pv = plan(ok(at))

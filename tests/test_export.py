@@ -26,8 +26,9 @@ def logits(m):
 
 
 def test_factored_round_trip_is_exact(compressed, tokenizer, tmp_path):
-    _, an, plan, m2 = compressed
-    out = fasc.save_compressed(m2, tokenizer, tmp_path / "out", meta={"method": "fasc", "ranks": plan.ranks})
+    _, an, plan, m2 = compressed    # stored as U, V: bit for bit (pivoted, the default, in test_pivoted)
+    out = fasc.save_compressed(m2, tokenizer, tmp_path / "out", meta={"method": "fasc", "ranks": plan.ranks},
+                               factors="uv")
     assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "fasc_config.json",
                                                "tokenizer.json"}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left

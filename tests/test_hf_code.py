@@ -12,15 +12,23 @@ from helpers import VOCAB, compress_tiny
 LOGITS_ATOL = 1e-6  # same factors, same two matmuls: equal up to float32 rounding (measured 0.0)
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2", "opt"])
+@pytest.fixture(scope="module", params=[("llama", "pivoted"), ("gpt2", "pivoted"), ("opt", "pivoted"), ("llama", "uv")],
+                ids=lambda p: "-".join(p))
 def exported(request, tokenizer, tmp_path_factory):
-    model, an, plan, small = compress_tiny(request.param)
-    out = fasc.save_compressed(small, tokenizer, tmp_path_factory.mktemp("exp") / "out")
-    return model, small, out
+    arch, factors = request.param
+    model, an, plan, small = compress_tiny(arch)
+    out = fasc.save_compressed(small, tokenizer, tmp_path_factory.mktemp("exp") / "out", factors=factors)
+    return model, small, out, factors
 
 
 def n_params(m):
     return sum(p.numel() for p in m.parameters())
+
+
+def stored_params(small, factors):
+    """Parameters of `small` (U, V in memory) as the export stores them: pivoted saves k² a factored module."""
+    return n_params(small) - (sum(m.rank ** 2 for m in small.modules() if isinstance(m, LowRankLinear))
+                              if factors == "pivoted" else 0)
 
 
 IDS = torch.randint(5, VOCAB, (2, 10), generator=torch.Generator().manual_seed(4))
@@ -29,12 +37,12 @@ IDS = torch.randint(5, VOCAB, (2, 10), generator=torch.Generator().manual_seed(4
 def test_from_pretrained_with_remote_code_holds_the_factors(exported):
     from transformers import AutoModelForCausalLM
 
-    dense, small, out = exported
+    dense, small, out, factors = exported
     assert {"modeling_fasc.py", "configuration_fasc.py"} <= {p.name for p in out.iterdir()}
     hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     ref, _ = fasc.load_compressed(out)
-    assert n_params(hf) == n_params(small) == n_params(ref) < n_params(dense)
-    lowrank = [m for m in hf.modules() if type(m).__name__ == "LowRankLinear"]
+    assert n_params(hf) == stored_params(small, factors) == n_params(ref) < n_params(dense)
+    lowrank = [m for m in hf.modules() if type(m).__name__ in ("LowRankLinear", "PivotedLowRankLinear")]
     assert len(lowrank) == sum(isinstance(m, LowRankLinear) for m in small.modules()) > 0
     with torch.no_grad():
         a, b = hf(input_ids=IDS).logits, ref(input_ids=IDS).logits
@@ -48,17 +56,17 @@ def test_from_pretrained_with_remote_code_holds_the_factors(exported):
 def test_from_config_builds_the_factored_shells(exported):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    _, small, out = exported
+    _, small, out, factors = exported
     cfg = AutoConfig.from_pretrained(out, trust_remote_code=True)
     assert cfg.model_type == "fasc" and cfg.fasc_factored
     shells = AutoModelForCausalLM.from_config(cfg, trust_remote_code=True)
-    assert n_params(shells) == n_params(small)
+    assert n_params(shells) == stored_params(small, factors)
 
 
 def test_without_remote_code_transformers_refuses_instead_of_loading_random_weights(exported):
     from transformers import AutoModelForCausalLM
 
-    _, _, out = exported
+    _, _, out, _ = exported
     with pytest.raises(ValueError, match="trust_remote_code"):
         AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False)
 
@@ -66,7 +74,7 @@ def test_without_remote_code_transformers_refuses_instead_of_loading_random_weig
 def test_pipeline_generates_from_the_folder(exported):
     from transformers import pipeline
 
-    _, _, out = exported
+    _, _, out, _ = exported
     pipe = pipeline("text-generation", model=str(out), trust_remote_code=True)
     text = pipe("the cat sat on the", max_new_tokens=3, do_sample=False)[0]["generated_text"]
     assert text.startswith("the cat sat on the") and len(text.split()) > 5

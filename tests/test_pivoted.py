@@ -47,9 +47,9 @@ def test_pivoted_layer_refuses_a_rank_deficient_or_full_rank_factor():
 
 def test_pivoted_costs_save_at_every_rank_below_full():
     sq, wide = ModuleInfo("a", 0, "q", 64, 64, False, False), ModuleInfo("b", 0, "up", 32, 96, False, False)
-    assert module_params(sq, 40) == sq.params and not is_factored(sq, 40)        # U, V: 40·128 > 64·64
-    assert module_params(sq, 40, "pivoted") == 40 * 88 and is_factored(sq, 40, "pivoted")
-    assert max_factored_rank(sq) == 31 and max_factored_rank(sq, "pivoted") == 63
+    assert module_params(sq, 40, "uv") == sq.params and not is_factored(sq, 40, "uv")   # U, V: 40·128 > 64·64
+    assert module_params(sq, 40) == module_params(sq, 40, "pivoted") == 40 * 88 and is_factored(sq, 40)  # default
+    assert max_factored_rank(sq, "uv") == 31 and max_factored_rank(sq, "pivoted") == 63
     assert module_params(wide, 31, "pivoted") == 31 * 97 < wide.params
     for info in (sq, wide):      # the uniform baseline keeps the same share of parameters in either storage
         for c in (0.9, 0.6):
@@ -62,7 +62,7 @@ def test_a_pivoted_budget_keeps_higher_ranks_within_the_same_parameters():
     infos = [ModuleInfo(f"m{i}", i, "q", 64, 64, False, False) for i in range(4)]
     curves = [np.linspace(1, 0, 65) ** (2 + i) for i in range(4)]
     for c in (0.9, 0.8, 0.6):
-        uv, pv = greedy_ranks(infos, curves, c), greedy_ranks(infos, curves, c, "pivoted")
+        uv, pv = greedy_ranks(infos, curves, c, "uv"), greedy_ranks(infos, curves, c, "pivoted")
         assert sum(module_params(i, pv[i.fqn], "pivoted") for i in infos) <= c * 4 * 64 * 64
         assert sum(module_params(i, pv[i.fqn], "pivoted") for i in infos) >= c * 4 * 64 * 64 - 128
         loss = lambda ranks: sum(float(cv[ranks[i.fqn]]) for i, cv in zip(infos, curves))
@@ -112,14 +112,17 @@ def test_plan_json_keeps_its_factors_and_refuses_an_unknown_one(exported, tmp_pa
     d = plan.to_dict() | {"factors": "csr"}
     with pytest.raises(fasc.FascError, match="factors"):
         Plan.from_dict(d)
+    old = {k: v for k, v in plan.to_dict().items() if k != "factors"}   # saved before the key existed: U, V
+    assert Plan.from_dict(old).factors == "uv" and fasc.allocate(an, "fasc", param_ratio=0.8).factors == "pivoted"
     with pytest.raises(fasc.FascError, match="Unknown factor storage"):
         fasc.allocate(an, "fasc", param_ratio=0.8, factors="csr")
 
 
 def test_cli_compress_factors_pivoted(capsys, common, tmp_path):
     res = {}
-    for factors in ("uv", "pivoted"):
-        code, out, err = run(capsys, "compress", *common, "--param-ratio", "0.8", "--stages", "1", "--factors", factors,
+    for factors in ("uv", "pivoted"):    # pivoted is the default
+        flag = ["--factors", factors] if factors == "uv" else []
+        code, out, err = run(capsys, "compress", *common, "--param-ratio", "0.8", "--stages", "1", *flag,
                              "--out", str(tmp_path / factors), "--save-plan", str(tmp_path / f"{factors}.json"), "--json")
         assert code == 0, err
         res[factors] = json.loads(out)
@@ -128,4 +131,4 @@ def test_cli_compress_factors_pivoted(capsys, common, tmp_path):
     model, _ = fasc.load_compressed(tmp_path / "pivoted")
     assert n_params(model) == pv["model_params_after"] < pv["model_params_before"]
     assert json.loads((tmp_path / "pivoted.json").read_text())["factors"] == "pivoted"
-    assert "factors" not in json.loads((tmp_path / "uv.json").read_text())
+    assert json.loads((tmp_path / "uv.json").read_text())["factors"] == "uv"

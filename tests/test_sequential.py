@@ -12,7 +12,7 @@ import torch
 import fasc
 from fasc.calibrate import Cancelled
 from fasc.data import Batch
-from fasc.layers import LowRankLinear
+from fasc.layers import LowRankLinear, PivotedLowRankLinear
 from fasc.linalg_device import LinalgConfig
 from fasc.sequential import compress_sequential_, refit_left
 
@@ -191,7 +191,7 @@ def test_cli_sequential_and_heal(capsys, saved_llama, tmp_path):
     _, err = capsys.readouterr()
     assert code == 2 and "--heal-check-tokens" in err and len(err.strip().splitlines()) == 1
     model, _ = fasc.load_model(str(out_dir))
-    assert any(isinstance(m, LowRankLinear) for m in model.modules())
+    assert any(isinstance(m, PivotedLowRankLinear) for m in model.modules())     # the default storage
     code = main(["compress", *common, "--param-ratio", "0.6", "--heal-tokens", "64", "--merge", "--out",
                  str(tmp_path / "bad")])
     _, err = capsys.readouterr()
@@ -247,6 +247,7 @@ def test_heal_memory_counts_the_compressed_copy_and_adam(llama, dtype):
 
     model = copy.deepcopy(llama).to(dtype)
     batches, an, plan = planned(model, "fasc", 0.4, seed=4)
+    plan.factors = "uv"         # the copy in memory holds U, V however the export stores them
     fac, replaced = plan.factored_params(an)
     work = copy.deepcopy(model)
     fasc.compress_(work, an, plan)

@@ -16,6 +16,7 @@ from helpers import tiny_model
 
 
 def uniform_ranks(infos, p):
+    """Ranks keeping share p of each module as U, V (`LowRankLinear`, `factors="uv"`)."""
     return {i.fqn: max(1, int(p * i.out_features * i.in_features / (i.out_features + i.in_features)))
             for i in infos}
 
@@ -33,7 +34,7 @@ def test_prediction_is_the_ratio_of_matmul_parameters_before_and_after(arch):
         k = ranks[i.fqn]
         replace_module(small, i.fqn, LowRankLinear(i.in_features, i.out_features, k))
     shapes = {i.fqn: (i.out_features, i.in_features) for i in infos}
-    assert predicted_speedup(model, shapes, ranks) == pytest.approx(dense / matmul_params(small))
+    assert predicted_speedup(model, shapes, ranks, factors="uv") == pytest.approx(dense / matmul_params(small))
     assert predicted_speedup(model, shapes, ranks, merge=True) == 1.0
 
 
@@ -63,8 +64,8 @@ def test_warning_fires_near_break_even_and_for_merged_exports():
     model = tiny_model("llama")
     infos = find_linears(model)
     shapes = {i.fqn: (i.out_features, i.in_features) for i in infos}
-    near = predicted_speedup(model, shapes, uniform_ranks(infos, 0.95))
-    far = predicted_speedup(model, shapes, uniform_ranks(infos, 0.3))
+    near = predicted_speedup(model, shapes, uniform_ranks(infos, 0.95), factors="uv")
+    far = predicted_speedup(model, shapes, uniform_ranks(infos, 0.3), factors="uv")
     assert near < MIN_SPEEDUP < far
     assert "not be faster than dense" in speed_warning(near)
     assert speed_warning(far) is None
