@@ -1,10 +1,10 @@
 """Optional healing: a short distillation of the low-rank factors only (issue 12, item 5).
 
-Every `LowRankLinear` factor (U, V) of the compressed model is trained, all other weights stay
-frozen, to minimise KL(dense ‖ compressed) of the next-token distributions over the real tokens of
-the calibration text (never a probe). Before training, each factor pair is rebalanced
+Every factor of the compressed model — U, V of a `LowRankLinear`, R, P of a `PivotedLowRankLinear` (a plan
+stored pivoted is healed in the form it is written) — is trained, all other weights stay frozen, to minimise KL(dense ‖ compressed) of the next-token distributions over the real tokens of
+the calibration text (never a probe). Before training, each U, V pair is rebalanced
 (U ← U S, V ← V S⁻¹ with equal column norms), which leaves U Vᵀ unchanged and puts both factors
-on one scale for Adam.
+on one scale for Adam (a pivoted layer has no such freedom: R holds rows of W′, P their coefficients).
 
 With `heldout` batches (text the healing does not train on: by default the tail of the calibration
 sources, disjoint from the calibration rows), the KL is measured there before training, at
@@ -37,7 +37,7 @@ from torch import nn
 from .config import HEAL_COPY_WEIGHT, HEAL_TOKENS_GPU
 from .data import Batch
 from .errors import Cancelled, FascError
-from .layers import LowRankLinear
+from .layers import FACTORED, LowRankLinear, factors_of
 from .sequential import _first, block_inputs
 
 
@@ -388,7 +388,7 @@ def heldout_kl(model: nn.Module, dense_model: nn.Module, batches: list[Batch], m
 
 
 def _checked_inputs(model: nn.Module, batches: list[Batch], tokens: int, heldout: list[Batch] | None,
-                    checks: int) -> tuple[list[Batch], list[Batch] | None, list[LowRankLinear]]:
+                    checks: int) -> tuple[list[Batch], list[Batch] | None, list[nn.Module]]:
     """The batches with real tokens, the held-out batches, the factored layers; bad input → FascError."""
     if not isinstance(tokens, int) or tokens <= 0:
         raise FascError(f"The healing token budget must be a positive integer, got {tokens!r}; e.g. 16384.")
@@ -401,7 +401,7 @@ def _checked_inputs(model: nn.Module, batches: list[Batch], tokens: int, heldout
                         "the checks off (--heal-check-tokens 0).")
     if not isinstance(checks, int) or checks < 1:
         raise FascError(f"Healing needs at least one held-out check, got checks={checks!r}.")
-    layers = [m for m in model.modules() if isinstance(m, LowRankLinear)]
+    layers = [m for m in model.modules() if isinstance(m, FACTORED)]
     if not layers:
         raise FascError("The model has no low-rank factors to heal (merged or not compressed); heal a factored "
                         "model.")
@@ -409,11 +409,11 @@ def _checked_inputs(model: nn.Module, batches: list[Batch], tokens: int, heldout
 
 
 @contextmanager
-def _frozen_but(model: nn.Module, dense_model: nn.Module, layers: list[LowRankLinear]):
+def _frozen_but(model: nn.Module, dense_model: nn.Module, layers: list[nn.Module]):
     """Both models in eval mode (no dropout: teacher and student see the same function), every parameter
     of `model` frozen; on exit every flag as it was and no gradient left. On an exception the factors of
     `layers` are restored from a copy on the CPU (off the GPU)."""
-    saved = [(m.U.detach().to("cpu", copy=True), m.V.detach().to("cpu", copy=True)) for m in layers]
+    saved = _copies(layers)
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
     training = {n: m.training for n, m in model.named_modules()}
     t_training = dense_model.training
@@ -436,18 +436,23 @@ def _frozen_but(model: nn.Module, dense_model: nn.Module, layers: list[LowRankLi
         dense_model.train(t_training)
 
 
-def _restore(layers: list[LowRankLinear], factors: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+def _copies(layers: list[nn.Module]) -> list[tuple[torch.Tensor, ...]]:
+    """Each layer's factors (`factors_of`), copied to the CPU."""
+    return [tuple(p.detach().to("cpu", copy=True) for p in factors_of(m)) for m in layers]
+
+
+def _restore(layers: list[nn.Module], factors: list[tuple[torch.Tensor, ...]]) -> None:
     with torch.no_grad():
-        for m, (U, V) in zip(layers, factors):
-            m.U.copy_(U)
-            m.V.copy_(V)
+        for m, saved in zip(layers, factors):
+            for p, q in zip(factors_of(m), saved):
+                p.copy_(q)
 
 
 class _Trainer:
     """Adam on float32 masters of `layers`' factors (`master_weights`), a loss scale for float16."""
 
-    def __init__(self, layers: list[LowRankLinear], lr: float, dev: torch.device):
-        self.params = [p for m in layers for p in (m.U, m.V)]
+    def __init__(self, layers: list[nn.Module], lr: float, dev: torch.device):
+        self.params = [p for m in layers for p in factors_of(m)]
         for p in self.params:
             p.requires_grad_(True)
         self.masters = master_weights(self.params)
@@ -478,7 +483,7 @@ def heal_(model: nn.Module, dense_model: nn.Module, batches: list[Batch], tokens
     """Distil `dense_model` into the low-rank factors of `model`, in place, for `tokens` real tokens.
 
     Args:
-        model: a compressed model (its `LowRankLinear` factors are trained, nothing else).
+        model: a compressed model (its factored layers' factors are trained, nothing else).
         dense_model: the uncompressed teacher (left unchanged).
         batches: calibration batches, cycled until `tokens` tokens were trained on.
         tokens: token budget (> 0); in block mode, per decoder block.
@@ -514,7 +519,8 @@ def heal_(model: nn.Module, dense_model: nn.Module, batches: list[Batch], tokens
     best = None  # (held-out KL, tokens, factors on the CPU or None = the saved, unhealed ones)
     with _frozen_but(model, dense_model, layers) as saved:
         for m in layers:
-            balance_factors_(m)
+            if isinstance(m, LowRankLinear):
+                balance_factors_(m)
         tr = _Trainer(layers, lr, dev)
         if progress is not None and progress(0, tokens) is False:
             raise Cancelled("Healing cancelled; the factors are as they were.")
@@ -545,8 +551,7 @@ def heal_(model: nn.Module, dense_model: nn.Module, batches: list[Batch], tokens
                     next_check += tokens / checks
                 curve.append((done, heldout_kl(model, dense_model, heldout, micro_batch, teacher)))
                 if curve[-1][1] < best[0]:
-                    best = (curve[-1][1], done, [(m.U.detach().to("cpu", copy=True), m.V.detach().to("cpu", copy=True))
-                                                 for m in layers])
+                    best = (curve[-1][1], done, _copies(layers))
             if progress is not None and progress(min(done, tokens), tokens) is False:
                 raise Cancelled("Healing cancelled; the factors are as they were.")
         tr.close()
@@ -569,7 +574,7 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """(prefix, ModuleList) of the numbered decoder blocks that hold `model`'s low-rank factors."""
     from .sequential import decoder_layers
 
-    fqns = [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
+    fqns = [n for n, m in model.named_modules() if isinstance(m, FACTORED)]
     try:
         prefix, blocks = decoder_layers(model, fqns)
     except FascError:
@@ -688,7 +693,7 @@ def heal_blocks_(model: nn.Module, dense_model: nn.Module, batches: list[Batch],
     if not isinstance(dense_blocks, nn.ModuleList) or len(dense_blocks) != len(blocks):
         raise FascError(f"The dense model has no {len(blocks)} decoder blocks at {prefix}; pass the model the "
                         f"compressed one was made from.")
-    by_block = [[m for m in blk.modules() if isinstance(m, LowRankLinear)] for blk in blocks]
+    by_block = [[m for m in blk.modules() if isinstance(m, FACTORED)] for blk in blocks]
     trained = [l for l, ms in enumerate(by_block) if ms]
     dev = next(model.parameters()).device
     t0, c0 = time.perf_counter(), time.process_time()
@@ -698,7 +703,8 @@ def heal_blocks_(model: nn.Module, dense_model: nn.Module, batches: list[Batch],
     best = None  # (held-out KL, trained blocks whose healed factors are kept)
     with _frozen_but(model, dense_model, layers) as saved:
         for m in layers:
-            balance_factors_(m)
+            if isinstance(m, LowRankLinear):
+                balance_factors_(m)
         if progress is not None and progress(0, total) is False:
             raise Cancelled("Healing cancelled; the factors are as they were.")
         if heldout is not None:
@@ -775,7 +781,7 @@ def _head_matches(dense_model: nn.Module, head, s: _BlockStreams, dense_blocks: 
                                             <= HEAD_ATOL * ref.float().abs().max().clamp_min(1.0)))
 
 
-def _train_block(s: _BlockStreams, l: int, block: nn.Module, layers: list[LowRankLinear], batches: list[Batch],
+def _train_block(s: _BlockStreams, l: int, block: nn.Module, layers: list[nn.Module], batches: list[Batch],
                  by_batch: list[list[int]], tokens: int, lr: float, dev: torch.device, loss: str, heads,
                  progress, done_all: int, total: int) -> tuple[float, float, int, int]:
     """Train block `l`'s factors on (X̃_l → Y_l) for `tokens` tokens, cycling the batches, one step per

@@ -142,3 +142,11 @@ def pivoted(layer: LowRankLinear) -> PivotedLowRankLinear:
     return PivotedLowRankLinear.from_factors(layer.U.detach(), layer.V.detach(),
                                              None if layer.bias is None else layer.bias.detach(),
                                              dtype=layer.U.dtype)
+
+
+FACTORED = (LowRankLinear, PivotedLowRankLinear)   # the layers whose factors healing trains
+
+
+def factors_of(layer: nn.Module) -> tuple[nn.Parameter, nn.Parameter]:
+    """The trainable factors of a factored layer: (U, V) of a `LowRankLinear`, (R, P) of a pivoted one."""
+    return (layer.R, layer.P) if isinstance(layer, PivotedLowRankLinear) else (layer.U, layer.V)

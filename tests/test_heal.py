@@ -467,3 +467,56 @@ def test_generated_healing_text_is_the_dense_models_own_continuation(saved_llama
         assert torch.equal(b.target_mask[:, :-1], b.attention_mask[:, 1:].bool())
     with pytest.raises(fasc.FascError, match="positive number of tokens"):
         generated_batches(model, batches, 0)
+
+
+def _pivoted_copy(model):
+    from fasc.pipeline import _pivot_
+
+    work = copy.deepcopy(model)
+    _pivot_(work)
+    return work
+
+
+@pytest.mark.parametrize("mode", ["global", "block"])
+def test_a_pivoted_model_heals_its_R_and_P(llama, compressed, mode):
+    """Healing trains R, P of `PivotedLowRankLinear` layers — nothing else moves, the KL falls — and cancel puts
+    them back bit for bit."""
+    from fasc.layers import PivotedLowRankLinear
+
+    work = _pivoted_copy(compressed)
+    layers = {n: m for n, m in work.named_modules() if isinstance(m, PivotedLowRankLinear)}
+    assert layers and not any(isinstance(m, LowRankLinear) for m in work.modules())
+    batches = random_batches(3, seed=5)
+    torch.testing.assert_close(_kl(work, llama, batches), _kl(compressed, llama, batches), rtol=1e-3, atol=1e-6)
+    ref = {n: p.detach().clone() for n, p in work.named_parameters()}
+    with pytest.raises(Cancelled):
+        heal_(work, llama, batches, tokens=5000, lr=1e-2, mode=mode, progress=lambda i, n: i == 0)
+    assert all(torch.equal(p, ref[n]) for n, p in work.named_parameters())
+    before = _kl(work, llama, batches)
+    extra = {"loss": "mse", "head_kl": False} if mode == "block" else {}
+    res = heal_(work, llama, batches, tokens=3000, lr=3e-3, mode=mode, **extra)
+    assert res.steps >= 1 and _kl(work, llama, batches) < 0.9 * before
+    moved = {n for n, p in work.named_parameters() if not torch.equal(p, ref[n])}
+    assert moved and moved <= {f"{n}.{x}" for n in layers for x in ("R", "P")}
+    assert all(p.grad is None for p in work.parameters())
+
+
+def test_compressed_copy_heals_a_pivoted_plan_as_it_is_written(llama, llama_stats):
+    """`compressed_copy` with healing: a pivoted plan's copy holds pivoted layers with the plan's parameter
+    count (what the export writes); a U, V plan keeps U, V; without healing both hold U, V."""
+    from fasc.layers import PivotedLowRankLinear
+    from fasc.modules import parameter_count
+    from fasc.pipeline import compressed_copy
+
+    an = fasc.Analysis(llama, llama_stats, fasc.CompressConfig())
+    batches = random_batches(2, seed=3)
+    for factors, kind in (("pivoted", PivotedLowRankLinear), ("uv", LowRankLinear)):
+        plan = fasc.allocate(an, "fasc", param_ratio=0.7, factors=factors)
+        healed, res = compressed_copy(llama, an, plan, batches=batches, heal_tokens=200)
+        assert res["tokens"] >= 200
+        kinds = {type(m) for m in healed.modules() if isinstance(m, (LowRankLinear, PivotedLowRankLinear))}
+        assert kinds == {kind}, factors
+        kept, orig = plan.params(an)
+        assert parameter_count(healed) == parameter_count(llama) - orig + kept, factors
+        plain, _ = compressed_copy(llama, an, plan)
+        assert not any(isinstance(m, PivotedLowRankLinear) for m in plain.modules())
