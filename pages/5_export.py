@@ -94,8 +94,9 @@ def main() -> None:
 
     c = st.columns([2, 5, 2], vertical_alignment="bottom")
     fmt = c[0].radio("Format", ["factored", "merged"], horizontal=True, **ui.bind("export_format", "factored"),
-                     help="factored: U and V per module (smaller; `fasc.load_model` rebuilds it). merged: dense "
-                          "W′ = U Vᵀ that plain `AutoModelForCausalLM.from_pretrained` loads.")
+                     help="factored: each module as the plan stores it — R, P pivoted or U, V (the Ranks page's "
+                          "*Pivoted factors*) — smaller; `fasc.load_model` and transformers with "
+                          "`trust_remote_code=True` load it. merged: dense W′ that any tool loads, dense size.")
     ui.commit("export_format", fmt)
     merged = fmt == "merged"
     speedup, slow = plan_speed(ctx.lm.model, an, plan, merge=merged)
