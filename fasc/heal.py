@@ -1,8 +1,9 @@
 """Optional healing: a short distillation of the low-rank factors only (issue 12, item 5).
 
-Every factor of the compressed model — U, V of a `LowRankLinear`, R, P of a `PivotedLowRankLinear` (a plan
-stored pivoted is healed in the form it is written) — is trained, all other weights stay frozen, to minimise KL(dense ‖ compressed) of the next-token distributions over the real tokens of
-the calibration text (never a probe). Before training, each U, V pair is rebalanced
+Every factor of the compressed model — U, V of a `LowRankLinear` (the compressed copy `fasc.pipeline` builds,
+however the plan is stored), R, P of a `PivotedLowRankLinear` (a loaded pivoted export; they heal less, docs/method.md
+§6) — is trained, all other weights stay frozen, to minimise KL(dense ‖ compressed) of the next-token distributions
+over the real tokens of the calibration text (never a probe). Before training, each U, V pair is rebalanced
 (U ← U S, V ← V S⁻¹ with equal column norms), which leaves U Vᵀ unchanged and puts both factors
 on one scale for Adam (a pivoted layer has no such freedom: R holds rows of W′, P their coefficients).
 

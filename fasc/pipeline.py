@@ -313,7 +313,7 @@ def heal_choice(model, an: Analysis, plan: Plan, tokens: int | str = "auto", mod
     dev = next(model.parameters()).device
     need = None
     if dev.type == "cuda" and not merge and tokens:
-        fac = {f: factor_cost(an.info(f), k, plan.factors) for f, k in plan.ranks.items()   # trained as stored
+        fac = {f: factor_cost(an.info(f), k, "uv") for f, k in plan.ranks.items()   # trained as U, V however stored
                if is_factored(an.info(f), k, plan.factors)}
         replaced = sum(an.info(f).params for f in fac)
         n = HEAL_TOKENS_GPU if tokens == "auto" else int(tokens)
@@ -359,21 +359,12 @@ def compressed_copy(model, an: Analysis, plan: Plan, *, merge: bool = False,
     healed = None
     if heal_tokens:
         from .heal import heal_
-        if plan.factors == "pivoted":   # healed as written: R, P trained (k(m+n−k) per module, not U, V's k(m+n))
-            _pivot_(work)
+        # trained as U, V however stored: a pivoted plan's R, P heal less (held-out KL 0.2756 against U, V's 0.2514
+        # on SmolLM2 at 80 %, both at their best step size; docs/method.md §6)
         healed = heal_(work, model if teacher is None else teacher, heal_batches or batches, tokens=heal_tokens,
                        progress=heal_progress, heldout=heal_heldout, mode=heal_mode,
                        copy_weight=heal_copy_weight).to_dict()
     return work, healed
-
-
-def _pivot_(model: nn.Module) -> None:
-    """Every `LowRankLinear` of `model` replaced, in place, by the same map stored pivoted."""
-    from .layers import pivoted
-    from .surgery import replace_module
-
-    for f in [f for f, m in model.named_modules() if isinstance(m, LowRankLinear)]:
-        replace_module(model, f, pivoted(model.get_submodule(f)))
 
 
 def compress_and_save(model, tok, an: Analysis, plan: Plan, out: str | Path, *, merge: bool = False,
@@ -421,7 +412,7 @@ def compress_and_save(model, tok, an: Analysis, plan: Plan, out: str | Path, *, 
     path = save_compressed(work, tok, out, meta=meta, overwrite=overwrite, factors=plan.factors)
     kept, orig = plan.params(an)
     after = parameter_count(work)
-    if plan.factors == "pivoted":   # written k(m+n−k) per module; held in memory as U, V (k(m+n)) unless healed
+    if plan.factors == "pivoted":   # written k(m+n−k) per module, held in memory as U, V: k(m+n)
         after -= sum(m.rank ** 2 for m in work.modules() if isinstance(m, LowRankLinear))
     files = {p.name: p.stat().st_size for p in sorted(Path(path).iterdir()) if p.is_file()}
     return {"out": str(path), "merged": merge, "method": method, "modules": len(plan.ranks),
