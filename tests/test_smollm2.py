@@ -149,7 +149,10 @@ def test_export_factored_and_merged_round_trip(smol, analysed, tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()  # fasc/hf_code, tied head kept
     assert hf.lm_head.weight is hf.model.embed_tokens.weight
     assert sum(p.numel() for p in {id(p): p for p in hf.parameters()}.values()) == n_back
-    assert torch.equal(logits(hf, ids), got)
+    # the same weights, but plain transformers reads them as views into the file (not 64-byte aligned), and BLAS
+    # rounds a product by its operands' alignment: equal to float32 rounding (measured 2.7e-6 of max |logit|), not
+    # bit for bit
+    assert torch.allclose(logits(hf, ids), got, atol=1e-5 * float(got.abs().max()), rtol=0)
     del hf
     merged = copy.deepcopy(model)
     fasc.compress_(merged, analysed, plan, merge=True)
