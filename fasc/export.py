@@ -24,7 +24,7 @@ from .allocate import check_factors
 from .config import DEFAULT_FACTORS
 from .errors import FascError, disk_error
 from .hf_code import base_config, write_remote_code
-from .layers import LowRankLinear, PivotedLowRankLinear, pivoted
+from .layers import FACTORED, LowRankLinear, PivotedLowRankLinear, pivoted
 from .quiet import quiet_transformers
 from .surgery import replace_module
 from .version import __version__
@@ -126,7 +126,7 @@ def save_compressed(model: nn.Module, tokenizer, out: str | Path, *, meta: dict 
     """
     out = prepare_destination(out, overwrite)
     check_factors(factors)
-    layers = {f: m for f, m in model.named_modules() if isinstance(m, (LowRankLinear, PivotedLowRankLinear))}
+    layers = {f: m for f, m in model.named_modules() if isinstance(m, FACTORED)}
     to_pivot = {f for f, m in layers.items() if factors == "pivoted" and isinstance(m, LowRankLinear)}
     factored = {f: [m.in_features, m.out_features, m.rank, m.bias is not None]
                 + (["pivoted"] if f in to_pivot or isinstance(m, PivotedLowRankLinear) else [])

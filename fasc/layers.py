@@ -144,7 +144,7 @@ def pivoted(layer: LowRankLinear) -> PivotedLowRankLinear:
                                              dtype=layer.U.dtype)
 
 
-FACTORED = (LowRankLinear, PivotedLowRankLinear)   # the layers whose factors healing trains
+FACTORED = (LowRankLinear, PivotedLowRankLinear)   # the low-rank layers: healing trains their factors, an export writes them
 
 
 def factors_of(layer: nn.Module) -> tuple[nn.Parameter, nn.Parameter]:
