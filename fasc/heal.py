@@ -14,6 +14,11 @@ early stopping, so healing never leaves the model further from the dense one on 
 it found it. The teacher's logits on the held-out text are computed once (`teacher_logits`, on the
 CPU) and serve every check.
 
+By default one Adam step a batch; `step_tokens` sums consecutive batches' gradients into one step until they
+hold that many real tokens (`step_groups`). Calibration batches are sorted by length, so a batch of eight
+headings holds 40 tokens and a full one 2,048: one step a batch gives the shortest fifth of the tokens half of
+the steps. Steps of 2,048 tokens fit the held-out text better and cost LAMBADA more (docs/healing-results.md).
+
 Two modes (`heal_(mode=...)`, `--heal-mode`): 'global' trains every factor at once on that KL (Adam
 state for all factors, activations of the whole model: `heal_memory_bytes`); 'block' (`heal_blocks_`)
 trains one decoder block after the other to reproduce the dense block's outputs from the hidden states
@@ -35,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import HEAL_COPY_WEIGHT, HEAL_TOKENS_GPU
+from .config import HEAL_COPY_WEIGHT, HEAL_STEP_TOKENS, HEAL_TOKENS_GPU
 from .data import Batch
 from .errors import Cancelled, FascError
 from .layers import FACTORED, LowRankLinear, factors_of
@@ -480,7 +485,7 @@ class _Trainer:
 def heal_(model: nn.Module, dense_model: nn.Module, batches: list[Batch], tokens: int, lr: float = 1e-4,
           micro_batch: int = 2, progress: Callable[[int, int], object] | None = None,
           heldout: list[Batch] | None = None, checks: int = 8, mode: str = "global", copy_weight: float | None = None,
-          **block) -> HealResult:
+          step_tokens: int = HEAL_STEP_TOKENS, **block) -> HealResult:
     """Distil `dense_model` into the low-rank factors of `model`, in place, for `tokens` real tokens.
 
     Args:
@@ -489,7 +494,9 @@ def heal_(model: nn.Module, dense_model: nn.Module, batches: list[Batch], tokens
         batches: calibration batches, cycled until `tokens` tokens were trained on.
         tokens: token budget (> 0); in block mode, per decoder block.
         lr: Adam learning rate.
-        micro_batch: rows per forward/backward (bounds the logits' memory); one step per batch.
+        micro_batch: rows per forward/backward (bounds the logits' memory).
+        step_tokens: each Adam step sums the gradients of consecutive batches until they hold this many real
+            tokens (`step_groups`); 1: one step per batch.
         progress: progress(tokens_done, tokens); returning False cancels (`Cancelled`) and restores
             the factors as they were before healing.
         heldout: batches healing does not train on; when given, the held-out KL is measured before
@@ -506,12 +513,13 @@ def heal_(model: nn.Module, dense_model: nn.Module, batches: list[Batch], tokens
         check_copy_weight(copy_weight, mode)
     if mode == "block":
         return heal_blocks_(model, dense_model, batches, tokens, lr=lr, micro_batch=micro_batch, progress=progress,
-                            heldout=heldout, checks=checks, **block)
+                            heldout=heldout, checks=checks, step_tokens=step_tokens, **block)
     if mode != "global":
         raise FascError(f"Unknown healing mode {mode!r}; choose one of {', '.join(HEAL_MODES)}.")
     if block:
         raise FascError(f"{', '.join(block)}: options of block-local healing only; pass mode='block'.")
     batches, heldout, layers = _checked_inputs(model, batches, tokens, heldout, checks)
+    groups = step_groups(batches, step_tokens)
     copy_weight = float(HEAL_COPY_WEIGHT if copy_weight is None else copy_weight)
     dev = next(model.parameters()).device
     t0, c0 = time.perf_counter(), time.process_time()
@@ -532,11 +540,11 @@ def heal_(model: nn.Module, dense_model: nn.Module, batches: list[Batch], tokens
         next_check = tokens / checks
         i = 0
         while done < tokens:
-            b = batches[i % len(batches)]
+            group = [batches[j] for j in groups[i % len(groups)]]
             i += 1
-            n_b = int(b.attention_mask.sum())
+            n_b = sum(int(b.attention_mask.sum()) for b in group)
             total = 0.0
-            for ids, am, mask in _micro_batches(b, micro_batch, dev):
+            for ids, am, mask in (mb for b in group for mb in _micro_batches(b, micro_batch, dev)):
                 loss = _kl_sum(model, dense_model, ids, am, mask, copy_weight) / n_b
                 tr.backward(loss)
                 total += float(loss.detach())
@@ -636,6 +644,23 @@ class _BlockStreams:
         return _first(block(h, *args, **kwargs))
 
 
+def step_groups(batches: list[Batch], step_tokens: int) -> list[list[int]]:
+    """Indices of consecutive `batches` whose real tokens reach `step_tokens`, one list per optimizer step
+    (the last holds what is left); every batch in exactly one group, in order."""
+    if isinstance(step_tokens, bool) or not isinstance(step_tokens, int) or step_tokens < 1:
+        raise FascError(f"Healing's tokens per step must be a positive integer, got {step_tokens!r}; e.g. 2048.")
+    groups, cur, n = [], [], 0
+    for i, b in enumerate(batches):
+        cur.append(i)
+        n += int(b.attention_mask.sum())
+        if n >= step_tokens:
+            groups.append(cur)
+            cur, n = [], 0
+    if cur:
+        groups.append(cur)
+    return groups
+
+
 def used_batches(batches: list[Batch], tokens: int) -> list[Batch]:
     """The first batches whose real tokens reach `tokens` (all of them if they do not): what a healing
     run of `tokens` tokens per block reads, cycling; block mode keeps hidden states for these only."""
@@ -661,7 +686,7 @@ def _block_loss(out: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, loss: st
 def heal_blocks_(model: nn.Module, dense_model: nn.Module, batches: list[Batch], tokens: int, lr: float = 1e-4,
                  micro_batch: int = 2, progress: Callable[[int, int], object] | None = None,
                  heldout: list[Batch] | None = None, checks: int = 8, loss: str = "rel",
-                 head_kl: bool = True) -> HealResult:
+                 head_kl: bool = True, step_tokens: int = HEAL_STEP_TOKENS) -> HealResult:
     """Block-local healing, in place: the factors of each decoder block l, one block after the other, are
     trained for `tokens` tokens so that, fed X̃_l — the hidden states the partly compressed model really
     gives it, i.e. the outputs of the compressed blocks before it, already healed — block l reproduces the
@@ -686,6 +711,7 @@ def heal_blocks_(model: nn.Module, dense_model: nn.Module, batches: list[Batch],
         raise FascError(f"Unknown block-healing loss {loss!r}; choose one of {', '.join(BLOCK_LOSSES)}.")
     batches, heldout, layers = _checked_inputs(model, batches, tokens, heldout, checks)
     batches = used_batches(batches, tokens)   # each block cycles these: only their streams are kept
+    groups = step_groups(batches, step_tokens)
     prefix, blocks = decoder_blocks(model)
     try:
         dense_blocks = dense_model.get_submodule(prefix)
@@ -726,7 +752,7 @@ def heal_blocks_(model: nn.Module, dense_model: nn.Module, batches: list[Batch],
                     s.dense[j] = s.run(dense_blocks[l], l, j, s.dense[j])
                 head = heads if l == len(blocks) - 1 else None
                 if by_block[l]:
-                    first, n_steps, done = _train_block(s, l, blocks[l], by_block[l], batches, by_batch, tokens, lr,
+                    first, n_steps, done = _train_block(s, l, blocks[l], by_block[l], batches, groups, by_batch, tokens, lr,
                                                         dev, loss, head, progress, done_all, total)
                     steps += n_steps
                     done_all += tokens
@@ -783,22 +809,22 @@ def _head_matches(dense_model: nn.Module, head, s: _BlockStreams, dense_blocks: 
 
 
 def _train_block(s: _BlockStreams, l: int, block: nn.Module, layers: list[nn.Module], batches: list[Batch],
-                 by_batch: list[list[int]], tokens: int, lr: float, dev: torch.device, loss: str, heads,
-                 progress, done_all: int, total: int) -> tuple[float, float, int, int]:
+                 groups: list[list[int]], by_batch: list[list[int]], tokens: int, lr: float, dev: torch.device,
+                 loss: str, heads, progress, done_all: int, total: int) -> tuple[float, float, int, int]:
     """Train block `l`'s factors on (X̃_l → Y_l) for `tokens` tokens, cycling the batches, one step per
-    batch; (loss per token over the first pass through the batches — each batch's before its own step —,
-    steps, tokens). Called under no_grad (re-enabled here)."""
+    group of batches (`step_groups`); (loss per token over the first pass through the groups — each group's
+    before its own step —, steps, tokens). Called under no_grad (re-enabled here)."""
     scale = _mse_scale(s) if loss == "mse" else 1.0
     tr = _Trainer(layers, lr, dev)
     done, steps, first_sum, first_n, i = 0, 0, 0.0, 0, 0
     try:
         with torch.enable_grad():
             while done < tokens:
-                bi = i % len(batches)
+                group = groups[i % len(groups)]
                 i += 1
-                n_b = int(batches[bi].attention_mask.sum())
+                n_b = sum(int(batches[bi].attention_mask.sum()) for bi in group)
                 tot = 0.0
-                for j in by_batch[bi]:
+                for j in (j for bi in group for j in by_batch[bi]):
                     out = s.run(block, l, j, s.comp[j])
                     if heads is not None:
                         with torch.no_grad():
@@ -812,7 +838,7 @@ def _train_block(s: _BlockStreams, l: int, block: nn.Module, layers: list[nn.Mod
                     raise FascError("Healing diverged (non-finite loss); lower the learning rate.")
                 tr.step()
                 steps += 1
-                if i <= len(batches):
+                if i <= len(groups):
                     first_sum, first_n = first_sum + tot * n_b, first_n + n_b
                 done += n_b
                 if progress is not None and progress(min(done_all + min(done, tokens), total), total) is False:
