@@ -752,8 +752,8 @@ def heal_blocks_(model: nn.Module, dense_model: nn.Module, batches: list[Batch],
                     s.dense[j] = s.run(dense_blocks[l], l, j, s.dense[j])
                 head = heads if l == len(blocks) - 1 else None
                 if by_block[l]:
-                    first, n_steps, done = _train_block(s, l, blocks[l], by_block[l], batches, groups, by_batch, tokens, lr,
-                                                        dev, loss, head, progress, done_all, total)
+                    first, n_steps, done = _train_block(s, l, blocks[l], by_block[l], batches, groups, by_batch,
+                                                        tokens, lr, dev, loss, head, progress, done_all, total)
                     steps += n_steps
                     done_all += tokens
                     scale = _mse_scale(s) if loss == "mse" and head is None else 1.0

@@ -531,7 +531,8 @@ def test_step_groups_sum_consecutive_batches_to_the_step_size():
     from fasc.data import Batch
 
     def batch(n):
-        return Batch(torch.ones(1, n, dtype=torch.long), torch.ones(1, n, dtype=torch.long), torch.ones(1, n, dtype=torch.bool))
+        ones = torch.ones(1, n, dtype=torch.long)
+        return Batch(ones, ones, ones.bool())
 
     batches = [batch(n) for n in (40, 40, 2048, 100, 30)]
     assert step_groups(batches, 2048) == [[0, 1, 2], [3, 4]]
