@@ -663,13 +663,9 @@ def step_groups(batches: list[Batch], step_tokens: int) -> list[list[int]]:
 
 def used_batches(batches: list[Batch], tokens: int) -> list[Batch]:
     """The first batches whose real tokens reach `tokens` (all of them if they do not): what a healing
-    run of `tokens` tokens per block reads, cycling; block mode keeps hidden states for these only."""
-    n = 0
-    for i, b in enumerate(batches):
-        n += int(b.attention_mask.sum())
-        if n >= tokens:
-            return batches[:i + 1]
-    return batches
+    run of `tokens` tokens per block reads, cycling; block mode keeps hidden states for these only.
+    The first of `step_groups(batches, tokens)`."""
+    return [batches[i] for i in step_groups(batches, tokens)[0]] if batches else []
 
 
 def _block_loss(out: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, loss: str, scale: float) -> torch.Tensor:
